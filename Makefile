@@ -1,0 +1,39 @@
+# All set-up happens here: a fresh machine needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= $(or $(TORCHSLIM_DATA),/usr/share/datasets/fashion-mnist)
+RECIPE ?= default
+OUT    ?= runs/$(RECIPE)
+
+.PHONY: run test data install clean
+
+run: $(STAMP) data
+	$(VENV)/bin/torchslim run $(RECIPE) --out $(OUT) $(ARGS)
+
+test: $(STAMP) data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# torch first, from the local CPU wheel, so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@if [ -f "$(DATA)/t10k-labels-idx1-ubyte.gz" ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "Fashion-MNIST not found in $(DATA); installing the Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST not found in $(DATA). Run: sudo apt-get install dataset-fashion-mnist"; \
+		echo "(or set TORCHSLIM_DATA to a folder holding the four IDX .gz files)"; exit 1; \
+	fi
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

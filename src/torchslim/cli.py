@@ -1,0 +1,108 @@
+"""The `torchslim` command: run a recipe, analyze a model, list the built-in recipes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from torchslim.errors import TorchslimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress trained PyTorch models and measure the result honestly.")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def run(recipe: str = typer.Argument("default", help="a built-in recipe's name or a YAML file"),
+        out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<name>)"),
+        resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out")):
+    """Run a recipe: measure the baseline, run every stage, measure after each, write the report."""
+    from torchslim.pipeline import run as run_pipeline
+    from torchslim.recipe import load_recipe
+
+    parsed, folder = load_recipe(recipe)
+    run_dir = out_dir or parsed.output or Path("runs") / parsed.name
+    try:
+        report = run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
+    except KeyboardInterrupt:
+        err.print(f"\nInterrupted. Finished stages and the last epoch checkpoint are kept in {run_dir}; "
+                  f"continue with: torchslim run {recipe} --out {run_dir} --resume")
+        raise typer.Exit(130)
+    _print_summary(report, run_dir)
+
+
+def _print_summary(report: dict, run_dir: Path) -> None:
+    table = Table(title=f"torchslim — {report['recipe']['name']}")
+    for col in ("#", "stage", "accuracy", "params", "size (bytes)", "latency p50 (ms)", "p95 (ms)"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for i, st in enumerate(report["stages"]):
+        m = st["metrics"]
+        table.add_row(str(i), st["name"], f"{m.get('accuracy', float('nan')):.4f}", f"{m['params']:,}",
+                      f"{m['size_bytes']:,}", f"{m['latency_ms']['p50']:.2f}", f"{m['latency_ms']['p95']:.2f}")
+    out.print(table)
+    s = report["summary"]
+    if s:
+        drop = f", accuracy drop {100 * s['accuracy_drop']:.2f} pt" if s.get("accuracy_drop") is not None else ""
+        out.print(f"{s['final_stage']} vs {s['reference_stage']}: size ratio {s['size_ratio']:.2f}x, "
+                  f"speedup {s['speedup']:.2f}x{drop}")
+    out.print(f"report: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes: the names first, one per line, then a short description of each."""
+    from torchslim.recipe import builtin_recipes
+
+    found = builtin_recipes()
+    for name in sorted(found):
+        out.print(name)
+    out.print("")
+    for name in sorted(found):
+        description = (yaml.safe_load(found[name].read_text()) or {}).get("description", "")
+        out.print(f"{name}: {description}", soft_wrap=True)
+
+
+@app.command()
+def analyze(recipe: str = typer.Argument("default", help="recipe whose model and data to analyze"),
+            model: Optional[str] = typer.Option(None, help="a built-in model instead of the recipe's"),
+            checkpoint: Optional[Path] = typer.Option(None, help="weights for the model"),
+            batch_size: Optional[int] = typer.Option(None, help="latency batch size (default: recipe)"),
+            threads: Optional[int] = typer.Option(None, help="threads (default: recipe)")):
+    """Show a model's parameters, size, FLOPs, latency and a per-layer table."""
+    from torchslim.analyze import analyze_model
+    from torchslim.recipe import load_recipe
+
+    overrides = {}
+    parsed, folder = load_recipe(recipe)
+    if model or checkpoint:
+        spec = parsed.model.model_dump(exclude_none=True)
+        if model:
+            spec = {"builtin": model}
+        if checkpoint:
+            spec["checkpoint"] = str(checkpoint)
+        overrides["model"] = spec
+    measure = parsed.measure.model_dump()
+    measure.update({k: v for k, v in (("batch_size", batch_size), ("threads", threads)) if v})
+    overrides["measure"] = measure
+    parsed, folder = load_recipe(recipe, overrides)
+    analyze_model(parsed, folder, out)
+
+
+def main() -> None:
+    try:
+        app()
+    except TorchslimError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

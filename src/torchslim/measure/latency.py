@@ -1,0 +1,67 @@
+"""Latency in the runtime that serves the model: warm-up first, then median and p95 of timed runs."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _summarise(samples: list[float], runtime: str, batch_size: int, threads: int, warmup: int) -> dict:
+    ms = np.asarray(samples) * 1000.0
+    return {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "mean": float(ms.mean()),
+            "min": float(ms.min()), "batch_size": batch_size, "runtime": runtime, "threads": threads,
+            "warmup": warmup, "repeats": len(samples)}
+
+
+def _time(call, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def pytorch_latency(model: nn.Module, example: torch.Tensor, threads: int = 2, warmup: int = 10,
+                    repeats: int = 50) -> dict:
+    model.eval()
+    with torch_threads(threads), torch.inference_mode():
+        samples = _time(lambda: model(example), warmup, repeats)
+    return _summarise(samples, "pytorch", example.shape[0], threads, warmup)
+
+
+def ort_session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_latency(path: Path, example: np.ndarray, threads: int = 2, warmup: int = 10,
+                        repeats: int = 50, session=None) -> dict:
+    session = session or ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: example}
+    samples = _time(lambda: session.run(None, feed), warmup, repeats)
+    return _summarise(samples, "onnxruntime", example.shape[0], threads, warmup)

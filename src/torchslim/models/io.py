@@ -1,0 +1,74 @@
+"""Build the recipe's model and move weights in and out without executing code on load."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from torchslim.entrypoint import resolve
+from torchslim.errors import RecipeError, TorchslimError
+from torchslim.models.zoo import MODELS
+
+
+def build_model(spec, num_classes: int | None = None, search_dir: Path | None = None) -> nn.Module:
+    """`spec` is the recipe's ModelSpec: a built-in name or an entry point, plus an optional checkpoint."""
+    if spec.builtin is not None:
+        kwargs = dict(spec.kwargs)
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+        model = MODELS[spec.builtin](**kwargs)
+    else:
+        model = resolve(spec.entrypoint, "model.entrypoint", search_dir)(**spec.kwargs)
+        if not isinstance(model, nn.Module):
+            raise RecipeError(f"model.entrypoint '{spec.entrypoint}' returned {type(model).__name__}, "
+                              "expected a torch.nn.Module.")
+    if spec.checkpoint is not None:
+        path = spec.checkpoint if spec.checkpoint.is_absolute() or search_dir is None \
+            else (search_dir / spec.checkpoint)
+        load_weights(model, path if path.exists() else spec.checkpoint)
+    return model
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the state dict as safetensors (atomically: a temporary name, then rename)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = Path(f"{path}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors, or a state dict through `torch.load(weights_only=True)`; never unpickle code."""
+    path = Path(path)
+    if not path.exists():
+        raise TorchslimError(f"Checkpoint {path} does not exist.")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise TorchslimError(
+                f"Checkpoint {path} was refused: loading it would need to execute code from the pickle "
+                f"({str(exc).splitlines()[0]}). Save a plain state dict (`torch.save(model.state_dict(), ...)`) "
+                "or a .safetensors file instead.") from None
+        except Exception as exc:
+            raise TorchslimError(f"Checkpoint {path} cannot be read: {exc}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise TorchslimError(f"Checkpoint {path} holds a {type(state).__name__}, expected a state dict.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TorchslimError(f"Checkpoint {path} does not fit the model: {exc}") from None
+    return model

@@ -1,0 +1,195 @@
+"""Recipe schema (pydantic) and YAML loading with errors that name the field and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
+from torchslim.errors import RecipeError
+from torchslim.registry import get_stage
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; a misspelled key never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(Strict):
+    builtin: Optional[str] = Field(None, description="a model of the built-in zoo, e.g. cnn_teacher")
+    entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
+                                      description="'module:function' returning an nn.Module")
+    checkpoint: Optional[Path] = Field(None, description="weights: .safetensors or a state dict (.pt/.pth)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.builtin is None) == (self.entrypoint is None):
+            raise ValueError("give exactly one of 'builtin' or 'entrypoint'")
+        if self.builtin is not None:
+            from torchslim.models import MODELS
+            if self.builtin not in MODELS:
+                raise ValueError(f"unknown builtin model '{self.builtin}'; available: {', '.join(sorted(MODELS))}")
+        return self
+
+
+class DataSpec(Strict):
+    builtin: Optional[Literal["fashion_mnist"]] = None
+    entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
+                                      description="'module:function' returning train/val/test datasets")
+    batch_size: int = Field(128, ge=1, le=65536)
+    eval_batch_size: int = Field(256, ge=1, le=65536)
+    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
+    eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N val/test examples")
+    val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation")
+    split_seed: int = Field(0, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.builtin is None) == (self.entrypoint is None):
+            raise ValueError("give exactly one of 'builtin' or 'entrypoint'")
+        return self
+
+
+class MeasureSpec(Strict):
+    runtime: Literal["onnxruntime", "pytorch"] = "onnxruntime"
+    batch_size: int = Field(32, ge=1, le=4096)
+    threads: int = Field(2, ge=1, le=512)
+    warmup: int = Field(10, ge=0, le=10000)
+    repeats: int = Field(50, ge=3, le=100000)
+    flops: bool = True
+    memory: bool = True
+    verify_samples: int = Field(256, ge=1, description="real test inputs used to check ONNX against PyTorch")
+    tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX and PyTorch")
+
+
+class StageSpec(BaseModel):
+    name: str
+    config: Any
+
+
+class Recipe(Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[\w.-]+$")
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    model: ModelSpec
+    data: DataSpec
+    task: Literal["classification"] = "classification"
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, value):
+        if not isinstance(value, list):
+            raise ValueError("must be a list of one-key mappings, e.g. '- train: {epochs: 3}'")
+        return [_parse_stage(i, item) for i, item in enumerate(value)]
+
+    def to_dict(self) -> dict:
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
+        return data
+
+
+def _parse_stage(index: int, item: Any) -> StageSpec:
+    if isinstance(item, StageSpec):
+        return item
+    where = f"stages[{index}]"
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(f"{where}: each stage is a one-key mapping such as '- train: {{epochs: 3}}', got {item!r}.")
+    (name, config), = item.items()
+    handler = get_stage(str(name), where)
+    try:
+        return StageSpec(name=name, config=handler.config.model_validate(config or {}))
+    except ValidationError as exc:
+        raise RecipeError(_format(exc, handler.config, prefix=f"{where}.{name}")) from None
+
+
+# ----------------------------------------------------------------------------------- errors
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc`, for listing allowed keys."""
+    current: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        for arg in (typing.get_args(current) or ()):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _format(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        path = f"{prefix}.{path}" if prefix and path else (prefix or path or "recipe")
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            allowed = sorted(owner.model_fields) if owner else []
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            lines.append(f"{path}: unknown key.{hint} Allowed keys: {', '.join(allowed)}.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {msg} (got {err.get('input')!r}).")
+    return "Invalid recipe: " + " ".join(lines)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("torchslim") / "recipes"
+    return {p.name[:-5]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str | Path = "default", overrides: dict | None = None) -> tuple[Recipe, Path | None]:
+    """Load a built-in recipe by name or a YAML file. Returns the recipe and the folder it came from."""
+    text, source = _read(str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe {source} must be a YAML mapping with keys such as name, model, data, stages.")
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return parse_recipe(data, source), (source.parent if source.exists() else None)
+
+
+def parse_recipe(data: dict, source: Path | str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{_format(exc, Recipe)} (in {source})") from None
+
+
+def _read(name_or_path: str) -> tuple[str, Path]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            return path.read_text(), path
+        except FileNotFoundError:
+            raise RecipeError(f"Recipe file {path} does not exist.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"Recipe file {path} cannot be read: {exc}") from None
+    recipes = builtin_recipes()
+    if name_or_path not in recipes:
+        raise RecipeError(f"'{name_or_path}' is neither a recipe file nor a built-in recipe. "
+                          f"Built-in recipes: {', '.join(sorted(recipes))}.")
+    return recipes[name_or_path].read_text(), recipes[name_or_path]

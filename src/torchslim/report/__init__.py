@@ -1,0 +1,1 @@
+"""The run report: report.json (the contract), report.html and its plots."""

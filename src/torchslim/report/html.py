@@ -1,0 +1,37 @@
+"""report.html: one self-contained file (plots embedded as PNG) drawn from report.json."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from torchslim.report import plots
+from torchslim.report.json import atomic_write_text
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
+
+
+def render_html(report: dict) -> str:
+    stages = report["stages"]
+    latency = report["stages"][0]["metrics"]["latency_ms"] if stages else {}
+    figures = []
+    if stages:
+        figures.append(("Size vs accuracy", _b64(plots.tradeoff(stages, "size", "artifact size (MB)"))))
+        figures.append((f"Latency vs accuracy ({latency.get('runtime')}, batch {latency.get('batch_size')}, "
+                        f"{latency.get('threads')} threads)",
+                        _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)"))))
+    for i, stage in enumerate(stages):
+        if stage.get("history"):
+            figures.append((f"Training curves — stage {i} ({stage['name']})",
+                            _b64(plots.training_curves(stage["name"], stage["history"]))))
+    env = Environment(loader=PackageLoader("torchslim", "report/templates"), autoescape=select_autoescape())
+    return env.get_template("report.html").render(report=report, figures=figures)
+
+
+def write_html(report: dict, path: Path) -> Path:
+    atomic_write_text(Path(path), render_html(report))
+    return Path(path)

@@ -1,0 +1,4 @@
+"""Built-in stages. Each module registers its handler with `@register_stage`; importing them here is
+the whole discovery mechanism (no scanning)."""
+
+from torchslim.stages import export, train  # noqa: F401

@@ -1,0 +1,261 @@
+"""THE training loop. Fine-tuning, distillation and quantization-aware training all run through `fit`.
+
+A loss is any callable `loss_fn(model, batch) -> (loss, {"part": value, ...})`; everything else
+(optimiser, schedule, accumulation, mixed precision, activation checkpointing, clipping, early
+stopping, checkpoint/resume, progress, history) lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+
+from torchslim.errors import TorchslimError
+
+LossFn = Callable[[nn.Module, tuple], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+console = Console(stderr=True)
+
+
+class EarlyStopping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(BaseModel):
+    """Settings of one training run; the `train` stage's recipe keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(1, ge=1, le=10000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_size: int = Field(1, ge=1, description="epochs between decays for the step schedule")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor for the step schedule")
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: Union[bool, list[str]] = Field(
+        False, description="true for every top-level child, or a list of module paths")
+    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm")
+    early_stopping: Optional[EarlyStopping] = None
+    restore_best: bool = Field(True, description="end with the weights of the best validation epoch")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size for this stage")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, batch: tuple):
+        x, y = batch
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        return loss, {"ce": loss}
+    return loss_fn
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+    """Shuffled by a generator seeded per epoch, so a resumed run sees exactly the same batches."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TorchslimError("The model has no trainable parameters; nothing to train.")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Stepped after every optimiser step: cosine decays to zero over the whole run, step decays
+    by `gamma` every `step_size` epochs."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.schedule == "cosine":
+        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif cfg.schedule == "step":
+        factor = lambda step: cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)  # noqa: E731
+    else:
+        factor = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise TorchslimError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'.")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, paths: bool | list[str]):
+    """Recompute the named modules' activations in backward instead of storing them.
+
+    Patches the instances' forward for the duration only, so state-dict keys and export are untouched."""
+    if not paths:
+        yield
+        return
+    names = [n for n, _ in model.named_children()] if paths is True else list(paths)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise TorchslimError(f"activation_checkpointing: no module named {missing}; "
+                             f"top-level modules are {[n for n, _ in model.named_children()]}.")
+    patched = []
+    for name in names:
+        module = modules[name]
+        original = module.forward
+        module.forward = functools.partial(checkpoint, original, use_reentrant=False)
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # drop the instance attribute; the class's forward is back
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = Path(f"{path}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: LossFn,
+        batch_size: int, validate: Callable[[nn.Module], float] | None = None,
+        checkpoint_dir: Path | None = None, resume: bool = False, seed: int = 0,
+        device: torch.device | str = "cpu", on_epoch_end: Callable[[int, dict], None] | None = None,
+        description: str = "train") -> TrainResult:
+    """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
+    `resume=True` continues from it, giving the same weights as an uninterrupted run."""
+    device = torch.device(device)
+    model.to(device)
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, cfg, math.ceil(math.ceil(len(train_set) / batch_size) / cfg.grad_accum_steps))
+    result, start_epoch, best_state, bad_epochs = TrainResult(), 0, None, 0
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if resume and ckpt_path and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        result = TrainResult(state["history"], state["best_epoch"], state["best_metric"], state["stopped_early"])
+        best_state, bad_epochs, start_epoch = state["best_state"], state["bad_epochs"], state["epoch"] + 1
+        console.log(f"{description}: resumed after epoch {start_epoch} from {ckpt_path}")
+    else:
+        torch.manual_seed(seed)
+    finished = result.stopped_early or start_epoch >= cfg.epochs
+    with activation_checkpointing(model, cfg.activation_checkpointing), _progress() as progress:
+        for epoch in range(start_epoch, 0 if finished else cfg.epochs):
+            loader = epoch_loader(train_set, batch_size, seed, epoch)
+            task = progress.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(loader))
+            lr = opt.param_groups[0]["lr"]
+            parts = _train_epoch(model, loader, opt, sched, cfg, loss_fn, device, lambda: progress.advance(task))
+            record = {"epoch": epoch + 1, "lr": lr, **parts}
+            if validate is not None:
+                record["val_metric"] = float(validate(model))
+                improved = result.best_metric is None or record["val_metric"] > result.best_metric + (
+                    cfg.early_stopping.min_delta if cfg.early_stopping else 0.0)
+                if improved:
+                    result.best_metric, result.best_epoch, bad_epochs = record["val_metric"], epoch + 1, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad_epochs += 1
+                if cfg.early_stopping and bad_epochs >= cfg.early_stopping.patience:
+                    result.stopped_early = True
+            result.history.append(record)
+            console.log(f"{description} epoch {epoch + 1}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            if ckpt_path:
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "rng": _rng_state(), "history": result.history,
+                              "best_epoch": result.best_epoch, "best_metric": result.best_metric,
+                              "stopped_early": result.stopped_early, "best_state": best_state,
+                              "bad_epochs": bad_epochs}, ckpt_path)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if result.stopped_early:
+                console.log(f"{description}: early stop after epoch {epoch + 1} "
+                            f"(best val {result.best_metric:.4f} at epoch {result.best_epoch})")
+                break
+    if cfg.restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def _train_epoch(model, loader, opt, sched, cfg: TrainConfig, loss_fn: LossFn, device, advance) -> dict:
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        batch = tuple(t.to(device) for t in batch)
+        with _autocast(cfg.precision, device):
+            loss, parts = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise TorchslimError(f"The loss became {loss.item()} at step {i + 1} of this epoch; lower the "
+                                 "learning rate or enable grad_clip. The last epoch checkpoint is kept.")
+        (loss / cfg.grad_accum_steps).backward()
+        if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(loader):
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for name, value in parts.items():
+            value = value.detach() if torch.is_tensor(value) else value
+            sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+        steps += 1
+        advance()
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                      device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of a PyTorch model (used for validation inside training)."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            total += len(y)
+    return correct / max(total, 1)
+
+
+__all__ = ["TrainConfig", "TrainResult", "EarlyStopping", "fit", "cross_entropy_loss", "epoch_loader",
+           "evaluate_accuracy", "activation_checkpointing"]

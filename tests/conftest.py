@@ -1,0 +1,46 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+from torchslim.data import fashion_mnist
+
+TESTS = Path(__file__).parent
+
+# A recipe small enough to run in seconds on 2 cores, on real Fashion-MNIST images.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"builtin": "mlp_student"},
+    "data": {"builtin": "fashion_mnist", "batch_size": 64, "train_subset": 1500, "eval_subset": 300},
+    "task": "classification",
+    "measure": {"runtime": "onnxruntime", "batch_size": 8, "threads": 1, "warmup": 1, "repeats": 3},
+    "stages": [{"train": {"epochs": 2, "lr": 0.003}}, {"export": {"format": "onnx"}}],
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_present():
+    root = fashion_mnist.data_dir()
+    if not (root / fashion_mnist.FILES["test_labels"]).exists():
+        pytest.exit(f"Fashion-MNIST is missing from {root}: run `make test` (it installs the Debian package "
+                    "dataset-fashion-mnist) or set TORCHSLIM_DATA.", returncode=2)
+
+
+@pytest.fixture
+def tiny_recipe():
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """Real Fashion-MNIST: 3,000 training, 500 validation/test images."""
+    return fashion_mnist.load(train_subset=3000, eval_subset=500)
+
+
+@pytest.fixture
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

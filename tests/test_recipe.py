@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from torchslim.errors import RecipeError
+from torchslim.recipe import builtin_recipes, load_recipe, parse_recipe
+
+
+def test_builtin_recipes_validate_and_round_trip():
+    names = builtin_recipes()
+    assert {"default", "smoke"} <= set(names)
+    for name in names:
+        recipe, _ = load_recipe(name)
+        again = parse_recipe(recipe.to_dict())
+        assert again.to_dict() == recipe.to_dict()
+        assert [s.name for s in recipe.stages] == [next(iter(s)) for s in yaml.safe_load(names[name].read_text())["stages"]]
+
+
+def test_defaults_are_filled_in(tiny_recipe):
+    del tiny_recipe["measure"]
+    recipe = parse_recipe(tiny_recipe)
+    assert recipe.measure.batch_size == 32 and recipe.measure.threads == 2
+    assert recipe.stages[0].config.optimizer == "adamw" and recipe.stages[0].config.epochs == 2
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r["stages"][0]["train"].update(lrr=0.1), ["stages[0].train.lrr", "unknown key", "Did you mean 'lr'"]),
+    (lambda r: r["stages"][0]["train"].update(lr=-0.1), ["stages[0].train.lr", "greater than 0", "-0.1"]),
+    (lambda r: r["stages"].append({"prune_everything": {}}), ["stages[2]", "unknown stage 'prune_everything'", "train"]),
+    (lambda r: r["data"].update(batchsize=3), ["data.batchsize", "Did you mean 'batch_size'", "eval_batch_size"]),
+    (lambda r: r["measure"].update(runtime="tensorrt"), ["measure.runtime", "'onnxruntime' or 'pytorch'"]),
+    (lambda r: r["data"].update(batch_size="big"), ["data.batch_size", "valid integer"]),
+    (lambda r: r.update(model={"builtin": "resnet9000"}), ["model", "resnet9000", "cnn_teacher"]),
+    (lambda r: r.update(model={"builtin": "cnn_teacher", "entrypoint": "a:b"}), ["exactly one"]),
+    (lambda r: r.update(stages="train"), ["stages", "list"]),
+    (lambda r: r["stages"][0]["train"].update(precision="fp8"), ["precision", "'fp32', 'bf16' or 'fp16'"]),
+])
+def test_bad_recipes_name_the_problem(tiny_recipe, mutate, expected):
+    mutate(tiny_recipe)
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(tiny_recipe)
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [train: {epochs: 1}\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="Built-in recipes: .*default"):
+        load_recipe("no-such-recipe")
+
+
+def _cli(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["misspelled_key", "negative_lr", "unknown_stage", "missing_data"])
+def test_cli_bad_input_exits_nonzero_with_a_message(case, tiny_recipe, tmp_path, cli_env):
+    if case == "misspelled_key":
+        tiny_recipe["stages"][0]["train"]["epohcs"] = 2
+        needle = "epohcs"
+    elif case == "negative_lr":
+        tiny_recipe["stages"][0]["train"]["lr"] = -1
+        needle = "stages[0].train.lr"
+    elif case == "unknown_stage":
+        tiny_recipe["stages"].insert(0, {"distil": {}})
+        needle = "unknown stage 'distil'"
+    else:
+        cli_env["TORCHSLIM_DATA"] = str(tmp_path / "empty")
+        needle = "dataset-fashion-mnist"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    result = _cli(["run", str(path), "--out", str(tmp_path / "run")], cli_env, tmp_path)
+    assert result.returncode != 0
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 8  # one paragraph, not a dump
+
+
+def test_cli_recipes_lists_names_first(cli_env, tmp_path):
+    result = _cli(["recipes"], cli_env, tmp_path)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    names = sorted(builtin_recipes())
+    assert lines[:len(names)] == names
+    assert any(line.startswith("smoke: ") for line in lines[len(names):])
+
+
+def test_cli_help_everywhere(cli_env, tmp_path):
+    for args in (["--help"], ["run", "--help"], ["analyze", "--help"], ["recipes", "--help"]):
+        result = _cli(args, cli_env, tmp_path)
+        assert result.returncode == 0 and "Usage" in result.stdout
