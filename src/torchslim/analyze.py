@@ -20,7 +20,7 @@ from torchslim.models.io import build_model
 def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
     """One row per leaf module: type, parameters, non-zero parameters, output shape, FLOPs."""
     shapes: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: shapes.__setitem__(n, list(o.shape)))
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: shapes.__setitem__(n, list(getattr(o, "shape", []))))
              for name, m in model.named_modules() if not list(m.children())]
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():

@@ -48,8 +48,12 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         table.add_row(str(i), st["name"], f"{m.get('accuracy', float('nan')):.4f}", f"{m['params']:,}",
                       f"{m['size_bytes']:,}", f"{m['latency_ms']['p50']:.2f}", f"{m['latency_ms']['p95']:.2f}")
     out.print(table)
-    s = report["summary"]
-    if s:
+    s, stages = report["summary"], report["stages"]
+    if s and s["reference_stage"] == s["final_stage"] and len(stages) > 1:
+        out.print(f"no compressing stage in this recipe; baseline → final accuracy "
+                  f"{stages[0]['metrics'].get('accuracy', float('nan')):.4f} → "
+                  f"{stages[-1]['metrics'].get('accuracy', float('nan')):.4f}")
+    elif s:
         drop = f", accuracy drop {100 * s['accuracy_drop']:.2f} pt" if s.get("accuracy_drop") is not None else ""
         out.print(f"{s['final_stage']} vs {s['reference_stage']}: size ratio {s['size_ratio']:.2f}x, "
                   f"speedup {s['speedup']:.2f}x{drop}")

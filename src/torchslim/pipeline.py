@@ -17,7 +17,7 @@ import torch
 
 from torchslim.context import RunContext
 from torchslim.data import build_data
-from torchslim.errors import DataError, RunDirError
+from torchslim.errors import DataError, RunDirError, TorchslimError
 from torchslim.measure import measure
 from torchslim.models.io import build_model, load_weights
 from torchslim.recipe import Recipe
@@ -80,6 +80,14 @@ def _check_shapes(model: torch.nn.Module, ctx: RunContext) -> None:
                         f"a classifier must return [batch, {classes}].")
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TorchslimError("device: cuda was asked for but no CUDA device is available; use 'cpu' or 'auto'.")
+    return torch.device(name)
+
+
 def _reference_index(recipe: Recipe) -> int:
     """Compression is judged against the model as it stood before the first compressing stage."""
     for i, stage in enumerate(recipe.stages):
@@ -96,7 +104,8 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, search_dir)
     model = build_model(recipe.model, data.num_classes, search_dir)
-    ctx = RunContext(recipe, data, run_dir, resume=resume, search_dir=search_dir, on_epoch_end=on_epoch_end)
+    ctx = RunContext(recipe, data, run_dir, device=_device(recipe.device), resume=resume, search_dir=search_dir,
+                     on_epoch_end=on_epoch_end)
     _check_shapes(model, ctx)
     entries: list[dict] = list(state["stages"]) if state else []
     if entries:

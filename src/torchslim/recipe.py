@@ -83,6 +83,8 @@ class Recipe(Strict):
     model: ModelSpec
     data: DataSpec
     task: Literal["classification"] = "classification"
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where training runs; auto picks CUDA "
+                                                   "when present. Measurement always runs on the CPU.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")

@@ -48,7 +48,8 @@ class TrainConfig(BaseModel):
     step_size: int = Field(1, ge=1, description="epochs between decays for the step schedule")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor for the step schedule")
     grad_accum_steps: int = Field(1, ge=1, le=1024)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
     activation_checkpointing: Union[bool, list[str]] = Field(
         False, description="true for every top-level child, or a list of module paths")
     grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm")
@@ -64,6 +65,7 @@ class TrainResult:
     best_epoch: int | None = None
     best_metric: float | None = None
     stopped_early: bool = False
+    precision: str = "fp32"  # what actually ran (after resolving "auto")
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -100,6 +102,22 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: in
     else:
         factor = lambda step: 1.0  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when bf16 matmuls/convolutions run in hardware (AVX-512 BF16 or AMX on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def _autocast(precision: str, device: torch.device):
@@ -156,9 +174,12 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
     `resume=True` continues from it, giving the same weights as an uninterrupted run."""
     device = torch.device(device)
+    cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})
     model.to(device)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, math.ceil(math.ceil(len(train_set) / batch_size) / cfg.grad_accum_steps))
+    # fp16 needs loss scaling against underflow; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     result, start_epoch, best_state, bad_epochs = TrainResult(), 0, None, 0
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     if resume and ckpt_path and ckpt_path.exists():
@@ -166,19 +187,21 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         result = TrainResult(state["history"], state["best_epoch"], state["best_metric"], state["stopped_early"])
         best_state, bad_epochs, start_epoch = state["best_state"], state["bad_epochs"], state["epoch"] + 1
         console.log(f"{description}: resumed after epoch {start_epoch} from {ckpt_path}")
     else:
         torch.manual_seed(seed)
+    result.precision = cfg.precision
     finished = result.stopped_early or start_epoch >= cfg.epochs
     with activation_checkpointing(model, cfg.activation_checkpointing), _progress() as progress:
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
             loader = epoch_loader(train_set, batch_size, seed, epoch)
             task = progress.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(loader))
             lr = opt.param_groups[0]["lr"]
-            parts = _train_epoch(model, loader, opt, sched, cfg, loss_fn, device, lambda: progress.advance(task))
+            parts = _train_epoch(model, loader, opt, sched, scaler, cfg, loss_fn, device, lambda: progress.advance(task))
             record = {"epoch": epoch + 1, "lr": lr, **parts}
             if validate is not None:
                 record["val_metric"] = float(validate(model))
@@ -197,7 +220,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             if ckpt_path:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "rng": _rng_state(), "history": result.history,
+                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(), "history": result.history,
                               "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                               "stopped_early": result.stopped_early, "best_state": best_state,
                               "bad_epochs": bad_epochs}, ckpt_path)
@@ -212,7 +235,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     return result
 
 
-def _train_epoch(model, loader, opt, sched, cfg: TrainConfig, loss_fn: LossFn, device, advance) -> dict:
+def _train_epoch(model, loader, opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device, advance) -> dict:
     model.train()
     sums: dict[str, float] = {}
     steps = 0
@@ -224,11 +247,13 @@ def _train_epoch(model, loader, opt, sched, cfg: TrainConfig, loss_fn: LossFn, d
         if not torch.isfinite(loss):
             raise TorchslimError(f"The loss became {loss.item()} at step {i + 1} of this epoch; lower the "
                                  "learning rate or enable grad_clip. The last epoch checkpoint is kept.")
-        (loss / cfg.grad_accum_steps).backward()
+        scaler.scale(loss / cfg.grad_accum_steps).backward()
         if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
         sums["loss"] = sums.get("loss", 0.0) + loss.item()

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -32,6 +33,7 @@ def training_curves(name: str, history: list[dict]) -> bytes:
     axes[2].plot(epochs, [h["lr"] for h in history], marker="o", color="tab:purple")
     axes[2].set_title("learning rate")
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -40,14 +42,22 @@ def training_curves(name: str, history: list[dict]) -> bytes:
 def tradeoff(stages: list[dict], x_key: str, x_label: str, metric: str = "accuracy") -> bytes:
     """One point per stage: a cost (size or latency) against the task metric."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    xs, ys = [], []
+    xs, ys, labels = [], [], {}
     for i, stage in enumerate(stages):
         m = stage["metrics"]
-        x = m["latency_ms"]["p50"] if x_key == "latency" else m["size_bytes"] / 1e6
-        xs.append(x)
+        xs.append(m["latency_ms"]["p50"] if x_key == "latency" else m["size_bytes"] / 1e6)
         ys.append(m.get(metric, 0.0))
-        ax.annotate(f"{i}:{stage['name']}", (x, ys[-1]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # stages that land on the same spot share one label
+        key = (round(xs[-1], 3 if x_key == "size" else 1), round(ys[-1], 4))
+        labels.setdefault(key, []).append(f"{i}:{stage['name']}")
+    for (x, y), names in labels.items():
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.plot(xs, ys, linestyle=":", color="grey")
+    ax.margins(0.25, 0.12)
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.scatter(xs, ys, s=40, zorder=3)
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"test {metric}")

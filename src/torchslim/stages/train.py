@@ -19,5 +19,6 @@ def train(model, cfg: TrainConfig, ctx: RunContext):
                  checkpoint_dir=ctx.stage_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed,
                  device=ctx.device, on_epoch_end=ctx.on_epoch_end, description=ctx.stage_dir.name)
     ctx.stage_info.update(history=result.history, best_epoch=result.best_epoch,
-                          best_val_metric=result.best_metric, stopped_early=result.stopped_early)
+                          best_val_metric=result.best_metric, stopped_early=result.stopped_early,
+                          precision=result.precision)
     return model
