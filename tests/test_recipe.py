@@ -35,7 +35,7 @@ def test_defaults_are_filled_in(tiny_recipe):
     (lambda r: r.update(model={"builtin": "resnet9000"}), ["model", "resnet9000", "cnn_teacher"]),
     (lambda r: r.update(model={"builtin": "cnn_teacher", "entrypoint": "a:b"}), ["exactly one"]),
     (lambda r: r.update(stages="train"), ["stages", "list"]),
-    (lambda r: r["stages"][0]["train"].update(precision="fp8"), ["precision", "'fp32', 'bf16' or 'fp16'"]),
+    (lambda r: r["stages"][0]["train"].update(precision="fp8"), ["precision", "'fp32', 'bf16', 'fp16' or 'auto'"]),
 ])
 def test_bad_recipes_name_the_problem(tiny_recipe, mutate, expected):
     mutate(tiny_recipe)
