@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from torchslim.entrypoint import resolve
 from torchslim.errors import RecipeError, TorchslimError
+from torchslim.models.shapes import SHAPES_KEY, apply_shapes, module_shapes
 from torchslim.models.zoo import MODELS
 
 
@@ -35,8 +38,10 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the state dict as safetensors (atomically: a temporary name, then rename)."""
+    """Write the state dict as safetensors (atomically: a temporary name, then rename), with the
+    shape attributes of every layer so a pruned model reloads without re-running the pruning."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {**(metadata or {}), SHAPES_KEY: json.dumps(module_shapes(model))}
     tmp = Path(f"{path}.tmp")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -51,8 +56,11 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     if path.suffix == ".safetensors":
         try:
             state = load_file(str(path))
+            with safe_open(str(path), "pt") as fh:
+                shapes = json.loads((fh.metadata() or {}).get(SHAPES_KEY, "{}"))
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
+        apply_shapes(model, shapes, state)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
