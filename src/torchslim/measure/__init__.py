@@ -43,6 +43,12 @@ def measure(model: nn.Module, ctx: RunContext, out_dir: Path, onnx_path: Path | 
     test_x, test_y = ctx.test_tensors()
     weights = out_dir / "model.safetensors"
     metrics: dict = {**count_params(model), "weights_bytes": model_size_bytes(model, weights)}
+    metrics["storage_bytes"] = metrics["weights_bytes"]
+    if metrics["nonzero_params"] < 0.75 * metrics["params"]:  # worth storing sparsely
+        from torchslim.prune.sparse import save_sparse
+        sparse = save_sparse(model, out_dir / "model.sparse.safetensors")
+        metrics["sparse_bytes"] = sparse.stat().st_size
+        metrics["storage_bytes"] = min(metrics["weights_bytes"], metrics["sparse_bytes"])
     one = test_x[:1]
     if cfg.flops:
         metrics["flops"] = count_flops(model, one)

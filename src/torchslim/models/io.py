@@ -8,8 +8,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from torchslim.entrypoint import resolve
@@ -55,9 +54,9 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
         raise TorchslimError(f"Checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
         try:
-            state = load_file(str(path))
-            with safe_open(str(path), "pt") as fh:
-                shapes = json.loads((fh.metadata() or {}).get(SHAPES_KEY, "{}"))
+            from torchslim.prune.sparse import read
+            state, meta = read(path)
+            shapes = json.loads(meta.get(SHAPES_KEY, "{}"))
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
         apply_shapes(model, shapes, state)

@@ -25,9 +25,14 @@ def render_html(report: dict) -> str:
                         f"{latency.get('threads')} threads)",
                         _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)"))))
     for i, stage in enumerate(stages):
+        label = f"stage {i} ({stage['name']})"
         if stage.get("history"):
-            figures.append((f"Training curves — stage {i} ({stage['name']})",
-                            _b64(plots.training_curves(stage["name"], stage["history"]))))
+            figures.append((f"Training curves — {label}", _b64(plots.training_curves(stage["name"], stage["history"]))))
+        if stage.get("layers"):
+            figures.append((f"Per-layer sparsity — {label}", _b64(plots.layer_sparsity_bars(label, stage["layers"]))))
+        if stage.get("steps") and len(stage["steps"]) > 1:
+            figures.append((f"Sparsity over pruning steps — {label}",
+                            _b64(plots.sparsity_over_steps(label, stage["steps"]))))
     env = Environment(loader=PackageLoader("torchslim", "report/templates"), autoescape=select_autoescape())
     return env.get_template("report.html").render(report=report, figures=figures)
 

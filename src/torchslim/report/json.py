@@ -52,7 +52,8 @@ def summary(stages: list[dict], reference: int) -> dict:
     out = {"reference_stage": stages[reference]["name"], "final_stage": stages[-1]["name"],
            "size_ratio": _ratio(ref["size_bytes"], final["size_bytes"]),
            "speedup": _ratio(ref["latency_ms"]["p50"], final["latency_ms"]["p50"]),
-           "param_ratio": _ratio(ref["params"], final["params"])}
+           "param_ratio": _ratio(ref["params"], final["params"]),
+           "storage_ratio": _ratio(ref.get("storage_bytes"), final.get("storage_bytes"))}
     if "accuracy" in ref and "accuracy" in final:
         out["accuracy_drop"] = ref["accuracy"] - final["accuracy"]
     return out

@@ -33,7 +33,10 @@ def training_curves(name: str, history: list[dict]) -> bytes:
     axes[2].plot(epochs, [h["lr"] for h in history], marker="o", color="tab:purple")
     axes[2].set_title("learning rate")
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -61,5 +64,43 @@ def tradeoff(stages: list[dict], x_key: str, x_label: str, metric: str = "accura
     ax.scatter(xs, ys, s=40, zorder=3)
     ax.set_xlabel(x_label)
     ax.set_ylabel(f"test {metric}")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def layer_sparsity_bars(name: str, rows: list[dict]) -> bytes:
+    """Per-layer share removed (channels for structured pruning, weights for unstructured), labelled."""
+    labels = [r["layer"] for r in rows]
+    values = [100 * r["sparsity"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 3.6))
+    bars = ax.bar(range(len(rows)), values, color="tab:red", alpha=0.75)
+    for bar, r, v in zip(bars, rows, values):
+        text = f"{v:.0f}%" if "before" not in r else f"{r['before']}→{r['after']}"
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("removed (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(f"{name}: per-layer sparsity")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def sparsity_over_steps(name: str, steps: list[dict]) -> bytes:
+    """Target and reached sparsity (share of parameters gone or zero) after each pruning step."""
+    xs = [s["step"] for s in steps]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(xs, [100 * s["target"] for s in steps], marker="o", label="target")
+    reached = [100 * max(s.get("param_reduction", 0), s.get("sparsity", 0)) for s in steps]
+    ax.plot(xs, reached, marker="s", label="parameters removed or zero")
+    if all("val_metric" in s and s["val_metric"] is not None for s in steps):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [s["val_metric"] for s in steps], color="tab:green", marker="^", label="val metric")
+        ax2.set_ylabel("validation metric after fine-tuning", color="tab:green")
+    ax.set_xticks(xs)
+    ax.set_xlabel("pruning step")
+    ax.set_ylabel("%")
+    ax.set_title(f"{name}: sparsity over steps")
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)

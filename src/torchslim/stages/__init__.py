@@ -1,4 +1,5 @@
 """Built-in stages. Each module registers its handler with `@register_stage`; importing them here is
 the whole discovery mechanism (no scanning)."""
 
+from torchslim.prune import stage as prune  # noqa: F401
 from torchslim.stages import export, train  # noqa: F401

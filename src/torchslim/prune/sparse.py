@@ -1,0 +1,70 @@
+"""Sparse storage: a weight tensor that is mostly zeros is written as a bitmask of its non-zeros plus
+their values. A 90%-sparse float32 tensor takes 10% (values) + 3.1% (one bit per weight) of its
+dense bytes, and loads back to the identical dense tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from torchslim.models.shapes import SHAPES_KEY, module_shapes
+
+FORMAT_KEY = "torchslim.format"
+SPARSE_FORMAT = "bitmask-v1"
+
+
+def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Each tensor goes dense or as (bitmask, values), whichever is smaller."""
+    out, layout = {}, {}
+    for key, t in state.items():
+        t = t.detach().contiguous().cpu()
+        nonzero = t != 0
+        packed_bytes = (t.numel() + 7) // 8 + int(nonzero.sum()) * t.element_size()
+        if t.is_floating_point() and t.numel() > 64 and packed_bytes < t.numel() * t.element_size():
+            bits = np.packbits(nonzero.flatten().numpy())
+            out[f"{key}::mask"] = torch.from_numpy(bits)
+            out[f"{key}::values"] = t[nonzero].clone()
+            layout[key] = list(t.shape)
+        else:
+            out[key] = t
+    return out, layout
+
+
+def decode(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in tensors.items() if "::" not in k}
+    for key, shape in layout.items():
+        values = tensors[f"{key}::values"]
+        numel = int(np.prod(shape)) if shape else 1
+        mask = torch.from_numpy(np.unpackbits(tensors[f"{key}::mask"].numpy(), count=numel).astype(bool))
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[mask] = values
+        state[key] = dense.reshape(shape)
+    return state
+
+
+def save_sparse(model: nn.Module, path: Path) -> Path:
+    tensors, layout = encode(model.state_dict())
+    metadata = {FORMAT_KEY: SPARSE_FORMAT, "torchslim.sparse_layout": json.dumps(layout),
+                SHAPES_KEY: json.dumps(module_shapes(model))}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(dense state dict, metadata) of a torchslim safetensors file, sparse or dense."""
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get(FORMAT_KEY) == SPARSE_FORMAT:
+        tensors = decode(tensors, json.loads(meta["torchslim.sparse_layout"]))
+    return tensors, meta

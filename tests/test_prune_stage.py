@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from torchslim.errors import RecipeError
+from torchslim.pipeline import run
+from torchslim.recipe import load_recipe, parse_recipe
+
+
+def _recipe(tiny_recipe, *stages):
+    tiny_recipe["model"] = {"builtin": "cnn_student"}
+    tiny_recipe["data"].update(train_subset=1024, eval_subset=200)
+    tiny_recipe["stages"] = [{"train": {"epochs": 2, "lr": 0.003}}, *stages, {"export": {"format": "all"}}]
+    return parse_recipe(tiny_recipe)
+
+
+STRUCTURED = {"prune": {"method": "structured", "ratio": 0.5, "schedule": {"kind": "gradual", "steps": 2},
+                        "finetune": {"epochs": 1, "lr": 0.001}}}
+
+
+def test_structured_gradual_stage_shrinks_and_reports(tmp_path, tiny_recipe):
+    report = run(_recipe(tiny_recipe, STRUCTURED), tmp_path)
+    trained, pruned = report["stages"][1]["metrics"], report["stages"][2]["metrics"]
+    assert pruned["params"] < 0.35 * trained["params"]
+    assert pruned["size_bytes"] < 0.4 * trained["size_bytes"]
+    assert pruned["flops"] < 0.4 * trained["flops"]
+    stage = report["stages"][2]
+    assert [s["step"] for s in stage["steps"]] == [1, 2]
+    assert stage["steps"][0]["target"] == pytest.approx(0.5 - 0.5 * 0.5 ** 3)
+    assert {"layer": "features.0", "before": 32, "after": 16, "sparsity": 0.5} in stage["layers"]
+    assert report["summary"]["reference_stage"] == "train" and report["summary"]["param_ratio"] > 2.8
+    html = (tmp_path / "report.html").read_text()
+    assert "Per-layer sparsity" in html and "Sparsity over pruning steps" in html
+
+
+def test_unstructured_stage_stores_sparsely(tmp_path, tiny_recipe):
+    report = run(_recipe(tiny_recipe, {"prune": {"method": "magnitude", "sparsity": 0.9}}), tmp_path)
+    m = report["stages"][2]["metrics"]
+    assert m["nonzero_params"] < 0.15 * m["params"]
+    assert m["storage_bytes"] == m["sparse_bytes"] <= 0.25 * m["weights_bytes"]
+    assert report["stages"][2]["note"].startswith("Unstructured sparsity shrinks")
+    assert report["summary"]["storage_ratio"] > 4
+
+
+def test_prune_stage_resumes_to_the_same_weights(tmp_path, tiny_recipe):
+    recipe = _recipe(tiny_recipe, STRUCTURED)
+    run(recipe, tmp_path / "full")
+    seen = []
+
+    def interrupt(epoch, record):
+        seen.append(epoch)
+        if len(seen) == 3:  # train epochs 1, 2, then the first prune step's fine-tuning epoch
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "cut", on_epoch_end=interrupt)
+    run(recipe, tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full/stages/03-export/model.safetensors"))
+    b = load_file(str(tmp_path / "cut/stages/03-export/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_config_errors(tiny_recipe):
+    tiny_recipe["stages"] = [{"prune": {"method": "structured"}}]
+    with pytest.raises(RecipeError, match="needs 'ratio'"):
+        parse_recipe(tiny_recipe)
+    tiny_recipe["stages"] = [{"prune": {"method": "magnitude", "sparsity": 1.5}}]
+    with pytest.raises(RecipeError, match="stages\\[0\\].prune.sparsity"):
+        parse_recipe(tiny_recipe)
+
+
+def test_builtin_prune_recipe_is_valid():
+    recipe, _ = load_recipe("prune")
+    names = [s.name for s in recipe.stages]
+    assert names[0] == "train" and "prune" in names and names[-1] == "export"
+    prune = next(s.config for s in recipe.stages if s.name == "prune")
+    assert prune.method == "structured" and prune.schedule.kind == "gradual" and prune.finetune is not None
