@@ -65,21 +65,9 @@ def cut(module: nn.Module, keeps: dict[str, list[int]], heads: list[int] | None 
         elif module.groups > 1 and "in" in keeps:
             _grouped_in(module, keeps["in"], keeps.get("out"))
         else:
-            if "out" in idx:
-                _take(module, "weight", 0, idx["out"])
-                _take(module, "bias", 0, idx["out"])
-                module.out_channels = len(keeps["out"])
-            if "in" in idx:
-                _take(module, "weight", 1, idx["in"])
-                module.in_channels = len(keeps["in"])
+            _cut_dense(module, idx, "in_channels", "out_channels")
     elif isinstance(module, nn.Linear):
-        if "out" in idx:
-            _take(module, "weight", 0, idx["out"])
-            _take(module, "bias", 0, idx["out"])
-            module.out_features = len(keeps["out"])
-        if "in" in idx:
-            _take(module, "weight", 1, idx["in"])
-            module.in_features = len(keeps["in"])
+        _cut_dense(module, idx, "in_features", "out_features")
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
         for name in ("weight", "bias", "running_mean", "running_var"):
             _take(module, name, 0, idx["norm"])
@@ -97,6 +85,17 @@ def cut(module: nn.Module, keeps: dict[str, list[int]], heads: list[int] | None 
         _cut_attention(module, keeps, idx, heads)
     else:
         raise TypeError(f"no surgery for {type(module).__name__}")
+
+
+def _cut_dense(module: nn.Module, idx: dict, in_attr: str, out_attr: str) -> None:
+    """Conv (groups == 1) and Linear: output positions are weight rows, input positions columns."""
+    if "out" in idx:
+        _take(module, "weight", 0, idx["out"])
+        _take(module, "bias", 0, idx["out"])
+        setattr(module, out_attr, len(idx["out"]))
+    if "in" in idx:
+        _take(module, "weight", 1, idx["in"])
+        setattr(module, in_attr, len(idx["in"]))
 
 
 def _cut_attention(module: Attention, keeps, idx, heads: list[int] | None) -> None:
