@@ -76,3 +76,10 @@ def test_builtin_prune_recipe_is_valid():
     assert names[0] == "train" and "prune" in names and names[-1] == "export"
     prune = next(s.config for s in recipe.stages if s.name == "prune")
     assert prune.method == "structured" and prune.schedule.kind == "gradual" and prune.finetune is not None
+
+
+def test_taylor_importance_in_a_recipe(tmp_path, tiny_recipe):
+    stage = {"prune": {"method": "structured", "ratio": 0.25, "importance": "taylor"}}
+    report = run(_recipe(tiny_recipe, stage), tmp_path)
+    assert report["stages"][2]["metrics"]["params"] < report["stages"][1]["metrics"]["params"]
+    assert "Per-layer pruning" in (tmp_path / "report.html").read_text()

@@ -15,11 +15,11 @@ from torchslim.context import RunContext
 from torchslim.models.io import load_weights, save_weights
 from torchslim.prune import schedule, unstructured
 from torchslim.prune.structured import apply as apply_plan
-from torchslim.prune.structured import convert_attention, plan
+from torchslim.prune.structured import convert_attention, plan, taylor_gradients
 from torchslim.prune.attention import Attention
 from torchslim.registry import register_stage
 from torchslim.report.json import atomic_write_text
-from torchslim.train import TrainConfig, console, cross_entropy_loss, evaluate_accuracy, fit
+from torchslim.train import TrainConfig, console, cross_entropy_loss, epoch_loader, evaluate_accuracy, fit
 
 
 class Schedule(BaseModel):
@@ -66,9 +66,13 @@ def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: flo
     if cfg.method == "structured":
         example = ctx.real_batch(2)
         ratio = schedule.step_ratio(previous, target)
+        if cfg.importance == "taylor":
+            loader = epoch_loader(ctx.data.train, ctx.recipe.data.batch_size, ctx.recipe.seed, 0)
+            taylor_gradients(model, loader, cross_entropy_loss())
         p = plan(model, example, ratio, cfg.importance, cfg.ignore, cfg.global_ranking, cfg.min_channels,
                  cfg.round_to, cfg.prune_heads)
         apply_plan(model, p)
+        model.zero_grad(set_to_none=True)
         return {"notes": p.notes}
     if cfg.method == "nm":
         masks = unstructured.nm_masks(model, cfg.n, cfg.m, cfg.ignore)

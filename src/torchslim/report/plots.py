@@ -45,13 +45,14 @@ def training_curves(name: str, history: list[dict]) -> bytes:
 def tradeoff(stages: list[dict], x_key: str, x_label: str, metric: str = "accuracy") -> bytes:
     """One point per stage: a cost (size or latency) against the task metric."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    xs, ys, labels = [], [], {}
-    for i, stage in enumerate(stages):
-        m = stage["metrics"]
-        xs.append(m["latency_ms"]["p50"] if x_key == "latency" else m["size_bytes"] / 1e6)
-        ys.append(m.get(metric, 0.0))
-        # stages that land on the same spot share one label
-        key = (round(xs[-1], 3 if x_key == "size" else 1), round(ys[-1], 4))
+    xs = [s["metrics"]["latency_ms"]["p50"] if x_key == "latency" else s["metrics"]["size_bytes"] / 1e6
+          for s in stages]
+    ys = [s["metrics"].get(metric, 0.0) for s in stages]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    labels: dict[tuple, list[str]] = {}
+    for i, (stage, x, y) in enumerate(zip(stages, xs, ys)):
+        # stages within 3% of the axis span of each other share one label
+        key = next((k for k in labels if abs(k[0] - x) < 0.03 * span_x and abs(k[1] - y) < 0.03 * span_y), (x, y))
         labels.setdefault(key, []).append(f"{i}:{stage['name']}")
     for (x, y), names in labels.items():
         ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
