@@ -110,6 +110,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
     entries: list[dict] = list(state["stages"]) if state else []
     if entries:
         load_weights(model, run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
+        lowered = [e for e in entries if "quantization" in e]
+        if lowered:  # later stages carry the lowered artifact, as in the uninterrupted run
+            ctx.artifact_onnx = run_dir / entries[-1]["artifact"]
         console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
     env, ref = environment(recipe.measure.threads), _reference_index(recipe)
     plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]

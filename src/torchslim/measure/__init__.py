@@ -25,6 +25,26 @@ def model_size_bytes(model: nn.Module, path: Path) -> int:
     return save_weights(model, Path(path)).stat().st_size
 
 
+def lowered_agreement(model: nn.Module, session, path: Path, inputs: torch.Tensor) -> dict:
+    """How a lowered artifact relates to (a) its own QDQ graph simulated in float (ONNX Runtime with
+    graph optimisations off, i.e. the fake-quant model) and (b) the float PyTorch model."""
+    import onnxruntime as ort
+
+    from torchslim.quantize.observers import sqnr_db
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    simulated = onnx_outputs(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]),
+                             inputs.numpy())
+    lowered = onnx_outputs(session, inputs.numpy())
+    with torch.inference_mode():
+        reference = model.eval()(inputs).float().numpy()
+    return {"fake_quant_max_abs_diff": float(np.abs(lowered - simulated).max()),
+            "fake_quant_sqnr_db": sqnr_db(simulated, lowered),
+            "float_sqnr_db": sqnr_db(reference, lowered),
+            "float_top1_agreement": float((lowered.argmax(1) == reference.argmax(1)).mean())}
+
+
 def _pytorch_outputs(model: nn.Module, x: torch.Tensor, batch_size: int, threads: int) -> np.ndarray:
     model.eval()
     with torch_threads(threads), torch.inference_mode():
@@ -53,12 +73,16 @@ def measure(model: nn.Module, ctx: RunContext, out_dir: Path, onnx_path: Path | 
     if cfg.flops:
         metrics["flops"] = count_flops(model, one)
     batch = ctx.real_batch(cfg.batch_size)
-    latency = {"pytorch": pytorch_latency(model, batch, cfg.threads, cfg.warmup, cfg.repeats)}
+    quantized = ctx.artifact_onnx is not None  # the float module is no longer what is served
+    latency = {} if quantized else {"pytorch": pytorch_latency(model, batch, cfg.threads, cfg.warmup, cfg.repeats)}
     session = None
     try:
-        onnx_path = onnx_path or export_onnx(model, out_dir / "model.onnx", ctx.data.input)
+        onnx_path = onnx_path or ctx.artifact_onnx or export_onnx(model, out_dir / "model.onnx", ctx.data.input)
         session = ort_session(onnx_path, cfg.threads)
-        metrics["onnx_max_abs_diff"] = verify_onnx(model, session, test_x[:cfg.verify_samples], cfg.tolerance)
+        if quantized:
+            metrics.update(lowered_agreement(model, session, onnx_path, test_x[:cfg.verify_samples]))
+        else:
+            metrics["onnx_max_abs_diff"] = verify_onnx(model, session, test_x[:cfg.verify_samples], cfg.tolerance)
         metrics["onnx_bytes"] = onnx_path.stat().st_size
         latency["onnxruntime"] = onnxruntime_latency(onnx_path, batch.numpy(), cfg.threads, cfg.warmup,
                                                      cfg.repeats, session)
@@ -72,6 +96,8 @@ def measure(model: nn.Module, ctx: RunContext, out_dir: Path, onnx_path: Path | 
         artifact = weights
     metrics.update(TASKS[ctx.recipe.task](outputs, test_y.numpy()))
     metrics["size_bytes"] = artifact.stat().st_size
+    if quantized:
+        metrics["storage_bytes"] = min(metrics["storage_bytes"], metrics["size_bytes"])
     metrics["latency_ms"] = latency[cfg.runtime]
     metrics["latency"] = latency
     if cfg.memory:

@@ -30,6 +30,9 @@ def render_html(report: dict) -> str:
             figures.append((f"Training curves — {label}", _b64(plots.training_curves(stage["name"], stage["history"]))))
         if stage.get("layers"):
             figures.append((f"Per-layer sparsity — {label}", _b64(plots.layer_sparsity_bars(label, stage["layers"]))))
+        if stage.get("quantization", {}).get("sensitivity"):
+            figures.append((f"Quantization sensitivity — {label}",
+                            _b64(plots.sensitivity_bars(label, stage["quantization"]["sensitivity"]))))
         if stage.get("steps") and len(stage["steps"]) > 1:
             figures.append((f"Sparsity over pruning steps — {label}",
                             _b64(plots.sparsity_over_steps(label, stage["steps"]))))

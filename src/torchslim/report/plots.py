@@ -105,3 +105,18 @@ def sparsity_over_steps(name: str, steps: list[dict]) -> bytes:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def sensitivity_bars(name: str, rows: list[dict]) -> bytes:
+    """Validation accuracy drop (points) when only that layer is quantized."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.6))
+    values = [100 * r["drop"] for r in rows]
+    bars = ax.bar(range(len(rows)), values, color="tab:orange")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, max(v, 0)), ha="center", va="bottom",
+                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy drop (points)")
+    ax.set_title(f"{name}: per-layer quantization sensitivity")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)

@@ -2,4 +2,5 @@
 the whole discovery mechanism (no scanning)."""
 
 from torchslim.prune import stage as prune  # noqa: F401
+from torchslim.quantize import stage as quantize  # noqa: F401
 from torchslim.stages import export, train  # noqa: F401

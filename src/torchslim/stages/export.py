@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +26,11 @@ def export(model, cfg: ExportConfig, ctx: RunContext):
     """Export the current model (ONNX with a dynamic batch axis, and/or safetensors weights)."""
     written = []
     if cfg.format in ("onnx", "all"):
-        path = export_onnx(model, ctx.stage_dir / "model.onnx", ctx.data.input, cfg.exporter, cfg.opset)
+        if ctx.artifact_onnx is not None:  # a quantized artifact is the deliverable, not a float re-export
+            path = Path(shutil.copyfile(ctx.artifact_onnx, ctx.stage_dir / "model.onnx"))
+            ctx.artifact_onnx = path
+        else:
+            path = export_onnx(model, ctx.stage_dir / "model.onnx", ctx.data.input, cfg.exporter, cfg.opset)
         ctx.onnx_path = path  # measured and verified by the pipeline's one measure call
         written.append(path.name)
     # safetensors weights are written by every measurement; the export stage lists them as a deliverable

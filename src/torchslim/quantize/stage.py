@@ -1,0 +1,125 @@
+"""The `quantize` recipe stage: static int8 PTQ, dynamic int8, weight-only int4/int8, fp16 — each
+lowered to an ONNX Runtime artifact — with per-layer sensitivity and accuracy-driven fallback."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from torchslim.context import RunContext
+from torchslim.errors import TorchslimError
+from torchslim.export.onnx import export_onnx, onnx_outputs
+from torchslim.measure.latency import ort_session
+from torchslim.quantize import lower
+from torchslim.registry import register_stage
+from torchslim.train import console
+
+
+class QuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["static", "dynamic", "weight_only", "fp16"] = "static"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
+    calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration")
+    calibration_batch_size: int = Field(64, ge=1, le=4096)
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    activation_type: Literal["int8", "uint8"] = Field("int8", description="int8 (S8S8) is ORT's CPU default")
+    reduce_range: bool = Field(False, description="7-bit activations, for AVX2 CPUs without VNNI and uint8")
+    weight_bits: int = Field(8, ge=2, le=8, description="static: weights clipped to this many bits (int8 kernels)")
+    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight")
+    group_size: int = Field(32, ge=16, description="weight_only: weights sharing one scale (power of two)")
+    exclude: list[str] = Field(default_factory=list, description="module paths or ONNX node names kept in float")
+    max_accuracy_drop: Optional[float] = Field(None, gt=0, lt=1, description="keep the most sensitive layers "
+                                               "in float until the validation accuracy drop is within this")
+    sensitivity: bool = Field(False, description="measure per-layer sensitivity even without a budget")
+    sensitivity_samples: int = Field(2000, ge=100, description="validation examples for sensitivity and fallback")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.max_accuracy_drop is not None and self.method != "static":
+            raise ValueError("max_accuracy_drop works with method 'static'")
+        return self
+
+
+def _val_accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    return float((onnx_outputs(ort_session(path, threads), x).argmax(1) == y).mean())
+
+
+def _calibration(ctx: RunContext, cfg: QuantizeConfig):
+    gen = torch.Generator().manual_seed(ctx.recipe.seed)
+    n = min(len(ctx.data.train), cfg.calibration_batches * cfg.calibration_batch_size)
+    idx = torch.randperm(len(ctx.data.train), generator=gen)[:n].tolist()
+    x = torch.stack([ctx.data.train[i][0] for i in idx]).numpy()
+    return [x[i:i + cfg.calibration_batch_size] for i in range(0, n, cfg.calibration_batch_size)]
+
+
+def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
+    return [name for name, _, module in nodes if name in exclude or module in exclude]
+
+
+def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -> dict:
+    ranges = lower.calibrate(float_onnx, _calibration(ctx, cfg), cfg.observer)
+    nodes = lower.quantizable_nodes(float_onnx)
+    common = dict(ranges=ranges, per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric_activations,
+                  reduce_range=cfg.reduce_range, activation_type=cfg.activation_type, weight_bits=cfg.weight_bits)
+    excluded = _excluded_nodes(nodes, cfg.exclude)
+    info: dict = {"observer": cfg.observer, "quantizable_layers": [m for _, _, m in nodes]}
+    if cfg.max_accuracy_drop is None and not cfg.sensitivity:
+        lower.static_int8(float_onnx, out, nodes_to_exclude=excluded, **common)
+        return {**info, "float_layers": [m for n, _, m in nodes if n in excluded]}
+    val = [ctx.data.val[i] for i in range(min(len(ctx.data.val), cfg.sensitivity_samples))]
+    x, y = torch.stack([v[0] for v in val]).numpy(), np.array([int(v[1]) for v in val])
+    threads = ctx.recipe.measure.threads
+    base = _val_accuracy(float_onnx, x, y, threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "trial.onnx"
+        table = []
+        for name, op, module in nodes:  # quantize one layer at a time
+            lower.static_int8(float_onnx, trial, nodes_to_quantize=[name], **common)
+            table.append({"layer": module, "node": name, "op": op, "drop": base - _val_accuracy(trial, x, y, threads)})
+        info["sensitivity"] = sorted(table, key=lambda r: -r["drop"])
+        order = [r["node"] for r in info["sensitivity"] if r["node"] not in excluded]
+        while True:
+            lower.static_int8(float_onnx, out, nodes_to_exclude=excluded, **common)
+            drop = base - _val_accuracy(out, x, y, threads)
+            console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers int8, validation drop "
+                        f"{100 * drop:.2f} pt")
+            if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop or not order:
+                break
+            excluded.append(order.pop(0))  # the most sensitive layer left goes back to float
+    info.update(val_float_accuracy=base, val_drop=drop, budget=cfg.max_accuracy_drop,
+                float_layers=[m for n, _, m in nodes if n in excluded], budget_met=(
+                    cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop))
+    return info
+
+
+@register_stage("quantize", QuantizeConfig, compresses=True)
+def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
+    """Quantize the current model and lower it to an ONNX Runtime artifact on int8 (or fp16) kernels."""
+    if ctx.recipe.measure.runtime != "onnxruntime":
+        raise TorchslimError("the quantize stage delivers an ONNX Runtime artifact; set measure.runtime: onnxruntime.")
+    if ctx.artifact_onnx is not None:
+        raise TorchslimError("the model is already quantized by an earlier stage; quantize once, last.")
+    float_onnx = export_onnx(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.data.input)
+    out = ctx.stage_dir / "model.onnx"
+    info: dict = {"method": cfg.method}
+    if cfg.method == "static":
+        info.update(_static(float_onnx, out, cfg, ctx))
+    elif cfg.method == "dynamic":
+        lower.dynamic_int8(float_onnx, out, cfg.per_channel)
+    elif cfg.method == "weight_only":
+        lower.weight_only(float_onnx, out, cfg.bits, cfg.group_size)
+    else:
+        lower.half(float_onnx, out)
+    ctx.onnx_path = ctx.artifact_onnx = out
+    ctx.stage_info["quantization"] = info
+    if info.get("float_layers"):
+        console.log(f"quantize: kept in float: {', '.join(info['float_layers'])}")
+    return model
