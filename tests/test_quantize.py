@@ -144,3 +144,38 @@ def test_narrow_weights_stay_consistent_with_int8_kernels(trained, small_data, t
     assert int8 and all(np.abs(w).max() <= 7 for w in int8)
     agree = lowered_agreement(model, ort_session(out), out, small_data.test.tensors[0][:256])
     assert agree["fake_quant_sqnr_db"] > 30  # the fused kernels compute what the QDQ graph says
+
+
+def test_qat_bakes_weights_on_the_grid_and_learns(small_data):
+    from torchslim.models import cnn_student
+    from torchslim.quantize.qat import prepare_qat
+    torch.manual_seed(0)
+    model = cnn_student()
+    handle = prepare_qat(model, weight_bits=4, learnable_scales=True)
+    assert any("scale" in n for n, _ in model.named_parameters())  # LSQ scales are trained
+    result = fit(model, small_data.train, TrainConfig(epochs=2, lr=2e-3), loss_fn=cross_entropy_loss(),
+                 batch_size=64, epoch_setup=lambda m, e: handle.freeze_observers() if e >= 1 else None)
+    assert result.history[1]["loss"] < result.history[0]["loss"]
+    frozen = {n: float(o.hi) for n, o in model.torchslim_qat.items()}
+    ranges = handle.finish()
+    assert not hasattr(model, "torchslim_qat") and set(model.state_dict()) == set(cnn_student().state_dict())
+    assert all(hi > lo for lo, hi in ranges.values()) and len(frozen) == 7
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            for row in m.weight.detach().flatten(1):
+                assert len(torch.unique(row)) <= 15  # 4-bit symmetric grid: -7..7 times one scale
+
+
+def test_qat_stage_lowers_to_int8_kernels(tmp_path, tiny_recipe):
+    tiny_recipe["model"] = {"builtin": "cnn_student"}
+    tiny_recipe["data"].update(train_subset=1024, eval_subset=300)
+    tiny_recipe["stages"] = [
+        {"train": {"epochs": 2, "lr": 0.003}},
+        {"quantize": {"method": "qat", "weight_bits": 4, "calibration_batches": 2,
+                      "finetune": {"epochs": 1, "lr": 0.001}, "freeze_observers_epoch": 1}}]
+    report = run(parse_recipe(tiny_recipe), tmp_path)
+    q = report["stages"][2]
+    assert q["quantization"]["method"] == "qat" and len(q["quantization"]["qat"]["layers"]) == 7
+    assert q["metrics"]["fake_quant_sqnr_db"] > 30
+    assert q["metrics"]["accuracy"] >= report["stages"][1]["metrics"]["accuracy"] - 0.1
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(tmp_path / q["artifact"])

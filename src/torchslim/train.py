@@ -170,9 +170,10 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
         batch_size: int, validate: Callable[[nn.Module], float] | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, seed: int = 0,
         device: torch.device | str = "cpu", on_epoch_end: Callable[[int, dict], None] | None = None,
-        description: str = "train") -> TrainResult:
+        epoch_setup: Callable[[nn.Module, int], None] | None = None, description: str = "train") -> TrainResult:
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
-    `resume=True` continues from it, giving the same weights as an uninterrupted run."""
+    `resume=True` continues from it, giving the same weights as an uninterrupted run. `epoch_setup(model,
+    epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm)."""
     device = torch.device(device)
     cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})
     model.to(device)
@@ -201,6 +202,9 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             loader = epoch_loader(train_set, batch_size, seed, epoch)
             task = progress.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(loader))
             lr = opt.param_groups[0]["lr"]
+            model.train()
+            if epoch_setup is not None:
+                epoch_setup(model, epoch)
             parts = _train_epoch(model, loader, opt, sched, scaler, cfg, loss_fn, device, lambda: progress.advance(task))
             record = {"epoch": epoch + 1, "lr": lr, **parts}
             if validate is not None:
@@ -236,7 +240,6 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
 
 
 def _train_epoch(model, loader, opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device, advance) -> dict:
-    model.train()
     sums: dict[str, float] = {}
     steps = 0
     opt.zero_grad(set_to_none=True)

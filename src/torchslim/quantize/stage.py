@@ -4,6 +4,7 @@ lowered to an ONNX Runtime artifact — with per-layer sensitivity and accuracy-
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,13 +17,14 @@ from torchslim.errors import TorchslimError
 from torchslim.export.onnx import export_onnx, onnx_outputs
 from torchslim.measure.latency import ort_session
 from torchslim.quantize import lower
+from torchslim.quantize.qat import prepare_qat
 from torchslim.registry import register_stage
-from torchslim.train import console
+from torchslim.train import TrainConfig, console, cross_entropy_loss, evaluate_accuracy, fit
 
 
 class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["static", "dynamic", "weight_only", "fp16"] = "static"
+    method: Literal["static", "qat", "dynamic", "weight_only", "fp16"] = "static"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration")
     calibration_batch_size: int = Field(64, ge=1, le=4096)
@@ -38,13 +40,20 @@ class QuantizeConfig(BaseModel):
                                                "in float until the validation accuracy drop is within this")
     sensitivity: bool = Field(False, description="measure per-layer sensitivity even without a budget")
     sensitivity_samples: int = Field(2000, ge=100, description="validation examples for sensitivity and fallback")
+    finetune: Optional[TrainConfig] = Field(None, description="qat: the training run with fake quantization")
+    activation_bits: int = Field(8, ge=2, le=8, description="qat: activations fake-quantized to this many bits")
+    learnable_scales: bool = Field(False, description="qat: learn the weight scales (LSQ)")
+    freeze_observers_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating ranges after it")
+    freeze_bn_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating batch-norm statistics after it")
 
     @model_validator(mode="after")
     def _checks(self):
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
-        if self.max_accuracy_drop is not None and self.method != "static":
-            raise ValueError("max_accuracy_drop works with method 'static'")
+        if self.max_accuracy_drop is not None and self.method not in ("static", "qat"):
+            raise ValueError("max_accuracy_drop works with methods 'static' and 'qat'")
+        if self.method == "qat" and self.finetune is None:
+            raise ValueError("method 'qat' needs 'finetune' (the training settings, e.g. {epochs: 2, lr: 0.0005})")
         return self
 
 
@@ -100,6 +109,29 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -
     return info
 
 
+def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
+    """Train with fake quantization through the one training loop, then bake the quantized weights."""
+    handle = prepare_qat(model, cfg.weight_bits, cfg.activation_bits, cfg.per_channel, cfg.learnable_scales,
+                         tuple(cfg.exclude))
+
+    def setup(m, epoch: int) -> None:  # epoch counts from 0; the options count finished epochs
+        if cfg.freeze_observers_epoch is not None and epoch >= cfg.freeze_observers_epoch:
+            handle.freeze_observers()
+        if cfg.freeze_bn_epoch is not None and epoch >= cfg.freeze_bn_epoch:
+            handle.freeze_batch_norm()
+    tune = cfg.finetune
+    result = fit(model, ctx.data.train, tune, loss_fn=cross_entropy_loss(tune.label_smoothing),
+                 batch_size=tune.batch_size or ctx.recipe.data.batch_size,
+                 validate=partial(evaluate_accuracy, dataset=ctx.data.val, batch_size=ctx.recipe.data.eval_batch_size,
+                                  device=ctx.device),
+                 checkpoint_dir=ctx.stage_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed,
+                 device=ctx.device, on_epoch_end=ctx.on_epoch_end, epoch_setup=setup, description="qat")
+    model.cpu()
+    ranges = handle.finish()
+    ctx.stage_info["history"] = result.history
+    return {"layers": handle.layers, "activation_ranges": ranges, "best_val_metric": result.best_metric}
+
+
 @register_stage("quantize", QuantizeConfig, compresses=True)
 def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
     """Quantize the current model and lower it to an ONNX Runtime artifact on int8 (or fp16) kernels."""
@@ -107,10 +139,12 @@ def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
         raise TorchslimError("the quantize stage delivers an ONNX Runtime artifact; set measure.runtime: onnxruntime.")
     if ctx.artifact_onnx is not None:
         raise TorchslimError("the model is already quantized by an earlier stage; quantize once, last.")
+    info: dict = {"method": cfg.method}
+    if cfg.method == "qat":
+        info["qat"] = _qat(model, cfg, ctx)
     float_onnx = export_onnx(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.data.input)
     out = ctx.stage_dir / "model.onnx"
-    info: dict = {"method": cfg.method}
-    if cfg.method == "static":
+    if cfg.method in ("static", "qat"):
         info.update(_static(float_onnx, out, cfg, ctx))
     elif cfg.method == "dynamic":
         lower.dynamic_int8(float_onnx, out, cfg.per_channel)

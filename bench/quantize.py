@@ -1,0 +1,117 @@
+"""torchslim quantization vs torch.ao and ONNX Runtime's own quantizers, side by side in one run.
+
+    .venv/bin/python bench/quantize.py --model cnn_teacher --weights runs/default/stages/02-export/model.safetensors
+    .venv/bin/python bench/quantize.py --model mlp_teacher            # trains the MLP here (about 1 minute)
+
+Same trained model, same real calibration batches (training split), same test set (all 10,000
+images), same thread count. Each row is one artifact: accuracy from its own runtime, bytes on disk,
+latency p50/p95 at the given batch size, and the speedup over the float artifact of the same runtime."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchslim.data import fashion_mnist
+from torchslim.export import export_onnx, onnx_outputs
+from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency, torch_threads
+from torchslim.models import MODELS, load_weights, save_weights
+from torchslim.quantize import lower
+from torchslim.train import TrainConfig, cross_entropy_loss, fit
+
+
+class Reader:
+    """ONNX Runtime's calibration interface over our real batches."""
+
+    def __init__(self, batches, name="input"):
+        self.items = iter([{name: b} for b in batches])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def ort_row(path: Path, x, y, args) -> dict:
+    session = ort_session(path, args.threads)
+    acc = float((onnx_outputs(session, x.numpy()).argmax(1) == y.numpy()).mean())
+    lat = onnxruntime_latency(path, x[:args.batch_size].numpy(), args.threads, 10, args.repeats, session)
+    return {"runtime": "onnxruntime", "accuracy": acc, "bytes": path.stat().st_size, **lat}
+
+
+def torch_row(model, x, y, args, path: Path) -> dict:
+    with torch_threads(args.threads), torch.inference_mode():
+        acc = float((torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]).argmax(1) == y).float().mean())
+    torch.save(model.state_dict(), path)  # torch.ao quantized modules pack their weights into the state dict
+    lat = pytorch_latency(model, x[:args.batch_size], args.threads, 10, args.repeats)
+    return {"runtime": "pytorch", "accuracy": acc, "bytes": path.stat().st_size, **lat}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn_teacher", choices=sorted(MODELS))
+    parser.add_argument("--weights", type=Path, help="trained weights (safetensors); trained here if absent")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs when no weights are given")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--calibration", type=int, default=512, help="real training images for calibration")
+    args = parser.parse_args()
+    data = fashion_mnist.load()
+    model = MODELS[args.model]()
+    if args.weights:
+        load_weights(model, args.weights)
+    else:
+        torch.manual_seed(0)
+        fit(model, data.train, TrainConfig(epochs=args.epochs, lr=2e-3, precision="auto"),
+            loss_fn=cross_entropy_loss(), batch_size=128, seed=0)
+    model.eval()
+    x, y = data.test.tensors
+    calib = data.train.tensors[0][:args.calibration].numpy()
+    batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        f32 = export_onnx(model, t / "float.onnx", data.input)
+        rows["float PyTorch"] = torch_row(model, x, y, args, t / "float.pt")
+        rows["float ONNX Runtime"] = ort_row(f32, x, y, args)
+        qd = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        rows["torch.ao quantize_dynamic"] = torch_row(qd, x, y, args, t / "ao.pt")
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+        with lower.quiet():
+            mm = t / "mm.onnx"
+            import onnx
+            onnx.save(lower.gemm_to_matmul(onnx.load(str(f32))), str(mm))
+            quantize_dynamic(str(mm), str(t / "ort_dyn.onnx"), weight_type=QuantType.QInt8)
+            pre = lower.preprocess(f32, t / "pre.onnx")
+            start = time.perf_counter()
+            quantize_static(str(pre), str(t / "ort_static.onnx"), Reader(batches), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        rows["ORT quantize_dynamic"] = ort_row(t / "ort_dyn.onnx", x, y, args)
+        rows["ORT quantize_static (QDQ, per-channel)"] = ort_row(t / "ort_static.onnx", x, y, args)
+        for observer in ("minmax", "percentile", "mse"):
+            out = lower.static_int8(f32, t / f"ts_{observer}.onnx", batches, observer=observer)
+            rows[f"torchslim static int8 ({observer})"] = ort_row(out, x, y, args)
+        rows["torchslim dynamic int8"] = ort_row(lower.dynamic_int8(f32, t / "ts_dyn.onnx"), x, y, args)
+        for bits in (8, 4):
+            out = lower.weight_only(f32, t / f"ts_w{bits}.onnx", bits=bits, group_size=32)
+            rows[f"torchslim weight-only int{bits} (group 32)"] = ort_row(out, x, y, args)
+        rows["torchslim fp16"] = ort_row(lower.half(f32, t / "fp16.onnx"), x, y, args)
+    base = {"pytorch": rows["float PyTorch"], "onnxruntime": rows["float ONNX Runtime"]}
+    print(f"\n{args.model}: test set {len(y)} images, batch {args.batch_size}, {args.threads} threads, "
+          f"{args.repeats} timed runs; speedup and size are against the float artifact of the same runtime")
+    print(f"{'artifact':<42} {'runtime':<12} {'accuracy':>8} {'Δ pt':>6} {'bytes':>10} {'size':>6} "
+          f"{'p50 ms':>7} {'p95 ms':>7} {'speedup':>7}")
+    for name, r in rows.items():
+        b = base[r["runtime"]]
+        print(f"{name:<42} {r['runtime']:<12} {r['accuracy']:>8.4f} {100 * (r['accuracy'] - b['accuracy']):>+6.2f} "
+              f"{r['bytes']:>10,} {100 * r['bytes'] / b['bytes']:>5.1f}% {r['p50']:>7.3f} {r['p95']:>7.3f} "
+              f"{b['p50'] / r['p50']:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
