@@ -58,10 +58,18 @@ def main() -> None:
             loss_fn=cross_entropy_loss(), batch_size=128, validate=validate, seed=1,
             epoch_setup=lambda m, e: handle.freeze_observers() if e >= args.qat_epochs - 1 else None)
         handle.finish()
+        # control: the float model trained for the same extra epochs, so QAT's gain is not just more training
+        more = copy.deepcopy(model)
+        fit(more, data.train, TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, precision="fp32"),
+            loss_fn=cross_entropy_loss(), batch_size=128, validate=validate, seed=1)
+        more_f32 = export_onnx(more.eval(), t / "more.onnx", data.input)
         q_f32 = export_onnx(qat_model.eval(), t / "qat_float.onnx", data.input)
         qat = lower.static_int8(q_f32, t / "qat.onnx", batches, weight_bits=args.weight_bits)
         rows = {"float": accuracy(f32), "PTQ int8": accuracy(ptq8), f"PTQ w{args.weight_bits}a8": accuracy(ptq),
-                f"QAT w{args.weight_bits}a8 ({args.qat_epochs} epochs)": accuracy(qat)}
+                f"QAT w{args.weight_bits}a8 ({args.qat_epochs} epochs)": accuracy(qat),
+                f"float + {args.qat_epochs} more epochs": accuracy(more_f32),
+                f"PTQ w{args.weight_bits}a8 of that": accuracy(lower.static_int8(more_f32, t / "ptq_more.onnx", batches,
+                                                                             weight_bits=args.weight_bits))}
     print(f"\n{args.model}, test set {len(y)} images, ONNX Runtime int8 kernels")
     for name, acc in rows.items():
         print(f"{name:<28} accuracy {acc:.4f}  Δ vs float {100 * (acc - rows['float']):+.2f} pt")

@@ -215,7 +215,7 @@ def dynamic_int8(src: Path, dst: Path, per_channel: bool = True) -> Path:
         onnx.save(gemm_to_matmul(onnx.load(str(src))), str(mm))
         with quiet():
             quantize_dynamic(str(mm), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul", "LSTM"])
     return dst
 
 
