@@ -105,15 +105,17 @@ def test_dynamic_weight_only_and_fp16(trained, small_data, tmp_path):
     assert np.abs(onnx_outputs(ort_session(h), x) - onnx_outputs(ort_session(path), x)).max() < 2e-2
 
 
-def test_quantize_stage_with_fallback_and_resume(tmp_path, tiny_recipe):
+def _student_recipe(tiny_recipe, *stages):
     tiny_recipe["model"] = {"builtin": "cnn_student"}
     tiny_recipe["data"].update(train_subset=1024, eval_subset=300)
-    tiny_recipe["stages"] = [
-        {"train": {"epochs": 2, "lr": 0.003}},
-        {"quantize": {"method": "static", "weight_bits": 2, "max_accuracy_drop": 0.005,
-                      "calibration_batches": 2, "sensitivity_samples": 300}},
-        {"export": {"format": "all"}}]
-    recipe = parse_recipe(tiny_recipe)
+    tiny_recipe["stages"] = [{"train": {"epochs": 2, "lr": 0.003}}, *stages]
+    return parse_recipe(tiny_recipe)
+
+
+def test_quantize_stage_with_fallback_and_resume(tmp_path, tiny_recipe):
+    recipe = _student_recipe(tiny_recipe, {"quantize": {"method": "static", "weight_bits": 2, "max_accuracy_drop": 0.005,
+                                                        "calibration_batches": 2, "sensitivity_samples": 300}},
+                             {"export": {"format": "all"}})
     report = run(recipe, tmp_path / "a")
     q = report["stages"][2]
     info = q["quantization"]
@@ -167,13 +169,10 @@ def test_qat_bakes_weights_on_the_grid_and_learns(small_data):
 
 
 def test_qat_stage_lowers_to_int8_kernels(tmp_path, tiny_recipe):
-    tiny_recipe["model"] = {"builtin": "cnn_student"}
-    tiny_recipe["data"].update(train_subset=1024, eval_subset=300)
-    tiny_recipe["stages"] = [
-        {"train": {"epochs": 2, "lr": 0.003}},
-        {"quantize": {"method": "qat", "weight_bits": 4, "calibration_batches": 2,
-                      "finetune": {"epochs": 1, "lr": 0.001}, "freeze_observers_epoch": 1}}]
-    report = run(parse_recipe(tiny_recipe), tmp_path)
+    recipe = _student_recipe(tiny_recipe, {"quantize": {
+        "method": "qat", "weight_bits": 4, "calibration_batches": 2, "finetune": {"epochs": 1, "lr": 0.001},
+        "freeze_observers_epoch": 1}})
+    report = run(recipe, tmp_path)
     q = report["stages"][2]
     assert q["quantization"]["method"] == "qat" and len(q["quantization"]["qat"]["layers"]) == 7
     assert q["metrics"]["fake_quant_sqnr_db"] > 30
