@@ -22,6 +22,7 @@ class RunContext:
     stage_dir: Path | None = None  # set by the pipeline before each stage
     stage_info: dict = field(default_factory=dict)  # extra fields a stage adds to its report entry
     onnx_path: Path | None = None  # an ONNX file the stage already wrote, reused by `measure`
+    architecture: dict = field(default_factory=dict)  # how to rebuild the current model: {"model": spec, "ops": [...]}
     artifact_onnx: Path | None = None  # a lowered (quantized) artifact that replaces the float export from now on
     on_epoch_end: Callable[[int, dict], None] | None = None  # hook for callers (progress, tests)
     _test: tuple | None = None

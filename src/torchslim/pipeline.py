@@ -80,6 +80,16 @@ def _check_shapes(model: torch.nn.Module, ctx: RunContext) -> None:
                         f"a classifier must return [batch, {classes}].")
 
 
+def build_architecture(arch: dict, num_classes: int | None, search_dir: Path | None) -> torch.nn.Module:
+    """A model from an architecture record: a model spec plus structural operations (kept blocks)."""
+    from torchslim.distill.students import apply_keep_blocks
+    from torchslim.recipe import ModelSpec
+    model = build_model(ModelSpec(**arch["model"]), num_classes, search_dir)
+    for op in arch.get("ops", []):
+        model = apply_keep_blocks(model, op["keep_blocks"], op["indices"])
+    return model
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,12 +113,17 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
     state = prepare_run_dir(run_dir, recipe, resume, overwrite)
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, search_dir)
+    architecture = {"model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}), "ops": []}
     model = build_model(recipe.model, data.num_classes, search_dir)
     ctx = RunContext(recipe, data, run_dir, device=_device(recipe.device), resume=resume, search_dir=search_dir,
-                     on_epoch_end=on_epoch_end)
+                     on_epoch_end=on_epoch_end, architecture=architecture)
     _check_shapes(model, ctx)
     entries: list[dict] = list(state["stages"]) if state else []
     if entries:
+        changed = [e["architecture"] for e in entries if "architecture" in e]
+        if changed:  # a stage replaced the model (a student): rebuild that architecture
+            ctx.architecture = changed[-1]
+            model = build_architecture(changed[-1], data.num_classes, search_dir)
         load_weights(model, run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
         lowered = [e for e in entries if "quantization" in e]
         if lowered:  # later stages carry the lowered artifact, as in the uninterrupted run

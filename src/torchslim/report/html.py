@@ -26,7 +26,10 @@ def render_html(report: dict) -> str:
                         _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)"))))
     for i, stage in enumerate(stages):
         label = f"stage {i} ({stage['name']})"
-        if stage.get("history"):
+        if stage.get("history") and stage.get("comparison"):
+            figures.append((f"Distillation — {label}", _b64(plots.distillation_curves(
+                stage["name"], stage["history"], stage.get("weights", {})))))
+        elif stage.get("history"):
             figures.append((f"Training curves — {label}", _b64(plots.training_curves(stage["name"], stage["history"]))))
         if stage.get("layers"):
             figures.append((f"Per-layer sparsity — {label}", _b64(plots.layer_sparsity_bars(label, stage["layers"]))))

@@ -120,3 +120,34 @@ def sensitivity_bars(name: str, rows: list[dict]) -> bytes:
     ax.set_title(f"{name}: per-layer quantization sensitivity")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def distillation_curves(name: str, history: list[dict], weights: dict[str, float]) -> bytes:
+    """The four distillation plots: total loss; hard vs soft loss; validation accuracy; the share of
+    each weighted loss part in the total."""
+    epochs = [h["epoch"] for h in history]
+    parts = [k[len("loss_"):] for k in history[0] if k.startswith("loss_")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    axes[0].plot(epochs, [h["loss"] for h in history], marker="o")
+    axes[0].set_title(f"{name}: total loss")
+    for key in ("hard", "soft"):
+        if f"loss_{key}" in history[0]:
+            axes[1].plot(epochs, [h[f"loss_{key}"] for h in history], marker="o", label=key)
+    axes[1].set_title("hard vs soft loss")
+    axes[1].legend()
+    if "val_metric" in history[0]:
+        axes[2].plot(epochs, [h["val_metric"] for h in history], marker="o", color="tab:green")
+    axes[2].set_title("validation accuracy")
+    weighted = {p: [weights.get(p, 1.0) * h[f"loss_{p}"] for h in history] for p in parts}
+    totals = [sum(v[i] for v in weighted.values()) or 1.0 for i in range(len(epochs))]
+    axes[3].stackplot(epochs, *[[v / t for v, t in zip(vals, totals)] for vals in weighted.values()],
+                      labels=list(weighted))
+    axes[3].set_title("share of each loss part")
+    axes[3].set_ylim(0, 1)
+    axes[3].legend(fontsize=7, loc="lower right")
+    for ax in axes:
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return _png(fig)

@@ -1,6 +1,7 @@
 """Built-in stages. Each module registers its handler with `@register_stage`; importing them here is
 the whole discovery mechanism (no scanning)."""
 
+from torchslim.distill import stage as distill  # noqa: F401
 from torchslim.prune import stage as prune  # noqa: F401
 from torchslim.quantize import stage as quantize  # noqa: F401
 from torchslim.stages import export, train  # noqa: F401

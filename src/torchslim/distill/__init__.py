@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, hooks by module path, the distiller, students, the `distill` stage."""

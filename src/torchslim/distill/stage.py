@@ -1,0 +1,123 @@
+"""The `distill` recipe stage: the current model (or a given one) teaches a student, which becomes
+the current model. Runs on the one training loop with the distiller's loss."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from torchslim.context import RunContext
+from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
+from torchslim.distill.students import derive_depth, derive_width
+from torchslim.models.io import build_model
+from torchslim.recipe import ModelSpec
+from torchslim.registry import register_stage
+from torchslim.train import TrainConfig, console, evaluate_accuracy, fit
+
+
+class StudentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    builtin: Optional[str] = None
+    entrypoint: Optional[str] = None
+    kwargs: dict = Field(default_factory=dict)
+    derive: Optional[Literal["width", "depth"]] = Field(None, description="derive the student from the teacher")
+    ratio: float = Field(0.5, gt=0, lt=1, description="derive width: share of channels removed")
+    importance: Literal["l1", "l2", "bn_scale", "random"] = "l1"
+    blocks: Optional[str] = Field(None, description="derive depth: module path of the Sequential/ModuleList")
+    keep_every: int = Field(2, ge=2, description="derive depth: keep every k-th block (and the last)")
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [x for x in (self.builtin, self.entrypoint, self.derive) if x is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'builtin', 'entrypoint' or 'derive'")
+        if self.derive == "depth" and not self.blocks:
+            raise ValueError("derive 'depth' needs 'blocks' (the module path of the encoder's block list)")
+        if self.builtin is not None:
+            ModelSpec(builtin=self.builtin)  # same check and message as the recipe's model
+        return self
+
+
+class Feature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student: str
+    teacher: str
+    kind: Literal["hint", "attention", "attention_probs"] = "hint"
+    weight: float = Field(1.0, ge=0)
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student: StudentSpec
+    teacher: Optional[ModelSpec] = Field(None, description="default: the current model of the recipe")
+    temperature: float = Field(4.0, gt=0, le=100)
+    soft_weight: float = Field(0.7, ge=0, description="weight of the temperature-softened KL term")
+    hard_weight: float = Field(0.3, ge=0, description="weight of cross-entropy with the labels")
+    features: list[Feature] = Field(default_factory=list)
+    cache_teacher: bool = Field(True, description="keep the teacher's logits on disk (logit-only distillation)")
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.soft_weight + self.hard_weight + sum(f.weight for f in self.features) <= 0:
+            raise ValueError("all loss weights are zero; give soft_weight, hard_weight or a feature weight > 0")
+        return self
+
+
+def _student(cfg: StudentSpec, teacher, ctx: RunContext):
+    """(student, architecture record for rebuilding it on resume)."""
+    if cfg.derive == "width":
+        return derive_width(teacher, ctx.real_batch(2), cfg.ratio, cfg.importance), dict(ctx.architecture)
+    if cfg.derive == "depth":
+        student, kept = derive_depth(teacher, cfg.blocks, cfg.keep_every)
+        arch = dict(ctx.architecture)
+        arch["ops"] = [*arch.get("ops", []), {"keep_blocks": cfg.blocks, "indices": kept}]
+        return student, arch
+    spec = ModelSpec(builtin=cfg.builtin, entrypoint=cfg.entrypoint, kwargs=cfg.kwargs)
+    return build_model(spec, ctx.data.num_classes, ctx.search_dir), {"model": spec.model_dump(mode="json"), "ops": []}
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@register_stage("distill", DistillConfig, compresses=True)
+def distill(model, cfg: DistillConfig, ctx: RunContext):
+    """Train a student to match the teacher (logits, features, attention); the student is the result."""
+    teacher = build_model(cfg.teacher, ctx.data.num_classes, ctx.search_dir) if cfg.teacher else model
+    teacher = teacher.cpu().eval()
+    torch.manual_seed(ctx.recipe.seed)
+    student, arch = _student(cfg.student, teacher, ctx)
+    features = [FeatureTerm(**f.model_dump()) for f in cfg.features]
+    cached, train_set = None, ctx.data.train
+    if cfg.cache_teacher and not features:
+        cached = teacher_cache(teacher, ctx.data.train, ctx.stage_dir / "teacher_logits.safetensors",
+                               ctx.recipe.data.eval_batch_size)
+        train_set = Indexed(ctx.data.train)
+    distiller = Distiller(teacher.to(ctx.device), student, ctx.real_batch(2).to(ctx.device), cfg.temperature,
+                          cfg.soft_weight, cfg.hard_weight, features, cached)
+    result = fit(student, train_set, cfg.train, loss_fn=distiller.loss,
+                 batch_size=cfg.train.batch_size or ctx.recipe.data.batch_size,
+                 validate=partial(evaluate_accuracy, dataset=ctx.data.val, batch_size=ctx.recipe.data.eval_batch_size,
+                                  device=ctx.device),
+                 checkpoint_dir=ctx.stage_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed,
+                 device=ctx.device, on_epoch_end=ctx.on_epoch_end, description="distill")
+    Distiller.finish(student)
+    student.cpu()
+    t_acc = evaluate_accuracy(teacher.cpu(), ctx.data.test, ctx.recipe.data.eval_batch_size)
+    s_acc = evaluate_accuracy(student, ctx.data.test, ctx.recipe.data.eval_batch_size)
+    comparison = {"teacher_params": _params(teacher), "student_params": _params(student),
+                  "compression": _params(teacher) / _params(student), "teacher_accuracy": t_acc,
+                  "student_accuracy": s_acc, "retention": s_acc / t_acc if t_acc else None}
+    console.log("distill: teacher {teacher_params:,} params, acc {teacher_accuracy:.4f}; student {student_params:,} "
+                "params, acc {student_accuracy:.4f}; {compression:.1f}x fewer parameters, "
+                "{retention:.1%} of the teacher's accuracy".format(**comparison))
+    ctx.stage_info.update(history=result.history, comparison=comparison, architecture=arch,
+                          weights={"soft": cfg.soft_weight, "hard": cfg.hard_weight,
+                                   **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)}},
+                          teacher_cached=cached is not None)
+    ctx.architecture = arch
+    return student
