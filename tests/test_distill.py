@@ -150,3 +150,11 @@ def test_distill_config_errors(tiny_recipe):
         _recipe(tiny_recipe, {"student": {"builtin": "cnn_student"}, "soft_weight": 0, "hard_weight": 0, "train": {}})
     with pytest.raises(RecipeError, match="alpha"):
         _recipe(tiny_recipe, {"student": {"builtin": "cnn_student"}, "alpha": 0.5, "train": {}})
+
+
+def test_builtin_distill_recipe_is_valid():
+    from torchslim.recipe import load_recipe
+    recipe, _ = load_recipe("distill")
+    assert [s.name for s in recipe.stages] == ["train", "distill", "export"]
+    cfg = recipe.stages[1].config
+    assert cfg.student.builtin == "cnn_student" and cfg.soft_weight + cfg.hard_weight == pytest.approx(1.0)
