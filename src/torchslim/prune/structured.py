@@ -162,28 +162,21 @@ def plan(model: nn.Module, example_inputs: torch.Tensor, ratio: float | dict = 0
 
 def apply(model: nn.Module, p: Plan) -> nn.Module:
     """Cut every layer the plan touches; the model is changed in place and returned."""
-    keeps: dict[nn.Module, dict[str, list[int]]] = {}
-    removed_positions: dict[tuple[int, str], set[int]] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    width = {(u.module, u.role): len(u.slots) for u in p.uses}
+    removed: dict[tuple[str, str], set[int]] = {}
     for grp in p.groups:
         for module, role, positions in grp.members:
-            bucket = removed_positions.setdefault((id(module), role), set())
+            bucket = removed.setdefault((names[id(module)], role), set())
             for i in grp.remove:
                 bucket.update(positions[i])
-            keeps.setdefault(module, {})
-    modules_by_id = {id(m): m for m in model.modules()}
-    lengths = {}
-    for use in p.uses:
-        lengths[(id(model.get_submodule(use.module)), use.role)] = len(use.slots)
-    for (mid, role), removed in removed_positions.items():
-        if removed:
-            keeps.setdefault(modules_by_id[mid], {})[role] = [i for i in range(lengths[(mid, role)]) if i not in removed]
-    for name, heads in p.heads.items():
-        keeps.setdefault(model.get_submodule(name), {})
-    for module, module_keeps in keeps.items():
-        name = next((n for n, m in model.named_modules() if m is module), None)
-        heads = p.heads.get(name)
-        if module_keeps or (heads is not None and len(heads) < p.head_counts[name]):
-            cut(module, module_keeps, heads if heads is not None and len(heads) < p.head_counts[name] else None)
+    keeps: dict[str, dict[str, list[int]]] = {}
+    for (name, role), gone in removed.items():
+        if gone:
+            keeps.setdefault(name, {})[role] = [i for i in range(width[(name, role)]) if i not in gone]
+    heads = {name: kept for name, kept in p.heads.items() if len(kept) < p.head_counts[name]}
+    for name in sorted(set(keeps) | set(heads)):
+        cut(model.get_submodule(name), keeps.get(name, {}), heads.get(name))
     return model
 
 
