@@ -216,5 +216,4 @@ def structured(model: nn.Module, example_inputs: torch.Tensor, ratio: float | di
              prune_heads, leaf_modules)
     apply(model, p)
     model.zero_grad(set_to_none=True)
-    model.torchslim_prune_plan = p.table()  # readable summary for reports; not part of the state dict
     return model
