@@ -83,3 +83,14 @@ def test_taylor_importance_in_a_recipe(tmp_path, tiny_recipe):
     report = run(_recipe(tiny_recipe, stage), tmp_path)
     assert report["stages"][2]["metrics"]["params"] < report["stages"][1]["metrics"]["params"]
     assert "Per-layer pruning" in (tmp_path / "report.html").read_text()
+
+
+def test_unstructured_stage_leaves_no_gradient_hooks(tmp_path, tiny_recipe):
+    """Masks hold during the stage's fine-tuning only; a later train stage may update every weight."""
+    stage = {"prune": {"method": "magnitude", "sparsity": 0.5, "finetune": {"epochs": 1, "lr": 0.001}}}
+    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}}, stage, {"train": {"epochs": 1, "lr": 0.003}}]
+    tiny_recipe["data"].update(train_subset=512, eval_subset=100)
+    report = run(parse_recipe(tiny_recipe), tmp_path)
+    pruned, retrained = report["stages"][2]["metrics"], report["stages"][3]["metrics"]
+    assert pruned["nonzero_params"] < 0.6 * pruned["params"]
+    assert retrained["nonzero_params"] > 0.95 * retrained["params"]  # zeros were free to move again

@@ -79,7 +79,8 @@ def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: flo
     else:
         gen = torch.Generator().manual_seed(ctx.recipe.seed)
         masks = unstructured.magnitude_masks(model, target, cfg.scope, cfg.ignore, cfg.method == "random", gen)
-    unstructured.apply_masks(model, masks)
+    # zero the weights now; the masks are held (as gradient hooks) only while fine-tuning
+    unstructured.remove_masks(unstructured.apply_masks(model, masks))
     return {}
 
 
