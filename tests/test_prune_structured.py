@@ -20,10 +20,14 @@ def images():
     return fashion_mnist.load(eval_subset=16).test.tensors[0]
 
 
+def seeded(name):
+    torch.manual_seed(0)
+    return ALL[name]().eval()
+
+
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_zoo_prunes_runs_and_shrinks(name, images):
-    torch.manual_seed(0)
-    model = ALL[name]().eval()
+    model = seeded(name)
     before = n_params(model)
     structured(model, images[:2], ratio=0.5)
     out = model(images)
@@ -33,8 +37,7 @@ def test_zoo_prunes_runs_and_shrinks(name, images):
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_ratio_zero_keeps_the_function(name, images):
-    torch.manual_seed(0)
-    model = ALL[name]().eval()
+    model = seeded(name)
     reference = model(images)
     structured(model, images[:2], ratio=0.0)
     assert torch.allclose(model(images), reference, atol=1e-5)
@@ -42,8 +45,7 @@ def test_ratio_zero_keeps_the_function(name, images):
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_pruned_model_reloads_from_its_file(name, images, tmp_path):
-    torch.manual_seed(0)
-    model = structured(ALL[name]().eval(), images[:2], ratio=0.4, importance="l2")
+    model = structured(seeded(name), images[:2], ratio=0.4, importance="l2")
     save_weights(model, tmp_path / "pruned.safetensors")
     fresh = load_weights(ALL[name](), tmp_path / "pruned.safetensors").eval()  # original architecture
     assert n_params(fresh) == n_params(model)

@@ -27,6 +27,20 @@ class RunContext:
     on_epoch_end: Callable[[int, dict], None] | None = None  # hook for callers (progress, tests)
     _test: tuple | None = None
 
+    def fit(self, model, train_set, cfg, loss_fn, *, checkpoint_dir: Path, description: str, seed_offset: int = 0,
+            epoch_setup: Callable | None = None):
+        """The one training loop as every stage runs it: validation on the val split, epoch checkpoints in
+        `checkpoint_dir` (resumed when the run resumes), the recipe's seed, device and batch size."""
+        from functools import partial
+
+        from torchslim.train import evaluate_accuracy, fit
+        return fit(model, train_set, cfg, loss_fn=loss_fn, batch_size=cfg.batch_size or self.recipe.data.batch_size,
+                   validate=partial(evaluate_accuracy, dataset=self.data.val,
+                                    batch_size=self.recipe.data.eval_batch_size, device=self.device),
+                   checkpoint_dir=checkpoint_dir, resume=self.resume, seed=self.recipe.seed + seed_offset,
+                   device=self.device, on_epoch_end=self.on_epoch_end, epoch_setup=epoch_setup,
+                   description=description)
+
     def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole held-out test split as two tensors (inputs, targets), cached."""
         if self._test is None:

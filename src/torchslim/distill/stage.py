@@ -3,7 +3,6 @@ the current model. Runs on the one training loop with the distiller's loss."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -15,7 +14,7 @@ from torchslim.distill.students import derive_depth, derive_width
 from torchslim.models.io import build_model
 from torchslim.recipe import ModelSpec
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig, console, evaluate_accuracy, fit
+from torchslim.train import TrainConfig, console, evaluate_accuracy
 
 
 class StudentSpec(BaseModel):
@@ -99,12 +98,8 @@ def distill(model, cfg: DistillConfig, ctx: RunContext):
         train_set = Indexed(ctx.data.train)
     distiller = Distiller(teacher.to(ctx.device), student, ctx.real_batch(2).to(ctx.device), cfg.temperature,
                           cfg.soft_weight, cfg.hard_weight, features, cached)
-    result = fit(student, train_set, cfg.train, loss_fn=distiller.loss,
-                 batch_size=cfg.train.batch_size or ctx.recipe.data.batch_size,
-                 validate=partial(evaluate_accuracy, dataset=ctx.data.val, batch_size=ctx.recipe.data.eval_batch_size,
-                                  device=ctx.device),
-                 checkpoint_dir=ctx.stage_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed,
-                 device=ctx.device, on_epoch_end=ctx.on_epoch_end, description="distill")
+    result = ctx.fit(student, train_set, cfg.train, distiller.loss, checkpoint_dir=ctx.stage_dir / "checkpoint",
+                     description="distill")
     Distiller.finish(student)
     student.cpu()
     t_acc = evaluate_accuracy(teacher.cpu(), ctx.data.test, ctx.recipe.data.eval_batch_size)

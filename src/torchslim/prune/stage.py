@@ -5,7 +5,6 @@ step (and, inside its fine-tuning, the epoch) where it stopped."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -19,7 +18,7 @@ from torchslim.prune.structured import convert_attention, plan, taylor_gradients
 from torchslim.prune.attention import Attention
 from torchslim.registry import register_stage
 from torchslim.report.json import atomic_write_text
-from torchslim.train import TrainConfig, console, cross_entropy_loss, epoch_loader, evaluate_accuracy, fit
+from torchslim.train import TrainConfig, console, cross_entropy_loss, epoch_loader
 
 
 class Schedule(BaseModel):
@@ -105,12 +104,9 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
             if cfg.finetune is not None:
                 handles = unstructured.apply_masks(model, unstructured.masks_from_zeros(model, cfg.ignore)) \
                     if cfg.method != "structured" else []
-                result = fit(model, ctx.data.train, cfg.finetune, loss_fn=cross_entropy_loss(cfg.finetune.label_smoothing),
-                             batch_size=cfg.finetune.batch_size or ctx.recipe.data.batch_size,
-                             validate=partial(evaluate_accuracy, dataset=ctx.data.val,
-                                              batch_size=ctx.recipe.data.eval_batch_size, device=ctx.device),
-                             checkpoint_dir=step_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed + k,
-                             device=ctx.device, on_epoch_end=ctx.on_epoch_end, description=f"prune step {k + 1}")
+                result = ctx.fit(model, ctx.data.train, cfg.finetune, cross_entropy_loss(cfg.finetune.label_smoothing),
+                                 checkpoint_dir=step_dir / "checkpoint", description=f"prune step {k + 1}",
+                                 seed_offset=k)
                 unstructured.remove_masks(handles)
                 model.cpu()
                 record["history"] = result.history

@@ -31,10 +31,6 @@ class Group:
     n_blocks: int = 1
     remove: list[int] = field(default_factory=list)  # indices into roots
 
-    @property
-    def name(self) -> str:
-        return "+".join(self.producers)
-
 
 @dataclass
 class Plan:
@@ -43,11 +39,6 @@ class Plan:
     head_counts: dict[str, int]
     notes: list[str]
     uses: list = field(default_factory=list)
-
-    def table(self) -> list[dict]:
-        rows = [{"group": g.name, "before": len(g.roots), "after": len(g.roots) - len(g.remove)} for g in self.groups]
-        rows += [{"group": f"{m} (heads)", "before": self.head_counts[m], "after": len(k)} for m, k in self.heads.items()]
-        return rows
 
 
 def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> list[Group]:

@@ -59,12 +59,6 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def calibrate(src: Path, batches: Iterable[np.ndarray], observer: str = "minmax") -> dict:
-    """Ranges of every float tensor of the (pre-processed) float model on real batches."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return activation_ranges(preprocess(src, Path(tmp) / "pre.onnx"), batches, observer)
-
-
 def activation_ranges(model_path: Path, batches: Iterable[np.ndarray], observer: str = "minmax",
                       bits: int = 8) -> dict[str, tuple[float, float]]:
     """Run real batches through the float model and observe every float tensor."""
@@ -101,13 +95,14 @@ def static_int8(src: Path, dst: Path, batches: Iterable[np.ndarray] | None = Non
                 per_channel: bool = True, symmetric_activations: bool = False, reduce_range: bool = False,
                 activation_type: str = "int8", nodes_to_exclude: Sequence[str] = (),
                 nodes_to_quantize: Sequence[str] | None = None, weight_bits: int = 8,
-                ranges: dict | None = None) -> Path:
+                ranges: dict | None = None, preprocessed: bool = False) -> Path:
     """Static post-training quantization in QDQ format (S8S8 by default, the recommended CPU setting).
-    Pass `ranges` from `calibrate` to quantize the same model several ways without re-calibrating."""
+    To quantize one model several ways, run `preprocess` and `activation_ranges` once and pass
+    `preprocessed=True` and `ranges`."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, TensorData, TensorsData,
                                           quantize_static, save_tensors_data)
     with tempfile.TemporaryDirectory() as tmp:
-        pre = preprocess(src, Path(tmp) / "pre.onnx")
+        pre = src if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
         ranges = ranges if ranges is not None else activation_ranges(pre, batches, observer)
         cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {

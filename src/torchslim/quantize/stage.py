@@ -4,7 +4,6 @@ lowered to an ONNX Runtime artifact — with per-layer sensitivity and accuracy-
 from __future__ import annotations
 
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,7 +18,7 @@ from torchslim.measure.latency import ort_session
 from torchslim.quantize import lower
 from torchslim.quantize.qat import prepare_qat
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig, console, cross_entropy_loss, evaluate_accuracy, fit
+from torchslim.train import TrainConfig, console, cross_entropy_loss
 
 
 class QuantizeConfig(BaseModel):
@@ -74,14 +73,15 @@ def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
 
 
 def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -> dict:
-    ranges = lower.calibrate(float_onnx, _calibration(ctx, cfg), cfg.observer)
-    nodes = lower.quantizable_nodes(float_onnx)
-    common = dict(ranges=ranges, per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric_activations,
+    pre = lower.preprocess(float_onnx, ctx.stage_dir / "float.pre.onnx")  # once, for every trial below
+    ranges = lower.activation_ranges(pre, _calibration(ctx, cfg), cfg.observer)
+    nodes = lower.quantizable_nodes(pre)
+    common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric_activations,
                   reduce_range=cfg.reduce_range, activation_type=cfg.activation_type, weight_bits=cfg.weight_bits)
     excluded = _excluded_nodes(nodes, cfg.exclude)
     info: dict = {"observer": cfg.observer, "quantizable_layers": [m for _, _, m in nodes]}
     if cfg.max_accuracy_drop is None and not cfg.sensitivity:
-        lower.static_int8(float_onnx, out, nodes_to_exclude=excluded, **common)
+        lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
         return {**info, "float_layers": [m for n, _, m in nodes if n in excluded]}
     val = [ctx.data.val[i] for i in range(min(len(ctx.data.val), cfg.sensitivity_samples))]
     x, y = torch.stack([v[0] for v in val]).numpy(), np.array([int(v[1]) for v in val])
@@ -91,12 +91,12 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -
         trial = Path(tmp) / "trial.onnx"
         table = []
         for name, op, module in nodes:  # quantize one layer at a time
-            lower.static_int8(float_onnx, trial, nodes_to_quantize=[name], **common)
+            lower.static_int8(pre, trial, nodes_to_quantize=[name], **common)
             table.append({"layer": module, "node": name, "op": op, "drop": base - _val_accuracy(trial, x, y, threads)})
         info["sensitivity"] = sorted(table, key=lambda r: -r["drop"])
         order = [r["node"] for r in info["sensitivity"] if r["node"] not in excluded]
         while True:
-            lower.static_int8(float_onnx, out, nodes_to_exclude=excluded, **common)
+            lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
             drop = base - _val_accuracy(out, x, y, threads)
             console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers int8, validation drop "
                         f"{100 * drop:.2f} pt")
@@ -120,12 +120,8 @@ def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
         if cfg.freeze_bn_epoch is not None and epoch >= cfg.freeze_bn_epoch:
             handle.freeze_batch_norm()
     tune = cfg.finetune
-    result = fit(model, ctx.data.train, tune, loss_fn=cross_entropy_loss(tune.label_smoothing),
-                 batch_size=tune.batch_size or ctx.recipe.data.batch_size,
-                 validate=partial(evaluate_accuracy, dataset=ctx.data.val, batch_size=ctx.recipe.data.eval_batch_size,
-                                  device=ctx.device),
-                 checkpoint_dir=ctx.stage_dir / "checkpoint", resume=ctx.resume, seed=ctx.recipe.seed,
-                 device=ctx.device, on_epoch_end=ctx.on_epoch_end, epoch_setup=setup, description="qat")
+    result = ctx.fit(model, ctx.data.train, tune, cross_entropy_loss(tune.label_smoothing),
+                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="qat", epoch_setup=setup)
     model.cpu()
     ranges = handle.finish()
     ctx.stage_info["history"] = result.history
