@@ -36,11 +36,12 @@ def register_shape_attrs(cls: type, attrs: tuple[str, ...], swappable: bool = Fa
     return cls
 
 
-def _attrs_for(module: nn.Module) -> tuple[str, ...]:
+def _attrs_for(module: nn.Module) -> tuple[str, ...] | None:
+    """The registered shape attributes (possibly none: the class itself is the record), or None."""
     for cls in type(module).__mro__:
         if cls in SHAPE_ATTRS:
             return SHAPE_ATTRS[cls]
-    return ()
+    return None
 
 
 def module_shapes(model: nn.Module) -> dict[str, dict]:
@@ -48,7 +49,7 @@ def module_shapes(model: nn.Module) -> dict[str, dict]:
     out = {}
     for name, module in model.named_modules():
         attrs = _attrs_for(module)
-        if attrs:
+        if attrs is not None:
             cls = type(module)
             value = {a: list(v) if isinstance(v := getattr(module, a), tuple) else v for a in attrs}
             out[name] = {"class": f"{cls.__module__}.{cls.__qualname__}", **value}

@@ -2,6 +2,7 @@
 the whole discovery mechanism (no scanning)."""
 
 from torchslim.distill import stage as distill  # noqa: F401
+from torchslim.lowrank import stage as lowrank  # noqa: F401
 from torchslim.prune import stage as prune  # noqa: F401
 from torchslim.quantize import stage as quantize  # noqa: F401
 from torchslim.stages import export, train  # noqa: F401
