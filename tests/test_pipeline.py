@@ -184,3 +184,17 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, tiny_recipe, cli_env):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and [h["epoch"] for h in report["stages"][1]["history"]] == [1, 2, 3, 4]
+
+
+def test_a_preset_runs_after_the_recipes_own_stages(tmp_path, tiny_recipe):
+    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}}]
+    tiny_recipe["preset"] = "mobile"
+    tiny_recipe["measure"] = {"warmup": 1, "repeats": 5}
+    report = run(parse_recipe(tiny_recipe), tmp_path)
+    assert [s["name"] for s in report["stages"]] == ["baseline", "train", "prune", "lowrank", "quantize", "export"]
+    final, trained = report["stages"][-1]["metrics"], report["stages"][1]["metrics"]
+    assert final["latency_ms"]["batch_size"] == 1 and final["latency_ms"]["repeats"] == 5
+    assert final["params"] < 0.5 * trained["params"] and final["size_bytes"] < trained["size_bytes"]
+    assert any(r["kind"] == "svd" for r in report["stages"][3]["factorised"])
+    assert report["stages"][4]["quantization"]["method"] == "static"  # (300 val images: the budget decides how many)
+    assert report["summary"]["reference_stage"] == "train"

@@ -97,3 +97,22 @@ def test_cli_help_everywhere(cli_env, tmp_path):
     for args in (["--help"], ["run", "--help"], ["analyze", "--help"], ["recipes", "--help"]):
         result = _cli(args, cli_env, tmp_path)
         assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_presets_expand_into_stages_and_measure_settings():
+    from torchslim.recipe import presets
+    assert set(presets()) == {"mobile", "edge", "cloud", "realtime"}
+    for name in presets():
+        recipe, _ = load_recipe(name)
+        assert [s.name for s in recipe.stages][0] == "train" and recipe.stages[-1].name == "export"
+        assert "quantize" in [s.name for s in recipe.stages]
+    assert load_recipe("realtime")[0].measure.batch_size == 1 and load_recipe("realtime")[0].measure.threads == 1
+    assert load_recipe("cloud")[0].measure.batch_size == 256
+    own = {"name": "mine", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
+           "preset": "edge", "measure": {"batch_size": 4}}
+    parsed = parse_recipe(own)
+    assert [s.name for s in parsed.stages] == ["prune", "quantize", "export"]
+    assert parsed.measure.batch_size == 4 and parsed.measure.repeats == 100  # the recipe's own value wins
+    assert [s.name for s in parse_recipe(parsed.to_dict()).stages] == ["prune", "quantize", "export"]
+    with pytest.raises(RecipeError, match="unknown preset 'mobil'. Did you mean 'mobile'"):
+        parse_recipe({**own, "preset": "mobil"})

@@ -54,9 +54,17 @@ def _print_summary(report: dict, run_dir: Path) -> None:
                   f"{stages[0]['metrics'].get('accuracy', float('nan')):.4f} → "
                   f"{stages[-1]['metrics'].get('accuracy', float('nan')):.4f}")
     elif s:
-        drop = f", accuracy drop {100 * s['accuracy_drop']:.2f} pt" if s.get("accuracy_drop") is not None else ""
-        out.print(f"{s['final_stage']} vs {s['reference_stage']}: size ratio {s['size_ratio']:.2f}x, "
-                  f"speedup {s['speedup']:.2f}x{drop}")
+        ref = next(st["metrics"] for st in stages if st["name"] == s["reference_stage"])
+        fin = stages[-1]["metrics"]
+        out.print(f"{s['final_stage']} vs {s['reference_stage']}:")
+        out.print(f"  size        {ref['size_bytes'] / 1e6:.3f} MB -> {fin['size_bytes'] / 1e6:.3f} MB "
+                  f"(-{1 - 1 / s['size_ratio']:.1%}, compression ratio {s['size_ratio']:.2f}x)")
+        out.print(f"  parameters  {ref['params']:,} -> {fin['params']:,} (-{1 - 1 / s['param_ratio']:.1%})")
+        out.print(f"  latency p50 {ref['latency_ms']['p50']:.3f} ms -> {fin['latency_ms']['p50']:.3f} ms "
+                  f"({s['speedup']:.2f}x, {fin['latency_ms']['runtime']}, batch {fin['latency_ms']['batch_size']})")
+        if s.get("accuracy_drop") is not None:
+            out.print(f"  accuracy    {ref['accuracy']:.4f} -> {fin['accuracy']:.4f} "
+                      f"(drop {100 * s['accuracy_drop']:.2f} points)")
     out.print(f"report: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 

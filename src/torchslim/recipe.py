@@ -86,6 +86,8 @@ class Recipe(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where training runs; auto picks CUDA "
                                                    "when present. Measurement always runs on the CPU.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    preset: Optional[str] = Field(None, description="a scenario preset (mobile, edge, cloud, realtime): its "
+                                  "stages run after the recipe's own, its measure settings apply unless set here")
     stages: list[StageSpec] = Field(default_factory=list)
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
 
@@ -97,7 +99,8 @@ class Recipe(Strict):
         return [_parse_stage(i, item) for i, item in enumerate(value)]
 
     def to_dict(self) -> dict:
-        data = self.model_dump(mode="json", exclude={"stages"})
+        """The complete recipe as plain data (a preset already expanded into stages and measure)."""
+        data = self.model_dump(mode="json", exclude={"stages", "preset"})
         data["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
         return data
 
@@ -174,9 +177,33 @@ def load_recipe(name_or_path: str | Path = "default", overrides: dict | None = N
     return parse_recipe(data, source), (source.parent if source.exists() else None)
 
 
+def presets() -> dict[str, Path]:
+    folder = resources.files("torchslim") / "recipes" / "presets"
+    return {p.name[:-5]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def _expand_preset(data: dict) -> dict:
+    """`preset: NAME` appends the preset's stages after the recipe's own and fills unset measure keys."""
+    name = data.get("preset")
+    if name is None:
+        return data
+    found = presets()
+    if name not in found:
+        near = difflib.get_close_matches(str(name), found, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise RecipeError(f"preset: unknown preset {name!r}.{hint} Presets: {', '.join(sorted(found))}.")
+    template = yaml.safe_load(found[name].read_text())
+    stages = data.get("stages") or []
+    if not isinstance(stages, list):
+        return data  # the stages validator reports the type error
+    measure = data.get("measure") or {}
+    return {**data, "stages": [*stages, *template["stages"]],
+            "measure": {**template.get("measure", {}), **(measure if isinstance(measure, dict) else {})}}
+
+
 def parse_recipe(data: dict, source: Path | str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(_expand_preset(data))
     except ValidationError as exc:
         raise RecipeError(f"{_format(exc, Recipe)} (in {source})") from None
 

@@ -1,4 +1,5 @@
-"""Latency in the runtime that serves the model: warm-up first, then median and p95 of timed runs."""
+"""Latency in the runtime that serves the model: warm-up first, then median, p95 and p99 of timed runs,
+and the throughput (items per second) at the median."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def torch_threads(n: int):
 
 def _summarise(samples: list[float], runtime: str, batch_size: int, threads: int, warmup: int) -> dict:
     ms = np.asarray(samples) * 1000.0
-    return {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "mean": float(ms.mean()),
-            "min": float(ms.min()), "batch_size": batch_size, "runtime": runtime, "threads": threads,
+    return {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
+            "mean": float(ms.mean()), "min": float(ms.min()),
+            "throughput": float(batch_size * 1000.0 / np.median(ms)),  # items per second at the median
+            "batch_size": batch_size, "runtime": runtime, "threads": threads,
             "warmup": warmup, "repeats": len(samples)}
 
 
