@@ -69,6 +69,49 @@ def _print_summary(report: dict, run_dir: Path) -> None:
 
 
 @app.command()
+def auto(recipe: str = typer.Argument("default", help="recipe whose model, data and preparing stages to use"),
+         max_accuracy_drop: float = typer.Option(0.01, help="validation accuracy the plan may lose (0.01 = 1 point)"),
+         objective: str = typer.Option("latency", help="latency or size"),
+         time_budget: float = typer.Option(1800, help="seconds the search may take (sensitivity, screening, trials)"),
+         max_trials: int = typer.Option(4, help="fine-tuned trials at most"),
+         out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<name>-auto)"),
+         resume: bool = typer.Option(False, "--resume", help="continue an interrupted search in --out"),
+         overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out")):
+    """Plan a compression within an accuracy budget: the recipe's stages up to its first compressing
+    one, then the planner, then export. Writes the chosen plan as a re-runnable recipe (plan.yaml)."""
+    from torchslim.pipeline import run as run_pipeline
+    from torchslim.recipe import load_recipe, parse_recipe
+    from torchslim.registry import get_stage
+
+    if objective not in ("latency", "size"):
+        raise TorchslimError(f"--objective must be 'latency' or 'size', got {objective!r}.")
+    base, folder = load_recipe(recipe)
+    data = base.to_dict()
+    keep = []
+    for spec in data["stages"]:
+        (name, _), = spec.items()
+        if get_stage(name).compresses or name == "export":
+            break
+        keep.append(spec)
+    data.update(name=f"{base.name}-auto", output=None, stages=[*keep, {"auto": {
+        "max_accuracy_drop": max_accuracy_drop, "objective": objective, "time_budget_s": time_budget,
+        "max_trials": max_trials}}, {"export": {"format": "all"}}])
+    parsed = parse_recipe(data, f"{recipe} (torchslim auto)")
+    run_dir = out_dir or Path("runs") / parsed.name
+    try:
+        report = run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
+    except KeyboardInterrupt:
+        err.print(f"\nInterrupted; continue with: torchslim auto {recipe} --out {run_dir} --resume "
+                  f"(same options)")
+        raise typer.Exit(130)
+    _print_summary(report, run_dir)
+    info = next(st for st in report["stages"] if st["name"] == "auto")["auto"]
+    out.print(f"planner: {len(info['candidates'])} candidates measured, {len(info['trials'])} fine-tuned, "
+              f"search {info['search_seconds']:.0f} s (budget {info['time_budget_s']:.0f} s)")
+    out.print(f"plan: {run_dir / 'plan.yaml'} (re-run with: torchslim run {run_dir / 'plan.yaml'})")
+
+
+@app.command()
 def recipes():
     """List the built-in recipes: the names first, one per line, then a short description of each."""
     from torchslim.recipe import builtin_recipes

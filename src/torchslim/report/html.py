@@ -18,12 +18,18 @@ def _b64(png: bytes) -> str:
 def render_html(report: dict) -> str:
     stages = report["stages"]
     latency = report["stages"][0]["metrics"]["latency_ms"] if stages else {}
-    figures = []
+    figures, overview = [], None
     if stages:
         figures.append(("Size vs accuracy", _b64(plots.tradeoff(stages, "size", "artifact size (MB)"))))
-        figures.append((f"Latency vs accuracy ({latency.get('runtime')}, batch {latency.get('batch_size')}, "
-                        f"{latency.get('threads')} threads)",
-                        _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)"))))
+        overview = (f"Latency vs accuracy per stage ({latency.get('runtime')}, batch {latency.get('batch_size')}, "
+                    f"{latency.get('threads')} threads)", _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)")))
+    searched = [(i, st["auto"]) for i, st in enumerate(stages) if st.get("auto")]
+    if searched:
+        i, info = searched[-1]
+        unit = "latency p50 (ms)" if info["objective"] == "latency" else "artifact size (bytes)"
+        overview = (f"Planner (stage {i}): every measured candidate (one-shot validation accuracy), the Pareto "
+                    f"front, the fine-tuned trials and the chosen plan — {unit}", _b64(plots.pareto(info)))
+        figures.append(("Latency vs accuracy per stage", _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)"))))
     for i, stage in enumerate(stages):
         label = f"stage {i} ({stage['name']})"
         if stage.get("history") and stage.get("comparison"):
@@ -40,7 +46,7 @@ def render_html(report: dict) -> str:
             figures.append((f"Sparsity over pruning steps — {label}",
                             _b64(plots.sparsity_over_steps(label, stage["steps"]))))
     env = Environment(loader=PackageLoader("torchslim", "report/templates"), autoescape=select_autoescape())
-    return env.get_template("report.html").render(report=report, figures=figures)
+    return env.get_template("report.html").render(report=report, figures=figures, overview=overview)
 
 
 def write_html(report: dict, path: Path) -> Path:

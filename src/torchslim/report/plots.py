@@ -151,3 +151,30 @@ def distillation_curves(name: str, history: list[dict], weights: dict[str, float
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def pareto(info: dict) -> bytes:
+    """The planner's search: candidates, the front, fine-tuned trials, the chosen plan."""
+    key = "latency_ms" if info["objective"] == "latency" else "size_bytes"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ok = [c for c in info["candidates"] if key in c]
+    ax.scatter([c[key] for c in ok], [c["val_accuracy"] for c in ok], s=18, color="lightgrey",
+               label="candidate (one-shot)")
+    front = info["front"]
+    ax.plot([c[key] for c in front], [c["val_accuracy"] for c in front], marker="o", color="tab:blue",
+            label="Pareto front (one-shot)")
+    trials = info["trials"]
+    ax.scatter([t[key] for t in trials], [t["val_accuracy"] for t in trials], marker="s", s=40,
+               color=["tab:green" if t["meets_budget"] else "tab:red" for t in trials],
+               label="fine-tuned trial (green: within budget)", zorder=3)
+    if info.get("chosen_trial") is not None:
+        t = trials[info["chosen_trial"]]
+        ax.scatter([t[key]], [t["val_accuracy"]], marker="*", s=220, color="gold", edgecolor="black",
+                   label="chosen plan", zorder=4)
+    ax.axhline(info["val_accuracy"] - info["allowed_val_drop"], color="grey", linestyle=":",
+               label="accuracy floor (budget minus margin)")
+    ax.set_xlabel("latency p50 (ms)" if key == "latency_ms" else "artifact size (bytes)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)

@@ -1,0 +1,311 @@
+"""The budget-driven planner: per-layer sensitivity, measured candidates, fine-tuned trials, a plan.
+
+1. Sensitivity: the validation-accuracy drop of pruning one layer group, factorising one layer and
+   quantizing one layer to int8, each alone, on the current model.
+2. Screening: candidate plans (structured pruning ratio x low-rank energy x int8 or float) are applied
+   one-shot to copies; each candidate's ONNX Runtime artifact is written and measured (latency in
+   the recipe's runtime settings, bytes on disk, validation accuracy). Layers whose sensitivity alone
+   exceeds half the budget are left out of pruning, factorisation and int8.
+3. Trials: on the Pareto front (objective vs one-shot accuracy), a binary search runs real recipes
+   with fine-tuning (the same stages the plan will hold) and keeps the best objective whose
+   validation drop stays within the budget minus a safety margin.
+4. The chosen plan is written as a plain recipe (`plan.yaml`) that re-runs from the same weights.
+
+Every phase checks the time budget before it starts a new measurement or trial; what was skipped is
+recorded. Choices use the validation split only; the test split is for the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from torchslim.export.onnx import export_onnx, onnx_outputs
+from torchslim.lowrank.factorize import apply as apply_ranks
+from torchslim.lowrank.factorize import choose_ranks, find_layers
+from torchslim.measure.latency import onnxruntime_latency, ort_session
+from torchslim.prune.structured import apply as apply_plan
+from torchslim.prune.structured import convert_attention, plan as prune_plan
+from torchslim.quantize import lower
+from torchslim.train import TrainConfig, console
+
+
+class AutoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_accuracy_drop: float = Field(0.01, gt=0, lt=1, description="validation accuracy the plan may lose")
+    objective: Literal["latency", "size"] = "latency"
+    time_budget_s: float = Field(1800, ge=10, description="bound on the whole search (sensitivity, screening, trials)")
+    prune_ratios: list[float] = Field([0.3, 0.5, 0.65, 0.75], description="structured ratios screened (0 added)")
+    energies: list[float] = Field([0.9], description="low-rank energies screened (none added)")
+    quantize: list[Literal["none", "static"]] = Field(["none", "static"])
+    prune_steps: int = Field(3, ge=1, le=10, description="gradual steps of the plan's pruning")
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.001, precision="auto"),
+                                  description="fine-tuning after each pruning step and after factorisation")
+    margin: float = Field(0.2, ge=0, lt=1, description="share of the budget held back on validation")
+    max_trials: int = Field(4, ge=1, le=20, description="fine-tuned trials at most")
+    sensitivity_samples: int = Field(1000, ge=100)
+    calibration_batches: int = Field(8, ge=1)
+
+
+class Clock:
+    def __init__(self, budget: float):
+        self.start, self.budget, self.skipped = time.perf_counter(), budget, []
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, what: str) -> bool:
+        if self.elapsed < self.budget:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def _val(ctx, n: int | None = None):
+    val = ctx.data.val
+    n = len(val) if n is None else min(n, len(val))
+    xs, ys = zip(*(val[i] for i in range(n)))
+    return torch.stack(xs), np.asarray([int(y) for y in ys])
+
+
+def _accuracy(session_or_model, x: torch.Tensor, y: np.ndarray) -> float:
+    if isinstance(session_or_model, torch.nn.Module):
+        with torch.inference_mode():
+            out = torch.cat([session_or_model.eval()(x[i:i + 512]) for i in range(0, len(x), 512)]).numpy()
+    else:
+        out = onnx_outputs(session_or_model, x.numpy())
+    return float((out.argmax(1) == y).mean())
+
+
+def _calibration(ctx, batches: int) -> list[np.ndarray]:
+    gen = torch.Generator().manual_seed(ctx.recipe.seed)
+    n = min(len(ctx.data.train), batches * 64)
+    idx = torch.randperm(len(ctx.data.train), generator=gen)[:n].tolist()
+    x = torch.stack([ctx.data.train[i][0] for i in idx]).numpy()
+    return [x[i:i + 64] for i in range(0, n, 64)]
+
+
+# --------------------------------------------------------------------------------- sensitivity
+
+def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
+    """Per-layer accuracy drop for pruning half of one group, factorising one layer at the lowest
+    screened energy, and int8 of one layer."""
+    x, y = _val(ctx, cfg.sensitivity_samples)
+    example = ctx.real_batch(2)
+    base = _accuracy(model, x, y)
+    out = {"base_val_accuracy": base, "prune": [], "lowrank": [], "int8": []}
+    groups = prune_plan(model, example, 0.0).groups
+    for grp in groups:
+        name = grp.producers[0]
+        if not clock.allows(f"prune sensitivity {name}"):
+            break
+        trial = copy.deepcopy(model)
+        apply_plan(trial, prune_plan(trial, example, {name: 0.5, "default": 0.0}))
+        out["prune"].append({"layer": name, "ratio": 0.5, "drop": base - _accuracy(trial, x, y)})
+    energy = min(cfg.energies) if cfg.energies else None
+    for layer in find_layers(model, example) if energy else []:
+        if not clock.allows(f"lowrank sensitivity {layer.path}"):
+            break
+        trial = copy.deepcopy(model)
+        found = [l for l in find_layers(trial, example) if l.path == layer.path]
+        choose_ranks(found, trial, energy=energy)
+        if not found[0].ranks:
+            continue
+        apply_ranks(trial, found)
+        out["lowrank"].append({"layer": layer.path, "energy": energy, "rank": list(found[0].ranks),
+                               "drop": base - _accuracy(trial, x, y)})
+    if "static" in cfg.quantize:
+        float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input)
+        pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
+        ranges = lower.activation_ranges(pre, _calibration(ctx, cfg.calibration_batches))
+        base_onnx = _accuracy(ort_session(float_onnx, ctx.recipe.measure.threads), x, y)
+        for name, op, module in lower.quantizable_nodes(pre):
+            if not clock.allows(f"int8 sensitivity {module}"):
+                break
+            lower.static_int8(pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True)
+            drop = base_onnx - _accuracy(ort_session(work / "sens.q.onnx", ctx.recipe.measure.threads), x, y)
+            out["int8"].append({"layer": module, "node": name, "op": op, "drop": drop})
+    for key in ("prune", "lowrank", "int8"):
+        out[key].sort(key=lambda r: -r["drop"])
+    return out
+
+
+def _sensitive(rows: list[dict], threshold: float) -> list[str]:
+    """The outliers: layers whose drop alone exceeds `threshold` and twice the median layer's drop
+    (one-shot drops before fine-tuning are pessimistic for every layer; only outliers are protected)."""
+    if not rows:
+        return []
+    median = float(np.median([r["drop"] for r in rows]))
+    return sorted({r["layer"] for r in rows if r["drop"] > threshold and r["drop"] > 2 * max(median, 0.0)})
+
+
+# ----------------------------------------------------------------------------------- screening
+
+def candidates(cfg: AutoConfig) -> list[dict]:
+    ratios = sorted({0.0, *cfg.prune_ratios})
+    energies = [None, *sorted(set(cfg.energies))]
+    return [{"prune": p, "energy": e, "quantize": q} for p in ratios for e in energies for q in cfg.quantize]
+
+
+def _build(model, cand: dict, avoid: dict, example) -> torch.nn.Module:
+    trial = copy.deepcopy(model)
+    if cand["prune"]:
+        convert_attention(trial)
+        apply_plan(trial, prune_plan(trial, example, cand["prune"], ignore=avoid["prune"]))
+    if cand["energy"]:
+        found = find_layers(trial, example, ignore=avoid["lowrank"])
+        choose_ranks(found, trial, energy=cand["energy"])
+        apply_ranks(trial, found)
+    return trial.eval()
+
+
+def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path) -> Path:
+    path = export_onnx(trial, work / "cand.onnx", ctx.data.input)
+    if cand["quantize"] == "static":
+        pre = lower.preprocess(path, work / "cand.pre.onnx")
+        ranges = lower.activation_ranges(pre, _calibration(ctx, cfg.calibration_batches))
+        nodes = lower.quantizable_nodes(pre)
+        exclude = [n for n, _, m in nodes if any(m == a or m.startswith(a + ".") for a in avoid["int8"])]
+        path = lower.static_int8(pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges,
+                                 preprocessed=True)
+    return path
+
+
+def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path) -> list[dict]:
+    x, y = _val(ctx, cfg.sensitivity_samples)
+    m = ctx.recipe.measure
+    batch = ctx.real_batch(m.batch_size).numpy()
+    example = ctx.real_batch(2)
+    rows = []
+    for cand in candidates(cfg):
+        if not clock.allows(f"candidate {cand}"):
+            continue
+        try:
+            trial = _build(model, cand, avoid, example)
+            path = _lower(trial, cand, ctx, cfg, avoid, work)
+        except Exception as exc:  # a candidate the model cannot take is recorded, not fatal
+            rows.append({**cand, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            continue
+        session = ort_session(path, m.threads)
+        latency = onnxruntime_latency(path, batch, m.threads, m.warmup, m.repeats, session=session)
+        rows.append({**cand, "latency_ms": latency["p50"], "p95_ms": latency["p95"],
+                     "size_bytes": path.stat().st_size, "params": sum(p.numel() for p in trial.parameters()),
+                     "val_accuracy": _accuracy(session, x, y)})
+        console.log(f"auto: candidate prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
+                    f"{rows[-1]['latency_ms']:.3f} ms, {rows[-1]['size_bytes']:,} B, "
+                    f"one-shot val {rows[-1]['val_accuracy']:.4f}")
+    return rows
+
+
+def pareto(rows: list[dict], key: str) -> list[dict]:
+    """Candidates no other candidate beats on both the objective (lower) and one-shot accuracy (higher)."""
+    ok = [r for r in rows if "error" not in r]
+    front = [r for r in ok if not any(o[key] <= r[key] and o["val_accuracy"] >= r["val_accuracy"] and
+                                      (o[key] < r[key] or o["val_accuracy"] > r["val_accuracy"]) for o in ok)]
+    return sorted(front, key=lambda r: r[key])
+
+
+# ------------------------------------------------------------------------------------- plans
+
+def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path, name: str) -> dict:
+    """The plain recipe that applies `cand` to the weights in `checkpoint`."""
+    recipe = ctx.recipe
+    tune = cfg.finetune.model_dump(mode="json", exclude_defaults=True)
+    stages: list[dict] = []
+    if cand["prune"]:
+        stages.append({"prune": {"method": "structured", "ratio": cand["prune"], "importance": "l1",
+                                 "ignore": avoid["prune"],
+                                 "schedule": {"kind": "gradual" if cfg.prune_steps > 1 else "one_shot",
+                                              "steps": cfg.prune_steps},
+                                 "finetune": tune}})
+    if cand["energy"]:
+        stages.append({"lowrank": {"energy": cand["energy"], "ignore": avoid["lowrank"], "finetune": tune}})
+    if cand["quantize"] == "static":
+        stages.append({"quantize": {"method": "static", "per_channel": True,
+                                    "calibration_batches": cfg.calibration_batches, "exclude": avoid["int8"],
+                                    "max_accuracy_drop": round(0.3 * cfg.max_accuracy_drop, 6)}})
+    stages.append({"export": {"format": "all"}})
+    model = {**ctx.architecture["model"], "checkpoint": str(checkpoint)}
+    return {"name": name, "description": f"Plan chosen by torchslim auto (objective {cfg.objective}, "
+                                         f"max accuracy drop {cfg.max_accuracy_drop}) for {recipe.name}.",
+            "seed": recipe.seed, "model": model, "data": recipe.data.model_dump(mode="json"),
+            "task": recipe.task, "device": recipe.device, "measure": recipe.measure.model_dump(mode="json"),
+            "stages": stages}
+
+
+def run_trial(plan: dict, trial_dir: Path, ctx) -> dict:
+    """Run a plan recipe as a real run (resumable), then measure its artifact on the validation split."""
+    from torchslim.pipeline import run
+    from torchslim.recipe import parse_recipe
+    state = trial_dir / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("status") == "complete":
+        report = json.loads((trial_dir / "report.json").read_text())
+    else:
+        report = run(parse_recipe(plan, trial_dir.parent / f"{trial_dir.name}.yaml"), trial_dir, resume=state.exists(),
+                     search_dir=ctx.search_dir)
+    final = report["stages"][-1]
+    x, y = _val(ctx)
+    artifact = trial_dir / final["artifact"]
+    session = ort_session(artifact, ctx.recipe.measure.threads) if artifact.suffix == ".onnx" else None
+    return {"report": report, "artifact": artifact, "final_dir": trial_dir / final["dir"],
+            "val_accuracy": _accuracy(session, x, y) if session else None,
+            "latency_ms": final["metrics"]["latency_ms"]["p50"], "size_bytes": final["metrics"]["size_bytes"],
+            "test_accuracy": final["metrics"].get("accuracy")}
+
+
+def search(model, ctx, cfg: AutoConfig) -> dict:
+    """The whole planner on the current model; returns the record the `auto` stage reports."""
+    from torchslim.models.io import save_weights
+    clock = Clock(cfg.time_budget_s)
+    stage_dir = ctx.stage_dir
+    checkpoint = save_weights(model, stage_dir / "input.safetensors")
+    key = "latency_ms" if cfg.objective == "latency" else "size_bytes"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        sens = sensitivity(model, ctx, cfg, clock, work)
+        threshold = cfg.max_accuracy_drop / 2
+        avoid = {k: _sensitive(sens[k], threshold) for k in ("prune", "lowrank", "int8")}
+        rows = screen(model, ctx, cfg, avoid, clock, work)
+    front = pareto(rows, key)
+    x, y = _val(ctx)
+    onnx_base = _accuracy(model, x, y)
+    allowed = cfg.max_accuracy_drop * (1 - cfg.margin)
+    trials, lo, hi = [], 0, len(front) - 1
+    best = None
+    while lo <= hi and len(trials) < cfg.max_trials:
+        mid = (lo + hi) // 2
+        cand = {k: front[mid][k] for k in ("prune", "energy", "quantize")}
+        if not clock.allows(f"trial {cand}"):
+            break
+        plan = plan_recipe(ctx, cand, avoid, cfg, checkpoint.resolve(), f"{ctx.recipe.name}-plan")
+        trial_dir = stage_dir / "trials" / f"{len(trials):02d}"
+        trial_dir.parent.mkdir(parents=True, exist_ok=True)
+        (trial_dir.parent / f"{trial_dir.name}.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+        result = run_trial(plan, trial_dir, ctx)
+        drop = onnx_base - result["val_accuracy"]
+        record = {**cand, "dir": str(trial_dir.relative_to(ctx.run_dir)), "val_accuracy": result["val_accuracy"],
+                  "val_drop": drop, "latency_ms": result["latency_ms"], "size_bytes": result["size_bytes"],
+                  "meets_budget": drop <= allowed}
+        trials.append(record)
+        console.log(f"auto: trial {len(trials)} prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
+                    f"val drop {100 * drop:.2f} pt (allowed {100 * allowed:.2f}), {result['latency_ms']:.3f} ms, "
+                    f"{result['size_bytes']:,} B")
+        if record["meets_budget"]:
+            if best is None or record[key] < best[0][key]:
+                best = (record, plan, result)
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return {"objective": cfg.objective, "max_accuracy_drop": cfg.max_accuracy_drop, "allowed_val_drop": allowed,
+            "val_accuracy": onnx_base, "sensitivity": sens, "avoid": avoid, "candidates": rows, "front": front,
+            "trials": trials, "chosen": best, "search_seconds": clock.elapsed, "time_budget_s": cfg.time_budget_s,
+            "skipped": clock.skipped}
