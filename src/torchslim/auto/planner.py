@@ -35,6 +35,7 @@ from torchslim.measure.latency import onnxruntime_latency, ort_session
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan as prune_plan
 from torchslim.quantize import lower
+from torchslim.report.json import atomic_write_text
 from torchslim.train import TrainConfig, console
 
 
@@ -269,12 +270,20 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
     stage_dir = ctx.stage_dir
     checkpoint = save_weights(model, stage_dir / "input.safetensors")
     key = "latency_ms" if cfg.objective == "latency" else "size_bytes"
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        sens = sensitivity(model, ctx, cfg, clock, work)
-        threshold = cfg.max_accuracy_drop / 2
-        avoid = {k: _sensitive(sens[k], threshold) for k in ("prune", "lowrank", "int8")}
-        rows = screen(model, ctx, cfg, avoid, clock, work)
+    screened = stage_dir / "screening.json"
+    if ctx.resume and screened.exists():  # sensitivity and screening are done; go on with the trials
+        saved = json.loads(screened.read_text())
+        sens, avoid, rows = saved["sensitivity"], saved["avoid"], saved["candidates"]
+        clock.start -= saved["seconds"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            sens = sensitivity(model, ctx, cfg, clock, work)
+            threshold = cfg.max_accuracy_drop / 2
+            avoid = {k: _sensitive(sens[k], threshold) for k in ("prune", "lowrank", "int8")}
+            rows = screen(model, ctx, cfg, avoid, clock, work)
+        atomic_write_text(screened, json.dumps({"sensitivity": sens, "avoid": avoid, "candidates": rows,
+                                                "seconds": clock.elapsed}))
     front = pareto(rows, key)
     x, y = _val(ctx)
     onnx_base = _accuracy(model, x, y)
