@@ -44,3 +44,23 @@ def cli_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def assert_resume_matches(recipe, tmp_path, epochs_before_cut: int, artifact: str):
+    """Run `recipe` uninterrupted and, separately, Ctrl-C it after `epochs_before_cut` finished epochs
+    and resume: the final weights in `artifact` (relative to the run folder) must be identical."""
+    from safetensors.torch import load_file
+
+    from torchslim.pipeline import run
+    run(recipe, tmp_path / "full")
+    seen = []
+
+    def interrupt(epoch, record):
+        seen.append(epoch)
+        if len(seen) == epochs_before_cut:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "cut", on_epoch_end=interrupt)
+    run(recipe, tmp_path / "cut", resume=True)
+    a, b = load_file(str(tmp_path / "full" / artifact)), load_file(str(tmp_path / "cut" / artifact))
+    assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)

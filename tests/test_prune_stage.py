@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_resume_matches
 from torchslim.errors import RecipeError
 from torchslim.pipeline import run
 from torchslim.recipe import load_recipe, parse_recipe
@@ -46,19 +47,8 @@ def test_unstructured_stage_stores_sparsely(tmp_path, tiny_recipe):
 
 def test_prune_stage_resumes_to_the_same_weights(tmp_path, tiny_recipe):
     recipe = _recipe(tiny_recipe, STRUCTURED)
-    run(recipe, tmp_path / "full")
-    seen = []
-
-    def interrupt(epoch, record):
-        seen.append(epoch)
-        if len(seen) == 3:  # train epochs 1, 2, then the first prune step's fine-tuning epoch
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        run(recipe, tmp_path / "cut", on_epoch_end=interrupt)
-    run(recipe, tmp_path / "cut", resume=True)
-    a = load_file(str(tmp_path / "full/stages/03-export/model.safetensors"))
-    b = load_file(str(tmp_path / "cut/stages/03-export/model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # train epochs 1, 2, then the first prune step's fine-tuning epoch
+    assert_resume_matches(recipe, tmp_path, 3, "stages/03-export/model.safetensors")
 
 
 def test_prune_config_errors(tiny_recipe):

@@ -25,18 +25,23 @@ def run(recipe: str = typer.Argument("default", help="a built-in recipe's name o
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out")):
     """Run a recipe: measure the baseline, run every stage, measure after each, write the report."""
-    from torchslim.pipeline import run as run_pipeline
     from torchslim.recipe import load_recipe
 
     parsed, folder = load_recipe(recipe)
     run_dir = out_dir or parsed.output or Path("runs") / parsed.name
+    report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim run {recipe}")
+    _print_summary(report, run_dir)
+
+
+def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, command: str) -> dict:
+    """Run the pipeline; on Ctrl-C say what is kept and how to continue, and exit 130."""
+    from torchslim.pipeline import run as run_pipeline
     try:
-        report = run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
+        return run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
     except KeyboardInterrupt:
         err.print(f"\nInterrupted. Finished stages and the last epoch checkpoint are kept in {run_dir}; "
-                  f"continue with: torchslim run {recipe} --out {run_dir} --resume")
+                  f"continue with: {command} --out {run_dir} --resume")
         raise typer.Exit(130)
-    _print_summary(report, run_dir)
 
 
 def _print_summary(report: dict, run_dir: Path) -> None:
@@ -79,7 +84,6 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
          overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out")):
     """Plan a compression within an accuracy budget: the recipe's stages up to its first compressing
     one, then the planner, then export. Writes the chosen plan as a re-runnable recipe (plan.yaml)."""
-    from torchslim.pipeline import run as run_pipeline
     from torchslim.recipe import load_recipe, parse_recipe
     from torchslim.registry import get_stage
 
@@ -98,12 +102,7 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
         "max_trials": max_trials}}, {"export": {"format": "all"}}])
     parsed = parse_recipe(data, f"{recipe} (torchslim auto)")
     run_dir = out_dir or Path("runs") / parsed.name
-    try:
-        report = run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
-    except KeyboardInterrupt:
-        err.print(f"\nInterrupted; continue with: torchslim auto {recipe} --out {run_dir} --resume "
-                  f"(same options)")
-        raise typer.Exit(130)
+    report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim auto {recipe} (same options)")
     _print_summary(report, run_dir)
     info = next(st for st in report["stages"] if st["name"] == "auto")["auto"]
     out.print(f"planner: {len(info['candidates'])} candidates measured, {len(info['trials'])} fine-tuned, "
