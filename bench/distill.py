@@ -21,6 +21,7 @@ import torch
 
 from torchslim.data import fashion_mnist
 from torchslim.distill.distiller import Distiller, Indexed, teacher_cache
+from torchslim.distill.students import derive_width
 from torchslim.models import MODELS, load_weights
 from torchslim.train import TrainConfig, cross_entropy_loss, evaluate_accuracy, fit
 
@@ -29,6 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, required=True, help="trained cnn_teacher weights (safetensors)")
     parser.add_argument("--student", default="cnn_student", choices=sorted(MODELS))
+    parser.add_argument("--derive-width", type=float, default=None, metavar="RATIO",
+                        help="student = the teacher with RATIO of its channels removed (structured pruning); "
+                             "'alone' trains it from the same initialisation with cross-entropy, "
+                             "'scratch' trains the same architecture from random weights")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -44,11 +49,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         logits = teacher_cache(teacher, data.train, Path(tmp) / "teacher.safetensors")
         results = {"alone": [], "distilled": []}
+        if args.derive_width is not None:
+            results = {"scratch": [], **results}
         for seed in args.seeds:
             for mode in results:
                 torch.manual_seed(seed)
-                student = MODELS[args.student]()
-                if mode == "alone":
+                student = new_student(args, teacher, example, scratch=mode == "scratch")
+                if mode in ("alone", "scratch"):
                     fit(student, data.train, cfg, loss_fn=cross_entropy_loss(), batch_size=128, validate=validate,
                         seed=seed)
                 else:
@@ -61,7 +68,7 @@ def main() -> None:
         timing = {}
         for mode in ("live", "cached"):
             torch.manual_seed(0)
-            student = MODELS[args.student]()
+            student = new_student(args, teacher, example)
             d = Distiller(teacher, student, example, args.temperature, args.soft_weight, args.hard_weight,
                           cached_logits=logits if mode == "cached" else None)
             start = time.perf_counter()
@@ -70,8 +77,9 @@ def main() -> None:
             timing[mode] = (time.perf_counter() - start, {k: v.clone() for k, v in student.state_dict().items()})
     teacher_acc = evaluate_accuracy(teacher, data.test)
     t_params = sum(p.numel() for p in teacher.parameters())
-    s_params = sum(p.numel() for p in MODELS[args.student]().parameters())
-    print(f"\nteacher cnn_teacher: {t_params:,} params, test accuracy {teacher_acc:.4f}; student {args.student}: "
+    s_params = sum(p.numel() for p in new_student(args, teacher, example).parameters())
+    name = args.student if args.derive_width is None else f"derived at width ratio {args.derive_width}"
+    print(f"\nteacher cnn_teacher: {t_params:,} params, test accuracy {teacher_acc:.4f}; student {name}: "
           f"{s_params:,} params ({t_params / s_params:.1f}x fewer); {args.epochs} epochs, lr {args.lr}, seeds {args.seeds}; "
           f"T={args.temperature}, soft {args.soft_weight}, hard {args.hard_weight}")
     for mode, accs in results.items():
@@ -79,11 +87,27 @@ def main() -> None:
         print(f"{mode:<10} accuracy {mean:.4f} ± {sd:.4f}  (per seed {', '.join(f'{a:.4f}' for a in accs)}); "
               f"retention {mean / teacher_acc:.2%}")
     gain = statistics.mean(results["distilled"]) - statistics.mean(results["alone"])
+    if "scratch" in results:
+        print(f"distillation gain over the same architecture from scratch: "
+              f"{100 * (statistics.mean(results['distilled']) - statistics.mean(results['scratch'])):+.2f} points")
     print(f"distillation gain: {100 * gain:+.2f} points (mean over {len(args.seeds)} seeds)")
     (t_live, w_live), (t_cached, w_cached) = timing["live"], timing["cached"]
     diff = max(float((w_live[k] - w_cached[k]).abs().max()) for k in w_live)
     print(f"one epoch: teacher every step {t_live:.1f} s, cached logits {t_cached:.1f} s "
           f"({t_live / t_cached:.2f}x faster); largest weight difference {diff:.2e}")
+
+
+def new_student(args, teacher, example, scratch: bool = False):
+    """The built-in student, or the teacher with `--derive-width` of its channels removed (re-initialised
+    at random for the 'scratch' control)."""
+    if args.derive_width is None:
+        return MODELS[args.student]()
+    student = derive_width(teacher, example, args.derive_width)
+    if scratch:
+        for m in student.modules():
+            if m is not student and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return student.train()
 
 
 if __name__ == "__main__":

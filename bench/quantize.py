@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from torchslim.data import fashion_mnist
 from torchslim.export import export_onnx, onnx_outputs
 from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency, torch_threads
-from torchslim.models import MODELS, load_weights, save_weights
+from torchslim.models import MODELS, load_weights
 from torchslim.quantize import lower
 from torchslim.train import TrainConfig, cross_entropy_loss, fit
 
@@ -88,7 +86,6 @@ def main() -> None:
             onnx.save(lower.gemm_to_matmul(onnx.load(str(f32))), str(mm))
             quantize_dynamic(str(mm), str(t / "ort_dyn.onnx"), weight_type=QuantType.QInt8)
             pre = lower.preprocess(f32, t / "pre.onnx")
-            start = time.perf_counter()
             quantize_static(str(pre), str(t / "ort_static.onnx"), Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         rows["ORT quantize_dynamic"] = ort_row(t / "ort_dyn.onnx", x, y, args)

@@ -3,7 +3,6 @@ import copy
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from conftest import assert_resume_matches

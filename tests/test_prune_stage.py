@@ -1,8 +1,5 @@
-import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from conftest import assert_resume_matches
 from torchslim.errors import RecipeError

@@ -1,4 +1,5 @@
-"""ONNX export with a dynamic batch axis, checked numerically against PyTorch on real inputs."""
+"""ONNX export with dynamic axes (batch; sequence for text models), checked numerically against PyTorch
+on real inputs."""
 
 from __future__ import annotations
 
@@ -33,18 +34,24 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, spec: InputSpec, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.onnx.export(model, (example,), None, input_names=[spec.name], output_names=[OUTPUT_NAME],
-                                dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
+def _export_dynamo(model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict], opset: int) -> None:
+    dims: dict[str, torch.export.Dim] = {}
+    for ax in axes:
+        for label in ax.values():  # min 2: a size-1 example would specialise the axis
+            dims.setdefault(label, torch.export.Dim(label, min=1 if label == "batch" else 2, max=65536))
+    shapes = tuple({i: dims[label] for i, label in ax.items()} for ax in axes)
+    program = torch.onnx.export(model, args, None, input_names=names, output_names=[OUTPUT_NAME],
+                                dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                 verbose=False, optimize=True)
     program.save(str(path), external_data=False)
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, spec: InputSpec, opset: int) -> None:
-    torch.onnx.export(model, (example,), str(path), input_names=[spec.name], output_names=[OUTPUT_NAME],
-                      dynamo=False, opset_version=opset,
-                      dynamic_axes={spec.name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+def _export_torchscript(model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict],
+                        opset: int) -> None:
+    dynamic = {name: ax for name, ax in zip(names, axes)}
+    dynamic[OUTPUT_NAME] = {0: "batch"}
+    torch.onnx.export(model, args, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                      dynamo=False, opset_version=opset, dynamic_axes=dynamic)
 
 
 EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
@@ -52,10 +59,17 @@ EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 def export_onnx(model: nn.Module, path: Path, spec: InputSpec, exporter: str = "dynamo",
                 opset: int = 18) -> Path:
-    """Write `model` to `path` (atomically). The dynamo exporter is tried first; if it cannot handle
-    the model, the TorchScript exporter is tried, and if both fail the error names the cause."""
+    """Write `model` to `path` (atomically) with a dynamic batch axis. The dynamo exporter is tried
+    first; if it cannot handle the model, the TorchScript exporter is tried, and if both fail the
+    error names the cause."""
+    return export_inputs(model, path, (spec.example(2),), [spec.name], [{0: "batch"}], exporter, opset)
+
+
+def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], axes: list[dict[int, str]],
+                  exporter: str = "dynamo", opset: int = 18) -> Path:
+    """Export a model of several inputs (`names`), each with its dynamic axes ({axis: label}, labels
+    shared between inputs, e.g. {0: "batch", 1: "sequence"})."""
     model = model.eval()
-    example = spec.example(2)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     order = [exporter] + [name for name in EXPORTERS if name != exporter]
@@ -63,7 +77,7 @@ def export_onnx(model: nn.Module, path: Path, spec: InputSpec, exporter: str = "
     for name in order:
         try:
             with _quiet(), torch.no_grad():
-                EXPORTERS[name](model, example, tmp, spec, opset)
+                EXPORTERS[name](model, args, tmp, names, axes, opset)
             os.replace(tmp, path)
             return path
         except Exception as exc:  # each exporter raises its own error types; report them together

@@ -42,12 +42,14 @@ def _time(call, warmup: int, repeats: int) -> list[float]:
     return samples
 
 
-def pytorch_latency(model: nn.Module, example: torch.Tensor, threads: int = 2, warmup: int = 10,
+def pytorch_latency(model: nn.Module, example: torch.Tensor | tuple, threads: int = 2, warmup: int = 10,
                     repeats: int = 50) -> dict:
+    """`example`: one input tensor, or a tuple of them (e.g. input_ids, attention_mask)."""
     model.eval()
+    args = example if isinstance(example, tuple) else (example,)
     with torch_threads(threads), torch.inference_mode():
-        samples = _time(lambda: model(example), warmup, repeats)
-    return _summarise(samples, "pytorch", example.shape[0], threads, warmup)
+        samples = _time(lambda: model(*args), warmup, repeats)
+    return _summarise(samples, "pytorch", args[0].shape[0], threads, warmup)
 
 
 def ort_session(path: Path, threads: int = 2):
@@ -62,9 +64,10 @@ def ort_session(path: Path, threads: int = 2):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def onnxruntime_latency(path: Path, example: np.ndarray, threads: int = 2, warmup: int = 10,
+def onnxruntime_latency(path: Path, example: np.ndarray | dict, threads: int = 2, warmup: int = 10,
                         repeats: int = 50, session=None) -> dict:
+    """`example`: the one input array, or a feed {input name: array} for a model of several inputs."""
     session = session or ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: example}
+    feed = example if isinstance(example, dict) else {session.get_inputs()[0].name: example}
     samples = _time(lambda: session.run(None, feed), warmup, repeats)
-    return _summarise(samples, "onnxruntime", example.shape[0], threads, warmup)
+    return _summarise(samples, "onnxruntime", next(iter(feed.values())).shape[0], threads, warmup)

@@ -202,15 +202,16 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def dynamic_int8(src: Path, dst: Path, per_channel: bool = True) -> Path:
-    """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers)."""
+def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = ()) -> Path:
+    """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers);
+    `nodes_to_exclude` stay in float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with tempfile.TemporaryDirectory() as tmp:
         mm = Path(tmp) / "mm.onnx"
         onnx.save(gemm_to_matmul(onnx.load(str(src))), str(mm))
         with quiet():
             quantize_dynamic(str(mm), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "LSTM"])
+                             op_types_to_quantize=["MatMul", "LSTM"], nodes_to_exclude=list(nodes_to_exclude))
     return dst
 
 

