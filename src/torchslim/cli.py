@@ -79,6 +79,8 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
          objective: str = typer.Option("latency", help="latency or size"),
          time_budget: float = typer.Option(1800, help="seconds the search may take (sensitivity, screening, trials)"),
          max_trials: int = typer.Option(4, help="fine-tuned trials at most"),
+         checkpoint: Optional[Path] = typer.Option(None, help="trained weights for the recipe's model: plan from "
+                                                   "them instead of running the recipe's preparing stages"),
          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<name>-auto)"),
          resume: bool = typer.Option(False, "--resume", help="continue an interrupted search in --out"),
          overwrite: bool = typer.Option(False, "--overwrite", help="replace a run already in --out")):
@@ -92,6 +94,11 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
     base, folder = load_recipe(recipe)
     data = base.to_dict()
     keep = []
+    if checkpoint is not None:
+        if not checkpoint.exists():
+            raise TorchslimError(f"--checkpoint {checkpoint} does not exist.")
+        data["model"]["checkpoint"] = str(checkpoint.resolve())
+        data["stages"] = []
     for spec in data["stages"]:
         (name, _), = spec.items()
         if get_stage(name).compresses or name == "export":

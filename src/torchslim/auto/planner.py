@@ -5,7 +5,7 @@
 2. Screening: candidate plans (structured pruning ratio x low-rank energy x int8 or float) are applied
    one-shot to copies; each candidate's ONNX Runtime artifact is written and measured (latency in
    the recipe's runtime settings, bytes on disk, validation accuracy). Layers whose sensitivity alone
-   exceeds half the budget are left out of pruning, factorisation and int8.
+   is an outlier are pruned at half the ratio, and left out of factorisation and int8.
 3. Trials: on the Pareto front (objective vs one-shot accuracy), a binary search runs real recipes
    with fine-tuning (the same stages the plan will hold) and keeps the best objective whose
    validation drop stays within the budget minus a safety margin.
@@ -44,10 +44,14 @@ class AutoConfig(BaseModel):
     max_accuracy_drop: float = Field(0.01, gt=0, lt=1, description="validation accuracy the plan may lose")
     objective: Literal["latency", "size"] = "latency"
     time_budget_s: float = Field(1800, ge=10, description="bound on the whole search (sensitivity, screening, trials)")
-    prune_ratios: list[float] = Field([0.3, 0.5, 0.65, 0.75], description="structured ratios screened (0 added)")
+    prune_ratios: list[float] = Field([0.3, 0.5, 0.65, 0.75, 0.85], description="structured ratios screened (0 added)")
     energies: list[float] = Field([0.9], description="low-rank energies screened (none added)")
     quantize: list[Literal["none", "static"]] = Field(["none", "static"])
     prune_steps: int = Field(3, ge=1, le=10, description="gradual steps of the plan's pruning")
+    round_to: int = Field(16, ge=1, le=256, description="kept channel counts are multiples of this: ONNX Runtime's "
+                          "blocked convolution kernels need multiples of 8 (AVX2) or 16 (AVX-512)")
+    recalibration_batches: int = Field(20, ge=0, description="training batches that re-estimate batch-norm "
+                                       "statistics of a one-shot candidate before it is measured")
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.001, precision="auto"),
                                   description="fine-tuning after each pruning step and after factorisation")
     margin: float = Field(0.2, ge=0, lt=1, description="share of the budget held back on validation")
@@ -110,7 +114,8 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
         if not clock.allows(f"prune sensitivity {name}"):
             break
         trial = copy.deepcopy(model)
-        apply_plan(trial, prune_plan(trial, example, {name: 0.5, "default": 0.0}))
+        apply_plan(trial, prune_plan(trial, example, {name: 0.5, "default": 0.0}, round_to=cfg.round_to))
+        recalibrate_batch_norm(trial, ctx, cfg.recalibration_batches)
         out["prune"].append({"layer": name, "ratio": 0.5, "drop": base - _accuracy(trial, x, y)})
     energy = min(cfg.energies) if cfg.energies else None
     for layer in find_layers(model, example) if energy else []:
@@ -157,15 +162,45 @@ def candidates(cfg: AutoConfig) -> list[dict]:
     return [{"prune": p, "energy": e, "quantize": q} for p in ratios for e in energies for q in cfg.quantize]
 
 
-def _build(model, cand: dict, avoid: dict, example) -> torch.nn.Module:
+def recalibrate_batch_norm(model, ctx, batches: int) -> None:
+    """Re-estimate batch-norm running statistics on training batches (no weights change): after
+    channels are removed, the next layers' statistics are stale and one-shot accuracy collapses."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    gen = torch.Generator().manual_seed(ctx.recipe.seed)
+    idx = torch.randperm(len(ctx.data.train), generator=gen)[:batches * 128].tolist()
+    model.eval()
+    for m in norms:
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(idx), 128):
+            model(torch.stack([ctx.data.train[j][0] for j in idx[i:i + 128]]))
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.eval()
+
+
+def _gentle(avoid: dict, ratio: float) -> dict[str, float]:
+    """Layers whose pruning alone is an outlier in sensitivity are cut at half the ratio."""
+    return {layer: round(ratio / 2, 6) for layer in avoid["prune"]}
+
+
+def _build(model, cand: dict, avoid: dict, example, ctx, cfg) -> torch.nn.Module:
     trial = copy.deepcopy(model)
     if cand["prune"]:
         convert_attention(trial)
-        apply_plan(trial, prune_plan(trial, example, cand["prune"], ignore=avoid["prune"]))
+        ratios = {"default": cand["prune"], **_gentle(avoid, cand["prune"])}
+        apply_plan(trial, prune_plan(trial, example, ratios, round_to=cfg.round_to))
     if cand["energy"]:
         found = find_layers(trial, example, ignore=avoid["lowrank"])
         choose_ranks(found, trial, energy=cand["energy"])
         apply_ranks(trial, found)
+    recalibrate_batch_norm(trial, ctx, cfg.recalibration_batches)
     return trial.eval()
 
 
@@ -191,7 +226,7 @@ def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path) -
         if not clock.allows(f"candidate {cand}"):
             continue
         try:
-            trial = _build(model, cand, avoid, example)
+            trial = _build(model, cand, avoid, example, ctx, cfg)
             path = _lower(trial, cand, ctx, cfg, avoid, work)
         except Exception as exc:  # a candidate the model cannot take is recorded, not fatal
             rows.append({**cand, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
@@ -224,7 +259,7 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
     stages: list[dict] = []
     if cand["prune"]:
         stages.append({"prune": {"method": "structured", "ratio": cand["prune"], "importance": "l1",
-                                 "ignore": avoid["prune"],
+                                 "layer_ratios": _gentle(avoid, cand["prune"]), "round_to": cfg.round_to,
                                  "schedule": {"kind": "gradual" if cfg.prune_steps > 1 else "one_shot",
                                               "steps": cfg.prune_steps},
                                  "finetune": tune}})

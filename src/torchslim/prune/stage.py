@@ -40,6 +40,8 @@ class PruneConfig(BaseModel):
     round_to: int = Field(1, ge=1, le=256)
     prune_heads: bool = True
     ignore: list[str] = Field(default_factory=list, description="module paths whose outputs are kept")
+    layer_ratios: dict[str, float] = Field(default_factory=dict, description="structured: a final ratio per "
+                                           "layer path instead of `ratio` (e.g. less for a sensitive layer)")
     n: int = Field(2, ge=1)
     m: int = Field(4, ge=2)
     schedule: Schedule = Field(default_factory=Schedule)
@@ -47,6 +49,9 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _amount(self):
+        bad = {k: v for k, v in self.layer_ratios.items() if not 0 <= v < 1}
+        if bad:
+            raise ValueError(f"layer_ratios must be in [0, 1), got {bad}")
         if self.method == "structured" and self.ratio is None:
             raise ValueError("method 'structured' needs 'ratio' (share of channels to remove)")
         if self.method in ("magnitude", "random") and self.sparsity is None:
@@ -61,10 +66,30 @@ class PruneConfig(BaseModel):
             1 - self.n / self.m if self.method == "nm" else self.sparsity)
 
 
-def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: float) -> dict:
+def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: float) -> dict[str, float]:
+    """Per-layer ratios for this step, so that after it every layer keeps its share of its *original*
+    width (rounded up to `round_to`): steps do not compound rounding, and the last step lands exactly
+    where a one-shot cut would."""
+    current = _widths(model)
+    out: dict[str, float] = {"default": 0.0}
+    for name, width in original.items():
+        if name not in current:
+            continue
+        layer_target = target * cfg.layer_ratios.get(name.removesuffix(" (heads)"), cfg.ratio) / cfg.ratio \
+            if cfg.ratio else 0.0
+        keep = max(min(width, cfg.min_channels), width - int(round(layer_target * width)))
+        if not name.endswith(" (heads)"):
+            keep = min(width, -(-keep // cfg.round_to) * cfg.round_to)
+        out[name.removesuffix(" (heads)")] = max(0.0, 1.0 - keep / current[name])
+    return out
+
+
+def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: float,
+          original: dict[str, int]) -> dict:
     if cfg.method == "structured":
         example = ctx.real_batch(2)
-        ratio = schedule.step_ratio(previous, target)
+        ratio = schedule.step_ratio(previous, target) if cfg.global_ranking else \
+            _step_ratios(model, cfg, original, target)
         if cfg.importance == "taylor":
             loader = epoch_loader(ctx.data.train, ctx.recipe.data.batch_size, ctx.recipe.seed, 0)
             taylor_gradients(model, loader, cross_entropy_loss())
@@ -91,7 +116,7 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
     if cfg.method == "nm":
         targets = [cfg.final]
     total = sum(p.numel() for p in model.parameters())
-    widths_before = _widths(model)
+    widths_before = _widths(model)  # (on resume too: the stage starts from the previous stage's model)
     steps, previous, notes = [], 0.0, []
     for k, target in enumerate(targets):
         step_dir = ctx.stage_dir / f"step-{k + 1}"
@@ -100,7 +125,7 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
             load_weights(model, saved)
             record = _load_record(step_dir)
         else:
-            record = {"step": k + 1, "target": target, **_step(model, cfg, ctx, previous, target)}
+            record = {"step": k + 1, "target": target, **_step(model, cfg, ctx, previous, target, widths_before)}
             if cfg.finetune is not None:
                 handles = unstructured.apply_masks(model, unstructured.masks_from_zeros(model, cfg.ignore)) \
                     if cfg.method != "structured" else []

@@ -1,0 +1,80 @@
+"""Structured pruning of BERT-family encoders (Hugging Face layout): attention heads and FFN
+neurons removed from the weight tensors.
+
+A head is a slice of `head_size` rows of query/key/value and the matching columns of the attention
+output projection; an FFN neuron is a row of `intermediate.dense` and a column of `output.dense`.
+Importance is the L1 norm of everything a head or neuron owns. The attention code reshapes with
+`view(..., -1, head_size)`, so fewer rows means fewer heads without touching the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchslim.errors import TorchslimError
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("encoder.encoder.layer", "encoder.layer", "bert.encoder.layer"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise TorchslimError(f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer list).")
+
+
+def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[rows].clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[rows].clone())
+    linear.out_features = len(rows)
+
+
+def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[:, cols].clone())
+    linear.in_features = len(cols)
+
+
+def head_scores(layer: nn.Module) -> torch.Tensor:
+    att = layer.attention.self
+    size = att.attention_head_size
+    heads = att.query.out_features // size
+    own = sum(lin.weight.abs().reshape(heads, size, -1).sum((1, 2)) for lin in (att.query, att.key, att.value))
+    out = layer.attention.output.dense.weight.abs().reshape(-1, heads, size).sum((0, 2))
+    return own + out
+
+
+def neuron_scores(layer: nn.Module) -> torch.Tensor:
+    return layer.intermediate.dense.weight.abs().sum(1) + layer.output.dense.weight.abs().sum(0)
+
+
+def _keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    n = len(scores)
+    keep = max(1, n - int(round(ratio * n)))
+    return torch.argsort(scores, descending=True)[:keep].sort().values
+
+
+@torch.no_grad()
+def prune_encoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 0.0) -> list[dict]:
+    """Remove `head_ratio` of every layer's heads and `ffn_ratio` of its FFN neurons (lowest L1)."""
+    if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
+        raise TorchslimError(f"head_ratio and ffn_ratio must be in [0, 1), got {head_ratio}, {ffn_ratio}.")
+    records = []
+    for i, layer in enumerate(encoder_layers(model)):
+        att = layer.attention.self
+        size = att.attention_head_size
+        heads_before = att.query.out_features // size
+        neurons_before = layer.intermediate.dense.out_features
+        heads = _keep(head_scores(layer), head_ratio)
+        rows = (heads[:, None] * size + torch.arange(size)).reshape(-1)
+        for lin in (att.query, att.key, att.value):
+            _keep_rows(lin, rows)
+        _keep_cols(layer.attention.output.dense, rows)
+        att.num_attention_heads, att.all_head_size = len(heads), len(rows)
+        neurons = _keep(neuron_scores(layer), ffn_ratio)
+        _keep_rows(layer.intermediate.dense, neurons)
+        _keep_cols(layer.output.dense, neurons)
+        records.append({"layer": i, "heads_before": heads_before, "heads_after": len(heads),
+                        "kept_heads": heads.tolist(), "neurons_before": neurons_before,
+                        "neurons_after": len(neurons)})
+    return records
