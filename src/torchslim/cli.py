@@ -104,7 +104,11 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
         if get_stage(name).compresses or name == "export":
             break
         keep.append(spec)
-    data.update(name=f"{base.name}-auto", output=None, stages=[*keep, {"auto": {
+    data.update(name=f"{base.name}-auto", output=None,
+                description=f"torchslim auto on the model of '{base.name}'" + (
+                    f" (weights {checkpoint.name})" if checkpoint else "") + f": lowest {objective} within "
+                f"{100 * max_accuracy_drop:g} points of validation accuracy, search bounded to {time_budget:g} s.",
+                stages=[*keep, {"auto": {
         "max_accuracy_drop": max_accuracy_drop, "objective": objective, "time_budget_s": time_budget,
         "max_trials": max_trials}}, {"export": {"format": "all"}}])
     parsed = parse_recipe(data, f"{recipe} (torchslim auto)")
