@@ -14,7 +14,8 @@ def derive_width(teacher: nn.Module, example: torch.Tensor, ratio: float, import
     """The teacher with `ratio` of its channels, neurons and heads removed (structured pruning), so the
     student starts from the teacher's most important weights."""
     from torchslim.prune import structured
-    return structured(copy.deepcopy(teacher).eval(), example, ratio=ratio, importance=importance)
+    student = structured(copy.deepcopy(teacher).eval(), example, ratio=ratio, importance=importance)
+    return student.requires_grad_(True)  # trainable even when the teacher is frozen
 
 
 def keep_indices(n: int, keep_every: int) -> list[int]:
@@ -43,4 +44,4 @@ def derive_depth(teacher: nn.Module, path: str, keep_every: int = 2) -> tuple[nn
     """The teacher with only every k-th block of `path` (copying their weights)."""
     n = len(teacher.get_submodule(path))
     indices = keep_indices(n, keep_every)
-    return apply_keep_blocks(copy.deepcopy(teacher), path, indices), indices
+    return apply_keep_blocks(copy.deepcopy(teacher), path, indices).requires_grad_(True), indices
