@@ -157,4 +157,5 @@ def test_builtin_distill_recipe_is_valid():
     recipe, _ = load_recipe("distill")
     assert [s.name for s in recipe.stages] == ["train", "distill", "export"]
     cfg = recipe.stages[1].config
-    assert cfg.student.builtin == "cnn_student" and cfg.soft_weight + cfg.hard_weight == pytest.approx(1.0)
+    assert cfg.student.derive == "width" and cfg.student.ratio == 0.6
+    assert cfg.soft_weight + cfg.hard_weight == pytest.approx(1.0)
