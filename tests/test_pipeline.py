@@ -170,7 +170,10 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, tiny_recipe, cli_env):
     path, out = tmp_path / "r.yaml", tmp_path / "run"
     path.write_text(yaml.safe_dump(tiny_recipe))
     cmd = [sys.executable, "-m", "torchslim", "run", str(path), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    # a shell that starts jobs in the background sets SIGINT to "ignore", and Python keeps that; give
+    # the CLI the default disposition, as an interactive terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = out / "stages" / "01-train" / "checkpoint" / "last.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
