@@ -35,6 +35,7 @@ from torchslim.measure.latency import onnxruntime_latency, ort_session
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan as prune_plan
 from torchslim.quantize import lower
+from torchslim.quantize.stage import calibration_batches
 from torchslim.report.json import atomic_write_text
 from torchslim.train import TrainConfig, console
 
@@ -91,14 +92,6 @@ def _accuracy(session_or_model, x: torch.Tensor, y: np.ndarray) -> float:
     return float((out.argmax(1) == y).mean())
 
 
-def _calibration(ctx, batches: int) -> list[np.ndarray]:
-    gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    n = min(len(ctx.data.train), batches * 64)
-    idx = torch.randperm(len(ctx.data.train), generator=gen)[:n].tolist()
-    x = torch.stack([ctx.data.train[i][0] for i in idx]).numpy()
-    return [x[i:i + 64] for i in range(0, n, 64)]
-
-
 # --------------------------------------------------------------------------------- sensitivity
 
 def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
@@ -132,7 +125,7 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
     if "static" in cfg.quantize:
         float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input)
         pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
-        ranges = lower.activation_ranges(pre, _calibration(ctx, cfg.calibration_batches))
+        ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
         base_onnx = _accuracy(ort_session(float_onnx, ctx.recipe.measure.threads), x, y)
         for name, op, module in lower.quantizable_nodes(pre):
             if not clock.allows(f"int8 sensitivity {module}"):
@@ -208,7 +201,7 @@ def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path) -> 
     path = export_onnx(trial, work / "cand.onnx", ctx.data.input)
     if cand["quantize"] == "static":
         pre = lower.preprocess(path, work / "cand.pre.onnx")
-        ranges = lower.activation_ranges(pre, _calibration(ctx, cfg.calibration_batches))
+        ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
         nodes = lower.quantizable_nodes(pre)
         exclude = [n for n, _, m in nodes if any(m == a or m.startswith(a + ".") for a in avoid["int8"])]
         path = lower.static_int8(pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges,

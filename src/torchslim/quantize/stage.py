@@ -60,12 +60,13 @@ def _val_accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> flo
     return float((onnx_outputs(ort_session(path, threads), x).argmax(1) == y).mean())
 
 
-def _calibration(ctx: RunContext, cfg: QuantizeConfig):
+def calibration_batches(ctx: RunContext, batches: int, batch_size: int = 64) -> list[np.ndarray]:
+    """`batches` real training batches for calibration, the same ones for the same seed."""
     gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    n = min(len(ctx.data.train), cfg.calibration_batches * cfg.calibration_batch_size)
+    n = min(len(ctx.data.train), batches * batch_size)
     idx = torch.randperm(len(ctx.data.train), generator=gen)[:n].tolist()
     x = torch.stack([ctx.data.train[i][0] for i in idx]).numpy()
-    return [x[i:i + cfg.calibration_batch_size] for i in range(0, n, cfg.calibration_batch_size)]
+    return [x[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
@@ -74,7 +75,7 @@ def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
 
 def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -> dict:
     pre = lower.preprocess(float_onnx, ctx.stage_dir / "float.pre.onnx")  # once, for every trial below
-    ranges = lower.activation_ranges(pre, _calibration(ctx, cfg), cfg.observer)
+    ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches, cfg.calibration_batch_size), cfg.observer)
     nodes = lower.quantizable_nodes(pre)
     common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric_activations,
                   reduce_range=cfg.reduce_range, activation_type=cfg.activation_type, weight_bits=cfg.weight_bits)
