@@ -36,14 +36,15 @@ data: text
 		echo "(or set TORCHSLIM_DATA to a folder holding the four IDX .gz files)"; exit 1; \
 	fi
 
-# real English sentences for the text-encoder tests and benchmarks
+# real English sentences for the text encoders: fortunes-min for evaluation, fortunes (its other
+# files) as the distillation corpus
 text:
-	@if [ -f /usr/share/games/fortunes/fortunes ]; then :; \
+	@if [ -f /usr/share/games/fortunes/fortunes ] && [ -f /usr/share/games/fortunes/wisdom ]; then :; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
-		echo "installing the Debian package fortunes-min (English sentences)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-min; \
+		echo "installing the Debian packages fortunes-min and fortunes (English sentences)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-min fortunes; \
 	else \
-		echo "Run: sudo apt-get install fortunes-min"; exit 1; \
+		echo "Run: sudo apt-get install fortunes-min fortunes"; exit 1; \
 	fi
 
 clean:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from torchslim.data import fashion_mnist
-from torchslim.distill.distiller import Distiller, Indexed, teacher_cache
+from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
 from torchslim.distill.students import derive_width
 from torchslim.models import MODELS, load_weights
 from torchslim.train import TrainConfig, cross_entropy_loss, evaluate_accuracy, fit
@@ -34,6 +34,14 @@ def main() -> None:
                         help="student = the teacher with RATIO of its channels removed (structured pruning); "
                              "'alone' trains it from the same initialisation with cross-entropy, "
                              "'scratch' trains the same architecture from random weights")
+    parser.add_argument("--init", choices=["teacher", "scratch"], default="teacher",
+                        help="with --derive-width: start 'alone' and 'distilled' from the pruned teacher's weights "
+                             "(default) or both from the same random weights")
+    parser.add_argument("--hint", nargs="*", default=[], metavar="PATH",
+                        help="hint (FitNets) terms between the same module path in student and teacher")
+    parser.add_argument("--attention", nargs="*", default=[], metavar="PATH",
+                        help="attention-transfer terms between the same module path in student and teacher")
+    parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -49,18 +57,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         logits = teacher_cache(teacher, data.train, Path(tmp) / "teacher.safetensors")
         results = {"alone": [], "distilled": []}
-        if args.derive_width is not None:
+        if args.derive_width is not None and args.init == "teacher":
             results = {"scratch": [], **results}
+        features = [FeatureTerm(p, p, "hint", args.feature_weight) for p in args.hint] + \
+                   [FeatureTerm(p, p, "attention", args.feature_weight) for p in args.attention]
         for seed in args.seeds:
             for mode in results:
                 torch.manual_seed(seed)
-                student = new_student(args, teacher, example, scratch=mode == "scratch")
+                student = new_student(args, teacher, example, scratch=mode == "scratch" or args.init == "scratch")
                 if mode in ("alone", "scratch"):
                     fit(student, data.train, cfg, loss_fn=cross_entropy_loss(), batch_size=128, validate=validate,
                         seed=seed)
                 else:
                     d = Distiller(teacher, student, example, args.temperature, args.soft_weight, args.hard_weight,
-                                  cached_logits=logits)
+                                  features=features, cached_logits=logits)
                     fit(student, Indexed(data.train), cfg, loss_fn=d.loss, batch_size=128, validate=validate,
                         seed=seed)
                     Distiller.finish(student)
@@ -78,10 +88,12 @@ def main() -> None:
     teacher_acc = evaluate_accuracy(teacher, data.test)
     t_params = sum(p.numel() for p in teacher.parameters())
     s_params = sum(p.numel() for p in new_student(args, teacher, example).parameters())
-    name = args.student if args.derive_width is None else f"derived at width ratio {args.derive_width}"
+    name = args.student if args.derive_width is None else \
+        f"derived at width ratio {args.derive_width}, {args.init} init"
     print(f"\nteacher cnn_teacher: {t_params:,} params, test accuracy {teacher_acc:.4f}; student {name}: "
           f"{s_params:,} params ({t_params / s_params:.1f}x fewer); {args.epochs} epochs, lr {args.lr}, seeds {args.seeds}; "
-          f"T={args.temperature}, soft {args.soft_weight}, hard {args.hard_weight}")
+          f"T={args.temperature}, soft {args.soft_weight}, hard {args.hard_weight}; "
+          f"hints {args.hint or 'none'}, attention {args.attention or 'none'} (weight {args.feature_weight})")
     for mode, accs in results.items():
         mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"{mode:<10} accuracy {mean:.4f} ± {sd:.4f}  (per seed {', '.join(f'{a:.4f}' for a in accs)}); "

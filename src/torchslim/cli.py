@@ -46,18 +46,20 @@ def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, c
 
 def _print_summary(report: dict, run_dir: Path) -> None:
     table = Table(title=f"torchslim — {report['recipe']['name']}")
-    for col in ("#", "stage", "accuracy", "params", "size (bytes)", "latency p50 (ms)", "p95 (ms)"):
+    metric = report.get("task_metric", "accuracy")
+    label = metric.replace("_", " ")
+    for col in ("#", "stage", label, "params", "size (bytes)", "latency p50 (ms)", "p95 (ms)"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for i, st in enumerate(report["stages"]):
         m = st["metrics"]
-        table.add_row(str(i), st["name"], f"{m.get('accuracy', float('nan')):.4f}", f"{m['params']:,}",
+        table.add_row(str(i), st["name"], f"{m.get(metric, float('nan')):.4f}", f"{m['params']:,}",
                       f"{m['size_bytes']:,}", f"{m['latency_ms']['p50']:.2f}", f"{m['latency_ms']['p95']:.2f}")
     out.print(table)
     s, stages = report["summary"], report["stages"]
     if s and s["reference_stage"] == s["final_stage"] and len(stages) > 1:
-        out.print(f"no compressing stage in this recipe; baseline → final accuracy "
-                  f"{stages[0]['metrics'].get('accuracy', float('nan')):.4f} → "
-                  f"{stages[-1]['metrics'].get('accuracy', float('nan')):.4f}")
+        out.print(f"no compressing stage in this recipe; baseline → final {label} "
+                  f"{stages[0]['metrics'].get(metric, float('nan')):.4f} → "
+                  f"{stages[-1]['metrics'].get(metric, float('nan')):.4f}")
     elif s:
         ref = next(st["metrics"] for st in stages if st["name"] == s["reference_stage"])
         fin = stages[-1]["metrics"]
@@ -70,6 +72,8 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         if s.get("accuracy_drop") is not None:
             out.print(f"  accuracy    {ref['accuracy']:.4f} -> {fin['accuracy']:.4f} "
                       f"(drop {100 * s['accuracy_drop']:.2f} points)")
+        elif s.get(f"{metric}_drop") is not None:
+            out.print(f"  {label} {ref[metric]:.4f} -> {fin[metric]:.4f} (min {fin.get('min_cosine', float('nan')):.4f})")
     out.print(f"report: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 

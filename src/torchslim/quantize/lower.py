@@ -202,16 +202,22 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = ()) -> Path:
-    """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers);
-    `nodes_to_exclude` stay in float."""
+DYNAMIC_OPS = ("MatMul", "Attention", "LSTM")
+
+
+def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = (),
+                 op_types: Sequence[str] = DYNAMIC_OPS) -> Path:
+    """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers, and the
+    fused Attention of an optimised transformer graph); `nodes_to_exclude` stay in float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with tempfile.TemporaryDirectory() as tmp:
         mm = Path(tmp) / "mm.onnx"
         onnx.save(gemm_to_matmul(onnx.load(str(src))), str(mm))
         with quiet():
             quantize_dynamic(str(mm), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "LSTM"], nodes_to_exclude=list(nodes_to_exclude))
+                             op_types_to_quantize=list(op_types), nodes_to_exclude=list(nodes_to_exclude),
+                             # ONNX shape inference does not type the outputs of fused contrib ops
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return dst
 
 

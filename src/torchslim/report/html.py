@@ -19,10 +19,13 @@ def render_html(report: dict) -> str:
     stages = report["stages"]
     latency = report["stages"][0]["metrics"]["latency_ms"] if stages else {}
     figures, overview = [], None
+    metric = report.get("task_metric", "accuracy")
+    label = metric.replace("_", " ")
     if stages:
-        figures.append(("Size vs accuracy", _b64(plots.tradeoff(stages, "size", "artifact size (MB)"))))
-        overview = (f"Latency vs accuracy per stage ({latency.get('runtime')}, batch {latency.get('batch_size')}, "
-                    f"{latency.get('threads')} threads)", _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)")))
+        figures.append((f"Size vs {label}", _b64(plots.tradeoff(stages, "size", "artifact size (MB)", metric))))
+        overview = (f"Latency vs {label} per stage ({latency.get('runtime')}, batch {latency.get('batch_size')}, "
+                    f"{latency.get('threads')} threads)",
+                    _b64(plots.tradeoff(stages, "latency", "latency p50 (ms)", metric)))
     searched = [(i, st["auto"]) for i, st in enumerate(stages) if st.get("auto")]
     if searched:
         i, info = searched[-1]

@@ -45,22 +45,24 @@ def _ratio(a, b):
     return float(a) / float(b) if a and b else None
 
 
-def summary(stages: list[dict], reference: int) -> dict:
+def summary(stages: list[dict], reference: int, metric: str = "accuracy") -> dict:
     """Reference stage over final stage: size_ratio and speedup > 1 mean the final model is better;
-    accuracy_drop is reference minus final (same unit as the metric)."""
+    `<metric>_drop` (accuracy_drop for classifiers) is reference minus final, in the metric's unit."""
     ref, final = stages[reference]["metrics"], stages[-1]["metrics"]
     out = {"reference_stage": stages[reference]["name"], "final_stage": stages[-1]["name"],
            "size_ratio": _ratio(ref["size_bytes"], final["size_bytes"]),
            "speedup": _ratio(ref["latency_ms"]["p50"], final["latency_ms"]["p50"]),
            "param_ratio": _ratio(ref["params"], final["params"]),
            "storage_ratio": _ratio(ref.get("storage_bytes"), final.get("storage_bytes"))}
-    if "accuracy" in ref and "accuracy" in final:
-        out["accuracy_drop"] = ref["accuracy"] - final["accuracy"]
+    if metric in ref and metric in final:
+        out[f"{metric}_drop"] = ref[metric] - final[metric]
     return out
 
 
 def build_report(recipe_dict: dict, env: dict, stages: list[dict], input_spec: dict, reference: int,
-                 status: str) -> dict:
+                 status: str, metric: str = "accuracy") -> dict:
+    """`metric` names the task metric in every stage's metrics (accuracy, or mean_cosine for embeddings)."""
     from torchslim import __version__
     return {"torchslim_version": __version__, "status": status, "recipe": recipe_dict, "environment": env,
-            "stages": stages, "input": input_spec, "summary": summary(stages, reference) if stages else {}}
+            "task_metric": metric, "stages": stages, "input": input_spec,
+            "summary": summary(stages, reference, metric) if stages else {}}

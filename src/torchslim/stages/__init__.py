@@ -3,6 +3,7 @@ the whole discovery mechanism (no scanning)."""
 
 from torchslim.auto import stage as auto  # noqa: F401
 from torchslim.distill import stage as distill  # noqa: F401
+from torchslim.encoders import stages as encoders  # noqa: F401
 from torchslim.lowrank import stage as lowrank  # noqa: F401
 from torchslim.prune import stage as prune  # noqa: F401
 from torchslim.quantize import stage as quantize  # noqa: F401

@@ -1,0 +1,183 @@
+"""The run of a `task: embedding` recipe: same run directory, state.json, resume, stage entries and
+report.json contract as a classifier's run; the task metric is `mean_cosine`.
+
+Measured after every stage, for the runtime that serves the model (`measure.runtime`):
+- `mean_cosine` / `min_cosine`: cosine similarity of the served artifact's embeddings to the float
+  model's on the held-out sentences — the mean of the worst source and the minimum over all (each
+  source's own numbers are under `fidelity`);
+- bytes of the artifact on disk, parameters, latency p50/p95/p99 on a batch of `measure.batch_size`
+  real sentences with `measure.threads` threads (PyTorch for float models, ONNX Runtime always).
+The float ONNX export is fused by ONNX Runtime's transformer optimizer and checked against PyTorch."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from torchslim.data import text
+from torchslim.errors import ExportError
+from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency
+from torchslim.measure.model_stats import count_params
+from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, resolve_model_dir, tokenize
+from torchslim.models.io import load_weights, save_weights
+from torchslim.quantize.encoder import AXES, NAMES, export_encoder, ort_embed
+from torchslim.registry import get_stage
+from torchslim.report.json import build_report, environment, write_json
+from torchslim.train import console
+
+METRIC = "mean_cosine"
+
+
+@dataclass
+class EncoderContext:
+    recipe: "object"
+    run_dir: Path
+    teacher: nn.Module  # the float model as loaded; fidelity is always measured against it
+    tokenizer: object
+    calibration: dict[str, list[str]]
+    evaluation: dict[str, list[str]]
+    reference: dict[str, torch.Tensor]  # the teacher's embeddings of the evaluation sentences
+    resume: bool = False
+    on_epoch_end: Callable | None = None
+    stage_dir: Path | None = None
+    stage_info: dict = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)
+    artifact_onnx: Path | None = None
+    onnx_path: Path | None = None
+
+    def calibration_fidelity(self, model: nn.Module, reference: dict[str, torch.Tensor] | None = None) -> float:
+        """Worst source's mean cosine on the calibration sentences (never the evaluation ones)."""
+        reference = reference or {k: embed(self.teacher, self.tokenizer, s) for k, s in self.calibration.items()}
+        return min(cosine_fidelity(reference[k], embed(model.eval(), self.tokenizer, s))["mean_cosine"]
+                   for k, s in self.calibration.items())
+
+    def fit(self, model, train_set, cfg, loss_fn, *, checkpoint_dir: Path, description: str):
+        from torchslim.train import fit
+        reference = {k: embed(self.teacher, self.tokenizer, s) for k, s in self.calibration.items()}
+        return fit(model, train_set, cfg, loss_fn=loss_fn, batch_size=cfg.batch_size or self.recipe.data.batch_size,
+                   validate=lambda m: self.calibration_fidelity(m, reference), checkpoint_dir=checkpoint_dir,
+                   resume=self.resume, seed=self.recipe.seed, on_epoch_end=self.on_epoch_end,
+                   description=description)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`measure.batch_size` real evaluation sentences of the first source, padded to the longest."""
+        sentences = self.evaluation[next(iter(self.evaluation))]
+        n = self.recipe.measure.batch_size
+        return tokenize(self.tokenizer, (sentences * (n // len(sentences) + 1))[:n])
+
+
+def input_spec(recipe) -> dict:
+    return {"names": NAMES, "dynamic_axes": [{str(k): v for k, v in a.items()} for a in AXES], "dtype": "int64",
+            "tokenizer": str(resolve_model_dir(recipe.model.hf)), "max_length": 128,
+            "output": "sentence embedding: mean of the token vectors over the attention mask, L2-normalised"}
+
+
+def measure_encoder(model: nn.Module, ctx: EncoderContext, out_dir: Path) -> tuple[dict, Path]:
+    cfg = ctx.recipe.measure
+    model = model.eval()
+    weights = out_dir / "model.safetensors"
+    metrics: dict = {**count_params(model), "weights_bytes": save_weights(model, weights).stat().st_size}
+    ids, mask = ctx.batch()
+    quantized = ctx.artifact_onnx is not None
+    latency = {} if quantized else {"pytorch": pytorch_latency(model, (ids, mask), cfg.threads, cfg.warmup,
+                                                               cfg.repeats)}
+    first = ctx.evaluation[next(iter(ctx.evaluation))]
+    onnx_path = ctx.onnx_path or ctx.artifact_onnx or export_encoder(model, ctx.tokenizer, out_dir / "model.onnx",
+                                                                     first, fuse=True)
+    session = ort_session(onnx_path, cfg.threads)
+    if not quantized:
+        probe = first[:cfg.verify_samples]
+        diff = float((embed(model, ctx.tokenizer, probe) - ort_embed(session, ctx.tokenizer, probe)).abs().max())
+        if not diff <= cfg.tolerance:
+            raise ExportError(f"The ONNX encoder disagrees with PyTorch: max abs difference {diff:.3g} on "
+                              f"{len(probe)} sentences exceeds measure.tolerance {cfg.tolerance:g}.")
+        metrics["onnx_max_abs_diff"] = diff
+    latency["onnxruntime"] = onnxruntime_latency(onnx_path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+                                                 cfg.threads, cfg.warmup, cfg.repeats, session)
+    if cfg.runtime == "onnxruntime":
+        served = {k: ort_embed(session, ctx.tokenizer, s) for k, s in ctx.evaluation.items()}
+        artifact = onnx_path
+    else:
+        served = {k: embed(model, ctx.tokenizer, s) for k, s in ctx.evaluation.items()}
+        artifact = weights
+    metrics["fidelity"] = {k: cosine_fidelity(ctx.reference[k], served[k]) for k in served}
+    metrics[METRIC] = min(f["mean_cosine"] for f in metrics["fidelity"].values())
+    metrics["min_cosine"] = min(f["min_cosine"] for f in metrics["fidelity"].values())
+    metrics["onnx_bytes"] = onnx_path.stat().st_size
+    metrics["size_bytes"] = artifact.stat().st_size
+    metrics["storage_bytes"] = min(metrics["weights_bytes"], metrics["size_bytes"])
+    metrics["latency_ms"], metrics["latency"] = latency[cfg.runtime], latency
+    metrics["eval_examples"] = sum(len(s) for s in ctx.evaluation.values())
+    return metrics, artifact
+
+
+def rebuild(teacher: nn.Module, architecture: dict) -> nn.Module:
+    """The current model's structure from its architecture record (layers kept by depth reduction)."""
+    from torchslim.distill.encoder import drop_layers
+    model = copy.deepcopy(teacher)
+    for op in architecture.get("ops", []):
+        model, _ = drop_layers(model, indices=op["keep_layers"])
+    return model
+
+
+def run_embedding(recipe, run_dir: Path, *, resume: bool, overwrite: bool,
+                  on_epoch_end: Callable | None = None) -> dict:
+    from torchslim.pipeline import STATE, _reference_index, prepare_run_dir, recipe_hash
+    state = prepare_run_dir(run_dir, recipe, resume, overwrite)
+    torch.manual_seed(recipe.seed)
+    teacher, tokenizer = load_sentence_encoder(recipe.model.hf)
+    teacher.requires_grad_(False)
+    splits = {s: text.split(s, recipe.data.calibration, recipe.data.evaluation, recipe.data.split_seed)
+              for s in recipe.data.sources}
+    evaluation = {s: e for s, (_, e) in splits.items()}
+    ctx = EncoderContext(recipe, run_dir, teacher, tokenizer, {s: c for s, (c, _) in splits.items()}, evaluation,
+                         {s: embed(teacher, tokenizer, e) for s, e in evaluation.items()}, resume=resume,
+                         on_epoch_end=on_epoch_end, architecture={"model": {"hf": recipe.model.hf}, "ops": []})
+    model = copy.deepcopy(teacher)
+    entries: list[dict] = list(state["stages"]) if state else []
+    if entries:
+        changed = [e["architecture"] for e in entries if "architecture" in e]
+        if changed:
+            ctx.architecture = changed[-1]
+            model = rebuild(teacher, changed[-1])
+        load_weights(model, run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
+        if any("encoder_int8" in e for e in entries):
+            ctx.artifact_onnx = run_dir / entries[-1]["artifact"]
+        console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
+    env, ref, spec = environment(recipe.measure.threads), _reference_index(recipe), input_spec(recipe)
+    base_state = {"recipe_hash": recipe_hash(recipe), "status": "running"}
+    plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]
+    for index, (name, stage) in enumerate(plan):
+        if index < len(entries):
+            continue
+        ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        ctx.stage_info, ctx.onnx_path = {}, None
+        console.log(f"stage {index}: {name}")
+        start = time.perf_counter()
+        if stage is not None:
+            model = get_stage(name).apply(model, stage.config, ctx)
+        seconds = time.perf_counter() - start
+        metrics, artifact = measure_encoder(model, ctx, ctx.stage_dir)
+        entries.append({"name": name, "seconds": seconds, "metrics": metrics,
+                        "artifact": str(artifact.relative_to(run_dir)), "dir": str(ctx.stage_dir.relative_to(run_dir)),
+                        "config": stage.config.model_dump(mode="json") if stage else {}, **ctx.stage_info})
+        lat = metrics["latency_ms"]
+        console.log(f"{name}: mean cosine {metrics[METRIC]:.4f} (min {metrics['min_cosine']:.4f}), size "
+                    f"{metrics['size_bytes'] / 1e6:.2f} MB, params {metrics['params']:,}, latency p50 {lat['p50']:.2f} "
+                    f"ms ({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)")
+        write_json(run_dir / STATE, {**base_state, "stages": entries})
+        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries, spec,
+                                                         min(ref, len(entries) - 1), "running", METRIC))
+    report = build_report(recipe.to_dict(), env, entries, spec, ref, "complete", METRIC)
+    write_json(run_dir / "report.json", report)
+    from torchslim.report.html import write_html
+    write_html(report, run_dir / "report.html")
+    write_json(run_dir / STATE, {**base_state, "status": "complete", "stages": entries})
+    return report

@@ -1,0 +1,93 @@
+"""Stages of `task: embedding` recipes.
+
+- `encoder_distill`: depth reduction (every k-th transformer layer kept, weights copied) and
+  hidden-state + embedding distillation from the float model on real sentences of the training
+  corpus (fortune files the evaluation never uses), on the one training loop with epoch checkpoints.
+- `encoder_quantize`: ONNX Runtime dynamic int8 (per-channel weights) of the fused graph's MatMul
+  and Attention nodes, with cosine-driven float fallback on the calibration sentences of every source."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from torchslim.distill.encoder import EncoderDistiller, drop_layers, sentence_dataset
+from torchslim.encoders.run import EncoderContext
+from torchslim.models.hf import embed
+from torchslim.models.io import load_weights, save_weights
+from torchslim.quantize.encoder import export_encoder, fidelity_int8, fusion_counts
+from torchslim.recipe import Strict
+from torchslim.registry import register_stage
+from torchslim.train import TrainConfig
+
+EMBEDDING = ("embedding",)
+
+
+class EncoderDistillConfig(Strict):
+    keep_every: int = Field(2, ge=1, le=12, description="keep every k-th transformer layer (always the last)")
+    train_sentences: int = Field(16000, ge=32, le=1_000_000, description="sentences of the training corpus used")
+    max_length: int = Field(128, ge=8, le=512)
+    embedding_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine between sentence embeddings")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE, student layer i vs "
+                                 "the teacher layer it was copied from")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4, weight_decay=0.01,
+                                                                   batch_size=32, precision="fp32"))
+
+
+@register_stage("encoder_distill", EncoderDistillConfig, compresses=True, tasks=EMBEDDING)
+def encoder_distill(model, cfg: EncoderDistillConfig, ctx: EncoderContext):
+    """Drop layers (keep every k-th) and distil embeddings and hidden states from the float model."""
+    from torchslim.data import text
+    student, kept = drop_layers(model, cfg.keep_every)
+    distiller = EncoderDistiller(model, student, dict(enumerate(kept)), cfg.embedding_weight, cfg.hidden_weight)
+    final = ctx.stage_dir / "distilled.safetensors"
+    before = ctx.calibration_fidelity(student)
+    if ctx.resume and final.exists():
+        load_weights(student, final)
+    else:
+        data = sentence_dataset(ctx.tokenizer, text.training_corpus(limit=cfg.train_sentences), cfg.max_length)
+        result = ctx.fit(student, data, cfg.train, distiller.loss, checkpoint_dir=ctx.stage_dir / "ckpt",
+                         description="encoder_distill")
+        ctx.stage_info["history"] = result.history
+        save_weights(student, final)
+    ops = ctx.architecture.get("ops", [])
+    ctx.architecture = {**ctx.architecture, "ops": [*ops, {"keep_layers": kept}]}
+    ctx.stage_info["architecture"] = ctx.architecture
+    ctx.stage_info["depth"] = {"teacher_layers": _layers(model), "kept": kept, "layer_map": dict(enumerate(kept)),
+                               "teacher_params": sum(p.numel() for p in model.parameters()),
+                               "student_params": sum(p.numel() for p in student.parameters()),
+                               "train_sentences": cfg.train_sentences,
+                               "calibration_cosine_before": before,
+                               "calibration_cosine_after": ctx.calibration_fidelity(student)}
+    return student.eval()
+
+
+def _layers(model) -> int:
+    from torchslim.prune.encoder import encoder_layers
+    return len(encoder_layers(model))
+
+
+class EncoderQuantizeConfig(Strict):
+    method: Literal["dynamic"] = "dynamic"
+    per_channel: bool = True
+    target: float = Field(0.995, gt=0, le=1, description="worst source's mean calibration cosine to the float "
+                          "model being quantized; the most sensitive nodes stay in float until it is reached")
+    fuse: bool = Field(True, description="fuse attention, layer norm and GELU with ONNX Runtime's transformer "
+                       "optimizer before quantizing")
+
+
+@register_stage("encoder_quantize", EncoderQuantizeConfig, compresses=True, tasks=EMBEDDING)
+def encoder_quantize(model, cfg: EncoderQuantizeConfig, ctx: EncoderContext):
+    """Dynamic int8 (per-channel) of MatMul/Attention nodes with cosine-driven float fallback."""
+    first = next(iter(ctx.evaluation.values()))
+    float_onnx = export_encoder(model, ctx.tokenizer, ctx.stage_dir / "float.onnx", first, fuse=cfg.fuse)
+    with torch.inference_mode():
+        reference = {k: embed(model, ctx.tokenizer, s) for k, s in ctx.calibration.items()}
+    path, info = fidelity_int8(float_onnx, ctx.tokenizer, ctx.calibration, reference, ctx.stage_dir / "model.onnx",
+                               cfg.target, ctx.recipe.measure.threads, cfg.per_channel)
+    ctx.stage_info["encoder_int8"] = {**info, "float_ops": fusion_counts(float_onnx), "int8_ops": fusion_counts(path)}
+    float_onnx.unlink()
+    ctx.artifact_onnx = path
+    return model
