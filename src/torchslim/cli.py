@@ -171,6 +171,12 @@ def main() -> None:
     except TorchslimError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk, a file that vanished, a permission taken away mid-run
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}. Files are written to a temporary name and "
+                  "renamed, so nothing half-written is left as if complete; free space or fix the permission and "
+                  "continue with --resume.", highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

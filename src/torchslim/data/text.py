@@ -52,10 +52,30 @@ EVAL_FORTUNE_FILES = ("fortunes", "literature", "riddles")
 NOT_TEXT = ("ascii-art", "art")
 
 
-def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int = 0) -> list[str]:
-    """Sentences for training (distillation), from the fortune files of the Debian package `fortunes`
-    that the evaluation sources do not use — disjoint from `fortunes` and `descriptions` by file and,
-    to be sure, by sentence."""
+def available_descriptions() -> list[str]:
+    """The one-line descriptions of every package in the APT lists (`apt-cache dumpavail`) that is NOT
+    installed — the same short-phrase style as `descriptions`, none of its phrases. Empty when APT or
+    its lists are missing."""
+    import shutil
+    import subprocess
+    if shutil.which("apt-cache") is None:
+        return []
+    try:
+        out = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    installed = set(descriptions()) if DPKG_STATUS.exists() else set()
+    found = {line[len("Description:"):].strip() for line in out.splitlines()
+             if line.startswith("Description:") and len(line.split()) >= 3}
+    return sorted(found - installed)
+
+
+def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int = 0,
+                    phrases: bool = True) -> list[str]:
+    """Sentences for training (distillation): the fortune files of the Debian package `fortunes` that
+    the evaluation sources do not use and, with `phrases`, the descriptions of packages that are not
+    installed (`available_descriptions`), interleaved — disjoint from `fortunes` and `descriptions`
+    by file and, to be sure, by sentence."""
     root = Path(root)
     files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name
                    and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT) if root.exists() else []
@@ -63,9 +83,12 @@ def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int =
         raise DataError(f"No training text in {root}: the fortune files beyond fortunes-min are missing. "
                         "Install them with `apt-get install fortunes`.")
     held = set(fortunes(root)) | (set(descriptions()) if DPKG_STATUS.exists() else set())
-    found = sorted(set(fortunes(root, files)) - held)
-    random.Random(seed).shuffle(found)
-    return found[:limit] if limit else found
+    parts = [sorted(set(fortunes(root, files)) - held)] + ([sorted(set(available_descriptions()) - held)]
+                                                          if phrases else [])
+    for i, part in enumerate(parts):
+        random.Random(seed + i).shuffle(part)
+    mixed = [s for group in zip(*parts) for s in group] if all(parts) else parts[0]
+    return mixed[:limit] if limit else mixed
 
 
 def sentences(source: str, seed: int = 0) -> list[str]:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -27,6 +27,8 @@ EMBEDDING = ("embedding",)
 
 class EncoderDistillConfig(Strict):
     keep_every: int = Field(2, ge=1, le=12, description="keep every k-th transformer layer (always the last)")
+    keep_layers: Optional[list[int]] = Field(None, min_length=1, description="the layer indices to keep "
+                                             "(instead of keep_every), e.g. [0, 2, 4, 5]")
     train_sentences: int = Field(16000, ge=32, le=1_000_000, description="sentences of the training corpus used")
     max_length: int = Field(128, ge=8, le=512)
     embedding_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine between sentence embeddings")
@@ -40,7 +42,7 @@ class EncoderDistillConfig(Strict):
 def encoder_distill(model, cfg: EncoderDistillConfig, ctx: EncoderContext):
     """Drop layers (keep every k-th) and distil embeddings and hidden states from the float model."""
     from torchslim.data import text
-    student, kept = drop_layers(model, cfg.keep_every)
+    student, kept = drop_layers(model, cfg.keep_every, cfg.keep_layers)
     distiller = EncoderDistiller(model, student, dict(enumerate(kept)), cfg.embedding_weight, cfg.hidden_weight)
     final = ctx.stage_dir / "distilled.safetensors"
     before = ctx.calibration_fidelity(student)
