@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration", type=int, default=128, help="calibration sentences per source")
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences per source")
-    parser.add_argument("--target", type=float, default=0.995, help="torchslim: calibration cosine to keep")
+    parser.add_argument("--target", type=float, default=0.99, help="torchslim minilm-int8: calibration cosine to keep")
     parser.add_argument("--fast", type=Path, default=None, metavar="ONNX",
                         help="also measure this artifact, e.g. runs/minilm-fast/stages/02-encoder_quantize/model.onnx")
     parser.add_argument("--warmup", type=int, default=10)

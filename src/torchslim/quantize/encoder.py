@@ -17,6 +17,9 @@ from torchslim.quantize import lower
 from torchslim.train import console
 
 NAMES = ["input_ids", "attention_mask"]
+# MatMul and the fused QKV Attention carry the compute; the word-embedding table (Gather, or inside
+# the fused EmbedLayerNormalization) is most of the bytes and is looked up, not multiplied
+ENCODER_OPS = ("MatMul", "Attention", "Gather", "EmbedLayerNormalization")
 AXES = [{0: "batch", 1: "sequence"}] * 2
 
 
@@ -84,25 +87,26 @@ def quantizable_nodes(path: Path) -> list[str]:
 
 def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], reference: dict[str, torch.Tensor],
                   dst: Path, target: float = 0.995, threads: int = 2, per_channel: bool = True) -> tuple[Path, dict]:
-    """Dynamic int8 of every MatMul and Attention of `float_onnx`; then the nodes whose int8 alone costs
-    the most cosine go back to float until the worst source's mean calibration cosine (against the
+    """Dynamic int8 of every MatMul and Attention of `float_onnx` (and of the word embeddings); then the
+    MatMul/Attention nodes whose int8 alone costs the most cosine go back to float until the worst source's mean calibration cosine (against the
     float model's embeddings `reference`) reaches `target`."""
     nodes = quantizable_nodes(float_onnx)
-    lower.dynamic_int8(float_onnx, dst, per_channel)
+    lower.dynamic_int8(float_onnx, dst, per_channel, op_types=ENCODER_OPS)
     score = _worst(dst, tokenizer, calibration, reference, threads)
     info = {"target": target, "per_channel": per_channel, "all_int8_cosine": score, "excluded": [], "sensitivity": []}
     if score < target:
         with tempfile.TemporaryDirectory() as tmp:
             one = Path(tmp) / "one.onnx"
             for name in nodes:  # int8 of one node alone
-                lower.dynamic_int8(float_onnx, one, per_channel, nodes_to_exclude=[m for m in nodes if m != name])
+                lower.dynamic_int8(float_onnx, one, per_channel, nodes_to_exclude=[m for m in nodes if m != name],
+                                   op_types=ENCODER_OPS)
                 info["sensitivity"].append(
                     {"node": name, "loss": 1 - _worst(one, tokenizer, calibration, reference, threads)})
         info["sensitivity"].sort(key=lambda r: -r["loss"])
         order = [r["node"] for r in info["sensitivity"]]
         while score < target and order:
             info["excluded"].append(order.pop(0))
-            lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=info["excluded"])
+            lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=info["excluded"], op_types=ENCODER_OPS)
             score = _worst(dst, tokenizer, calibration, reference, threads)
             console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
     int8 = len(nodes) - len(info["excluded"])
