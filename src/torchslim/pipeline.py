@@ -132,6 +132,15 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         if lowered:  # later stages carry the lowered artifact, as in the uninterrupted run
             ctx.artifact_onnx = run_dir / entries[-1]["artifact"]
         console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
+    measure_fn = lambda model, ctx: measure(model, ctx, ctx.stage_dir, ctx.onnx_path)  # noqa: E731
+    return run_stages(recipe, run_dir, ctx, model, entries, measure_fn, _log_metrics, data.input.to_dict())
+
+
+def run_stages(recipe: Recipe, run_dir: Path, ctx, model: torch.nn.Module, entries: list[dict],
+               measure_fn: Callable, log_fn: Callable, input_spec: dict, metric: str = "accuracy") -> dict:
+    """The stages not yet in `entries`, in order: apply, measure (`measure_fn(model, ctx)` -> (metrics,
+    artifact)), record; state.json and a running report.json after every stage, the final report and
+    report.html at the end. Shared by every task."""
     env, ref = environment(recipe.measure.threads), _reference_index(recipe)
     plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]
     base_state = {"recipe_hash": recipe_hash(recipe), "status": "running"}
@@ -146,17 +155,16 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         if spec is not None:
             model = get_stage(name).apply(model, spec.config, ctx)
         seconds = time.perf_counter() - start
-        metrics, artifact = measure(model, ctx, ctx.stage_dir, ctx.onnx_path)
+        metrics, artifact = measure_fn(model, ctx)
         entries.append({"name": name, "seconds": seconds, "metrics": metrics,
                         "artifact": str(artifact.relative_to(run_dir)),
                         "dir": str(ctx.stage_dir.relative_to(run_dir)),
                         "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info})
-        _log_metrics(name, metrics)
+        log_fn(name, metrics)
         write_json(run_dir / STATE, {**base_state, "stages": entries})
-        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries,
-                                                         data.input.to_dict(), min(ref, len(entries) - 1),
-                                                         "running"))
-    report = build_report(recipe.to_dict(), env, entries, data.input.to_dict(), ref, "complete")
+        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries, input_spec,
+                                                         min(ref, len(entries) - 1), "running", metric))
+    report = build_report(recipe.to_dict(), env, entries, input_spec, ref, "complete", metric)
     write_json(run_dir / "report.json", report)
     from torchslim.report.html import write_html
     write_html(report, run_dir / "report.html")

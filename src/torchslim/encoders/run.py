@@ -12,7 +12,6 @@ The float ONNX export is fused by ONNX Runtime's transformer optimizer and check
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,8 +26,6 @@ from torchslim.measure.model_stats import count_params
 from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, resolve_model_dir, tokenize
 from torchslim.models.io import load_weights, save_weights
 from torchslim.quantize.encoder import AXES, NAMES, export_encoder, ort_embed
-from torchslim.registry import get_stage
-from torchslim.report.json import build_report, environment, write_json
 from torchslim.train import console
 
 METRIC = "mean_cosine"
@@ -128,7 +125,7 @@ def rebuild(teacher: nn.Module, architecture: dict) -> nn.Module:
 
 def run_embedding(recipe, run_dir: Path, *, resume: bool, overwrite: bool,
                   on_epoch_end: Callable | None = None) -> dict:
-    from torchslim.pipeline import STATE, _reference_index, prepare_run_dir, recipe_hash
+    from torchslim.pipeline import prepare_run_dir, run_stages
     state = prepare_run_dir(run_dir, recipe, resume, overwrite)
     torch.manual_seed(recipe.seed)
     teacher, tokenizer = load_sentence_encoder(recipe.model.hf)
@@ -150,34 +147,12 @@ def run_embedding(recipe, run_dir: Path, *, resume: bool, overwrite: bool,
         if any("encoder_int8" in e for e in entries):
             ctx.artifact_onnx = run_dir / entries[-1]["artifact"]
         console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
-    env, ref, spec = environment(recipe.measure.threads), _reference_index(recipe), input_spec(recipe)
-    base_state = {"recipe_hash": recipe_hash(recipe), "status": "running"}
-    plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]
-    for index, (name, stage) in enumerate(plan):
-        if index < len(entries):
-            continue
-        ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        ctx.stage_info, ctx.onnx_path = {}, None
-        console.log(f"stage {index}: {name}")
-        start = time.perf_counter()
-        if stage is not None:
-            model = get_stage(name).apply(model, stage.config, ctx)
-        seconds = time.perf_counter() - start
-        metrics, artifact = measure_encoder(model, ctx, ctx.stage_dir)
-        entries.append({"name": name, "seconds": seconds, "metrics": metrics,
-                        "artifact": str(artifact.relative_to(run_dir)), "dir": str(ctx.stage_dir.relative_to(run_dir)),
-                        "config": stage.config.model_dump(mode="json") if stage else {}, **ctx.stage_info})
-        lat = metrics["latency_ms"]
-        console.log(f"{name}: mean cosine {metrics[METRIC]:.4f} (min {metrics['min_cosine']:.4f}), size "
-                    f"{metrics['size_bytes'] / 1e6:.2f} MB, params {metrics['params']:,}, latency p50 {lat['p50']:.2f} "
-                    f"ms ({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)")
-        write_json(run_dir / STATE, {**base_state, "stages": entries})
-        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries, spec,
-                                                         min(ref, len(entries) - 1), "running", METRIC))
-    report = build_report(recipe.to_dict(), env, entries, spec, ref, "complete", METRIC)
-    write_json(run_dir / "report.json", report)
-    from torchslim.report.html import write_html
-    write_html(report, run_dir / "report.html")
-    write_json(run_dir / STATE, {**base_state, "status": "complete", "stages": entries})
-    return report
+    return run_stages(recipe, run_dir, ctx, model, entries, lambda m, c: measure_encoder(m, c, c.stage_dir),
+                      _log, input_spec(recipe), METRIC)
+
+
+def _log(name: str, metrics: dict) -> None:
+    lat = metrics["latency_ms"]
+    console.log(f"{name}: mean cosine {metrics[METRIC]:.4f} (min {metrics['min_cosine']:.4f}), size "
+                f"{metrics['size_bytes'] / 1e6:.2f} MB, params {metrics['params']:,}, latency p50 {lat['p50']:.2f} "
+                f"ms ({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)")
