@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchslim.distill.hooks import capture
+from torchslim.distill.students import apply_keep_blocks, keep_indices
 from torchslim.errors import TorchslimError
-from torchslim.distill.students import keep_indices
 from torchslim.models.hf import tokenize
 from torchslim.prune.encoder import encoder_layers
 
@@ -41,9 +41,7 @@ def drop_layers(model: nn.Module, keep_every: int = 2, indices: list[int] | None
     kept = list(indices) if indices is not None else keep_indices(len(layers), keep_every)
     if not kept or any(not 0 <= i < len(layers) for i in kept):
         raise TorchslimError(f"Cannot keep layers {kept} of an encoder with {len(layers)} layers.")
-    layers_kept = nn.ModuleList([layers[i] for i in kept])
-    parent = student.get_submodule(layer_path(student, 0).rsplit(".", 2)[0])
-    parent.layer = layers_kept
+    apply_keep_blocks(student, layer_path(student, 0).rsplit(".", 1)[0], kept)
     config = getattr(getattr(student, "encoder", student), "config", None)
     if config is not None:
         config.num_hidden_layers = len(kept)

@@ -47,18 +47,21 @@ class EncoderContext:
     architecture: dict = field(default_factory=dict)
     artifact_onnx: Path | None = None
     onnx_path: Path | None = None
+    _calibration_reference: dict | None = None
 
-    def calibration_fidelity(self, model: nn.Module, reference: dict[str, torch.Tensor] | None = None) -> float:
-        """Worst source's mean cosine on the calibration sentences (never the evaluation ones)."""
-        reference = reference or {k: embed(self.teacher, self.tokenizer, s) for k, s in self.calibration.items()}
-        return min(cosine_fidelity(reference[k], embed(model.eval(), self.tokenizer, s))["mean_cosine"]
+    def calibration_fidelity(self, model: nn.Module) -> float:
+        """Worst source's mean cosine to the float model on the calibration sentences (never the
+        evaluation ones)."""
+        if self._calibration_reference is None:
+            self._calibration_reference = {k: embed(self.teacher, self.tokenizer, s)
+                                           for k, s in self.calibration.items()}
+        return min(cosine_fidelity(self._calibration_reference[k], embed(model.eval(), self.tokenizer, s))["mean_cosine"]
                    for k, s in self.calibration.items())
 
     def fit(self, model, train_set, cfg, loss_fn, *, checkpoint_dir: Path, description: str):
         from torchslim.train import fit
-        reference = {k: embed(self.teacher, self.tokenizer, s) for k, s in self.calibration.items()}
         return fit(model, train_set, cfg, loss_fn=loss_fn, batch_size=cfg.batch_size or self.recipe.data.batch_size,
-                   validate=lambda m: self.calibration_fidelity(m, reference), checkpoint_dir=checkpoint_dir,
+                   validate=self.calibration_fidelity, checkpoint_dir=checkpoint_dir,
                    resume=self.resume, seed=self.recipe.seed, on_epoch_end=self.on_epoch_end,
                    description=description)
 
