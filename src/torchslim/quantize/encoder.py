@@ -87,9 +87,9 @@ def quantizable_nodes(path: Path) -> list[str]:
 
 def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], reference: dict[str, torch.Tensor],
                   dst: Path, target: float = 0.995, threads: int = 2, per_channel: bool = True) -> tuple[Path, dict]:
-    """Dynamic int8 of every MatMul and Attention of `float_onnx` (and of the word embeddings); then the
-    MatMul/Attention nodes whose int8 alone costs the most cosine go back to float until the worst source's mean calibration cosine (against the
-    float model's embeddings `reference`) reaches `target`."""
+    """Dynamic int8 of every MatMul and Attention of `float_onnx` (and of the word embeddings); then
+    the MatMul/Attention nodes whose int8 alone costs the most cosine go back to float until the worst
+    source's mean calibration cosine (against the float model's embeddings `reference`) reaches `target`."""
     nodes = quantizable_nodes(float_onnx)
     lower.dynamic_int8(float_onnx, dst, per_channel, op_types=ENCODER_OPS)
     score = _worst(dst, tokenizer, calibration, reference, threads)
