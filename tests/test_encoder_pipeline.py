@@ -88,7 +88,8 @@ def test_embedding_recipes_are_checked():
 
 def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     recipe = parse_recipe(_recipe([
-        {"encoder_distill": {"keep_every": 3, "train_sentences": 64, "train": {"epochs": 1, "batch_size": 16}}},
+        {"encoder_distill": {"keep_every": 3, "head_ratio": 0.25, "ffn_ratio": 0.5, "train_sentences": 64,
+                             "train": {"epochs": 1, "batch_size": 16}}},
         {"encoder_quantize": {"target": 0.9}}]))
     report = pipeline.run(recipe, tmp_path / "run")
     base, student, final = (s["metrics"] for s in report["stages"])
@@ -96,6 +97,8 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     assert base["mean_cosine"] > 0.9999 and set(base["fidelity"]) == {"fortunes", "descriptions"}
     assert student["params"] < base["params"] and report["stages"][1]["depth"]["kept"] == [2, 5]
     depth = report["stages"][1]["depth"]
+    assert [(p["heads_after"], p["neurons_after"]) for p in report["stages"][1]["pruned"]] == [(9, 768)] * 2
+    assert depth["student_params"] < depth["teacher_params"] - 4 * (3 * 384 * 384 + 2 * 384 * 1536)
     assert depth["calibration_cosine_after"] > depth["calibration_cosine_before"]  # distillation helped
     assert student["mean_cosine"] - 0.05 < final["mean_cosine"] < 1  # int8 kept the student's fidelity
     int8 = report["stages"][2]["encoder_int8"]
@@ -105,7 +108,7 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     assert report["stages"][2]["artifact"].endswith(".onnx")
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Embedding fidelity per text source" in html and "mean cosine" in html
-    # a resumed run after the distillation stage rebuilds the 2-layer student and finishes the same
+    # a resumed run after the distillation stage rebuilds the 2-layer pruned student and finishes the same
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     state["stages"], state["status"] = state["stages"][:2], "running"
     (tmp_path / "run" / "state.json").write_text(json.dumps(state))

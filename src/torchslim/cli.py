@@ -30,18 +30,29 @@ def run(recipe: str = typer.Argument("default", help="a built-in recipe's name o
     parsed, folder = load_recipe(recipe)
     run_dir = out_dir or parsed.output or Path("runs") / parsed.name
     report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim run {recipe}")
-    _print_summary(report, run_dir)
+    if report is not None:
+        _print_summary(report, run_dir)
 
 
-def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, command: str) -> dict:
-    """Run the pipeline; on Ctrl-C say what is kept and how to continue, and exit 130."""
+def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, command: str) -> dict | None:
+    """Run the pipeline; on Ctrl-C say what is kept and how to continue, and exit 130. Under torchrun
+    (WORLD_SIZE > 1) this process joins the others; only rank 0 returns the report to print."""
+    from torchslim import distributed
     from torchslim.pipeline import run as run_pipeline
     try:
-        return run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
+        distributed.init()
+        report = run_pipeline(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
+        return report if distributed.is_main() else None
+    except TorchslimError as exc:
+        if not distributed.is_main():
+            exc.args = (f"rank {distributed.rank()}: {exc}",) + exc.args[1:]
+        raise
     except KeyboardInterrupt:
         err.print(f"\nInterrupted. Finished stages and the last epoch checkpoint are kept in {run_dir}; "
                   f"continue with: {command} --out {run_dir} --resume")
         raise typer.Exit(130)
+    finally:
+        distributed.finish()
 
 
 def _print_summary(report: dict, run_dir: Path) -> None:
@@ -118,6 +129,8 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
     parsed = parse_recipe(data, f"{recipe} (torchslim auto)")
     run_dir = out_dir or Path("runs") / parsed.name
     report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim auto {recipe} (same options)")
+    if report is None:
+        return
     _print_summary(report, run_dir)
     info = next(st for st in report["stages"] if st["name"] == "auto")["auto"]
     out.print(f"planner: {len(info['candidates'])} candidates measured, {len(info['trials'])} fine-tuned, "

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from torchslim import distributed
 from torchslim.context import RunContext
 from torchslim.data import build_data
 from torchslim.errors import DataError, RunDirError, TorchslimError
@@ -108,12 +109,18 @@ def _reference_index(recipe: Recipe) -> int:
 
 def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
         search_dir: Path | None = None, on_epoch_end: Callable | None = None) -> dict:
-    """Run a validated recipe. Returns the report (also written to run_dir/report.json)."""
+    """Run a validated recipe. Returns the report (also written to run_dir/report.json). Under torchrun
+    every rank runs it; rank 0 alone writes `run_dir` (see `torchslim.distributed`)."""
     run_dir = Path(run_dir or recipe.output or Path("runs") / recipe.name)
-    if recipe.task == "embedding":
-        from torchslim.encoders.run import run_embedding
-        return run_embedding(recipe, run_dir, resume=resume, overwrite=overwrite, on_epoch_end=on_epoch_end)
-    state = prepare_run_dir(run_dir, recipe, resume, overwrite)
+    with distributed.rank_dir(run_dir, lambda: prepare_run_dir(run_dir, recipe, resume, overwrite)) as (where, state):
+        if recipe.task == "embedding":
+            from torchslim.encoders.run import run_embedding
+            return run_embedding(recipe, where, state, resume=resume, on_epoch_end=on_epoch_end)
+        return _run_classifier(recipe, where, state, resume=resume, search_dir=search_dir, on_epoch_end=on_epoch_end)
+
+
+def _run_classifier(recipe: Recipe, run_dir: Path, state: dict | None, *, resume: bool, search_dir: Path | None,
+                    on_epoch_end: Callable | None) -> dict:
     torch.manual_seed(recipe.seed)
     data = build_data(recipe.data, search_dir)
     architecture = {"model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}), "ops": []}
@@ -155,9 +162,8 @@ def run_stages(recipe: Recipe, run_dir: Path, ctx, model: torch.nn.Module, entri
         if spec is not None:
             model = get_stage(name).apply(model, spec.config, ctx)
         seconds = time.perf_counter() - start
-        metrics, artifact = measure_fn(model, ctx)
-        entries.append({"name": name, "seconds": seconds, "metrics": metrics,
-                        "artifact": str(artifact.relative_to(run_dir)),
+        metrics, artifact = distributed.on_main(lambda: _measured(measure_fn, model, ctx, run_dir))
+        entries.append({"name": name, "seconds": seconds, "metrics": metrics, "artifact": artifact,
                         "dir": str(ctx.stage_dir.relative_to(run_dir)),
                         "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info})
         log_fn(name, metrics)
@@ -170,6 +176,11 @@ def run_stages(recipe: Recipe, run_dir: Path, ctx, model: torch.nn.Module, entri
     write_html(report, run_dir / "report.html")
     write_json(run_dir / STATE, {**base_state, "status": "complete", "stages": entries})
     return report
+
+
+def _measured(measure_fn: Callable, model: torch.nn.Module, ctx, run_dir: Path) -> tuple[dict, str]:
+    metrics, artifact = measure_fn(model, ctx)
+    return metrics, str(artifact.relative_to(run_dir))
 
 
 def _log_metrics(name: str, m: dict) -> None:

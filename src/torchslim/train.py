@@ -174,9 +174,11 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
     `resume=True` continues from it, giving the same weights as an uninterrupted run. `epoch_setup(model,
     epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm)."""
+    from torchslim import distributed
     device = torch.device(device)
     cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})
     model.to(device)
+    main = distributed.is_main()
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, math.ceil(math.ceil(len(train_set) / batch_size) / cfg.grad_accum_steps))
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not
@@ -197,15 +199,20 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
         torch.manual_seed(seed)
     result.precision = cfg.precision
     finished = result.stopped_early or start_epoch >= cfg.epochs
+    # under torchrun: DDP syncs the gradients; after the resume above, every rank holds the same state
+    trained = distributed.wrap(model, device)
     with activation_checkpointing(model, cfg.activation_checkpointing), _progress() as progress:
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
-            loader = epoch_loader(train_set, batch_size, seed, epoch)
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            batches = distributed.rank_batches(len(train_set), batch_size, gen)
+            loader = DataLoader(train_set, batch_sampler=[b for b, _ in batches])
             task = progress.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(loader))
             lr = opt.param_groups[0]["lr"]
-            model.train()
+            trained.train()
             if epoch_setup is not None:
                 epoch_setup(model, epoch)
-            parts = _train_epoch(model, loader, opt, sched, scaler, cfg, loss_fn, device, lambda: progress.advance(task))
+            parts = _train_epoch(trained, loader, [w for _, w in batches], opt, sched, scaler, cfg, loss_fn, device,
+                                 lambda: progress.advance(task))
             record = {"epoch": epoch + 1, "lr": lr, **parts}
             if validate is not None:
                 record["val_metric"] = float(validate(model))
@@ -221,7 +228,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             result.history.append(record)
             console.log(f"{description} epoch {epoch + 1}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-            if ckpt_path:
+            if ckpt_path and main:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(), "history": result.history,
@@ -239,18 +246,26 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     return result
 
 
-def _train_epoch(model, loader, opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device, advance) -> dict:
+def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device,
+                 advance) -> dict:
+    """One epoch; `weights[i]` scales batch i's loss (1 in one process; this rank's share of the global
+    batch under torchrun, where the logged values are reduced across ranks)."""
+    from torchslim import distributed
     sums: dict[str, float] = {}
-    steps = 0
+    steps, world = 0, distributed.world()
     opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
         batch = tuple(t.to(device) for t in batch)
         with _autocast(cfg.precision, device):
             loss, parts = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise TorchslimError(f"The loss became {loss.item()} at step {i + 1} of this epoch; lower the "
+        names = list(parts)
+        logged = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).detach().float().to(loss.device)
+                                                        for k in names]) * weights[i]
+        logged = distributed.all_reduce_sum(logged.cpu()) / world
+        if not torch.isfinite(logged[0]):
+            raise TorchslimError(f"The loss became {logged[0].item()} at step {i + 1} of this epoch; lower the "
                                  "learning rate or enable grad_clip. The last epoch checkpoint is kept.")
-        scaler.scale(loss / cfg.grad_accum_steps).backward()
+        scaler.scale(loss * weights[i] / cfg.grad_accum_steps).backward()
         if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
                 scaler.unscale_(opt)
@@ -259,10 +274,8 @@ def _train_epoch(model, loader, opt, sched, scaler, cfg: TrainConfig, loss_fn: L
             scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        for name, value in parts.items():
-            value = value.detach() if torch.is_tensor(value) else value
-            sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value)
+        for name, value in zip(["loss"] + [f"loss_{k}" for k in names], logged.tolist()):
+            sums[name] = sums.get(name, 0.0) + value
         steps += 1
         advance()
     return {k: v / max(steps, 1) for k, v in sums.items()}

@@ -19,6 +19,11 @@ from torchslim.train import console
 @register_stage("auto", AutoConfig, compresses=True)
 def auto(model, cfg: AutoConfig, ctx: RunContext):
     """Measure sensitivity, screen measured candidates, fine-tune the promising ones, apply the best plan."""
+    from torchslim import distributed
+    if distributed.world() > 1:
+        raise TorchslimError("auto times candidates on this machine, which processes running side by side would "
+                             "distort: run `torchslim auto` in one process, then run the plan.yaml it writes "
+                             "under torchrun.")
     if ctx.architecture.get("ops"):
         raise TorchslimError("auto: the current model was changed structurally by an earlier stage in a way a "
                              "plan recipe cannot rebuild (kept blocks); run auto on the recipe's own model.")

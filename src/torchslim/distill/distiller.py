@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim.distill.hooks import capture
 from torchslim.distill.losses import FEATURE_LOSSES, kd_loss
+from torchslim.distributed import unwrap
 
 ADAPTERS = "torchslim_adapters"
 
@@ -112,7 +113,7 @@ class Distiller:
             logits = student(x)
         total, parts = kd_loss(logits, teacher_logits.float(), y, self.temperature, self.soft_weight,
                                self.hard_weight)
-        adapters = getattr(student, ADAPTERS)
+        adapters = getattr(unwrap(student), ADAPTERS)
         for i, f in enumerate(self.features):
             feat = student_feats[f.student]
             if str(i) in adapters:

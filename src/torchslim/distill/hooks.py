@@ -15,8 +15,10 @@ from torchslim.errors import TorchslimError
 def capture(model: nn.Module, paths: list[str], which: str = "model"):
     """Yields a dict that fills with {path: output} on every forward pass inside the block.
     For modules returning tuples (attention), the first tensor is kept unless the path ends in
-    `[i]`, e.g. "layers.0.attn[1]" for the attention weights."""
-    modules = dict(model.named_modules())
+    `[i]`, e.g. "layers.0.attn[1]" for the attention weights. Paths are the unwrapped model's under
+    DistributedDataParallel."""
+    from torchslim.distributed import unwrap
+    modules = dict(unwrap(model).named_modules())
     store: dict[str, torch.Tensor] = {}
     handles = []
     for path in paths:

@@ -118,18 +118,23 @@ def measure_encoder(model: nn.Module, ctx: EncoderContext, out_dir: Path) -> tup
 
 
 def rebuild(teacher: nn.Module, architecture: dict) -> nn.Module:
-    """The current model's structure from its architecture record (layers kept by depth reduction)."""
+    """The current model's structure from its architecture record (layers kept by depth reduction,
+    heads and FFN neurons left by pruning)."""
     from torchslim.distill.encoder import drop_layers
+    from torchslim.prune.encoder import resize_encoder
     model = copy.deepcopy(teacher)
     for op in architecture.get("ops", []):
-        model, _ = drop_layers(model, indices=op["keep_layers"])
+        if "keep_layers" in op:
+            model, _ = drop_layers(model, indices=op["keep_layers"])
+        else:
+            resize_encoder(model, op["layer_shapes"])
     return model
 
 
-def run_embedding(recipe, run_dir: Path, *, resume: bool, overwrite: bool,
+def run_embedding(recipe, run_dir: Path, state: dict | None, *, resume: bool,
                   on_epoch_end: Callable | None = None) -> dict:
-    from torchslim.pipeline import prepare_run_dir, run_stages
-    state = prepare_run_dir(run_dir, recipe, resume, overwrite)
+    """An embedding recipe in a readied run directory (`state`: what a resumed run has done)."""
+    from torchslim.pipeline import run_stages
     torch.manual_seed(recipe.seed)
     teacher, tokenizer = load_sentence_encoder(recipe.model.hf)
     teacher.requires_grad_(False)

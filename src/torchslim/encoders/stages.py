@@ -19,6 +19,7 @@ from torchslim.distill.encoder import EncoderDistiller, drop_layers, sentence_da
 from torchslim.encoders.run import EncoderContext
 from torchslim.models.hf import embed
 from torchslim.models.io import load_weights, save_weights
+from torchslim.prune.encoder import layer_shapes, prune_encoder
 from torchslim.quantize.encoder import export_encoder, fidelity_int8, fusion_counts
 from torchslim.recipe import Strict
 from torchslim.registry import register_stage
@@ -32,6 +33,10 @@ class EncoderDistillConfig(Strict):
     keep_layers: Optional[list[int]] = Field(None, min_length=1, description="the layer indices to keep "
                                              "(instead of keep_every), e.g. [0, 2, 4, 5]")
     train_sentences: int = Field(48000, ge=32, le=1_000_000, description="sentences of the training corpus used")
+    head_ratio: float = Field(0.0, ge=0, lt=1, description="share of every kept layer's attention heads removed "
+                              "(lowest L1) before the distillation")
+    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="share of every kept layer's FFN neurons removed "
+                             "(lowest L1) before the distillation")
     max_length: int = Field(128, ge=8, le=512)
     embedding_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine between sentence embeddings")
     hidden_weight: float = Field(1.0, ge=0, description="weight of the hidden-state MSE, student layer i vs "
@@ -44,9 +49,11 @@ class EncoderDistillConfig(Strict):
 
 @register_stage("encoder_distill", EncoderDistillConfig, compresses=True, tasks=EMBEDDING)
 def encoder_distill(model, cfg: EncoderDistillConfig, ctx: EncoderContext):
-    """Drop layers (keep every k-th) and distil embeddings and hidden states from the float model."""
+    """Drop layers (keep every k-th), remove heads and FFN neurons, and distil embeddings and hidden
+    states from the float model."""
     from torchslim.data import text
     student, kept = drop_layers(model, cfg.keep_every, cfg.keep_layers)
+    pruned = prune_encoder(student, cfg.head_ratio, cfg.ffn_ratio) if cfg.head_ratio or cfg.ffn_ratio else None
     distiller = EncoderDistiller(model, student, dict(enumerate(kept)), cfg.embedding_weight, cfg.hidden_weight)
     final = ctx.stage_dir / "distilled.safetensors"
     before = ctx.calibration_fidelity(student)
@@ -58,8 +65,11 @@ def encoder_distill(model, cfg: EncoderDistillConfig, ctx: EncoderContext):
                          description="encoder_distill")
         ctx.stage_info["history"] = result.history
         save_weights(student, final)
-    ops = ctx.architecture.get("ops", [])
-    ctx.architecture = {**ctx.architecture, "ops": [*ops, {"keep_layers": kept}]}
+    ops = [*ctx.architecture.get("ops", []), {"keep_layers": kept}]
+    ops += [{"layer_shapes": layer_shapes(student)}] if pruned else []
+    ctx.architecture = {**ctx.architecture, "ops": ops}
+    if pruned:
+        ctx.stage_info["pruned"] = pruned
     ctx.stage_info["architecture"] = ctx.architecture
     ctx.stage_info["depth"] = {"teacher_layers": _layers(model), "kept": kept, "layer_map": dict(enumerate(kept)),
                                "teacher_params": sum(p.numel() for p in model.parameters()),

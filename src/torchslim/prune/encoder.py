@@ -54,27 +54,46 @@ def _keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.argsort(scores, descending=True)[:keep].sort().values
 
 
+def _keep_layer(layer: nn.Module, heads: torch.Tensor, neurons: torch.Tensor) -> None:
+    att = layer.attention.self
+    size = att.attention_head_size
+    rows = (heads[:, None] * size + torch.arange(size)).reshape(-1)
+    for lin in (att.query, att.key, att.value):
+        _keep_rows(lin, rows)
+    _keep_cols(layer.attention.output.dense, rows)
+    att.num_attention_heads, att.all_head_size = len(heads), len(rows)
+    _keep_rows(layer.intermediate.dense, neurons)
+    _keep_cols(layer.output.dense, neurons)
+
+
+def layer_shapes(model: nn.Module) -> list[dict]:
+    """Heads and FFN neurons of every layer: what `resize_encoder` needs to rebuild the structure."""
+    return [{"heads": layer.attention.self.query.out_features // layer.attention.self.attention_head_size,
+             "neurons": layer.intermediate.dense.out_features} for layer in encoder_layers(model)]
+
+
 @torch.no_grad()
 def prune_encoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 0.0) -> list[dict]:
     """Remove `head_ratio` of every layer's heads and `ffn_ratio` of its FFN neurons (lowest L1)."""
     if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
         raise TorchslimError(f"head_ratio and ffn_ratio must be in [0, 1), got {head_ratio}, {ffn_ratio}.")
     records = []
-    for i, layer in enumerate(encoder_layers(model)):
-        att = layer.attention.self
-        size = att.attention_head_size
-        heads_before = att.query.out_features // size
-        neurons_before = layer.intermediate.dense.out_features
-        heads = _keep(head_scores(layer), head_ratio)
-        rows = (heads[:, None] * size + torch.arange(size)).reshape(-1)
-        for lin in (att.query, att.key, att.value):
-            _keep_rows(lin, rows)
-        _keep_cols(layer.attention.output.dense, rows)
-        att.num_attention_heads, att.all_head_size = len(heads), len(rows)
-        neurons = _keep(neuron_scores(layer), ffn_ratio)
-        _keep_rows(layer.intermediate.dense, neurons)
-        _keep_cols(layer.output.dense, neurons)
-        records.append({"layer": i, "heads_before": heads_before, "heads_after": len(heads),
-                        "kept_heads": heads.tolist(), "neurons_before": neurons_before,
+    for i, (layer, shape) in enumerate(zip(encoder_layers(model), layer_shapes(model))):
+        heads, neurons = _keep(head_scores(layer), head_ratio), _keep(neuron_scores(layer), ffn_ratio)
+        _keep_layer(layer, heads, neurons)
+        records.append({"layer": i, "heads_before": shape["heads"], "heads_after": len(heads),
+                        "kept_heads": heads.tolist(), "neurons_before": shape["neurons"],
                         "neurons_after": len(neurons)})
     return records
+
+
+@torch.no_grad()
+def resize_encoder(model: nn.Module, shapes: list[dict]) -> nn.Module:
+    """Give every layer the head and neuron counts of `shapes` (from `layer_shapes`), keeping the first
+    ones: the structure of a pruned model, whose weights are then loaded over it."""
+    layers = encoder_layers(model)
+    if len(shapes) != len(layers):
+        raise TorchslimError(f"{len(shapes)} layer shapes for an encoder with {len(layers)} layers.")
+    for layer, shape in zip(layers, shapes):
+        _keep_layer(layer, torch.arange(shape["heads"]), torch.arange(shape["neurons"]))
+    return model

@@ -41,9 +41,14 @@ def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: boo
         return export_inputs(model, path, (ids, mask), NAMES, AXES)
     plain = export_inputs(model, Path(path).with_name(Path(path).stem + ".plain.onnx"), (ids, mask), NAMES, AXES,
                           exporter="torchscript", opset=17)
-    config = model.encoder.config
+    from torchslim.prune.encoder import layer_shapes
+    heads = {shape["heads"] for shape in layer_shapes(model)}
+    size = model.encoder.config.hidden_size // model.encoder.config.num_attention_heads
+    # pruned heads: the fused Attention computes heads * head_size wide; with different head counts per
+    # layer, ONNX Runtime detects each layer's from the graph (0)
+    num_heads = heads.pop() if len(heads) == 1 else 0
     try:
-        return fuse_transformer(plain, path, config.num_attention_heads, config.hidden_size)
+        return fuse_transformer(plain, path, num_heads, num_heads * size)
     finally:
         plain.unlink(missing_ok=True)
 
