@@ -72,6 +72,25 @@ def test_fused_int8_keeps_fidelity_and_falls_back_to_float(minilm, tmp_path):
     assert path.stat().st_size < fused.stat().st_size
 
 
+def test_static_int8_calibrates_activations_and_falls_back_to_float(minilm, tmp_path):
+    import onnx
+    model, tok = minilm
+    calibration = {"fortunes": text.sentences("fortunes")[:16], "descriptions": text.sentences("descriptions")[:16]}
+    fused = export_encoder(model, tok, tmp_path / "fused.onnx", calibration["fortunes"], fuse=True)
+    reference = {k: embed(model, tok, s) for k, s in calibration.items()}
+    path, info = fidelity_int8(fused, tok, calibration, reference, tmp_path / "s.onnx", target=0.98, threads=1,
+                               method="static")
+    assert info["nodes"] == 24 and len(info["sensitivity"]) == 24
+    assert info["all_int8_cosine"] < 0.98 <= info["cosine"] and info["excluded"]  # activation outliers cost
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    static = [n for n in info["sensitivity"] if "MatMul" in n["node"] and n["node"] not in info["excluded"]]
+    # MatMul activations are quantized with calibrated ranges (QuantizeLinear), not only the weights;
+    # attention and word embeddings have dynamic kernels only
+    assert static and ops.count("QuantizeLinear") >= 2 * len(static)
+    assert ops.count("QAttention") + ops.count("Attention") == 6 and "QEmbedLayerNormalization" in ops
+    assert path.stat().st_size < 0.4 * fused.stat().st_size
+
+
 def test_embedding_recipes_are_checked():
     with pytest.raises(RecipeError, match="stage 'train' works on task classification"):
         parse_recipe(_recipe([{"train": {"epochs": 1}}]))

@@ -148,6 +148,9 @@ def rank_dir(run_dir: Path, prepare: Callable[[], T]) -> Iterator[tuple[Path, T]
         yield run_dir, state
         barrier()
         return
+    if not run_dir.is_dir():
+        raise TorchslimError(f"rank {rank()} cannot see the run directory {run_dir} that rank 0 prepared: on "
+                             "several machines, put --out on storage every machine mounts at the same path.")
     scratch = Path(tempfile.mkdtemp(prefix=f"torchslim-rank{rank()}-"))
     try:
         shutil.copytree(run_dir, scratch, dirs_exist_ok=True)

@@ -86,7 +86,10 @@ def _layers(model) -> int:
 
 
 class EncoderQuantizeConfig(Strict):
-    method: Literal["dynamic"] = "dynamic"
+    method: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: int8 weights, activations "
+                                                 "quantized at run time (MatMul, Attention, word embeddings); "
+                                                 "static: QDQ with min-max activation ranges from the calibration "
+                                                 "sentences (MatMul; the fused Attention stays float)")
     per_channel: bool = True
     target: float = Field(0.995, gt=0, le=1, description="worst source's mean calibration cosine to the float "
                           "model being quantized; the most sensitive nodes stay in float until it is reached")
@@ -102,7 +105,7 @@ def encoder_quantize(model, cfg: EncoderQuantizeConfig, ctx: EncoderContext):
     with torch.inference_mode():
         reference = {k: embed(model, ctx.tokenizer, s) for k, s in ctx.calibration.items()}
     path, info = fidelity_int8(float_onnx, ctx.tokenizer, ctx.calibration, reference, ctx.stage_dir / "model.onnx",
-                               cfg.target, ctx.recipe.measure.threads, cfg.per_channel)
+                               cfg.target, ctx.recipe.measure.threads, cfg.per_channel, cfg.method)
     ctx.stage_info["encoder_int8"] = {**info, "float_ops": fusion_counts(float_onnx), "int8_ops": fusion_counts(path)}
     float_onnx.unlink()
     ctx.artifact_onnx = path

@@ -90,32 +90,80 @@ def quantizable_nodes(path: Path) -> list[str]:
             (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:]))]
 
 
-def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], reference: dict[str, torch.Tensor],
-                  dst: Path, target: float = 0.995, threads: int = 2, per_channel: bool = True) -> tuple[Path, dict]:
-    """Dynamic int8 of every MatMul and Attention of `float_onnx` (and of the word embeddings); then
-    the MatMul/Attention nodes whose int8 alone costs the most cosine go back to float until the worst
-    source's mean calibration cosine (against the float model's embeddings `reference`) reaches `target`."""
+def calibration_ranges(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], nodes: list[str],
+                       batch_size: int = 32) -> dict[str, tuple[float, float]]:
+    """Min-max ranges of the activations entering and leaving the `nodes` over the calibration
+    sentences of every source."""
+    graph = onnx.load(str(float_onnx), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    tensors = sorted({t for n in graph.node if n.name in set(nodes) for t in [*n.input, *n.output]
+                      if t and t not in weights})
+    feeds = [dict(zip(NAMES, (t.numpy() for t in tokenize(tokenizer, s[i:i + batch_size]))))
+             for s in calibration.values() for i in range(0, len(s), batch_size)]
+    return lower.activation_ranges(float_onnx, feeds, tensors=tensors)
+
+
+def _quantizer(float_onnx: Path, tokenizer, calibration: dict, per_channel: bool, method: str, tmp: Path):
+    """(the nodes int8 may reach, quantize(dst, nodes_to_exclude)). dynamic: int8 weights, activations
+    quantized at run time, for MatMul, the fused Attention and the word embeddings. static: the MatMul
+    nodes in QDQ with activation ranges calibrated on the sentences; the fused Attention and the word
+    embeddings (EmbedLayerNormalization), which have no static kernel in ONNX Runtime, go dynamic."""
     nodes = quantizable_nodes(float_onnx)
-    lower.dynamic_int8(float_onnx, dst, per_channel, op_types=ENCODER_OPS)
+    if method == "dynamic":
+        return nodes, lambda dst, exclude: lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=exclude,
+                                                              op_types=ENCODER_OPS)
+    model = onnx.load(str(float_onnx))
+    matmuls = [n.name for n in model.graph.node if n.name in set(nodes) and n.op_type != "Attention"]
+    ranges = calibration_ranges(float_onnx, tokenizer, calibration, matmuls)
+    # the quantizer only quantizes activations it knows to be float; ONNX shape inference leaves the
+    # outputs of fused contrib ops (Attention, SkipLayerNormalization) untyped
+    typed = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                  for name in ranges if name not in typed)
+    path, qdq = tmp / "typed.onnx", tmp / "qdq.onnx"
+    onnx.save(model, str(path))
+
+    def quantize(dst: Path, exclude: list[str]) -> Path:
+        lower.static_int8(path, qdq, per_channel=per_channel, nodes_to_quantize=matmuls, nodes_to_exclude=exclude,
+                          ranges=ranges, preprocessed=True)
+        return lower.dynamic_int8(qdq, dst, per_channel, nodes_to_exclude=exclude,
+                                  op_types=["Attention", "EmbedLayerNormalization"])
+    return nodes, quantize
+
+
+def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], reference: dict[str, torch.Tensor],
+                  dst: Path, target: float = 0.995, threads: int = 2, per_channel: bool = True,
+                  method: str = "dynamic") -> tuple[Path, dict]:
+    """Int8 (`_quantizer`: dynamic, or static) of every quantizable node of `float_onnx`; then the
+    nodes whose int8 alone costs the most cosine go back to float until the worst source's mean
+    calibration cosine (against the float model's embeddings `reference`) reaches `target`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _fallback(*_quantizer(float_onnx, tokenizer, calibration, per_channel, method, Path(tmp)), tokenizer,
+                         calibration, reference, dst, target, threads,
+                         {"method": method, "target": target, "per_channel": per_channel})
+
+
+def _fallback(nodes: list[str], quantize, tokenizer, calibration: dict, reference: dict, dst: Path, target: float,
+              threads: int, info: dict) -> tuple[Path, dict]:
+    quantize(dst, [])
     score = _worst(dst, tokenizer, calibration, reference, threads)
-    info = {"target": target, "per_channel": per_channel, "all_int8_cosine": score, "excluded": [], "sensitivity": []}
+    info.update(all_int8_cosine=score, excluded=[], sensitivity=[])
     if score < target:
         with tempfile.TemporaryDirectory() as tmp:
             one = Path(tmp) / "one.onnx"
             for name in nodes:  # int8 of one node alone
-                lower.dynamic_int8(float_onnx, one, per_channel, nodes_to_exclude=[m for m in nodes if m != name],
-                                   op_types=ENCODER_OPS)
+                quantize(one, [m for m in nodes if m != name])
                 info["sensitivity"].append(
                     {"node": name, "loss": 1 - _worst(one, tokenizer, calibration, reference, threads)})
         info["sensitivity"].sort(key=lambda r: -r["loss"])
         order = [r["node"] for r in info["sensitivity"]]
         while score < target and order:
             info["excluded"].append(order.pop(0))
-            lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=info["excluded"], op_types=ENCODER_OPS)
+            quantize(dst, info["excluded"])
             score = _worst(dst, tokenizer, calibration, reference, threads)
             console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
     int8 = len(nodes) - len(info["excluded"])
     info.update(cosine=score, int8_nodes=int8, nodes=len(nodes),
-                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8, worst-source calibration cosine "
+                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8 ({info['method']}), worst-source calibration cosine "
                         f"{score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
     return dst, info

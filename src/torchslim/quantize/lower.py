@@ -59,14 +59,15 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def activation_ranges(model_path: Path, batches: Iterable[np.ndarray], observer: str = "minmax",
-                      bits: int = 8) -> dict[str, tuple[float, float]]:
-    """Run real batches through the float model and observe every float tensor."""
+def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minmax", bits: int = 8,
+                      tensors: Sequence[str] | None = None) -> dict[str, tuple[float, float]]:
+    """Run real batches through the float model and observe every float tensor (or the named
+    `tensors`). A batch is an array for the first input, or a dict of arrays by input name."""
     import onnxruntime as ort
     model = onnx.load(str(model_path))
     inits = {i.name for i in model.graph.initializer}
-    names = [model.graph.input[0].name] + [o for n in model.graph.node for o in n.output
-                                           if o and o not in inits]
+    names = list(tensors) if tensors is not None else [model.graph.input[0].name] + [
+        o for n in model.graph.node for o in n.output if o and o not in inits]
     known = {o.name for o in model.graph.output}
     for name in names:
         if name not in known:
@@ -81,7 +82,7 @@ def activation_ranges(model_path: Path, batches: Iterable[np.ndarray], observer:
     input_name = session.get_inputs()[0].name
     seen = 0
     for batch in batches:
-        values = session.run(floats, {input_name: batch})
+        values = session.run(floats, batch if isinstance(batch, dict) else {input_name: batch})
         for name, value in zip(floats, values):
             if np.issubdtype(np.asarray(value).dtype, np.floating):
                 observers[name].update(value)
@@ -108,7 +109,9 @@ def static_int8(src: Path, dst: Path, batches: Iterable[np.ndarray] | None = Non
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
             for name, (lo, hi) in ranges.items()}), cache)
-        extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
+        # DefaultTensorType: ONNX shape inference does not type the outputs of fused contrib ops
+        extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
+                 "DefaultTensorType": TensorProto.FLOAT}
         with quiet():
             quantize_static(str(pre), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             reduce_range=reduce_range,
