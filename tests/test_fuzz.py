@@ -4,7 +4,6 @@ clean load, or a torchslim error with a message — never another exception. Bou
 import gzip
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -4,9 +4,10 @@
   their weights) and hidden-state + embedding distillation from the float model on real sentences of
   `text.training_corpus` (fortune files and package phrases the evaluation never uses), on the one
   training loop with epoch checkpoints.
-- `encoder_quantize`: ONNX Runtime dynamic int8 (per-channel weights) of the fused graph's MatMul and
-  Attention nodes and word embeddings, with cosine-driven float fallback on the calibration
-  sentences of every source."""
+- `encoder_distill` can also remove attention heads and FFN neurons of the kept layers first.
+- `encoder_quantize`: ONNX Runtime int8 (per-channel weights) of the fused graph's MatMul and
+  Attention nodes and word embeddings — dynamic, or static for the MatMuls with calibrated activation
+  ranges — with cosine-driven float fallback on the calibration sentences of every source."""
 
 from __future__ import annotations
 
