@@ -231,7 +231,8 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             if ckpt_path and main:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(), "history": result.history,
+                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                              "history": result.history,
                               "best_epoch": result.best_epoch, "best_metric": result.best_metric,
                               "stopped_early": result.stopped_early, "best_state": best_state,
                               "bad_epochs": bad_epochs}, ckpt_path)
@@ -261,7 +262,7 @@ def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: T
         names = list(parts)
         logged = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).detach().float().to(loss.device)
                                                         for k in names]) * weights[i]
-        logged = distributed.all_reduce_sum(logged.cpu()) / world
+        logged = distributed.all_reduce_sum(logged).cpu() / world  # on the loss device: gloo CPU, nccl CUDA
         if not torch.isfinite(logged[0]):
             raise TorchslimError(f"The loss became {logged[0].item()} at step {i + 1} of this epoch; lower the "
                                  "learning rate or enable grad_clip. The last epoch checkpoint is kept.")

@@ -164,6 +164,6 @@ def _fallback(nodes: list[str], quantize, tokenizer, calibration: dict, referenc
             console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
     int8 = len(nodes) - len(info["excluded"])
     info.update(cosine=score, int8_nodes=int8, nodes=len(nodes),
-                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8 ({info['method']}), worst-source calibration cosine "
-                        f"{score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
+                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8 ({info['method']}), worst-source "
+                        f"calibration cosine {score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
     return dst, info
