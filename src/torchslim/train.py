@@ -76,10 +76,15 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch, so a resumed run sees exactly the same batches."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
-    """Shuffled by a generator seeded per epoch, so a resumed run sees exactly the same batches."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
+    """The epoch's global batches in one process, shuffled by `epoch_generator`."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
+                      drop_last=False)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -173,7 +178,9 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
         epoch_setup: Callable[[nn.Module, int], None] | None = None, description: str = "train") -> TrainResult:
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
     `resume=True` continues from it, giving the same weights as an uninterrupted run. `epoch_setup(model,
-    epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm)."""
+    epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm). Under
+    torchrun the model trains wrapped in DistributedDataParallel on this rank's share of every global
+    batch (`distributed.rank_batches`), and only rank 0 writes checkpoints."""
     from torchslim import distributed
     device = torch.device(device)
     cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})
@@ -203,8 +210,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     trained = distributed.wrap(model, device)
     with activation_checkpointing(model, cfg.activation_checkpointing), _progress() as progress:
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            batches = distributed.rank_batches(len(train_set), batch_size, gen)
+            batches = distributed.rank_batches(len(train_set), batch_size, epoch_generator(seed, epoch))
             loader = DataLoader(train_set, batch_sampler=[b for b, _ in batches])
             task = progress.add_task(f"{description} {epoch + 1}/{cfg.epochs}", total=len(loader))
             lr = opt.param_groups[0]["lr"]

@@ -89,8 +89,9 @@ def _layers(model) -> int:
 class EncoderQuantizeConfig(Strict):
     method: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: int8 weights, activations "
                                                  "quantized at run time (MatMul, Attention, word embeddings); "
-                                                 "static: QDQ with min-max activation ranges from the calibration "
-                                                 "sentences (MatMul; the fused Attention stays float)")
+                                                 "static: MatMul in QDQ with min-max activation ranges from the "
+                                                 "calibration sentences; Attention and word embeddings, "
+                                                 "which have no static kernel, dynamic")
     per_channel: bool = True
     target: float = Field(0.995, gt=0, le=1, description="worst source's mean calibration cosine to the float "
                           "model being quantized; the most sensitive nodes stay in float until it is reached")

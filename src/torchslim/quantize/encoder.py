@@ -90,14 +90,9 @@ def quantizable_nodes(path: Path) -> list[str]:
             (n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[1:]))]
 
 
-def calibration_ranges(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], nodes: list[str],
+def calibration_ranges(float_onnx: Path, tokenizer, calibration: dict[str, list[str]], tensors: list[str],
                        batch_size: int = 32) -> dict[str, tuple[float, float]]:
-    """Min-max ranges of the activations entering and leaving the `nodes` over the calibration
-    sentences of every source."""
-    graph = onnx.load(str(float_onnx), load_external_data=False).graph
-    weights = {i.name for i in graph.initializer}
-    tensors = sorted({t for n in graph.node if n.name in set(nodes) for t in [*n.input, *n.output]
-                      if t and t not in weights})
+    """Min-max ranges of the activation `tensors` over the calibration sentences of every source."""
     feeds = [dict(zip(NAMES, (t.numpy() for t in tokenize(tokenizer, s[i:i + batch_size]))))
              for s in calibration.values() for i in range(0, len(s), batch_size)]
     return lower.activation_ranges(float_onnx, feeds, tensors=tensors)
@@ -112,9 +107,12 @@ def _quantizer(float_onnx: Path, tokenizer, calibration: dict, per_channel: bool
     if method == "dynamic":
         return nodes, lambda dst, exclude: lower.dynamic_int8(float_onnx, dst, per_channel, nodes_to_exclude=exclude,
                                                               op_types=ENCODER_OPS)
-    model = onnx.load(str(float_onnx))
-    matmuls = [n.name for n in model.graph.node if n.name in set(nodes) and n.op_type != "Attention"]
-    ranges = calibration_ranges(float_onnx, tokenizer, calibration, matmuls)
+    model, wanted = onnx.load(str(float_onnx)), set(nodes)
+    matmuls = [n for n in model.graph.node if n.op_type != "Attention" and n.name in wanted]
+    weights = {i.name for i in model.graph.initializer}
+    tensors = sorted({t for n in matmuls for t in [*n.input, *n.output] if t and t not in weights})
+    ranges = calibration_ranges(float_onnx, tokenizer, calibration, tensors)
+    matmuls = [n.name for n in matmuls]
     # the quantizer only quantizes activations it knows to be float; ONNX shape inference leaves the
     # outputs of fused contrib ops (Attention, SkipLayerNormalization) untyped
     typed = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
