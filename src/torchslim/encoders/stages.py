@@ -96,14 +96,18 @@ class EncoderQuantizeConfig(Strict):
     target: float = Field(0.995, gt=0, le=1, description="worst source's mean calibration cosine to the float "
                           "model being quantized; the most sensitive nodes stay in float until it is reached")
     fuse: bool = Field(True, description="fuse attention, layer norm and GELU with ONNX Runtime's transformer "
-                       "optimizer before quantizing")
+                       "optimizer before quantizing, then apply torchslim's CPU serving rewrites (layer norms out "
+                       "of SkipLayerNormalization, a softer attention mask)")
+    pad_free: bool = Field(True, description="with fuse: run everything but attention on the real tokens only "
+                           "(padded positions gathered out after the embeddings, scattered back around attention)")
 
 
 @register_stage("encoder_quantize", EncoderQuantizeConfig, compresses=True, tasks=EMBEDDING)
 def encoder_quantize(model, cfg: EncoderQuantizeConfig, ctx: EncoderContext):
     """Dynamic int8 (per-channel) of MatMul/Attention nodes with cosine-driven float fallback."""
     first = next(iter(ctx.evaluation.values()))
-    float_onnx = export_encoder(model, ctx.tokenizer, ctx.stage_dir / "float.onnx", first, fuse=cfg.fuse)
+    float_onnx = export_encoder(model, ctx.tokenizer, ctx.stage_dir / "float.onnx", first, fuse=cfg.fuse,
+                                pad_free=cfg.pad_free)
     with torch.inference_mode():
         reference = {k: embed(model, ctx.tokenizer, s) for k, s in ctx.calibration.items()}
     path, info = fidelity_int8(float_onnx, ctx.tokenizer, ctx.calibration, reference, ctx.stage_dir / "model.onnx",

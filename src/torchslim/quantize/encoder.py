@@ -11,6 +11,7 @@ import onnx
 import torch
 
 from torchslim.export.onnx import export_inputs
+from torchslim.export.transformer import serving_rewrites
 from torchslim.measure.latency import ort_session
 from torchslim.models.hf import cosine_fidelity, tokenize
 from torchslim.quantize import lower
@@ -32,10 +33,14 @@ def ort_embed(session, tokenizer, sentences: list[str], batch_size: int = 64) ->
     return torch.cat(out)
 
 
-def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: bool = False) -> Path:
+def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: bool = False, rewrites: bool = True,
+                   pad_free: bool = True) -> Path:
     """ONNX with dynamic batch and sequence axes. `fuse=True` exports with the TorchScript exporter
     (whose graph ONNX Runtime's transformer optimizer recognises) and fuses attention, layer norms
-    and GELU into ONNX Runtime's contrib ops (Attention, SkipLayerNormalization, ...)."""
+    and GELU into ONNX Runtime's contrib ops (Attention, SkipLayerNormalization, ...); then, with
+    `rewrites`, torchslim's CPU serving rewrites of the fused graph (`export.transformer`: layer norms
+    split back out of SkipLayerNormalization, a softer attention mask and, with `pad_free`, the padded
+    positions removed outside attention)."""
     ids, mask = tokenize(tokenizer, sentences[:4])
     if not fuse:
         return export_inputs(model, path, (ids, mask), NAMES, AXES)
@@ -48,9 +53,12 @@ def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: boo
     # layer, ONNX Runtime detects each layer's from the graph (0)
     num_heads = heads.pop() if len(heads) == 1 else 0
     try:
-        return fuse_transformer(plain, path, num_heads, num_heads * size)
+        fuse_transformer(plain, path, num_heads, num_heads * size)
     finally:
         plain.unlink(missing_ok=True)
+    if rewrites:
+        serving_rewrites(path, path, pad_free=pad_free)
+    return Path(path)
 
 
 def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
@@ -71,9 +79,10 @@ def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> 
 
 def fusion_counts(path: Path) -> dict[str, int]:
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    return {op: ops.count(op) for op in ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization",
-                                         "BiasGelu", "MatMul", "QAttention", "DynamicQuantizeMatMul",
-                                         "MatMulInteger") if op in ops}
+    return {op: ops.count(op) for op in ("Attention", "SkipLayerNormalization", "LayerNormalization",
+                                         "EmbedLayerNormalization", "BiasGelu", "MatMul", "QAttention",
+                                         "DynamicQuantizeMatMul", "MatMulInteger", "NonZero", "ScatterND")
+            if op in ops}
 
 
 def _worst(path: Path, tokenizer, calibration: dict, reference: dict, threads: int) -> float:
