@@ -13,7 +13,8 @@ the longest) with `--threads` threads after warm-up; and ratios against the best
 Peers: float PyTorch; float ONNX Runtime on torch.onnx.export's graph and on the graph fused by ONNX
 Runtime's transformer optimizer; torch.ao quantize_dynamic (per-tensor, per-channel); ONNX Runtime
 quantize_dynamic (per-tensor, per-channel) on the plain export, and per-channel on the fused graph.
-torchslim: the minilm-int8 artifact built here, and `--fast`, an artifact of `torchslim run minilm-fast`."""
+torchslim: the minilm-int8 artifact built here, the same with the padding kept (`pad_free: false`, to
+show what removing it is worth), and `--fast`, an artifact of `torchslim run minilm-fast`."""
 
 from __future__ import annotations
 
