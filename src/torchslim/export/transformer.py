@@ -94,11 +94,13 @@ def _scatter(packed: str, padded: str, tag: str) -> list:
 def remove_padding(model: onnx.ModelProto, mask_input: str = "attention_mask") -> int:
     """Run everything but attention on the real tokens only (see the module docstring). Needs the
     fused graph's EmbedLayerNormalization and Attention nodes; returns the number of Attention nodes
-    wrapped, 0 (graph unchanged) when the graph has no EmbedLayerNormalization."""
+    wrapped, 0 (graph unchanged) when the graph has no EmbedLayerNormalization or Attention, or still
+    has an unfused attention (a Softmax), which needs the padded layout."""
     graph = model.graph
+    ops = {n.op_type for n in graph.node}
     embed = next((n for n in graph.node if n.op_type == "EmbedLayerNormalization"), None)
     norms = [n for n in graph.node if n.op_type in NORMS]
-    if embed is None or not norms:
+    if embed is None or not norms or "Attention" not in ops or "Softmax" in ops:
         return 0
     hidden = next(i for i in graph.initializer if i.name == embed.input[2]).dims[1]
     embeddings, last = embed.output[0], norms[-1].output[0]
