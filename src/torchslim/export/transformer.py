@@ -137,12 +137,16 @@ def _rename_inputs(node: onnx.NodeProto, old: str, new: str) -> None:
             node.input[i] = new
 
 
-def serving_rewrites(src: Path, dst: Path, pad_free: bool = True) -> dict:
+def serving_rewrites(src: Path, dst: Path, pad_free: bool = True) -> Path:
     """All three rewrites (the padding removal only with `pad_free`) of the fused graph at `src`,
-    saved to `dst`; returns what was changed."""
+    saved to `dst` (which may be `src`: written to a temporary file, then renamed)."""
     model = onnx.load(str(src))
-    done = {"skip_layernorm_split": split_skip_layernorm(model), "attention_mask_softened": soften_attention_mask(model)}
-    done["pad_free_attention_nodes"] = remove_padding(model) if pad_free else 0
+    split_skip_layernorm(model)
+    soften_attention_mask(model)
+    if pad_free:
+        remove_padding(model)
     onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
-    return done
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(dst)
+    return Path(dst)

@@ -56,9 +56,7 @@ def export_encoder(model, tokenizer, path: Path, sentences: list[str], fuse: boo
         fuse_transformer(plain, path, num_heads, num_heads * size)
     finally:
         plain.unlink(missing_ok=True)
-    if rewrites:
-        serving_rewrites(path, path, pad_free=pad_free)
-    return Path(path)
+    return serving_rewrites(path, path, pad_free=pad_free) if rewrites else Path(path)
 
 
 def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> Path:
