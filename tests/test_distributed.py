@@ -102,18 +102,19 @@ def test_every_training_stage_runs_under_torchrun(tmp_path, tiny_recipe, cli_env
         {"train": {"epochs": 1, "lr": 0.003}},
         {"prune": {"method": "structured", "ratio": 0.3, "schedule": {"kind": "gradual", "steps": 2},
                    "finetune": {"epochs": 1, "lr": 0.001}}},
-        {"quantize": {"method": "qat", "finetune": {"epochs": 1, "lr": 0.0005}}},
         {"lowrank": {"rank_ratio": 0.5, "finetune": {"epochs": 1, "lr": 0.001}}},
+        {"quantize": {"method": "qat", "finetune": {"epochs": 1, "lr": 0.0005}}},
     ]
     path, out = tmp_path / "r.yaml", tmp_path / "ddp"
     path.write_text(yaml.safe_dump(tiny_recipe))
     done = _torchrun(["run", str(path), "--out", str(out)], {**cli_env, "OMP_NUM_THREADS": "1"}, tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["baseline", "train", "prune", "quantize", "lowrank"]
-    prune, quant, low = report["stages"][2:]
+    assert [s["name"] for s in report["stages"]] == ["baseline", "train", "prune", "lowrank", "quantize"]
+    prune, low, quant = report["stages"][2:]
     assert prune["metrics"]["params"] < report["stages"][1]["metrics"]["params"]
     assert low["metrics"]["params"] < prune["metrics"]["params"]
-    assert quant["metrics"]["size_bytes"] < 0.5 * prune["metrics"]["size_bytes"]
+    assert quant["metrics"]["size_bytes"] < 0.5 * low["metrics"]["size_bytes"]
+    assert quant["artifact"].startswith("stages/04-quantize/")  # the stage's own artifact, not an earlier one
     assert report["stages"][1]["history"][0]["loss"] > 0
     assert quant["history"] and low["history"] and prune["history"]  # each fine-tune ran, under DDP

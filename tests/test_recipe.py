@@ -119,3 +119,35 @@ def test_presets_expand_into_stages_and_measure_settings():
     assert [s.name for s in parse_recipe(parsed.to_dict()).stages] == ["prune", "quantize", "export"]
     with pytest.raises(RecipeError, match="unknown preset 'mobil'. Did you mean 'mobile'"):
         parse_recipe({**own, "preset": "mobil"})
+
+
+@pytest.mark.parametrize("stages, later, lowering", [
+    ([{"train": {"epochs": 1}}, {"quantize": {}}, {"lowrank": {"rank_ratio": 0.5}}], "lowrank", "quantize"),
+    ([{"quantize": {}}, {"prune": {"ratio": 0.5}}], "prune", "quantize"),
+    ([{"quantize": {}}, {"train": {"epochs": 1}}], "train", "quantize"),
+    ([{"quantize": {}}, {"quantize": {"method": "dynamic"}}], "quantize", "quantize"),
+    ([{"auto": {}}, {"distill": {"student": {"builtin": "mlp_student"}, "train": {"epochs": 1}}}], "distill", "auto"),
+])
+def test_a_stage_that_changes_the_model_after_lowering_is_refused(tiny_recipe, stages, later, lowering):
+    tiny_recipe["stages"] = stages + [{"export": {}}]
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(tiny_recipe)
+    message = str(info.value)
+    assert f"'{later}' changes the model" in message and f"'{lowering}' already lowered it" in message
+    assert f"Put '{later}' before '{lowering}'" in message and "(got {" not in message
+
+
+def test_embedding_distill_after_encoder_quantize_is_refused():
+    recipe = yaml.safe_load(builtin_recipes()["minilm-int8"].read_text())
+    recipe["stages"] = [{"encoder_quantize": {}}, {"encoder_distill": {"keep_every": 2}}]
+    with pytest.raises(RecipeError, match="'encoder_distill' changes the model, but stages.0. 'encoder_quantize'"):
+        parse_recipe(recipe)
+
+
+def test_export_after_lowering_is_allowed_and_every_preset_lowers_last():
+    for name in [*builtin_recipes(), *presets()]:
+        load_recipe(name)  # every built-in recipe and preset passes the lowering-order check
+    own = {"name": "mine", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
+           "stages": [{"quantize": {}}], "preset": "edge"}
+    with pytest.raises(RecipeError, match="'prune' changes the model, but stages.0. 'quantize'"):
+        parse_recipe(own)  # the preset's prune would follow the recipe's own quantize

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
 from torchslim.errors import RecipeError
-from torchslim.registry import get_stage, stage_names
+from torchslim.registry import get_stage, lowering_conflict, stage_names
 
 
 class Strict(BaseModel):
@@ -112,6 +112,9 @@ class Recipe(Strict):
                 raise ValueError(f"stages[{i}]: stage '{stage.name}' works on task {' or '.join(tasks)}, "
                                  f"not {self.task}; stages for {self.task}: "
                                  f"{', '.join(n for n in stage_names() if self.task in get_stage(n).tasks)}")
+        conflict = lowering_conflict([s.name for s in self.stages])
+        if conflict:
+            raise ValueError(conflict)
         return self
 
     @field_validator("stages", mode="before")
@@ -175,7 +178,8 @@ def _format(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> st
             lines.append(f"{path}: unknown key.{hint} Allowed keys: {', '.join(allowed)}.")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {msg} (got {err.get('input')!r}).")
+            got = f" (got {err.get('input')!r})" if loc else ""  # a whole-recipe check: the message says it all
+            lines.append(f"{path}: {msg}{got}.".replace("..", "."))
     return "Invalid recipe: " + " ".join(lines)
 
 

@@ -16,7 +16,7 @@ from torchslim.report.json import atomic_write_text
 from torchslim.train import console
 
 
-@register_stage("auto", AutoConfig, compresses=True)
+@register_stage("auto", AutoConfig, compresses=True, lowers=True)
 def auto(model, cfg: AutoConfig, ctx: RunContext):
     """Measure sensitivity, screen measured candidates, fine-tune the promising ones, apply the best plan."""
     from torchslim import distributed

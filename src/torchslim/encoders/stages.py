@@ -102,7 +102,7 @@ class EncoderQuantizeConfig(Strict):
                            "(padded positions gathered out after the embeddings, scattered back around attention)")
 
 
-@register_stage("encoder_quantize", EncoderQuantizeConfig, compresses=True, tasks=EMBEDDING)
+@register_stage("encoder_quantize", EncoderQuantizeConfig, compresses=True, tasks=EMBEDDING, lowers=True)
 def encoder_quantize(model, cfg: EncoderQuantizeConfig, ctx: EncoderContext):
     """Dynamic int8 (per-channel) of MatMul/Attention nodes with cosine-driven float fallback."""
     first = next(iter(ctx.evaluation.values()))

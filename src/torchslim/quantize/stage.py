@@ -129,7 +129,7 @@ def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
     return {"layers": handle.layers, "activation_ranges": ranges, "best_val_metric": result.best_metric}
 
 
-@register_stage("quantize", QuantizeConfig, compresses=True)
+@register_stage("quantize", QuantizeConfig, compresses=True, lowers=True)
 def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
     """Quantize the current model and lower it to an ONNX Runtime artifact on int8 (or fp16) kernels."""
     if ctx.recipe.measure.runtime != "onnxruntime":

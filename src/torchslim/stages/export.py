@@ -21,7 +21,7 @@ class ExportConfig(BaseModel):
     opset: int = Field(18, ge=13, le=23)
 
 
-@register_stage("export", ExportConfig)
+@register_stage("export", ExportConfig, changes_model=False)
 def export(model, cfg: ExportConfig, ctx: RunContext):
     """Export the current model (ONNX with a dynamic batch axis, and/or safetensors weights)."""
     written = []
