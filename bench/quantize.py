@@ -5,7 +5,11 @@
 
 Same trained model, same real calibration batches (training split), same test set (all 10,000
 images), same thread count. Each row is one artifact: accuracy from its own runtime, bytes on disk,
-latency p50/p95 at the given batch size, and the speedup over the float artifact of the same runtime."""
+the compute nodes ONNX Runtime's optimised graph runs on integer / float kernels on this CPU, and
+latency p50/p95 at the given batch size with the speedup over the float artifact of the same runtime.
+All ONNX Runtime artifacts are timed interleaved in one process (spin-free thread pools), as are the
+PyTorch ones. A second table shows each static int8 activation scheme on this CPU and the one
+`activation_type: auto` (the quantize stage's default) chooses."""
 
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ import torch
 
 from torchslim.data import fashion_mnist
 from torchslim.export import export_onnx, onnx_outputs
-from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency, torch_threads
+from torchslim.cpu import cpu_features
+from torchslim.measure.kernels import kernel_counts
+from torchslim.measure.latency import interleaved, ort_session, torch_threads
 from torchslim.models import MODELS, load_weights
 from torchslim.quantize import lower
+from torchslim.quantize.scheme import CANDIDATES, choose_scheme
+from torchslim.report.json import environment
 from torchslim.train import TrainConfig, cross_entropy_loss, fit
 
 
@@ -35,18 +43,56 @@ class Reader:
 
 
 def ort_row(path: Path, x, y, args) -> dict:
-    session = ort_session(path, args.threads)
+    session = ort_session(path, args.threads, spinning=False)
     acc = float((onnx_outputs(session, x.numpy()).argmax(1) == y.numpy()).mean())
-    lat = onnxruntime_latency(path, x[:args.batch_size].numpy(), args.threads, 10, args.repeats, session)
-    return {"runtime": "onnxruntime", "accuracy": acc, "bytes": path.stat().st_size, **lat}
+    counts = kernel_counts(path, args.threads)
+    feed = {session.get_inputs()[0].name: x[:args.batch_size].numpy()}
+    return {"runtime": "onnxruntime", "accuracy": acc, "bytes": path.stat().st_size, "kernels": counts,
+            "call": lambda: session.run(None, feed)}
 
 
 def torch_row(model, x, y, args, path: Path) -> dict:
     with torch_threads(args.threads), torch.inference_mode():
         acc = float((torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]).argmax(1) == y).float().mean())
     torch.save(model.state_dict(), path)  # torch.ao quantized modules pack their weights into the state dict
-    lat = pytorch_latency(model, x[:args.batch_size], args.threads, 10, args.repeats)
-    return {"runtime": "pytorch", "accuracy": acc, "bytes": path.stat().st_size, **lat}
+    batch = x[:args.batch_size]
+
+    def call():
+        with torch_threads(args.threads), torch.inference_mode():
+            model(batch)
+    return {"runtime": "pytorch", "accuracy": acc, "bytes": path.stat().st_size, "call": call}
+
+
+def time_side_by_side(rows: dict, runtime: str, repeats: int) -> None:
+    chosen = {k: r["call"] for k, r in rows.items() if r["runtime"] == runtime}
+    for name, t in interleaved(chosen, rounds=repeats, warmup=5).items():
+        rows[name].update(p50=t["p50"], p95=t["p95"])
+
+
+def schemes(f32: Path, batches, data, args, tmp: Path) -> None:
+    """Every static int8 activation scheme on this CPU, and the one `activation_type: auto` chooses
+    (validation split for the choice, as the quantize stage does; test accuracy shown beside it)."""
+    xv, yv = data.val.tensors
+    pre = lower.preprocess(f32, tmp / "scheme.pre.onnx")
+    ranges = lower.activation_ranges(pre, batches)
+
+    def build(sc, path):
+        return lower.static_int8(pre, path, ranges=ranges, preprocessed=True, activation_type=sc.activation_type,
+                                 reduce_range=sc.reduce_range)
+
+    def accuracy(path, x=xv, y=yv):
+        return float((onnx_outputs(ort_session(path, args.threads), x.numpy()).argmax(1) == y.numpy()).mean())
+    chosen, record = choose_scheme(build, accuracy, f32, data.test.tensors[0][:args.batch_size].numpy(),
+                                   args.threads, 0.002, rounds=args.repeats)
+    x, y = data.test.tensors
+    print(f"\nstatic int8 schemes on this CPU ({', '.join(cpu_features()) or 'features unknown'}), batch "
+          f"{args.batch_size}, timed interleaved with the float graph ({record['float_latency_ms']:.3f} ms):")
+    print(f"{'scheme':<22} {'int / float nodes':>17} {'p50 ms':>8} {'vs float':>8} {'val acc':>8} {'test acc':>8}")
+    for r in record["candidates"]:
+        test = accuracy(build(next(c for c in CANDIDATES if c.name == r["name"]), tmp / "scheme.q.onnx"), x, y)
+        print(f"{r['name']:<22} {r['integer_nodes']:>8} / {r['float_nodes']:<6} {r['latency_ms']:>8.3f} "
+              f"{r['speedup_vs_float']:>7.2f}x {r['val_accuracy']:>8.4f} {test:>8.4f}")
+    print(f"activation_type: auto chooses {chosen.name}")
 
 
 def main() -> None:
@@ -98,15 +144,20 @@ def main() -> None:
             out = lower.weight_only(f32, t / f"ts_w{bits}.onnx", bits=bits, group_size=32)
             rows[f"torchslim weight-only int{bits} (group 32)"] = ort_row(out, x, y, args)
         rows["torchslim fp16"] = ort_row(lower.half(f32, t / "fp16.onnx"), x, y, args)
+        time_side_by_side(rows, "onnxruntime", args.repeats)
+        time_side_by_side(rows, "pytorch", args.repeats)
+        schemes(f32, batches, data, args, t)
     base = {"pytorch": rows["float PyTorch"], "onnxruntime": rows["float ONNX Runtime"]}
     print(f"\n{args.model}: test set {len(y)} images, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.repeats} timed runs; speedup and size are against the float artifact of the same runtime")
+          f"{args.repeats} interleaved rounds; speedup and size are against the float artifact of the same runtime; "
+          f"CPU {environment(args.threads)['cpu']} ({', '.join(cpu_features())})")
     print(f"{'artifact':<42} {'runtime':<12} {'accuracy':>8} {'Δ pt':>6} {'bytes':>10} {'size':>6} "
-          f"{'p50 ms':>7} {'p95 ms':>7} {'speedup':>7}")
+          f"{'int/float':>9} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>7}")
     for name, r in rows.items():
         b = base[r["runtime"]]
+        k = f"{r['kernels']['integer']}/{r['kernels']['float']}" if "kernels" in r else "–"
         print(f"{name:<42} {r['runtime']:<12} {r['accuracy']:>8.4f} {100 * (r['accuracy'] - b['accuracy']):>+6.2f} "
-              f"{r['bytes']:>10,} {100 * r['bytes'] / b['bytes']:>5.1f}% {r['p50']:>7.3f} {r['p95']:>7.3f} "
+              f"{r['bytes']:>10,} {100 * r['bytes'] / b['bytes']:>5.1f}% {k:>9} {r['p50']:>7.3f} {r['p95']:>7.3f} "
               f"{b['p50'] / r['p50']:>6.2f}x")
 
 

@@ -226,3 +226,145 @@ def test_resume_without_a_run(tiny_recipe, tmp_path, capsys, monkeypatch):
     code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "none", "--resume"],
                           capsys, monkeypatch)
     assert code != 0 and "Nothing to resume" in text
+
+
+def test_data_dependent_branch_is_refused_naming_the_line(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """A branch on tensor values: ONNX would keep one branch. Refused with the file and line, unless the
+    recipe asks for the TorchScript tracer explicitly, which warns that the branch is frozen."""
+    recipe = _recipe(tiny_recipe, model=_linear_model(tmp_path, "branchy", "y if y.mean() > 0 else -y"))
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in text, text
+    assert "depends on the input's values" in text and "branchy.py, line 9" in text and "torch.where" in text
+    # the tracer, asked for explicitly, freezes the branch with a warning; the export check, fed batches
+    # of several sizes, then finds inputs that take the other branch
+    recipe["stages"][-1] = {"export": {"exporter": "torchscript"}}
+    code, text = _run_cli(["run", _write(tmp_path, recipe, "ts.yaml"), "--out", tmp_path / "ts"], capsys,
+                          monkeypatch)
+    assert "froze a branch" in text and "branchy.py, line 9" in text, text
+    assert code != 0 and "disagrees with PyTorch" in text and "Traceback" not in text, text
+
+
+def test_export_check_feeds_several_batches(tmp_path):
+    """A graph that is right for the example batch only is caught: the check feeds batches of 1, 3, 16
+    and 64 inputs and compares each with PyTorch."""
+    from torch import nn
+
+    from torchslim.errors import ExportError
+    from torchslim.export.onnx import verify_onnx
+    from torchslim.measure.latency import ort_session
+
+    class BatchMean(nn.Module):  # an output that depends on the batch's composition
+        def forward(self, x):
+            return x.flatten(1)[:, :10] - x.mean()
+    model = BatchMean()
+    data = fashion_mnist.load(eval_subset=100)
+    x = data.test.tensors[0]
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x[:4],), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    verify_onnx(model, ort_session(path), x, 1e-4)  # the same formula, per batch: agrees on every batch size
+
+    class Frozen(nn.Module):  # ONNX holds the example batch's mean as a constant
+        def forward(self, x):
+            return x.flatten(1)[:, :10] - float(x.mean())
+    torch.onnx.export(Frozen(), (x[:4],), str(path), input_names=["input"], dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}})
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        verify_onnx(Frozen(), ort_session(path), x, 1e-4)
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_misspelled_builder_keyword(where, tiny_recipe, tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tiny_recipe)
+    if where == "model":
+        recipe["model"]["kwargs"] = {"widht": 16}
+    else:
+        (tmp_path / "mydata.py").write_text(
+            "from torchslim.data import fashion_mnist\n\ndef build(subset=100):\n"
+            "    return fashion_mnist.load(train_subset=subset, eval_subset=subset)\n")
+        recipe["data"] = {"entrypoint": "mydata:build", "kwargs": {"subsett": 10}}
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    key = "widht" if where == "model" else "subsett"
+    assert code != 0 and "Traceback" not in text and f"{where}.kwargs" in text and key in text, text
+
+
+def test_preset_given_as_a_list(tiny_recipe, tmp_path, capsys, monkeypatch):
+    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe, preset=["mobile"])), "--out",
+                           tmp_path / "run"], capsys, monkeypatch)
+    assert code != 0 and "preset" in text and "mobile" in text and "Traceback" not in text, text
+
+
+def test_checkpoint_with_layers_the_model_lacks(tiny_recipe, tmp_path, capsys, monkeypatch):
+    from torchslim.models import mlp_teacher
+    from torchslim.models.io import save_weights
+    save_weights(mlp_teacher(), tmp_path / "teacher.safetensors")
+    recipe = _recipe(tiny_recipe, model={"builtin": "mlp_student", "checkpoint": str(tmp_path / "teacher.safetensors")})
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in text and "layers the model does not have" in text, text
+
+
+def test_checkpoint_shapes_overriding_kwargs_are_warned_about(tiny_recipe, tmp_path, capsys, monkeypatch):
+    from torchslim.models.io import save_weights
+    (tmp_path / "wide.py").write_text(
+        "from torch import nn\n\ndef build(width=16):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))\n")
+    sys.path.insert(0, str(tmp_path))
+    import wide
+    save_weights(wide.build(width=24), tmp_path / "w24.safetensors")
+    recipe = _recipe(tiny_recipe, model={"entrypoint": "wide:build", "kwargs": {"width": 16},
+                                         "checkpoint": str(tmp_path / "w24.safetensors")})
+    recipe["stages"] = [{"export": {}}]
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code in (0, None) and "other layer shapes than the model built from the recipe" in text, text
+    assert "width" in text and "24" in text
+
+
+def test_pytorch_runtime_with_encoder_quantize_is_a_recipe_error(tmp_path, capsys, monkeypatch):
+    from torchslim.recipe import builtin_recipes
+    recipe = yaml.safe_load(builtin_recipes()["minilm-int8"].read_text())
+    recipe.setdefault("measure", {})["runtime"] = "pytorch"
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in text and "measure.runtime" in text and "onnxruntime" in text, text
+
+
+def test_unknown_recipe_and_stage_names_get_suggestions(tiny_recipe, tmp_path, capsys, monkeypatch):
+    code, text = _run_cli(["run", "defualt"], capsys, monkeypatch)
+    assert code != 0 and "Did you mean 'default'" in text
+    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe, stages=[{"quantise": {}}]))], capsys,
+                          monkeypatch)
+    assert code != 0 and "Did you mean 'quantize'" in text
+
+
+def test_log_lines_have_no_source_location_and_are_not_wrapped(tiny_recipe, tmp_path, cli_env):
+    import subprocess
+    recipe = _recipe(tiny_recipe)
+    recipe["name"] = "a-recipe-name-long-enough-to-push-the-log-lines-well-past-eighty-columns-in-a-pipe"
+    done = subprocess.run([sys.executable, "-m", "torchslim", "run", str(_write(tmp_path, recipe)), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=cli_env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert not any(".py:" in line for line in lines), [line for line in lines if ".py:" in line][:3]
+    assert any(len(line) > 100 and "latency p50" in line for line in lines)  # one line, not wrapped at 80
+
+
+def test_factorised_checkpoint_reloads_in_a_fresh_interpreter(tmp_path):
+    import subprocess
+
+    from torchslim.lowrank.factorize import factorize
+    from torchslim.models import mlp_teacher
+    from torchslim.models.io import save_weights
+    torch.manual_seed(0)
+    model = mlp_teacher().eval()
+    factorize(model, torch.randn(2, 1, 28, 28), rank_ratio=0.25)
+    save_weights(model, tmp_path / "low.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x).detach(), tmp_path / "y.pt")
+    code = ("import torch, torchslim\nfrom torchslim.models import mlp_teacher\n"
+            f"m = torchslim.load_weights(mlp_teacher(), r'{tmp_path / 'low.safetensors'}').eval()\n"
+            f"x, y = torch.load(r'{tmp_path / 'x.pt'}'), torch.load(r'{tmp_path / 'y.pt'}')\n"
+            "assert (m(x) - y).abs().max() < 1e-5\n"
+            "assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in mlp_teacher().parameters())\n"
+            "import sys; print(sorted(k for k in sys.modules if k.startswith('torchslim.lowrank')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

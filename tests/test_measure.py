@@ -49,3 +49,44 @@ def test_classification_metrics():
     assert abs(m["accuracy"] - 2 / 3) < 1e-6
     expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     assert abs(m["loss"] - expected) < 1e-6
+
+
+def test_interleaved_comparison_reports_speedup_spread_and_slowdowns(tmp_path):
+    """Three 'stages': a big MLP, a small one (the compression), then the big one again (a stage that
+    made the model slower). The comparison times them side by side and names the slowdown."""
+    from torchslim.data import fashion_mnist
+    from torchslim.export import export_onnx
+    from torchslim.measure.compare import compare_stages
+    from torchslim.models import mlp_student, mlp_teacher
+    data = fashion_mnist.load(eval_subset=64)
+    paths = []
+    for i, build in enumerate((mlp_teacher, mlp_student, mlp_teacher)):
+        torch.manual_seed(i)
+        (tmp_path / f"s{i}").mkdir()
+        paths.append(export_onnx(build().eval(), tmp_path / f"s{i}" / "model.onnx", data.input))
+    entries = [{"name": n, "artifact": f"s{i}/model.onnx"} for i, n in enumerate(("baseline", "prune", "widen"))]
+    feeds = lambda: {"batch 32": {"input": data.test.tensors[0][:32].numpy()}}  # noqa: E731
+    record = compare_stages(entries, tmp_path, 0, feeds, threads=1, seconds=2, max_rounds=30)
+    shape = record["shapes"]["batch 32"]
+    assert shape["rounds"] >= 10 and [s["name"] for s in shape["stages"]] == ["baseline", "prune", "widen"]
+    assert shape["speedup"]["q25"] <= shape["speedup"]["median"] <= shape["speedup"]["q75"]
+    assert [sd["stage"] for sd in shape["slowdowns"]] == ["widen"] and shape["slowdowns"][0]["ratio"] > 2
+    assert record["loadavg_before"] is not None and isinstance(record["noisy"], bool)
+    # a pytorch-served run has no ONNX artifacts to compare: said, not guessed
+    entries[2]["artifact"] = "s2/model.safetensors"
+    assert "skipped" in compare_stages(entries, tmp_path, 0, feeds, threads=1)
+
+
+def test_kernel_counts_read_the_graph_onnx_runtime_runs(tmp_path):
+    from torchslim.data import fashion_mnist
+    from torchslim.export import export_onnx
+    from torchslim.measure.kernels import kernel_counts
+    from torchslim.models import cnn_student
+    from torchslim.quantize import lower
+    data = fashion_mnist.load(train_subset=256, eval_subset=64)
+    f32 = export_onnx(cnn_student().eval(), tmp_path / "f.onnx", data.input)
+    assert kernel_counts(f32)["integer"] == 0 and kernel_counts(f32)["float"] == 7
+    dyn = kernel_counts(lower.dynamic_int8(f32, tmp_path / "d.onnx"))  # only the Linear layers go int8
+    assert dyn["integer"] == 2 and dyn["float"] == 5 and len(dyn["float_nodes"]) == 5
+    wo = kernel_counts(lower.weight_only(f32, tmp_path / "w.onnx"))
+    assert wo["weight_only"] == 2 and wo["integer"] == 0

@@ -201,3 +201,22 @@ def test_a_preset_runs_after_the_recipes_own_stages(tmp_path, tiny_recipe):
     assert any(r["kind"] == "svd" for r in report["stages"][3]["factorised"])
     assert report["stages"][4]["quantization"]["method"] == "static"  # (300 val images: the budget decides how many)
     assert report["summary"]["reference_stage"] == "train"
+
+
+def test_control_row_trains_the_reference_as_long_as_the_compressed_model(tmp_path, tiny_recipe):
+    """summary.control: the reference model fine-tuned for the epochs the final model had after it, with
+    the same settings, measured like a stage; the summary compares the final model with it."""
+    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}},
+                             {"prune": {"method": "structured", "ratio": 0.5,
+                                        "schedule": {"kind": "steps", "steps": 2},
+                                        "finetune": {"epochs": 1, "lr": 0.002}}}]
+    tiny_recipe["summary"] = {"control": True}
+    report = run(parse_recipe(tiny_recipe), tmp_path)
+    control, summary = report["control"], report["summary"]
+    assert summary["epochs_after_reference"] == 2 and control["epochs"] == 2 and len(control["history"]) == 2
+    assert control["train"]["lr"] == 0.002 and control["reference_stage"] == "train"
+    reference = report["stages"][1]["metrics"]
+    assert control["metrics"]["params"] == reference["params"] > report["stages"][2]["metrics"]["params"]
+    assert summary["accuracy_vs_control"] == pytest.approx(
+        report["stages"][-1]["metrics"]["accuracy"] - control["metrics"]["accuracy"])
+    assert (tmp_path / control["artifact"]).exists() and control["artifact"].startswith("control/")

@@ -122,3 +122,36 @@ class TinyTransformer(nn.Module):
 
 
 ZOO = {"resnet": ResNet, "mobilenetv2": MobileNetV2ish, "densenet": DenseNetish, "transformer": TinyTransformer}
+
+
+class SEBlock(nn.Module):
+    """A residual block with squeeze-and-excitation, the excitation indexed the common way."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, reduction: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.fc1 = nn.Conv2d(cout, cout // reduction, 1)
+        self.fc2 = nn.Conv2d(cout // reduction, cout, 1)
+        self.short = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return torch.relu(y * s + self.short(x))
+
+
+class SEResNet(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(SEBlock(width, width), SEBlock(width, 2 * width, 2),
+                                    SEBlock(2 * width, 4 * width, 2))
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))

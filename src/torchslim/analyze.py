@@ -40,6 +40,11 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
 
 
 def analyze_model(recipe, folder: Path | None, console: Console) -> dict:
+    if recipe.task != "classification":
+        from torchslim.errors import TorchslimError
+        raise TorchslimError(f"torchslim analyze works on classification recipes; '{recipe.name}' is a task: "
+                             f"{recipe.task} recipe. Its baseline stage measures the same numbers: run "
+                             f"`torchslim run {recipe.name}` and read stage 0 of report.json.")
     data = build_data(recipe.data, folder)
     model = build_model(recipe.model, data.num_classes, folder)
     with tempfile.TemporaryDirectory() as tmp:

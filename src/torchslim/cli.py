@@ -15,7 +15,7 @@ from torchslim.errors import TorchslimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress trained PyTorch models and measure the result honestly.")
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 
@@ -79,12 +79,31 @@ def _print_summary(report: dict, run_dir: Path) -> None:
                   f"(-{1 - 1 / s['size_ratio']:.1%}, compression ratio {s['size_ratio']:.2f}x)")
         out.print(f"  parameters  {ref['params']:,} -> {fin['params']:,} (-{1 - 1 / s['param_ratio']:.1%})")
         out.print(f"  latency p50 {ref['latency_ms']['p50']:.3f} ms -> {fin['latency_ms']['p50']:.3f} ms "
-                  f"({s['speedup']:.2f}x, {fin['latency_ms']['runtime']}, batch {fin['latency_ms']['batch_size']})")
+                  f"({s['speedup_stage_measurements']:.2f}x in the stage measurements, {fin['latency_ms']['runtime']}, "
+                  f"batch {fin['latency_ms']['batch_size']})")
+        for label, shape in (report.get("comparison") or {}).get("shapes", {}).items():
+            sp = shape["speedup"]
+            out.print(f"  side by side {label}: {shape['reference_ms']:.3f} -> {shape['final_ms']:.3f} ms, "
+                      f"{sp['median']:.2f}x faster (quartiles {sp['q25']:.2f}-{sp['q75']:.2f}, {shape['rounds']} "
+                      "interleaved rounds)", soft_wrap=True)
+        if fin.get("kernels"):
+            k = fin["kernels"]
+            out.print(f"  kernels     ONNX Runtime runs {k['integer']} compute node(s) on integer kernels, "
+                      f"{k['float']} in float" + (f", {k['weight_only']} weight-only low-bit" if k["weight_only"] else ""))
         if s.get("accuracy_drop") is not None:
             out.print(f"  accuracy    {ref['accuracy']:.4f} -> {fin['accuracy']:.4f} "
                       f"(drop {100 * s['accuracy_drop']:.2f} points)")
         elif s.get(f"{metric}_drop") is not None:
             out.print(f"  {label} {ref[metric]:.4f} -> {fin[metric]:.4f} (min {fin.get('min_cosine', float('nan')):.4f})")
+    if s and s.get("epochs_after_reference"):
+        out.print(f"  training    the final model had {s['epochs_after_reference']} epoch(s) of training after "
+                  f"'{s['reference_stage']}'; part of the {label} kept may come from that extra training")
+    for sd in (s or {}).get("slowdowns", []):
+        out.print(f"[bold red]SLOWDOWN:[/] stage '{sd['stage']}' made the model slower than '{sd['after']}' "
+                  f"({sd['from_ms']:.2f} -> {sd['to_ms']:.2f} ms, {sd['ratio']:.2f}x, {sd['shape']})", soft_wrap=True)
+    for note in (report.get("comparison") or {}).get("noise", []):
+        out.print(f"[bold yellow]noisy timing:[/] {note}; re-run on an idle machine before trusting the speedups",
+                  soft_wrap=True)
     out.print(f"report: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
 
 

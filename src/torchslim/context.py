@@ -48,6 +48,17 @@ class RunContext:
             self._test = (torch.stack(xs), torch.as_tensor(ys))
         return self._test
 
+    @property
+    def exporter(self) -> str:
+        """The ONNX exporter the recipe's export stage names (dynamo unless it says torchscript), used
+        for every export of the run, so a choice made for the deliverable holds for every measurement."""
+        return next((s.config.exporter for s in self.recipe.stages if s.name == "export"), "dynamo")
+
+    def comparison_feeds(self) -> dict[str, dict]:
+        """{label: ONNX Runtime feed} for the end-of-run interleaved comparison: real test inputs."""
+        sizes = self.recipe.measure.compare_batch_sizes or [self.recipe.measure.batch_size]
+        return {f"batch {n}": {self.data.input.name: self.real_batch(n).numpy()} for n in sizes}
+
     def real_batch(self, batch_size: int) -> torch.Tensor:
         """`batch_size` real test inputs (repeated if the test split is smaller)."""
         x = self.test_tensors()[0]

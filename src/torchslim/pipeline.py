@@ -24,7 +24,8 @@ from torchslim.models.io import build_model, load_weights
 from torchslim.recipe import Recipe
 from torchslim.registry import get_stage
 from torchslim.report.json import build_report, environment, write_json
-from torchslim.train import console
+from torchslim.measure.compare import compare_stages
+from torchslim.train import collect_warnings, console, warn
 
 STATE = "state.json"
 OWNED = ("stages", STATE, "report.json", "report.html")
@@ -157,25 +158,95 @@ def run_stages(recipe: Recipe, run_dir: Path, ctx, model: torch.nn.Module, entri
         ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         ctx.stage_info, ctx.onnx_path = {}, None
+        collect_warnings()
         console.log(f"stage {index}: {name}")
         start = time.perf_counter()
         if spec is not None:
             model = get_stage(name).apply(model, spec.config, ctx)
         seconds = time.perf_counter() - start
         metrics, artifact = distributed.on_main(lambda: _measured(measure_fn, model, ctx, run_dir))
+        said = collect_warnings()
         entries.append({"name": name, "seconds": seconds, "metrics": metrics, "artifact": artifact,
                         "dir": str(ctx.stage_dir.relative_to(run_dir)),
-                        "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info})
+                        "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info,
+                        **({"warnings": said} if said else {})})
         log_fn(name, metrics)
         write_json(run_dir / STATE, {**base_state, "stages": entries})
         write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries, input_spec,
                                                          min(ref, len(entries) - 1), "running", metric))
-    report = build_report(recipe.to_dict(), env, entries, input_spec, ref, "complete", metric)
+    comparison = distributed.on_main(lambda: _compare(recipe, run_dir, ctx, entries, ref))
+    report = build_report(recipe.to_dict(), env, entries, input_spec, ref, "complete", metric, comparison)
+    if recipe.summary.control:
+        report["control"] = control_run(recipe, run_dir, ctx, entries, ref, measure_fn)
+        if "metrics" in report["control"] and metric in report["control"]["metrics"]:
+            report["summary"][f"{metric}_vs_control"] = entries[-1]["metrics"][metric] - \
+                report["control"]["metrics"][metric]
     write_json(run_dir / "report.json", report)
     from torchslim.report.html import write_html
     write_html(report, run_dir / "report.html")
     write_json(run_dir / STATE, {**base_state, "status": "complete", "stages": entries})
     return report
+
+
+def _training_settings(recipe: Recipe, ref: int):
+    """The first training settings used after the reference stage (a fine-tune, distillation or QAT)."""
+    from torchslim.train import TrainConfig
+    for spec in recipe.stages[ref:]:
+        config = spec.config
+        if isinstance(config, TrainConfig):
+            return config
+        for value in vars(config).values():
+            if isinstance(value, TrainConfig):
+                return value
+    return None
+
+
+def control_run(recipe: Recipe, run_dir: Path, ctx, entries: list[dict], ref: int, measure_fn: Callable) -> dict:
+    """The reference model fine-tuned for the epochs the final model trained after it, with the same
+    settings, measured like every stage (folder `control/`)."""
+    from torchslim.train import cross_entropy_loss
+    epochs = sum(len(e.get("history") or []) for e in entries[ref + 1:])
+    settings = _training_settings(recipe, ref)
+    if recipe.task != "classification":
+        return {"skipped": f"the control run is built for classification; task {recipe.task} has none yet"}
+    if not epochs or settings is None:
+        return {"skipped": "the final model had no training after the reference stage"}
+    cfg = settings.model_copy(update={"epochs": epochs, "early_stopping": None})
+    arch = next((e["architecture"] for e in reversed(entries[:ref + 1]) if "architecture" in e),
+                {"model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}), "ops": []})
+    model = build_architecture(arch, ctx.data.num_classes, ctx.search_dir)
+    load_weights(model, run_dir / entries[ref]["dir"] / "model.safetensors")
+    console.log(f"control: the reference '{entries[ref]['name']}' fine-tuned for {epochs} epoch(s) with the same "
+                "settings as the compressed model's training")
+    ctx.stage_dir = run_dir / "control"
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    ctx.onnx_path, ctx.artifact_onnx, saved = None, None, ctx.artifact_onnx
+    result = ctx.fit(model, ctx.data.train, cfg, cross_entropy_loss(cfg.label_smoothing),
+                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="control")
+    metrics, artifact = distributed.on_main(lambda: _measured(measure_fn, model.cpu(), ctx, run_dir))
+    ctx.artifact_onnx = saved
+    return {"reference_stage": entries[ref]["name"], "epochs": epochs, "train": cfg.model_dump(mode="json"),
+            "metrics": metrics, "artifact": artifact, "history": result.history}
+
+
+def _compare(recipe: Recipe, run_dir: Path, ctx, entries: list[dict], ref: int) -> dict | None:
+    """Every stage's artifact timed again side by side; warnings for slowdowns and a noisy machine."""
+    if recipe.measure.compare_seconds <= 0 or ref == len(entries) - 1:
+        return None
+    console.log("timing every stage's artifact side by side (interleaved) for the summary")
+    record = compare_stages(entries, run_dir, ref, ctx.comparison_feeds, recipe.measure.threads,
+                            recipe.measure.compare_seconds, recipe.measure.repeats)
+    for label, shape in record.get("shapes", {}).items():
+        s = shape["speedup"]
+        console.log(f"{label}: final vs reference {s['median']:.2f}x faster (per-round ratio, quartiles "
+                    f"{s['q25']:.2f}-{s['q75']:.2f}, {shape['rounds']} rounds)")
+        for slow in shape["slowdowns"]:
+            warn(f"{label}: stage '{slow['stage']}' made the model SLOWER: {slow['from_ms']:.2f} -> "
+                 f"{slow['to_ms']:.2f} ms ({slow['ratio']:.2f}x the time of '{slow['after']}', interleaved)")
+    for note in record.get("noise", []):
+        warn(f"noisy timing: {note}; re-run on an idle machine before trusting the speedups")
+    record["warnings"] = collect_warnings()
+    return record
 
 
 def _measured(measure_fn: Callable, model: torch.nn.Module, ctx, run_dir: Path) -> tuple[dict, str]:

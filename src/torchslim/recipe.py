@@ -76,6 +76,26 @@ class MeasureSpec(Strict):
     memory: bool = True
     verify_samples: int = Field(256, ge=1, description="real test inputs used to check ONNX against PyTorch")
     tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX and PyTorch")
+    compare_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes of the end-of-run "
+                                           "interleaved comparison of every stage's artifact (default: batch_size; "
+                                           "task embedding: 1 and batch_size, the latter padded in random order and "
+                                           "length-sorted)")
+    compare_seconds: float = Field(20.0, ge=0, le=3600, description="time spent per input shape on the "
+                                   "interleaved comparison; 0 turns it off (the speedup then comes from the "
+                                   "per-stage measurements, minutes apart)")
+
+    @field_validator("compare_batch_sizes")
+    @classmethod
+    def _positive(cls, value):
+        if any(not 1 <= n <= 4096 for n in value):
+            raise ValueError(f"every batch size must be between 1 and 4096, got {value}")
+        return value
+
+
+class SummarySpec(Strict):
+    control: bool = Field(False, description="also fine-tune the reference model for as many epochs as the final "
+                          "model trained after it, with the same settings, and measure it the same way: the "
+                          "control row that tells extra training apart from compression")
 
 
 class StageSpec(BaseModel):
@@ -96,6 +116,7 @@ class Recipe(Strict):
     preset: Optional[str] = Field(None, description="a scenario preset (mobile, edge, cloud, realtime): its "
                                   "stages run after the recipe's own, its measure settings apply unless set here")
     stages: list[StageSpec] = Field(default_factory=list)
+    summary: SummarySpec = Field(default_factory=SummarySpec)
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
 
     @model_validator(mode="after")
@@ -115,6 +136,11 @@ class Recipe(Strict):
         conflict = lowering_conflict([s.name for s in self.stages])
         if conflict:
             raise ValueError(conflict)
+        lowering = [s.name for s in self.stages if get_stage(s.name).lowers]
+        if lowering and self.measure.runtime != "onnxruntime":
+            raise ValueError(f"stage '{lowering[0]}' delivers an ONNX Runtime artifact, so the served model is "
+                             f"measured in ONNX Runtime: set measure.runtime: onnxruntime (got "
+                             f"'{self.measure.runtime}').")
         return self
 
     @field_validator("stages", mode="before")
@@ -215,6 +241,9 @@ def _expand_preset(data: dict) -> dict:
     if name is None:
         return data
     found = presets()
+    if not isinstance(name, str):
+        raise RecipeError(f"preset: must be one preset name, got {name!r}. Presets: {', '.join(sorted(found))} "
+                          "(e.g. 'preset: mobile'); one preset per recipe.")
     if name not in found:
         near = difflib.get_close_matches(str(name), found, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
@@ -246,6 +275,8 @@ def _read(name_or_path: str) -> tuple[str, Path]:
             raise RecipeError(f"Recipe file {path} cannot be read: {exc}") from None
     recipes = builtin_recipes()
     if name_or_path not in recipes:
-        raise RecipeError(f"'{name_or_path}' is neither a recipe file nor a built-in recipe. "
+        near = difflib.get_close_matches(name_or_path, recipes, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise RecipeError(f"'{name_or_path}' is neither a recipe file nor a built-in recipe.{hint} "
                           f"Built-in recipes: {', '.join(sorted(recipes))}.")
     return recipes[name_or_path].read_text(), recipes[name_or_path]

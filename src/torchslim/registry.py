@@ -53,7 +53,10 @@ def stage_names() -> list[str]:
 def get_stage(name: str, where: str = "stages") -> StageHandler:
     _load_builtin_stages()
     if name not in _STAGES:
-        raise RecipeError(f"{where}: unknown stage '{name}'. Available stages: {', '.join(sorted(_STAGES))}.")
+        import difflib
+        near = difflib.get_close_matches(name, _STAGES, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise RecipeError(f"{where}: unknown stage '{name}'.{hint} Available stages: {', '.join(sorted(_STAGES))}.")
     return _STAGES[name]
 
 

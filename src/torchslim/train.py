@@ -26,7 +26,32 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim.errors import TorchslimError
 
 LossFn = Callable[[nn.Module, tuple], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-console = Console(stderr=True)
+class _LogConsole(Console):
+    """Log lines without the source file:line; written to a pipe or a file, one unwrapped line each
+    (rich would wrap them at 80 columns), with the time in front."""
+
+    def log(self, *objects, **kwargs) -> None:
+        if self.is_terminal:
+            return super().log(*objects, **kwargs)
+        import time
+        self.print(time.strftime("[%H:%M:%S]"), *objects, soft_wrap=True, highlight=False)
+
+
+console = _LogConsole(stderr=True, log_path=False)
+WARNINGS: list[str] = []  # what warn() said since the pipeline last collected it (for the report)
+
+
+def warn(message: str) -> None:
+    """A problem the run can go on with: said on the console, and recorded in the stage's report entry."""
+    from rich.text import Text
+    WARNINGS.append(message)
+    console.log(Text("warning: ", style="bold yellow") + Text(message))
+
+
+def collect_warnings() -> list[str]:
+    said = list(WARNINGS)
+    WARNINGS.clear()
+    return said
 
 
 class EarlyStopping(BaseModel):

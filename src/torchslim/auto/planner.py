@@ -21,7 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from torchslim.prune.structured import convert_attention, plan as prune_plan
 from torchslim.quantize import lower
 from torchslim.quantize.stage import calibration_batches
 from torchslim.report.json import atomic_write_text
-from torchslim.train import TrainConfig, console
+from torchslim.quantize.scheme import choose_scheme
+from torchslim.train import TrainConfig, console, warn
 
 
 class AutoConfig(BaseModel):
@@ -49,8 +50,14 @@ class AutoConfig(BaseModel):
     energies: list[float] = Field([0.9], description="low-rank energies screened (none added)")
     quantize: list[Literal["none", "static"]] = Field(["none", "static"])
     prune_steps: int = Field(3, ge=1, le=10, description="gradual steps of the plan's pruning")
-    round_to: int = Field(16, ge=1, le=256, description="kept channel counts are multiples of this: ONNX Runtime's "
-                          "blocked convolution kernels need multiples of 8 (AVX2) or 16 (AVX-512)")
+    round_to: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = Field(
+        "auto", description="kept channel counts are multiples of this; auto: the CPU's float32 vector width "
+        "(ONNX Runtime's blocked convolution kernels need multiples of 8 with AVX2, 16 with AVX-512)")
+
+    @property
+    def channel_multiple(self) -> int:
+        from torchslim.cpu import vector_channels
+        return vector_channels() if self.round_to == "auto" else self.round_to
     recalibration_batches: int = Field(20, ge=0, description="training batches that re-estimate batch-norm "
                                        "statistics of a one-shot candidate before it is measured")
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.001, precision="auto"),
@@ -100,16 +107,27 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
     x, y = _val(ctx, cfg.sensitivity_samples)
     example = ctx.real_batch(2)
     base = _accuracy(model, x, y)
-    out = {"base_val_accuracy": base, "prune": [], "lowrank": [], "int8": []}
+    out = {"base_val_accuracy": base, "prune": [], "lowrank": [], "int8": [], "scheme": None}
     groups = prune_plan(model, example, 0.0).groups
-    for grp in groups:
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for k, grp in enumerate(groups):
         name = grp.producers[0]
         if not clock.allows(f"prune sensitivity {name}"):
             break
+        start = time.perf_counter()
         trial = copy.deepcopy(model)
-        apply_plan(trial, prune_plan(trial, example, {name: 0.5, "default": 0.0}, round_to=cfg.round_to))
+        apply_plan(trial, prune_plan(trial, example, {name: 0.5, "default": 0.0}, round_to=cfg.channel_multiple))
         recalibrate_batch_norm(trial, ctx, cfg.recalibration_batches)
         out["prune"].append({"layer": name, "ratio": 0.5, "drop": base - _accuracy(trial, x, y)})
+        if k == 0:  # say up front when the budget cannot even cover the sensitivity pass
+            items = len(groups) + (2 if "static" in cfg.quantize else 1) * len(layers)
+            need = (time.perf_counter() - start) * items
+            out["estimated_sensitivity_s"] = need
+            if need > 0.5 * cfg.time_budget_s:
+                warn(f"auto: the sensitivity pass alone needs about {need:.0f} s ({items} one-layer trials), "
+                     f"{'more than' if need > cfg.time_budget_s else 'over half of'} the {cfg.time_budget_s:.0f} s "
+                     f"time budget, leaving little or nothing for screening and fine-tuned trials; give "
+                     f"--time-budget {max(3 * need, 600):.0f} or more (time_budget_s in a recipe).")
     energy = min(cfg.energies) if cfg.energies else None
     for layer in find_layers(model, example) if energy else []:
         if not clock.allows(f"lowrank sensitivity {layer.path}"):
@@ -126,11 +144,22 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
         float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input)
         pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
         ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
-        base_onnx = _accuracy(ort_session(float_onnx, ctx.recipe.measure.threads), x, y)
+        threads = ctx.recipe.measure.threads
+        base_onnx = _accuracy(ort_session(float_onnx, threads), x, y)
+        if clock.allows("int8 scheme choice"):  # the quantize stage's own choice, made on this CPU
+            chosen, record = choose_scheme(
+                lambda sc, path: lower.static_int8(pre, path, ranges=ranges, preprocessed=True,
+                                                   activation_type=sc.activation_type, reduce_range=sc.reduce_range),
+                lambda path: _accuracy(ort_session(path, threads), x, y), float_onnx,
+                ctx.real_batch(ctx.recipe.measure.batch_size).numpy(), threads, 0.002)
+            out["scheme"] = {"activation_type": chosen.activation_type, "reduce_range": chosen.reduce_range,
+                             "choice": record}
+        scheme = {k: out["scheme"][k] for k in ("activation_type", "reduce_range")} if out["scheme"] else {}
         for name, op, module in lower.quantizable_nodes(pre):
             if not clock.allows(f"int8 sensitivity {module}"):
                 break
-            lower.static_int8(pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True)
+            lower.static_int8(pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True,
+                              **scheme)
             drop = base_onnx - _accuracy(ort_session(work / "sens.q.onnx", ctx.recipe.measure.threads), x, y)
             out["int8"].append({"layer": module, "node": name, "op": op, "drop": drop})
     for key in ("prune", "lowrank", "int8"):
@@ -188,7 +217,7 @@ def _build(model, cand: dict, avoid: dict, example, ctx, cfg) -> torch.nn.Module
     if cand["prune"]:
         convert_attention(trial)
         ratios = {"default": cand["prune"], **_gentle(avoid, cand["prune"])}
-        apply_plan(trial, prune_plan(trial, example, ratios, round_to=cfg.round_to))
+        apply_plan(trial, prune_plan(trial, example, ratios, round_to=cfg.channel_multiple))
     if cand["energy"]:
         found = find_layers(trial, example, ignore=avoid["lowrank"])
         choose_ranks(found, trial, energy=cand["energy"])
@@ -197,7 +226,7 @@ def _build(model, cand: dict, avoid: dict, example, ctx, cfg) -> torch.nn.Module
     return trial.eval()
 
 
-def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path) -> Path:
+def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path, scheme: dict | None = None) -> Path:
     path = export_onnx(trial, work / "cand.onnx", ctx.data.input)
     if cand["quantize"] == "static":
         pre = lower.preprocess(path, work / "cand.pre.onnx")
@@ -205,11 +234,11 @@ def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path) -> 
         nodes = lower.quantizable_nodes(pre)
         exclude = [n for n, _, m in nodes if any(m == a or m.startswith(a + ".") for a in avoid["int8"])]
         path = lower.static_int8(pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges,
-                                 preprocessed=True)
+                                 preprocessed=True, **(scheme or {}))
     return path
 
 
-def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path) -> list[dict]:
+def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, scheme: dict | None = None) -> list[dict]:
     x, y = _val(ctx, cfg.sensitivity_samples)
     m = ctx.recipe.measure
     batch = ctx.real_batch(m.batch_size).numpy()
@@ -220,7 +249,7 @@ def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path) -
             continue
         try:
             trial = _build(model, cand, avoid, example, ctx, cfg)
-            path = _lower(trial, cand, ctx, cfg, avoid, work)
+            path = _lower(trial, cand, ctx, cfg, avoid, work, scheme)
         except Exception as exc:  # a candidate the model cannot take is recorded, not fatal
             rows.append({**cand, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
             continue
@@ -252,7 +281,7 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
     stages: list[dict] = []
     if cand["prune"]:
         stages.append({"prune": {"method": "structured", "ratio": cand["prune"], "importance": "l1",
-                                 "layer_ratios": _gentle(avoid, cand["prune"]), "round_to": cfg.round_to,
+                                 "layer_ratios": _gentle(avoid, cand["prune"]), "round_to": cfg.channel_multiple,
                                  "schedule": {"kind": "gradual" if cfg.prune_steps > 1 else "one_shot",
                                               "steps": cfg.prune_steps},
                                  "finetune": tune}})
@@ -309,7 +338,9 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
             sens = sensitivity(model, ctx, cfg, clock, work)
             threshold = cfg.max_accuracy_drop / 2
             avoid = {k: _sensitive(sens[k], threshold) for k in ("prune", "lowrank", "int8")}
-            rows = screen(model, ctx, cfg, avoid, clock, work)
+            chosen = sens.get("scheme") or {}
+            rows = screen(model, ctx, cfg, avoid, clock, work,
+                          {k: chosen[k] for k in ("activation_type", "reduce_range") if k in chosen})
         atomic_write_text(screened, json.dumps({"sensitivity": sens, "avoid": avoid, "candidates": rows,
                                                 "seconds": clock.elapsed}))
     front = pareto(rows, key)

@@ -9,8 +9,8 @@ from torch.utils.data import Dataset, Subset, random_split
 
 from torchslim.data import fashion_mnist
 from torchslim.data.spec import DataBundle, InputSpec
-from torchslim.entrypoint import resolve
-from torchslim.errors import DataError
+from torchslim.entrypoint import call_builder, resolve
+from torchslim.errors import DataError, RecipeError
 
 __all__ = ["DataBundle", "InputSpec", "build_data", "fashion_mnist"]
 
@@ -18,9 +18,14 @@ __all__ = ["DataBundle", "InputSpec", "build_data", "fashion_mnist"]
 def build_data(spec, search_dir: Path | None = None) -> DataBundle:
     """`spec` is the recipe's DataSpec."""
     if spec.builtin == "fashion_mnist":
-        return fashion_mnist.load(val_size=spec.val_size, split_seed=spec.split_seed,
-                                  train_subset=spec.train_subset, eval_subset=spec.eval_subset, **spec.kwargs)
-    result = resolve(spec.entrypoint, "data.entrypoint", search_dir)(**spec.kwargs)
+        fixed = dict(val_size=spec.val_size, split_seed=spec.split_seed, train_subset=spec.train_subset,
+                     eval_subset=spec.eval_subset)
+        clash = sorted(set(fixed) & set(spec.kwargs))
+        if clash:
+            raise RecipeError(f"data.kwargs: {', '.join(clash)} are data settings of their own; write them "
+                              "directly under data: instead of under data.kwargs.")
+        return call_builder(fashion_mnist.load, {**fixed, **spec.kwargs}, "data.kwargs")
+    result = call_builder(resolve(spec.entrypoint, "data.entrypoint", search_dir), spec.kwargs, "data.kwargs")
     return _from_user(result, spec)
 
 

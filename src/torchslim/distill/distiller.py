@@ -4,6 +4,8 @@ the teacher's logits for a fixed dataset."""
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +56,19 @@ def teacher_cache(teacher: nn.Module, dataset: Dataset, path: Path, batch_size: 
     different teacher or dataset size is recomputed."""
     key = f"{_fingerprint(teacher)}-{len(dataset)}"
     if path.exists():
-        cached = load_file(str(path))
+        try:
+            cached = load_file(str(path))
+        except Exception:  # unreadable (an old non-atomic write cut off): recompute it
+            cached = {}
         if key in cached:
             return cached[key]
     teacher.eval()
     with torch.no_grad():
         logits = torch.cat([teacher(batch[0]) for batch in DataLoader(dataset, batch_size=batch_size)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: logits.contiguous()}, str(path))
+    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write never leaves a cache that looks whole
+    save_file({key: logits.contiguous()}, str(tmp))
+    os.replace(tmp, path)
     return logits
 
 

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from torchslim.distill.encoder import EncoderDistiller, drop_layers, sentence_dataset
 from torchslim.encoders.run import EncoderContext
+from torchslim.measure.kernels import describe, kernel_counts
 from torchslim.models.hf import embed
 from torchslim.models.io import load_weights, save_weights
 from torchslim.prune.encoder import layer_shapes, prune_encoder
@@ -113,6 +114,7 @@ def encoder_quantize(model, cfg: EncoderQuantizeConfig, ctx: EncoderContext):
     path, info = fidelity_int8(float_onnx, ctx.tokenizer, ctx.calibration, reference, ctx.stage_dir / "model.onnx",
                                cfg.target, ctx.recipe.measure.threads, cfg.per_channel, cfg.method)
     ctx.stage_info["encoder_int8"] = {**info, "float_ops": fusion_counts(float_onnx), "int8_ops": fusion_counts(path)}
+    console.log(f"encoder_quantize: ONNX Runtime runs {describe(kernel_counts(path, ctx.recipe.measure.threads))} on this CPU")
     float_onnx.unlink()
     ctx.artifact_onnx = path
     return model

@@ -23,15 +23,19 @@ OUTPUT_NAME = "output"
 @contextlib.contextmanager
 def _quiet():
     """The exporters narrate every step; keep the user's terminal for our own messages."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo",
+                                                    "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             yield
         finally:
-            logger.setLevel(level)
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _export_dynamo(model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict], opset: int) -> None:
@@ -65,25 +69,83 @@ def export_onnx(model: nn.Module, path: Path, spec: InputSpec, exporter: str = "
     return export_inputs(model, path, (spec.example(2),), [spec.name], [{0: "batch"}], exporter, opset)
 
 
+def _data_dependent(exc: BaseException) -> str | None:
+    """Where a dynamo export failed on Python control flow that depends on tensor values, as
+    'File "...", line N: <code>', or None when it failed for another reason."""
+    text = f"{exc}\n{exc.__cause__ or ''}"
+    if "GuardOnDataDependentSymNode" not in text and "data-dependent" not in text and \
+            "Dynamic control flow" not in text:
+        return None
+    import re
+    _, _, tail = text.partition("The following call raised this error:")
+    found = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n(\s+\S.*)?', tail)
+    if not found:
+        return "a line torch.export did not name"
+    file, line, func, code = found.groups()
+    code = code.strip() if code and not code.strip().startswith("The error above") else ""
+    return f'{file}, line {line}, in {func}' + (f": `{code}`" if code else "")
+
+
+def _frozen_branches(caught: list) -> str | None:
+    """The TorchScript tracer's own warning that it turned a tensor into a Python bool (a branch it
+    followed once and froze)."""
+    for w in caught:
+        text = str(w.message)
+        if "Python boolean" in text or "Python index" in text or "Python float" in text:
+            return f"{w.filename}, line {w.lineno}"
+    return None
+
+
 def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], axes: list[dict[int, str]],
                   exporter: str = "dynamo", opset: int = 18) -> Path:
     """Export a model of several inputs (`names`), each with its dynamic axes ({axis: label}, labels
-    shared between inputs, e.g. {0: "batch", 1: "sequence"})."""
+    shared between inputs, e.g. {0: "batch", 1: "sequence"}).
+
+    The dynamo exporter (torch.export) is tried first. A model whose forward branches on tensor
+    values is refused, naming the line: an ONNX graph would keep one branch for every input. Other
+    dynamo failures fall back to the TorchScript exporter, with a warning that says why. With
+    `exporter="torchscript"` the tracer is used directly, and a branch it froze is warned about."""
+    from torchslim.train import warn
     model = model.eval()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    order = [exporter] + [name for name in EXPORTERS if name != exporter]
+    name = type(model).__name__
     errors = []
-    for name in order:
+    order = [exporter] + [other for other in EXPORTERS if other != exporter]
+    for which in order:
+        caught: list = []
         try:
-            with _quiet(), torch.no_grad():
-                EXPORTERS[name](model, args, tmp, names, axes, opset)
-            os.replace(tmp, path)
-            return path
+            with _quiet(), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                EXPORTERS[which](model, args, tmp, names, axes, opset)
         except Exception as exc:  # each exporter raises its own error types; report them together
-            errors.append(f"{name} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
             tmp.unlink(missing_ok=True)
-    raise ExportError(f"Could not export {type(model).__name__} to ONNX. " + " | ".join(errors) +
+            where = _data_dependent(exc) if which == "dynamo" else None
+            if where is not None:
+                raise ExportError(
+                    f"{name}'s forward has control flow that depends on the input's values ({where}). An ONNX "
+                    "export would keep only the branch the example input took, for every input. Rewrite it with "
+                    "torch.where or torch.cond, or, if one branch is right for all inputs, export with the "
+                    "TorchScript tracer explicitly (export stage: {exporter: torchscript}), which freezes it.") from None
+            errors.append(f"{which} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
+            continue
+        frozen = _frozen_branches(caught) if which == "torchscript" else None
+        if frozen and exporter != "torchscript":
+            tmp.unlink(missing_ok=True)
+            raise ExportError(
+                f"{name} could not be exported by torch.export ({errors[0] if errors else 'unknown reason'}), and "
+                f"the TorchScript tracer froze a branch that depends on tensor values ({frozen}): the ONNX graph "
+                "would be right only for inputs that take that branch. Rewrite it with torch.where, or choose "
+                "the tracer explicitly (export stage: {exporter: torchscript}) to accept it.")
+        if frozen:
+            warn(f"export: the TorchScript tracer froze a branch of {name} that depends on tensor values "
+                 f"({frozen}); the ONNX graph follows the example input's branch for every input.")
+        if which != exporter:
+            warn(f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
+                 "instead, and the artifact is checked against PyTorch as always.")
+        os.replace(tmp, path)
+        return path
+    raise ExportError(f"Could not export {name} to ONNX. " + " | ".join(errors) +
                       " Replace or ignore the module named there, or use measure.runtime: pytorch.")
 
 
@@ -94,14 +156,22 @@ def onnx_outputs(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarr
 
 
 def verify_onnx(model: nn.Module, session, inputs: torch.Tensor, tolerance: float = 1e-4) -> float:
-    """Max abs difference between PyTorch and the ONNX artifact on `inputs`; an ExportError above tolerance."""
+    """Max abs difference between PyTorch and the ONNX artifact on `inputs`, fed as several batches of
+    different sizes (1, 3, 16, then 64 at a time), so a graph that is right for one batch only shows;
+    an ExportError above tolerance."""
     model.eval()
+    name = session.get_inputs()[0].name
+    diff = 0.0
+    start, sizes = 0, [1, 3, 16]
     with torch.inference_mode():
-        reference = model(inputs).float().numpy()
-    got = onnx_outputs(session, inputs.numpy())
-    if got.shape != reference.shape:
-        raise ExportError(f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}.")
-    diff = float(np.abs(got - reference).max())
+        while start < len(inputs):
+            chunk = inputs[start:start + (sizes.pop(0) if sizes else 64)]
+            start += len(chunk)
+            reference = model(chunk).float().numpy()
+            got = session.run(None, {name: chunk.numpy()})[0]
+            if got.shape != reference.shape:
+                raise ExportError(f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}.")
+            diff = max(diff, float(np.abs(got - reference).max()))
     if not diff <= tolerance:
         raise ExportError(f"The ONNX artifact disagrees with PyTorch: max abs difference {diff:.3g} on "
                           f"{len(inputs)} real inputs exceeds the tolerance {tolerance:g} "

@@ -11,6 +11,7 @@ from torch import nn
 from torchslim.context import RunContext
 from torchslim.errors import ExportError
 from torchslim.export.onnx import export_onnx, onnx_outputs, verify_onnx
+from torchslim.measure.kernels import kernel_counts
 from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_latency, torch_threads
 from torchslim.measure.model_stats import count_flops, count_params, peak_inference_bytes
 from torchslim.measure.task import TASKS
@@ -77,13 +78,15 @@ def measure(model: nn.Module, ctx: RunContext, out_dir: Path, onnx_path: Path | 
     latency = {} if quantized else {"pytorch": pytorch_latency(model, batch, cfg.threads, cfg.warmup, cfg.repeats)}
     session = None
     try:
-        onnx_path = onnx_path or ctx.artifact_onnx or export_onnx(model, out_dir / "model.onnx", ctx.data.input)
+        onnx_path = onnx_path or ctx.artifact_onnx or export_onnx(model, out_dir / "model.onnx", ctx.data.input,
+                                                                    ctx.exporter)
         session = ort_session(onnx_path, cfg.threads)
         if quantized:
             metrics.update(lowered_agreement(model, session, onnx_path, test_x[:cfg.verify_samples]))
         else:
             metrics["onnx_max_abs_diff"] = verify_onnx(model, session, test_x[:cfg.verify_samples], cfg.tolerance)
         metrics["onnx_bytes"] = onnx_path.stat().st_size
+        metrics["kernels"] = kernel_counts(onnx_path, cfg.threads)  # what ONNX Runtime really runs here
         latency["onnxruntime"] = onnxruntime_latency(onnx_path, batch.numpy(), cfg.threads, cfg.warmup,
                                                      cfg.repeats, session)
     except ExportError:

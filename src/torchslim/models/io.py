@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from torchslim.entrypoint import resolve
+from torchslim.entrypoint import call_builder, resolve
 from torchslim.errors import RecipeError, TorchslimError
 from torchslim.models.shapes import SHAPES_KEY, apply_shapes, module_shapes
 from torchslim.models.zoo import MODELS
@@ -23,16 +23,22 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
         kwargs = dict(spec.kwargs)
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
-        model = MODELS[spec.builtin](**kwargs)
+        model = call_builder(MODELS[spec.builtin], kwargs, "model.kwargs")
     else:
-        model = resolve(spec.entrypoint, "model.entrypoint", search_dir)(**spec.kwargs)
+        model = call_builder(resolve(spec.entrypoint, "model.entrypoint", search_dir), spec.kwargs, "model.kwargs")
         if not isinstance(model, nn.Module):
             raise RecipeError(f"model.entrypoint '{spec.entrypoint}' returned {type(model).__name__}, "
                               "expected a torch.nn.Module.")
     if spec.checkpoint is not None:
         path = spec.checkpoint if spec.checkpoint.is_absolute() or search_dir is None \
             else (search_dir / spec.checkpoint)
-        load_weights(model, path if path.exists() else spec.checkpoint)
+        changes: list[str] = []
+        load_weights(model, path if path.exists() else spec.checkpoint, changes)
+        if changes:
+            from torchslim.train import warn
+            warn(f"model.checkpoint {spec.checkpoint} has other layer shapes than the model built from the recipe "
+                 f"(model.kwargs {spec.kwargs or {}}); the checkpoint's shapes are used: {'; '.join(changes[:5])}"
+                 f"{' …' if len(changes) > 5 else ''}")
     return model
 
 
@@ -47,8 +53,10 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     return path
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors, or a state dict through `torch.load(weights_only=True)`; never unpickle code."""
+def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None) -> nn.Module:
+    """Load safetensors, or a state dict through `torch.load(weights_only=True)`; never unpickle code.
+    A safetensors file written by torchslim reshapes `model` to the layer shapes recorded with it
+    (pruned widths, factorised layers); `changes` collects what was reshaped."""
     path = Path(path)
     if not path.exists():
         raise TorchslimError(f"Checkpoint {path} does not exist.")
@@ -59,7 +67,9 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
             shapes = json.loads(meta.get(SHAPES_KEY, "{}"))
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
-        apply_shapes(model, shapes, state)
+        reshaped = apply_shapes(model, shapes, state)
+        if changes is not None:
+            changes.extend(reshaped)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

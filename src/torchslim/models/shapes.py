@@ -36,6 +36,14 @@ def register_shape_attrs(cls: type, attrs: tuple[str, ...], swappable: bool = Fa
     return cls
 
 
+def _register_builtin_layers() -> None:
+    """torchslim's own layer types register themselves when their modules are imported; a fresh
+    process that only calls `load_weights` has imported neither, so import them here (a fixed list,
+    never a name read from a file)."""
+    import torchslim.lowrank.layers  # noqa: F401
+    import torchslim.prune.attention  # noqa: F401
+
+
 def _attrs_for(module: nn.Module) -> tuple[str, ...] | None:
     """The registered shape attributes (possibly none: the class itself is the record), or None."""
     for cls in type(module).__mro__:
@@ -62,8 +70,11 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give `model` the recorded layer classes, attributes and tensor shapes, ready for load_state_dict."""
+def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, torch.Tensor]) -> list[str]:
+    """Give `model` the recorded layer classes, attributes and tensor shapes, ready for load_state_dict.
+    Returns what changed ('features.0.out_channels: 16 -> 24'), so a caller can say so."""
+    changes: list[str] = []
+    _register_builtin_layers()
     for path, record in shapes.items():  # parents come before their children
         try:
             module = model.get_submodule(path) if path else model
@@ -76,9 +87,19 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, tor
                                      "rebuild; only its own layer types can be swapped in on load.")
             module = SWAPPABLE[cls_name].empty_like(module)
             _replace(model, path, module)
+            changes.append(f"{path}: {cls_name.rpartition('.')[2]}")
         for attr, value in record.items():
             if attr != "class":
-                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+                value = tuple(value) if isinstance(value, list) else value
+                if getattr(module, attr, value) != value:
+                    changes.append(f"{path}.{attr}: {getattr(module, attr)} -> {value}")
+                setattr(module, attr, value)
+    names = {n for n, _ in model.named_modules()}
+    missing = sorted({k.rpartition(".")[0] for k in state} - names - {""})
+    if missing:
+        raise TorchslimError(f"The checkpoint holds weights for layers the model does not have: "
+                             f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Is it the checkpoint of "
+                             "another architecture? Check model.builtin / model.entrypoint and model.kwargs.")
     for key, tensor in state.items():
         owner_path, _, name = key.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
@@ -89,4 +110,4 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, tor
                 setattr(owner, name, nn.Parameter(fresh, requires_grad=current.requires_grad))
             else:
                 owner.register_buffer(name, fresh)
-    return model
+    return changes

@@ -15,7 +15,7 @@ from torchslim.export.transformer import serving_rewrites
 from torchslim.measure.latency import ort_session
 from torchslim.models.hf import cosine_fidelity, tokenize
 from torchslim.quantize import lower
-from torchslim.train import console
+from torchslim.train import console, warn
 
 NAMES = ["input_ids", "attention_mask"]
 # MatMul and the fused QKV Attention carry the compute; the word-embedding table (Gather, or inside
@@ -168,7 +168,11 @@ def _fallback(nodes: list[str], quantize, tokenizer, calibration: dict, referenc
             score = _worst(dst, tokenizer, calibration, reference, threads)
             console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
     int8 = len(nodes) - len(info["excluded"])
-    info.update(cosine=score, int8_nodes=int8, nodes=len(nodes),
-                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes int8 ({info['method']}), worst-source "
-                        f"calibration cosine {score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
+    info.update(cosine=score, int8_nodes=int8, nodes=len(nodes), target_met=score >= target,
+                summary=f"{int8}/{len(nodes)} MatMul/Attention nodes quantized in the graph ({info['method']}), "
+                        f"worst-source calibration cosine {score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
+    if score < target:
+        warn(f"encoder_quantize: the fidelity target is NOT met: worst calibration cosine {score:.4f} < target "
+             f"{target} even with every quantizable node in float (what is left is the word-embedding int8 and "
+             "the graph rewrites); lower the target or keep the model in float.")
     return dst, info

@@ -46,6 +46,58 @@ def module_path(node: onnx.NodeProto) -> str:
     return modules[-1] if modules else node.name
 
 
+def node_modules(node: onnx.NodeProto) -> list[str]:
+    """Every PyTorch module path in a node's `namespace` metadata, outermost first."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    segments = [seg.split(": ", 1) for seg in meta.get("namespace", "").split("/")]
+    return [seg[0].strip() for seg in segments if len(seg) == 2 and seg[0].strip()
+            and not seg[1].startswith("aten.")]
+
+
+def layer_tensors(model_path: Path, layers: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """{layer path: (node name, input tensor name)} for the quantizable node each of `layers` became."""
+    wanted = set(layers)
+    out = {}
+    for node in onnx.load(str(model_path)).graph.node:
+        if node.op_type in QUANTIZABLE:
+            match = [m for m in node_modules(node) if m in wanted]
+            if match:
+                out[match[-1]] = (node.name, node.input[0])
+    return out
+
+
+def set_weight_scales(model: onnx.ModelProto, scales: dict[str, Sequence[float]]) -> list[str]:
+    """Give the int8 weights of the named quantizable nodes the per-channel `scales` they were trained
+    with (QAT): re-quantize each weight on that grid and rescale the int32 bias to match. A weight that
+    is not on the trained grid any more (batch norm folded into it on export) keeps the quantizer's
+    scale. Returns the nodes changed."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    changed = []
+    for node in model.graph.node:
+        if node.name not in scales or node.op_type not in QUANTIZABLE or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(n in inits for n in dq.input[:2]):
+            continue
+        q = numpy_helper.to_array(inits[dq.input[0]])
+        old = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        new = np.asarray(scales[node.name], np.float64)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if q.dtype != np.int8 or old.size != new.size or new.size != q.shape[axis]:
+            continue
+        shape = [1] * q.ndim
+        shape[axis] = new.size
+        grid = q.astype(np.float64) * old.reshape(shape) / new.reshape(shape)
+        if np.abs(grid - np.round(grid)).max() > 0.02 or np.abs(np.round(grid)).max() > 127:
+            continue
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.round(grid).astype(np.int8), dq.input[0]))
+        inits[dq.input[1]].CopyFrom(numpy_helper.from_array(new.astype(np.float32).reshape(old.shape), dq.input[1]))
+        changed.append(node.name)
+    _rescale_biases(model, inits)
+    return changed
+
+
 def quantizable_nodes(model_path: Path) -> list[tuple[str, str, str]]:
     """(node name, op type, module path) of every node static quantization may lower to int8."""
     model = onnx.load(str(model_path))

@@ -73,6 +73,7 @@ class QATHandle:
     model: nn.Module
     layers: list[str]
     hooks: list = field(default_factory=list)
+    weight_scales: dict = field(default_factory=dict)
 
     def freeze_observers(self) -> None:
         for obs in getattr(self.model, ATTR).values():
@@ -84,9 +85,17 @@ class QATHandle:
                 m.eval()
 
     def finish(self) -> dict[str, tuple[float, float]]:
-        """Bake the fake-quantized weights, remove observers and hooks; returns the activation ranges."""
+        """Bake the fake-quantized weights, remove observers and hooks; returns the activation ranges
+        (the input range of every quantized layer, by module path). The weight scales each layer was
+        trained with are left in `weight_scales` (per output channel, by module path)."""
         modules = dict(self.model.named_modules())
+        self.weight_scales = {}
         for name in self.layers:
+            fq = modules[name].parametrizations.weight[0]
+            with torch.no_grad():
+                w = modules[name].parametrizations.weight.original
+                scale = fq.scale.detach() if fq.learnable else fq._scale(w)
+                self.weight_scales[name] = scale.expand(w.shape[0]).clone().float().cpu().tolist()
             parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
         for h in self.hooks:
             h.remove()

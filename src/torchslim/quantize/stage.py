@@ -3,22 +3,26 @@ lowered to an ONNX Runtime artifact — with per-layer sensitivity and accuracy-
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import onnx
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from torchslim.context import RunContext
 from torchslim.errors import TorchslimError
 from torchslim.export.onnx import export_onnx, onnx_outputs
+from torchslim.measure.kernels import describe, kernel_counts
 from torchslim.measure.latency import ort_session
 from torchslim.quantize import lower
 from torchslim.quantize.qat import prepare_qat
+from torchslim.quantize.scheme import choose_scheme, scheme_for
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig, console, cross_entropy_loss
+from torchslim.train import TrainConfig, console, cross_entropy_loss, warn
 
 
 class QuantizeConfig(BaseModel):
@@ -29,8 +33,14 @@ class QuantizeConfig(BaseModel):
     calibration_batch_size: int = Field(64, ge=1, le=4096)
     per_channel: bool = True
     symmetric_activations: bool = False
-    activation_type: Literal["int8", "uint8"] = Field("int8", description="int8 (S8S8) is ORT's CPU default")
-    reduce_range: bool = Field(False, description="7-bit activations, for AVX2 CPUs without VNNI and uint8")
+    activation_type: Literal["auto", "int8", "uint8"] = Field(
+        "auto", description="auto: build S8S8, U8S8 with reduce_range and U8S8, count which nodes ONNX Runtime "
+        "runs on integer kernels on this CPU, time them side by side, keep the fastest within scheme_tolerance "
+        "of the most accurate; int8 (S8S8) or uint8 (U8S8) force a scheme")
+    reduce_range: bool = Field(False, description="with an explicit activation_type: 7-bit weights (AVX2 CPUs "
+                               "without VNNI, against int16 saturation of the u8*s8 multiply-add)")
+    scheme_tolerance: float = Field(0.002, ge=0, lt=1, description="auto: validation accuracy a faster scheme "
+                                    "may lose against the most accurate one")
     weight_bits: int = Field(8, ge=2, le=8, description="static: weights clipped to this many bits (int8 kernels)")
     bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight")
     group_size: int = Field(32, ge=16, description="weight_only: weights sharing one scale (power of two)")
@@ -73,20 +83,52 @@ def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
     return [name for name, _, module in nodes if name in exclude or module in exclude]
 
 
-def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -> dict:
+def _validation(ctx: RunContext, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    val = [ctx.data.val[i] for i in range(min(len(ctx.data.val), samples))]
+    return torch.stack([v[0] for v in val]).numpy(), np.array([int(v[1]) for v in val])
+
+
+def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, trained: dict | None = None) -> dict:
+    """Static int8 in QDQ, in the scheme that suits this CPU, with the sensitivity table and
+    accuracy-driven fallback when asked. Activation ranges are calibrated on real batches; after QAT
+    (`trained`: its activation ranges and weight scales by layer path) every quantized layer's input
+    range and weight scales are the trained ones, so what was trained is what ships."""
     pre = lower.preprocess(float_onnx, ctx.stage_dir / "float.pre.onnx")  # once, for every trial below
-    ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches, cfg.calibration_batch_size), cfg.observer)
+    info: dict = {"observer": cfg.observer}
+    ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches,
+                                                              cfg.calibration_batch_size), cfg.observer)
+    weight_scales = {}
+    if trained is not None:
+        where = lower.layer_tensors(pre, trained["activation_ranges"])
+        for layer, (node, tensor) in where.items():
+            ranges[tensor] = tuple(trained["activation_ranges"][layer])
+        weight_scales = {where[layer][0]: s for layer, s in trained["weight_scales"].items() if layer in where}
+        info["trained_ranges"] = {layer: {"node": node, "tensor": tensor, "range": ranges[tensor]}
+                                  for layer, (node, tensor) in where.items()}
     nodes = lower.quantizable_nodes(pre)
-    common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel, symmetric_activations=cfg.symmetric_activations,
-                  reduce_range=cfg.reduce_range, activation_type=cfg.activation_type, weight_bits=cfg.weight_bits)
+    common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel,
+                  symmetric_activations=cfg.symmetric_activations, weight_bits=cfg.weight_bits)
     excluded = _excluded_nodes(nodes, cfg.exclude)
-    info: dict = {"observer": cfg.observer, "quantizable_layers": [m for _, _, m in nodes]}
+    info["quantizable_layers"] = [m for _, _, m in nodes]
+    threads = ctx.recipe.measure.threads
+    needs_val = cfg.activation_type == "auto" or cfg.max_accuracy_drop is not None or cfg.sensitivity
+    x, y = _validation(ctx, cfg.sensitivity_samples) if needs_val else (None, None)
+    if cfg.activation_type == "auto":
+        def build(s, path):
+            return lower.static_int8(pre, path, nodes_to_exclude=excluded, activation_type=s.activation_type,
+                                     reduce_range=s.reduce_range, **common)
+        scheme, info["scheme"] = choose_scheme(build, lambda p: _val_accuracy(p, x, y, threads), float_onnx,
+                                               ctx.real_batch(ctx.recipe.measure.batch_size).numpy(), threads,
+                                               cfg.scheme_tolerance)
+        _log_scheme(info["scheme"])
+    else:
+        scheme = scheme_for(cfg.activation_type, cfg.reduce_range)
+    info.update(activation_type=scheme.activation_type, reduce_range=scheme.reduce_range, scheme_name=scheme.name)
+    common.update(activation_type=scheme.activation_type, reduce_range=scheme.reduce_range)
     if cfg.max_accuracy_drop is None and not cfg.sensitivity:
         lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
+        _ship_weight_scales(out, weight_scales, info)
         return {**info, "float_layers": [m for n, _, m in nodes if n in excluded]}
-    val = [ctx.data.val[i] for i in range(min(len(ctx.data.val), cfg.sensitivity_samples))]
-    x, y = torch.stack([v[0] for v in val]).numpy(), np.array([int(v[1]) for v in val])
-    threads = ctx.recipe.measure.threads
     base = _val_accuracy(float_onnx, x, y, threads)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "trial.onnx"
@@ -99,15 +141,51 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext) -
         while True:
             lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
             drop = base - _val_accuracy(out, x, y, threads)
-            console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers int8, validation drop "
-                        f"{100 * drop:.2f} pt")
+            console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers quantized in the graph, "
+                        f"validation drop {100 * drop:.2f} pt")
             if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop or not order:
                 break
             excluded.append(order.pop(0))  # the most sensitive layer left goes back to float
+    _ship_weight_scales(out, weight_scales, info)
+    met = cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop
     info.update(val_float_accuracy=base, val_drop=drop, budget=cfg.max_accuracy_drop,
-                float_layers=[m for n, _, m in nodes if n in excluded], budget_met=(
-                    cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop))
+                float_layers=[m for n, _, m in nodes if n in excluded], budget_met=met)
+    if not met:
+        warn(f"quantize: the accuracy budget is NOT met: validation drop {100 * drop:.2f} pt with every layer "
+             f"back in float exceeds max_accuracy_drop {100 * cfg.max_accuracy_drop:.2f} pt (the rest is "
+             "activation quantization of the graph's inputs and outputs); raise the budget, calibrate with "
+             "another observer, or use method: qat.")
     return info
+
+
+def _ship_weight_scales(path: Path, scales: dict, info: dict) -> None:
+    """QAT: put the trained per-channel weight scales into the artifact (atomically)."""
+    if not scales:
+        return
+    model = onnx.load(str(path))
+    changed = lower.set_weight_scales(model, scales)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    info["trained_weight_scales"] = changed
+    kept = sorted(set(scales) - set(changed))
+    if kept:
+        console.log(f"quantize: {len(kept)} layer(s) keep the quantizer's weight scales (their weights left the "
+                    f"trained grid when batch norm was folded into them on export): {', '.join(kept)}")
+
+
+def _log_scheme(record: dict) -> None:
+    for r in record["candidates"]:
+        console.log(f"quantize: scheme {r['name']}: {r['integer_nodes']} integer / {r['float_nodes']} float "
+                    f"compute nodes in ONNX Runtime's graph, {r['latency_ms']:.2f} ms "
+                    f"({r['speedup_vs_float']:.2f}x float), validation accuracy {r['val_accuracy']:.4f}")
+    chosen = next(r for r in record["candidates"] if r["name"] == record["chosen"])
+    console.log(f"quantize: chose {record['chosen']} (fastest within {100 * record['tolerance']:.2f} pt of the most "
+                "accurate scheme on this CPU)")
+    if chosen["speedup_vs_float"] < 1:
+        warn(f"quantize: on this CPU every int8 scheme is slower than float for this model at batch "
+             f"{record['batch_size']} ({chosen['latency_ms']:.2f} vs {record['float_latency_ms']:.2f} ms); "
+             "consider method: dynamic or weight_only, or no quantization.")
 
 
 def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
@@ -126,7 +204,8 @@ def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
     model.cpu()
     ranges = handle.finish()
     ctx.stage_info["history"] = result.history
-    return {"layers": handle.layers, "activation_ranges": ranges, "best_val_metric": result.best_metric}
+    return {"layers": handle.layers, "activation_ranges": ranges, "weight_scales": handle.weight_scales,
+            "best_val_metric": result.best_metric}
 
 
 @register_stage("quantize", QuantizeConfig, compresses=True, lowers=True)
@@ -139,10 +218,12 @@ def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
     info: dict = {"method": cfg.method}
     if cfg.method == "qat":
         info["qat"] = _qat(model, cfg, ctx)
-    float_onnx = export_onnx(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.data.input)
+    float_onnx = export_onnx(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.data.input, ctx.exporter)
     out = ctx.stage_dir / "model.onnx"
     if cfg.method in ("static", "qat"):
-        info.update(_static(float_onnx, out, cfg, ctx))
+        info.update(_static(float_onnx, out, cfg, ctx, info.get("qat")))
+        if "qat" in info:  # the report keeps the trained ranges under "trained_ranges", not twice
+            info["qat"] = {k: v for k, v in info["qat"].items() if k not in ("activation_ranges", "weight_scales")}
     elif cfg.method == "dynamic":
         lower.dynamic_int8(float_onnx, out, cfg.per_channel)
     elif cfg.method == "weight_only":
@@ -152,5 +233,11 @@ def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
     ctx.onnx_path = ctx.artifact_onnx = out
     ctx.stage_info["quantization"] = info
     if info.get("float_layers"):
-        console.log(f"quantize: kept in float: {', '.join(info['float_layers'])}")
+        console.log(f"quantize: kept in float by choice: {', '.join(info['float_layers'])}")
+    counts = kernel_counts(out, ctx.recipe.measure.threads)
+    console.log(f"quantize: ONNX Runtime runs {describe(counts)} on this CPU")
+    if cfg.method in ("static", "qat", "dynamic") and counts["float"] > len(info.get("float_layers", [])):
+        warn(f"quantize: ONNX Runtime runs {counts['float']} compute node(s) in float on this CPU although the "
+             f"graph asks for int8 where it can ({', '.join(counts['float_nodes'][:8])}); they are not counted as "
+             "int8 anywhere in the report.")
     return model
