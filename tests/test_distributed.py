@@ -14,8 +14,11 @@ from torchslim.pipeline import run
 from torchslim.recipe import parse_recipe
 
 # Summation order differs (each rank sums half a batch, then the gradients are averaged), so the
-# runs agree to float rounding, not bit for bit. Measured: weights within 1.3e-5 after 32 AdamW steps
-# per stage; with every rank's part weighted 1 instead of its share of the batch, this test fails.
+# runs agree to float rounding, not bit for bit, and AdamW amplifies rounding over steps: on an AVX2-only
+# AMD EPYC, two epochs per stage drifted to 1.8e-4 (fine-tune) and 8.7e-3 (distillation) in weights with
+# the correct code (Xeon with AVX-512: 1.3e-5). One epoch per stage (16 steps), measured on that EPYC:
+# correct code within 4.8e-5 in weights and 2e-7 relative in losses; with every rank's part weighted 1
+# instead of its share of the batch, 9.1e-4 in the distilled weights and 2.3e-4 in the loss: this fails.
 WEIGHT_ATOL = 1e-4
 LOSS_RTOL = 1e-4
 
@@ -25,11 +28,11 @@ def _recipe(tiny_recipe):
     # 1001 images in batches of 64: the last global batch of 41 splits 21 / 20 between the two ranks
     tiny_recipe["data"].update(train_subset=1001, eval_subset=200)
     tiny_recipe["stages"] = [
-        {"train": {"epochs": 2, "lr": 0.002}},  # fine-tune
+        {"train": {"epochs": 1, "lr": 0.002}},  # fine-tune
         {"distill": {"student": {"builtin": "mlp_student", "kwargs": {"dropout": 0.0}},
                      # a hint from a 64-wide student layer to a 256-wide teacher layer: a learned adapter
                      "features": [{"student": "network.1", "teacher": "network.4", "weight": 0.1}],
-                     "train": {"epochs": 2, "lr": 0.003}}},
+                     "train": {"epochs": 1, "lr": 0.003}}},
     ]
     return tiny_recipe
 
@@ -69,7 +72,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_recipe, cli_env
         a = load_file(str(out / got["dir"] / "model.safetensors"))
         b = load_file(str(tmp_path / "single" / want["dir"] / "model.safetensors"))
         assert _max_diff(a, b) < WEIGHT_ATOL, got["name"]
-    assert len(report["stages"][2]["history"]) == 2 and "loss_hint0" in report["stages"][2]["history"][0]
+    assert len(report["stages"][2]["history"]) == 1 and "loss_hint0" in report["stages"][2]["history"][0]
     # the trained weights really moved: agreement is not two untouched copies
     start = load_file(str(out / "stages" / "00-baseline" / "model.safetensors"))
     trained = load_file(str(out / "stages" / "01-train" / "model.safetensors"))
@@ -114,7 +117,9 @@ def test_every_training_stage_runs_under_torchrun(tmp_path, tiny_recipe, cli_env
     prune, low, quant = report["stages"][2:]
     assert prune["metrics"]["params"] < report["stages"][1]["metrics"]["params"]
     assert low["metrics"]["params"] < prune["metrics"]["params"]
-    assert quant["metrics"]["size_bytes"] < 0.5 * low["metrics"]["size_bytes"]
+    # int8 after factorisation: many small layers, so per-channel scales and graph weigh more than 1/4
+    assert quant["metrics"]["size_bytes"] < 0.6 * low["metrics"]["size_bytes"]
+    assert quant["metrics"]["kernels"]["integer"] > 0 and quant["metrics"]["kernels"]["float"] == 0
     assert quant["artifact"].startswith("stages/04-quantize/")  # the stage's own artifact, not an earlier one
     assert report["stages"][1]["history"][0]["loss"] > 0
     assert quant["history"] and low["history"] and prune["history"]  # each fine-tune ran, under DDP

@@ -25,7 +25,7 @@ from torchslim.prune.encoder import layer_shapes, prune_encoder
 from torchslim.quantize.encoder import export_encoder, fidelity_int8, fusion_counts
 from torchslim.recipe import Strict
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig
+from torchslim.train import TrainConfig, console
 
 EMBEDDING = ("embedding",)
 

@@ -66,30 +66,55 @@ def layer_tensors(model_path: Path, layers: Iterable[str]) -> dict[str, tuple[st
     return out
 
 
-def set_weight_scales(model: onnx.ModelProto, scales: dict[str, Sequence[float]]) -> list[str]:
+# ops whose output ONNX Runtime's QDQ quantizer gives the same scale as their input
+SHARED_SCALE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def upstream_of(model_path: Path, tensor: str) -> list[str]:
+    """`tensor` and the tensors it is computed from through SHARED_SCALE ops (a max-pool's input): a
+    range set for `tensor` must be set for these too, or the quantizer's sharing rule overrides it."""
+    producer = {o: n for n in onnx.load(str(model_path)).graph.node for o in n.output}
+    chain = [tensor]
+    while chain[-1] in producer and producer[chain[-1]].op_type in SHARED_SCALE:
+        chain.append(producer[chain[-1]].input[0])
+    return chain
+
+
+def float_weights(model_path: Path) -> dict[str, np.ndarray]:
+    """{node name: float weight} of the quantizable nodes of a float graph."""
+    model = onnx.load(str(model_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits}
+
+
+def set_weight_scales(model: onnx.ModelProto, scales: dict[str, Sequence[float]], weights: dict[str, np.ndarray],
+                      qmax: int = 127) -> list[str]:
     """Give the int8 weights of the named quantizable nodes the per-channel `scales` they were trained
-    with (QAT): re-quantize each weight on that grid and rescale the int32 bias to match. A weight that
-    is not on the trained grid any more (batch norm folded into it on export) keeps the quantizer's
-    scale. Returns the nodes changed."""
+    with (QAT): each float weight (`weights`, from the float graph) re-quantized on that grid, the
+    int32 bias rescaled to match. A weight that is not on the trained grid (batch norm folded into it
+    on export), or whose grid needs more than `qmax` levels (7-bit weights under reduce_range), keeps
+    the quantizer's scale. Returns the nodes changed."""
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     changed = []
     for node in model.graph.node:
-        if node.name not in scales or node.op_type not in QUANTIZABLE or len(node.input) < 2:
+        if node.name not in scales or node.name not in weights or node.op_type not in QUANTIZABLE:
             continue
         dq = producer.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or not all(n in inits for n in dq.input[:2]):
             continue
         q = numpy_helper.to_array(inits[dq.input[0]])
-        old = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        w = weights[node.name].astype(np.float64)
+        old = numpy_helper.to_array(inits[dq.input[1]])
         new = np.asarray(scales[node.name], np.float64)
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if q.dtype != np.int8 or old.size != new.size or new.size != q.shape[axis]:
+        if q.dtype != np.int8 or q.shape != w.shape or old.size != new.size or new.size != q.shape[axis]:
             continue
         shape = [1] * q.ndim
         shape[axis] = new.size
-        grid = q.astype(np.float64) * old.reshape(shape) / new.reshape(shape)
-        if np.abs(grid - np.round(grid)).max() > 0.02 or np.abs(np.round(grid)).max() > 127:
+        grid = w / new.reshape(shape)
+        if np.abs(grid - np.round(grid)).max() > 1e-3 or np.abs(np.round(grid)).max() > qmax:
             continue
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.round(grid).astype(np.int8), dq.input[0]))
         inits[dq.input[1]].CopyFrom(numpy_helper.from_array(new.astype(np.float32).reshape(old.shape), dq.input[1]))

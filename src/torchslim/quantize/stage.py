@@ -101,7 +101,8 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
     if trained is not None:
         where = lower.layer_tensors(pre, trained["activation_ranges"])
         for layer, (node, tensor) in where.items():
-            ranges[tensor] = tuple(trained["activation_ranges"][layer])
+            for name in lower.upstream_of(pre, tensor):
+                ranges[name] = tuple(trained["activation_ranges"][layer])
         weight_scales = {where[layer][0]: s for layer, s in trained["weight_scales"].items() if layer in where}
         info["trained_ranges"] = {layer: {"node": node, "tensor": tensor, "range": ranges[tensor]}
                                   for layer, (node, tensor) in where.items()}
@@ -127,7 +128,7 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
     common.update(activation_type=scheme.activation_type, reduce_range=scheme.reduce_range)
     if cfg.max_accuracy_drop is None and not cfg.sensitivity:
         lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
-        _ship_weight_scales(out, weight_scales, info)
+        _ship_weight_scales(out, pre, weight_scales, info, scheme.reduce_range)
         return {**info, "float_layers": [m for n, _, m in nodes if n in excluded]}
     base = _val_accuracy(float_onnx, x, y, threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +147,7 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
             if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop or not order:
                 break
             excluded.append(order.pop(0))  # the most sensitive layer left goes back to float
-    _ship_weight_scales(out, weight_scales, info)
+    _ship_weight_scales(out, pre, weight_scales, info, scheme.reduce_range)
     met = cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop
     info.update(val_float_accuracy=base, val_drop=drop, budget=cfg.max_accuracy_drop,
                 float_layers=[m for n, _, m in nodes if n in excluded], budget_met=met)
@@ -158,12 +159,12 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
     return info
 
 
-def _ship_weight_scales(path: Path, scales: dict, info: dict) -> None:
+def _ship_weight_scales(path: Path, float_graph: Path, scales: dict, info: dict, reduce_range: bool) -> None:
     """QAT: put the trained per-channel weight scales into the artifact (atomically)."""
     if not scales:
         return
     model = onnx.load(str(path))
-    changed = lower.set_weight_scales(model, scales)
+    changed = lower.set_weight_scales(model, scales, lower.float_weights(float_graph), 63 if reduce_range else 127)
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
@@ -171,7 +172,8 @@ def _ship_weight_scales(path: Path, scales: dict, info: dict) -> None:
     kept = sorted(set(scales) - set(changed))
     if kept:
         console.log(f"quantize: {len(kept)} layer(s) keep the quantizer's weight scales (their weights left the "
-                    f"trained grid when batch norm was folded into them on export): {', '.join(kept)}")
+                    "trained grid when batch norm was folded into them on export, or the grid needs more levels "
+                    f"than the scheme's weights have): {', '.join(kept)}")
 
 
 def _log_scheme(record: dict) -> None:
