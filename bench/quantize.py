@@ -69,7 +69,7 @@ def time_side_by_side(rows: dict, runtime: str, repeats: int) -> None:
         rows[name].update(p50=t["p50"], p95=t["p95"])
 
 
-def schemes(f32: Path, batches, data, args, tmp: Path) -> None:
+def schemes(f32: Path, batches, data, args, tmp: Path):
     """Every static int8 activation scheme on this CPU, and the one `activation_type: auto` chooses
     (validation split for the choice, as the quantize stage does; test accuracy shown beside it)."""
     xv, yv = data.val.tensors
@@ -93,6 +93,7 @@ def schemes(f32: Path, batches, data, args, tmp: Path) -> None:
         print(f"{r['name']:<22} {r['integer_nodes']:>8} / {r['float_nodes']:<6} {r['latency_ms']:>8.3f} "
               f"{r['speedup_vs_float']:>7.2f}x {r['val_accuracy']:>8.4f} {test:>8.4f}")
     print(f"activation_type: auto chooses {chosen.name}")
+    return chosen
 
 
 def main() -> None:
@@ -136,9 +137,11 @@ def main() -> None:
                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         rows["ORT quantize_dynamic"] = ort_row(t / "ort_dyn.onnx", x, y, args)
         rows["ORT quantize_static (QDQ, per-channel)"] = ort_row(t / "ort_static.onnx", x, y, args)
+        chosen = schemes(f32, batches, data, args, t)  # the quantize stage's default: measured on this CPU
         for observer in ("minmax", "percentile", "mse"):
-            out = lower.static_int8(f32, t / f"ts_{observer}.onnx", batches, observer=observer)
-            rows[f"torchslim static int8 ({observer})"] = ort_row(out, x, y, args)
+            out = lower.static_int8(f32, t / f"ts_{observer}.onnx", batches, observer=observer,
+                                    activation_type=chosen.activation_type, reduce_range=chosen.reduce_range)
+            rows[f"torchslim static int8 ({observer}, {chosen.name})"] = ort_row(out, x, y, args)
         rows["torchslim dynamic int8"] = ort_row(lower.dynamic_int8(f32, t / "ts_dyn.onnx"), x, y, args)
         for bits in (8, 4):
             out = lower.weight_only(f32, t / f"ts_w{bits}.onnx", bits=bits, group_size=32)
@@ -146,17 +149,16 @@ def main() -> None:
         rows["torchslim fp16"] = ort_row(lower.half(f32, t / "fp16.onnx"), x, y, args)
         time_side_by_side(rows, "onnxruntime", args.repeats)
         time_side_by_side(rows, "pytorch", args.repeats)
-        schemes(f32, batches, data, args, t)
     base = {"pytorch": rows["float PyTorch"], "onnxruntime": rows["float ONNX Runtime"]}
     print(f"\n{args.model}: test set {len(y)} images, batch {args.batch_size}, {args.threads} threads, "
           f"{args.repeats} interleaved rounds; speedup and size are against the float artifact of the same runtime; "
           f"CPU {environment(args.threads)['cpu']} ({', '.join(cpu_features())})")
-    print(f"{'artifact':<42} {'runtime':<12} {'accuracy':>8} {'Δ pt':>6} {'bytes':>10} {'size':>6} "
+    print(f"{'artifact':<50} {'runtime':<12} {'accuracy':>8} {'Δ pt':>6} {'bytes':>10} {'size':>6} "
           f"{'int/float':>9} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>7}")
     for name, r in rows.items():
         b = base[r["runtime"]]
         k = f"{r['kernels']['integer']}/{r['kernels']['float']}" if "kernels" in r else "–"
-        print(f"{name:<42} {r['runtime']:<12} {r['accuracy']:>8.4f} {100 * (r['accuracy'] - b['accuracy']):>+6.2f} "
+        print(f"{name:<50} {r['runtime']:<12} {r['accuracy']:>8.4f} {100 * (r['accuracy'] - b['accuracy']):>+6.2f} "
               f"{r['bytes']:>10,} {100 * r['bytes'] / b['bytes']:>5.1f}% {k:>9} {r['p50']:>7.3f} {r['p95']:>7.3f} "
               f"{b['p50'] / r['p50']:>6.2f}x")
 

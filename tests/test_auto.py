@@ -76,3 +76,19 @@ def test_auto_cli_builds_a_recipe_from_the_preparing_stages(monkeypatch):
     assert seen["auto"].objective == "size" and seen["auto"].max_accuracy_drop == 0.005
     assert seen["auto"].time_budget_s == 120
     assert load_recipe("auto")[0].stages[1].name == "auto"
+
+
+def test_a_budget_too_small_for_the_sensitivity_pass_is_said_up_front(tmp_path):
+    """The planner times its first one-layer trial, extrapolates the sensitivity pass, and says when
+    that alone would eat the budget, with the budget that would do."""
+    recipe = copy.deepcopy(TINY)
+    recipe.update(model={"builtin": "cnn_teacher"})
+    recipe["data"].update(train_subset=640, eval_subset=200)
+    recipe["stages"] = [{"auto": {"time_budget_s": 10, "sensitivity_samples": 200, "prune_ratios": [0.5],
+                                  "max_trials": 1, "finetune": {"epochs": 1, "lr": 0.001}}}]
+    report = run(parse_recipe(recipe), tmp_path)
+    auto = report["stages"][1]
+    said = " ".join(auto.get("warnings", []))
+    assert "the sensitivity pass alone needs about" in said and "--time-budget" in said, auto.get("warnings")
+    needed = auto["auto"]["sensitivity"]["estimated_sensitivity_s"]
+    assert needed > 5 and f"--time-budget {max(3 * needed, 600):.0f}" in said

@@ -240,7 +240,7 @@ def test_data_dependent_branch_is_refused_naming_the_line(tiny_recipe, tmp_path,
     recipe["stages"][-1] = {"export": {"exporter": "torchscript"}}
     code, text = _run_cli(["run", _write(tmp_path, recipe, "ts.yaml"), "--out", tmp_path / "ts"], capsys,
                           monkeypatch)
-    assert "froze a branch" in text and "branchy.py, line 9" in text, text
+    assert "turned a traced tensor of M into a Python value at" in text and "branchy.py, line 9" in text, text
     assert code != 0 and "disagrees with PyTorch" in text and "Traceback" not in text, text
 
 
@@ -279,10 +279,10 @@ def test_misspelled_builder_keyword(where, tiny_recipe, tmp_path, capsys, monkey
     if where == "model":
         recipe["model"]["kwargs"] = {"widht": 16}
     else:
-        (tmp_path / "mydata.py").write_text(
+        (tmp_path / "kwargs_checked_data.py").write_text(
             "from torchslim.data import fashion_mnist\n\ndef build(subset=100):\n"
             "    return fashion_mnist.load(train_subset=subset, eval_subset=subset)\n")
-        recipe["data"] = {"entrypoint": "mydata:build", "kwargs": {"subsett": 10}}
+        recipe["data"] = {"entrypoint": "kwargs_checked_data:build", "kwargs": {"subsett": 10}}
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
     key = "widht" if where == "model" else "subsett"
     assert code != 0 and "Traceback" not in text and f"{where}.kwargs" in text and key in text, text
@@ -300,7 +300,7 @@ def test_checkpoint_with_layers_the_model_lacks(tiny_recipe, tmp_path, capsys, m
     save_weights(mlp_teacher(), tmp_path / "teacher.safetensors")
     recipe = _recipe(tiny_recipe, model={"builtin": "mlp_student", "checkpoint": str(tmp_path / "teacher.safetensors")})
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
-    assert code != 0 and "Traceback" not in text and "layers the model does not have" in text, text
+    assert code != 0 and "Traceback" not in text and "the model does not have" in text and "network." in text, text
 
 
 def test_checkpoint_shapes_overriding_kwargs_are_warned_about(tiny_recipe, tmp_path, capsys, monkeypatch):
@@ -308,7 +308,7 @@ def test_checkpoint_shapes_overriding_kwargs_are_warned_about(tiny_recipe, tmp_p
     (tmp_path / "wide.py").write_text(
         "from torch import nn\n\ndef build(width=16):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))\n")
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
     import wide
     save_weights(wide.build(width=24), tmp_path / "w24.safetensors")
     recipe = _recipe(tiny_recipe, model={"entrypoint": "wide:build", "kwargs": {"width": 16},
@@ -368,3 +368,54 @@ def test_factorised_checkpoint_reloads_in_a_fresh_interpreter(tmp_path):
             "import sys; print(sorted(k for k in sys.modules if k.startswith('torchslim.lowrank')))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_analyze_on_an_embedding_recipe_is_a_message(capsys, monkeypatch):
+    code, text = _run_cli(["analyze", "minilm-int8"], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in text and "classification recipes" in text and "minilm-int8" in text
+
+
+def test_a_teacher_logit_cache_cut_off_by_a_crash_is_recomputed(tmp_path):
+    from torchslim.distill.distiller import teacher_cache
+    from torchslim.models import mlp_student
+    data = fashion_mnist.load(train_subset=100, eval_subset=10)
+    path = tmp_path / "teacher_logits.safetensors"
+    path.write_bytes(b"\x00" * 37)  # what a write interrupted half-way leaves
+    torch.manual_seed(0)
+    teacher = mlp_student().eval()
+    logits = teacher_cache(teacher, data.train, path)
+    assert logits.shape == (100, 10) and not list(tmp_path.glob("*.tmp"))
+    assert torch.equal(teacher_cache(teacher, data.train, path), logits)  # now a whole, reusable file
+
+
+def test_a_missed_quantization_budget_is_said(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """When even every layer back in float cannot meet max_accuracy_drop, the run goes on but says so."""
+    from torchslim.quantize import stage
+    real = stage._val_accuracy
+
+    def pessimistic(path, x, y, threads):  # any graph with quantized nodes loses half its accuracy
+        acc = real(path, x, y, threads)
+        return acc if "float" in str(path) else acc - 0.5
+    monkeypatch.setattr(stage, "_val_accuracy", pessimistic)
+    recipe = _recipe(tiny_recipe)
+    recipe["stages"] = [{"train": {"epochs": 1}},
+                        {"quantize": {"activation_type": "uint8", "max_accuracy_drop": 0.01,
+                                      "calibration_batches": 1, "sensitivity_samples": 100}}]
+    code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code in (0, None) and "the accuracy budget is NOT met" in text, text
+    import json
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert not report["stages"][2]["quantization"]["budget_met"]
+    assert any("NOT met" in w for w in report["stages"][2]["warnings"])
+
+
+def test_a_missed_encoder_fidelity_target_is_said(tmp_path, monkeypatch):
+    from torchslim.quantize import encoder
+    from torchslim.train import collect_warnings
+    monkeypatch.setattr(encoder, "_worst", lambda *args: 0.5)  # no node choice reaches the target
+    collect_warnings()
+    _, info = encoder._fallback(["a", "b"], lambda dst, exclude: dst, None, {}, {}, tmp_path / "q.onnx", 0.99, 1,
+                                {"method": "dynamic"})
+    said = collect_warnings()
+    assert not info["target_met"] and info["excluded"] == ["a", "b"]
+    assert any("fidelity target is NOT met" in w and "0.5000" in w for w in said), said

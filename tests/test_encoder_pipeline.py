@@ -125,6 +125,14 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
         int8["int8_ops"].get("MatMulInteger", 0) == int8["int8_nodes"] > 0
     assert final["size_bytes"] < 0.35 * student["size_bytes"]  # int8 weights and word embeddings
     assert report["stages"][2]["artifact"].endswith(".onnx")
+    # the side-by-side timing covers batch 1, a padded batch and a length-sorted one, each with its ratio
+    shapes = report["comparison"]["shapes"]
+    labels = list(shapes)
+    assert labels[0] == "batch 1" and "random order" in labels[1] and "length-sorted" in labels[2]
+    assert set(report["summary"]["speedup_by_shape"]) == set(labels) and report["summary"]["speedup"] > 0
+    real = [float(label.split("(")[1].split("%")[0]) for label in labels[1:]]
+    assert real[1] >= real[0]  # sorting by length leaves less padding
+    assert final["kernels"]["integer"] > 0 and final["kernels"]["by_op"].get("QAttention", 0) == 2
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Embedding fidelity per text source" in html and "mean cosine" in html
     # a resumed run after the distillation stage rebuilds the 2-layer pruned student and finishes the same

@@ -219,9 +219,7 @@ def test_default_scheme_runs_every_conv_and_gemm_on_integer_kernels(tmp_path, ti
     """On the CPU the test runs on (Xeon with VNNI or AVX2-only EPYC): the default static int8 of an
     SE-ResNet (excitation by broadcasting, the common way) runs every Conv/Gemm on an integer kernel in
     ONNX Runtime's optimised graph, and the report lists the schemes tried with their node counts."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    tiny_recipe.update(model={"entrypoint": "zoo:SEResNet", "kwargs": {"width": 16}})
+    tiny_recipe.update(model={"entrypoint": "zoo:SEResNet", "kwargs": {"width": 16}})  # tests/zoo.py
     tiny_recipe["data"].update(train_subset=512, eval_subset=200)
     tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}},
                              {"quantize": {"calibration_batches": 2, "sensitivity_samples": 200}}]
@@ -236,3 +234,5 @@ def test_default_scheme_runs_every_conv_and_gemm_on_integer_kernels(tmp_path, ti
     assert chosen["integer_nodes"] == 16 and chosen["float_nodes"] == 0
     assert report["environment"]["cpu_features"] is not None
     assert report["comparison"]["shapes"]["batch 8"]["speedup"]["rounds"] >= 10
+    html = (tmp_path / "report.html").read_text()
+    assert "scheme tried on this CPU" in html and f"{scheme['chosen']} (chosen)" in html

@@ -98,6 +98,13 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     if s and s.get("epochs_after_reference"):
         out.print(f"  training    the final model had {s['epochs_after_reference']} epoch(s) of training after "
                   f"'{s['reference_stage']}'; part of the {label} kept may come from that extra training")
+    control = report.get("control") or {}
+    if control.get("metrics") and metric in control["metrics"]:
+        got, fin = control["metrics"][metric], stages[-1]["metrics"][metric]
+        out.print(f"  control     '{control['reference_stage']}' trained {control['epochs']} more epoch(s) the same "
+                  f"way: {label} {got:.4f}; final minus control {100 * (fin - got):+.2f} points")
+    elif control.get("skipped"):
+        out.print(f"  control     not run: {control['skipped']}")
     for sd in (s or {}).get("slowdowns", []):
         out.print(f"[bold red]SLOWDOWN:[/] stage '{sd['stage']}' made the model slower than '{sd['after']}' "
                   f"({sd['from_ms']:.2f} -> {sd['to_ms']:.2f} ms, {sd['ratio']:.2f}x, {sd['shape']})", soft_wrap=True)

@@ -357,7 +357,7 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
         plan = plan_recipe(ctx, cand, avoid, cfg, checkpoint.resolve(), f"{ctx.recipe.name}-plan")
         trial_dir = stage_dir / "trials" / f"{len(trials):02d}"
         trial_dir.parent.mkdir(parents=True, exist_ok=True)
-        (trial_dir.parent / f"{trial_dir.name}.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+        atomic_write_text(trial_dir.parent / f"{trial_dir.name}.yaml", yaml.safe_dump(plan, sort_keys=False))
         result = run_trial(plan, trial_dir, ctx)
         drop = onnx_base - result["val_accuracy"]
         record = {**cand, "dir": str(trial_dir.relative_to(ctx.run_dir)), "val_accuracy": result["val_accuracy"],

@@ -102,9 +102,11 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
     shared between inputs, e.g. {0: "batch", 1: "sequence"}).
 
     The dynamo exporter (torch.export) is tried first. A model whose forward branches on tensor
-    values is refused, naming the line: an ONNX graph would keep one branch for every input. Other
-    dynamo failures fall back to the TorchScript exporter, with a warning that says why. With
-    `exporter="torchscript"` the tracer is used directly, and a branch it froze is warned about."""
+    values (torch.export proves it: a guard on a data-dependent value) is refused, naming the line:
+    an ONNX graph would keep one branch for every input. Other dynamo failures fall back to the
+    TorchScript exporter, with a warning that says why. The tracer (as fallback, or asked for with
+    `exporter="torchscript"`) warns where it fixed a traced value; it cannot tell a branch on values
+    from one on sizes, so the export check's several batch sizes are the safeguard there."""
     from torchslim.train import warn
     model = model.eval()
     path = Path(path)
@@ -130,16 +132,10 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
             errors.append(f"{which} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
             continue
         frozen = _frozen_branches(caught) if which == "torchscript" else None
-        if frozen and exporter != "torchscript":
-            tmp.unlink(missing_ok=True)
-            raise ExportError(
-                f"{name} could not be exported by torch.export ({errors[0] if errors else 'unknown reason'}), and "
-                f"the TorchScript tracer froze a branch that depends on tensor values ({frozen}): the ONNX graph "
-                "would be right only for inputs that take that branch. Rewrite it with torch.where, or choose "
-                "the tracer explicitly (export stage: {exporter: torchscript}) to accept it.")
-        if frozen:
-            warn(f"export: the TorchScript tracer froze a branch of {name} that depends on tensor values "
-                 f"({frozen}); the ONNX graph follows the example input's branch for every input.")
+        if frozen:  # the tracer cannot tell a branch on values from one on sizes: said, then checked
+            warn(f"export: the TorchScript tracer turned a traced tensor of {name} into a Python value at {frozen} "
+                 "(a branch or a number fixed to the example input's); the ONNX graph keeps the example's choice "
+                 "for every input, and the export check compares it with PyTorch on batches of several sizes.")
         if which != exporter:
             warn(f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
                  "instead, and the artifact is checked against PyTorch as always.")

@@ -41,7 +41,11 @@ def optimized_graph(path: Path, threads: int = 1) -> onnx.ModelProto:
 def kernel_counts(path: Path, threads: int = 1) -> dict:
     """{"integer": n, "weight_only": n, "float": n, "by_op": {op: n}, "float_nodes": [names]} for the
     compute nodes of the optimised graph."""
-    graph = optimized_graph(path, threads).graph
+    try:
+        graph = optimized_graph(path, threads).graph
+    except Exception as exc:  # e.g. a graph over 2 GB cannot be written back as one file
+        return {"integer": 0, "weight_only": 0, "float": 0, "by_op": {}, "float_nodes": [],
+                "error": f"could not read ONNX Runtime's optimised graph: {type(exc).__name__}: {exc}"[:400]}
     by_op: Counter = Counter()
     float_nodes = []
     for node in graph.node:
@@ -56,6 +60,8 @@ def kernel_counts(path: Path, threads: int = 1) -> dict:
 
 def describe(counts: dict) -> str:
     """'10 of 12 compute nodes on integer kernels (QLinearConv 10), 2 float (Conv 2)'."""
+    if "error" in counts:
+        return counts["error"]
     total = counts["integer"] + counts["weight_only"] + counts["float"]
     parts = lambda ops: ", ".join(f"{op} {n}" for op, n in counts["by_op"].items() if op in ops)  # noqa: E731
     text = f"{counts['integer']} of {total} compute nodes on integer kernels"

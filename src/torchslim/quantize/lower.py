@@ -7,8 +7,10 @@ calibration cache), and its CPU kernels execute it. Weight-only int4/int8 uses i
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,6 +23,22 @@ from torchslim.errors import TorchslimError
 from torchslim.quantize.observers import OBSERVERS
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")
+
+
+def atomic_output(fn):
+    """`fn(src, dst, ...)` writes a temporary file beside `dst`, renamed to `dst` once complete: a crash
+    never leaves a half-written artifact that a resume or a later stage would read as finished."""
+    @functools.wraps(fn)
+    def wrapper(src, dst, *args, **kwargs):
+        dst = Path(dst)
+        tmp = dst.with_name(f".{dst.stem}.partial{dst.suffix}")
+        try:
+            fn(src, tmp, *args, **kwargs)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dst
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -169,6 +187,7 @@ def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minm
     return {name: obs.range() for name, obs in observers.items() if obs.samples}
 
 
+@atomic_output
 def static_int8(src: Path, dst: Path, batches: Iterable[np.ndarray] | None = None, observer: str = "minmax",
                 per_channel: bool = True, symmetric_activations: bool = False, reduce_range: bool = False,
                 activation_type: str = "int8", nodes_to_exclude: Sequence[str] = (),
@@ -285,6 +304,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 DYNAMIC_OPS = ("MatMul", "Attention", "LSTM")
 
 
+@atomic_output
 def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = (),
                  op_types: Sequence[str] = DYNAMIC_OPS) -> Path:
     """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers, and the
@@ -301,6 +321,7 @@ def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclud
     return dst
 
 
+@atomic_output
 def weight_only(src: Path, dst: Path, bits: int = 4, group_size: int = 32, symmetric: bool = True) -> Path:
     """Group-wise int4/int8 weights packed into MatMulNBits nodes (dequantized inside the kernel)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -312,6 +333,7 @@ def weight_only(src: Path, dst: Path, bits: int = 4, group_size: int = 32, symme
     return dst
 
 
+@atomic_output
 def half(src: Path, dst: Path) -> Path:
     """fp16 weights and arithmetic, float32 inputs and outputs."""
     from onnxruntime.transformers.float16 import convert_float_to_float16

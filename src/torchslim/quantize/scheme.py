@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from torchslim.errors import TorchslimError
 from torchslim.measure.kernels import kernel_counts
 from torchslim.measure.latency import interleaved, ort_session
 
@@ -45,7 +46,15 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
     compute nodes on integer kernels. Returns the scheme and a
     record of every candidate (latency interleaved with the float graph, integer/float node counts)."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {s: build(s, Path(tmp) / f"{i}.onnx") for i, s in enumerate(CANDIDATES)}
+        paths, failed = {}, {}
+        for i, scheme in enumerate(CANDIDATES):
+            try:
+                paths[scheme] = build(scheme, Path(tmp) / f"{i}.onnx")
+            except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs in some schemes
+                failed[scheme.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if not paths:
+            raise TorchslimError("static int8: no activation scheme could be built for this model: " +
+                                 "; ".join(f"{k}: {v}" for k, v in failed.items()))
         sessions = {"float": ort_session(float_onnx, threads, spinning=False)}
         sessions.update({s.name: ort_session(p, threads, spinning=False) for s, p in paths.items()})
         feed = {sessions["float"].get_inputs()[0].name: batch}
@@ -63,5 +72,5 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
     eligible = [r for r in eligible if r["integer_nodes"] == covered]  # pairs is not int8, whatever its speed
     chosen = min(eligible, key=lambda r: r["latency_ms"])
     record = {"chosen": chosen["name"], "tolerance": tolerance, "float_latency_ms": timing["float"]["p50"],
-              "batch_size": int(batch.shape[0]), "threads": threads, "candidates": rows}
+              "batch_size": int(batch.shape[0]), "threads": threads, "candidates": rows, "failed": failed}
     return next(s for s in CANDIDATES if s.name == chosen["name"]), record

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchslim.context import RunContext
 from torchslim.export.onnx import export_onnx
 from torchslim.registry import register_stage
+from torchslim.report.json import atomic_write_text
 
 
 class ExportConfig(BaseModel):
@@ -36,6 +37,6 @@ def export(model, cfg: ExportConfig, ctx: RunContext):
     # safetensors weights are written by every measurement; the export stage lists them as a deliverable
     if cfg.format in ("safetensors", "all"):
         written.append("model.safetensors")
-    (ctx.stage_dir / "input.json").write_text(json.dumps(ctx.data.input.to_dict(), indent=2))
+    atomic_write_text(ctx.stage_dir / "input.json", json.dumps(ctx.data.input.to_dict(), indent=2))
     ctx.stage_info["exported"] = written + ["input.json"]
     return model
