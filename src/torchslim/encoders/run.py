@@ -79,6 +79,7 @@ class EncoderContext:
         so every speedup is stated for the shape it holds for."""
         cfg = self.recipe.measure
         sentences = self.evaluation[next(iter(self.evaluation))]
+        by_length = sorted(sentences, key=lambda s: len(self.tokenizer(s)["input_ids"]))
         feeds = {}
         for n in cfg.compare_batch_sizes or sorted({1, cfg.batch_size}):
             chosen = (sentences * (n // len(sentences) + 1))[:n]
@@ -88,9 +89,8 @@ class EncoderContext:
             mixed = self._feed(chosen)
             real = float(mixed["attention_mask"].mean())
             feeds[f"batch {n}, random order ({real:.0%} real tokens)"] = mixed
-            lengths = sorted(sentences, key=lambda s: len(self.tokenizer(s)["input_ids"]))
-            mid = max(0, len(lengths) // 2 - n // 2)
-            window = (lengths[mid:] + lengths)[:n]
+            mid = max(0, len(by_length) // 2 - n // 2)
+            window = (by_length[mid:] + by_length)[:n]
             ordered = self._feed(window)
             feeds[f"batch {n}, length-sorted ({float(ordered['attention_mask'].mean()):.0%} real tokens)"] = ordered
         return feeds

@@ -9,6 +9,7 @@ to say "int8"."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -40,7 +41,14 @@ def optimized_graph(path: Path, threads: int = 1) -> onnx.ModelProto:
 
 def kernel_counts(path: Path, threads: int = 1) -> dict:
     """{"integer": n, "weight_only": n, "float": n, "by_op": {op: n}, "float_nodes": [names]} for the
-    compute nodes of the optimised graph."""
+    compute nodes of the optimised graph. Remembered per file (path, size, modification time): a
+    lowering stage counts its artifact and the measurement after it reads the same file."""
+    stat = Path(path).stat()
+    return dict(_counts(str(path), stat.st_size, stat.st_mtime_ns, threads))
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(path: str, size: int, mtime_ns: int, threads: int) -> dict:
     try:
         graph = optimized_graph(path, threads).graph
     except Exception as exc:  # e.g. a graph over 2 GB cannot be written back as one file
