@@ -92,7 +92,7 @@ def test_static_int8_calibrates_activations_and_falls_back_to_float(minilm, tmp_
 
 
 def test_embedding_recipes_are_checked():
-    with pytest.raises(RecipeError, match="stage 'train' works on task classification"):
+    with pytest.raises(RecipeError, match="stage 'train' needs labels, which task 'embedding' does not provide"):
         parse_recipe(_recipe([{"train": {"epochs": 1}}]))
     with pytest.raises(RecipeError, match="needs data: {builtin: text}"):
         parse_recipe({**_recipe([]), "data": {"builtin": "fashion_mnist"}})
@@ -107,9 +107,9 @@ def test_embedding_recipes_are_checked():
 
 def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     recipe = parse_recipe(_recipe([
-        {"encoder_distill": {"keep_every": 3, "head_ratio": 0.25, "ffn_ratio": 0.5, "train_sentences": 64,
+        {"distill": {"keep_every": 3, "head_ratio": 0.25, "ffn_ratio": 0.5, "train_sentences": 64,
                              "train": {"epochs": 1, "batch_size": 16}}},
-        {"encoder_quantize": {"target": 0.9}}]))
+        {"quantize": {"target": 0.9}}]))
     report = pipeline.run(recipe, tmp_path / "run")
     base, student, final = (s["metrics"] for s in report["stages"])
     assert report["task_metric"] == "mean_cosine" and "mean_cosine_drop" in report["summary"]
@@ -142,3 +142,34 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     again = pipeline.run(recipe, tmp_path / "run", resume=True)
     assert again["stages"][2]["metrics"]["params"] == final["params"]
     assert again["stages"][2]["metrics"]["mean_cosine"] == pytest.approx(final["mean_cosine"], abs=1e-6)
+
+
+def test_every_technique_runs_on_an_embedding_recipe_and_resumes(tmp_path):
+    """prune (heads) -> lowrank -> quantize -> export on all-MiniLM-L6-v2, through the one pipeline."""
+    recipe = parse_recipe({**_recipe([
+        {"prune": {"method": "structured", "head_ratio": 0.25, "ffn_ratio": 0.0,
+                   "finetune": {"epochs": 1, "lr": 0.0002, "batch_size": 32}}},
+        {"lowrank": {"layers": "linear", "energy": 0.95, "ignore": ["encoder.embeddings"]}},
+        {"quantize": {"target": 0.9}},
+        {"export": {"format": "onnx"}}]),
+        "data": {"builtin": "text", "sources": ["fortunes", "descriptions"], "calibration": 32, "evaluation": 64,
+                 "train_subset": 128},
+        "measure": {"batch_size": 4, "warmup": 1, "repeats": 3, "compare_seconds": 1, "verify_samples": 16}})
+    report = pipeline.run(recipe, tmp_path / "run")
+    base, pruned, factored, final, exported = (s["metrics"] for s in report["stages"])
+    assert report["task_metric"] == "mean_cosine"
+    heads = [(r["heads_before"], r["heads_after"]) for r in report["stages"][1]["pruned"]]
+    assert heads == [(12, 9)] * 6  # a quarter of every layer's heads left the weight tensors
+    assert pruned["params"] == base["params"] - 6 * 4 * 3 * 32 * 384 - 6 * 3 * 3 * 32  # q, k, v, out; q/k/v biases
+    assert factored["params"] < pruned["params"] and report["stages"][2]["factorised"]
+    assert 0.5 < final["mean_cosine"] <= factored["mean_cosine"] + 0.02 and final["kernels"]["integer"] > 0
+    assert final["size_bytes"] < 0.4 * factored["size_bytes"]
+    assert report["stages"][4]["artifact"].endswith(".onnx") and exported["mean_cosine"] == final["mean_cosine"]
+    # resumed after the low-rank stage: pruned heads (architecture record) and factorised layers (shapes saved
+    # with the weights) are rebuilt, and quantize + export give the same artifact
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    state["stages"], state["status"] = state["stages"][:3], "running"
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    again = pipeline.run(recipe, tmp_path / "run", resume=True)
+    assert again["stages"][3]["metrics"]["params"] == final["params"]
+    assert again["stages"][3]["metrics"]["mean_cosine"] == pytest.approx(final["mean_cosine"], abs=1e-4)

@@ -3,7 +3,7 @@ from torch import nn
 
 from torchslim.measure import count_flops, count_params, model_size_bytes, peak_inference_bytes
 from torchslim.measure.latency import pytorch_latency
-from torchslim.measure.task import classification_metrics
+from torchslim.tasks.classification import classification_metrics
 
 
 def test_params_count_nonzero_after_zeroing():

@@ -137,11 +137,16 @@ def test_a_stage_that_changes_the_model_after_lowering_is_refused(tiny_recipe, s
     assert f"Put '{later}' before '{lowering}'" in message and "(got {" not in message
 
 
-def test_embedding_distill_after_encoder_quantize_is_refused():
+def test_embedding_distill_after_quantize_is_refused_and_old_names_still_work(capsys):
     recipe = yaml.safe_load(builtin_recipes()["minilm-int8"].read_text())
     recipe["stages"] = [{"encoder_quantize": {}}, {"encoder_distill": {"keep_every": 2}}]
-    with pytest.raises(RecipeError, match="'encoder_distill' changes the model, but stages.0. 'encoder_quantize'"):
+    with pytest.raises(RecipeError, match="'distill' changes the model, but stages.0. 'quantize'"):
         parse_recipe(recipe)
+    said = capsys.readouterr().err
+    assert "'encoder_quantize' is now 'quantize'" in said and "'encoder_distill' is now 'distill'" in said
+    recipe["stages"] = [{"encoder_quantize": {"target": 0.98}}]  # the old name gets the embedding quantizer
+    parsed = parse_recipe(recipe)
+    assert parsed.stages[0].name == "quantize" and parsed.stages[0].config.target == 0.98
 
 
 def test_export_after_lowering_is_allowed_and_every_preset_lowers_last():
@@ -151,3 +156,38 @@ def test_export_after_lowering_is_allowed_and_every_preset_lowers_last():
            "stages": [{"quantize": {}}], "preset": "edge"}
     with pytest.raises(RecipeError, match="'prune' changes the model, but stages.0. 'quantize'"):
         parse_recipe(own)  # the preset's prune would follow the recipe's own quantize
+
+
+@pytest.mark.parametrize("where, config, message", [
+    ("quantize", {"method": "static", "bits": 8}, "'bits' applies to method weight_only, not method 'static'"),
+    ("quantize", {"method": "dynamic", "observer": "mse"}, "'observer' applies to method static or qat, not method "
+                                                           "'dynamic'"),
+    ("quantize", {"method": "weight_only", "finetune": {"epochs": 1}}, "'finetune' applies to method qat"),
+    ("prune", {"method": "magnitude", "sparsity": 0.5, "ratio": 0.3}, "'ratio' applies to method structured, not "
+                                                                        "method 'magnitude'"),
+    ("prune", {"method": "structured", "ratio": 0.3, "n": 3}, "'n' applies to method nm, not method 'structured'"),
+    ("data", {"builtin": "fashion_mnist", "sources": ["fortunes"]}, "'sources' applies to builtin text, not builtin "
+                                                                     "'fashion_mnist'"),
+    ("data", {"builtin": "text", "val_size": 10}, "'val_size' applies to builtin fashion_mnist or entrypoint"),
+])
+def test_a_key_of_another_method_is_an_error_naming_the_methods_that_take_it(where, config, message):
+    recipe = {"name": "x", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"}}
+    if where == "data":
+        recipe["data"] = config
+    else:
+        recipe["stages"] = [{where: config}]
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        parse_recipe(recipe)
+
+
+def test_ignore_is_one_name_for_layers_left_alone_with_exclude_accepted():
+    from torchslim.paths import matches
+    recipe = {"name": "x", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
+              "stages": [{"quantize": {"exclude": ["fc1"]}}, {"export": {}}]}
+    assert parse_recipe(recipe).stages[0].config.ignore == ["fc1"]
+    recipe["stages"] = [{"prune": {"ratio": 0.5, "ignore": ["head*"]}}, {"lowrank": {"energy": 0.9,
+                                                                                    "ignore": ["features.0"]}}]
+    parsed = parse_recipe(recipe)
+    assert parsed.stages[0].config.ignore == ["head*"] and parsed.stages[1].config.ignore == ["features.0"]
+    assert matches("features.0.conv", ["features.0"]) and not matches("features.01", ["features.0"])
+    assert matches("head.fc", ["head*"]) and matches("a.attention.b", ["*.attention.*"]) and not matches("x", [])

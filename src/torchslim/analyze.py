@@ -12,19 +12,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim.context import RunContext
-from torchslim.data import build_data
 from torchslim.measure import measure
-from torchslim.models.io import build_model
 
 
-def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
+def layer_table(model: nn.Module, example: torch.Tensor | tuple) -> list[dict]:
     """One row per leaf module: type, parameters, non-zero parameters, output shape, FLOPs."""
     shapes: dict[str, list] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=name: shapes.__setitem__(n, list(getattr(o, "shape", []))))
              for name, m in model.named_modules() if not list(m.children())]
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model.eval()(example)
+        model.eval()(*(example if isinstance(example, tuple) else (example,)))
     for h in hooks:
         h.remove()
     flops = {k.split(".", 1)[1] if "." in k else "": sum(v.values()) for k, v in counter.get_flop_counts().items()}
@@ -40,17 +38,14 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
 
 
 def analyze_model(recipe, folder: Path | None, console: Console) -> dict:
-    if recipe.task != "classification":
-        from torchslim.errors import TorchslimError
-        raise TorchslimError(f"torchslim analyze works on classification recipes; '{recipe.name}' is a task: "
-                             f"{recipe.task} recipe. Its baseline stage measures the same numbers: run "
-                             f"`torchslim run {recipe.name}` and read stage 0 of report.json.")
-    data = build_data(recipe.data, folder)
-    model = build_model(recipe.model, data.num_classes, folder)
+    """The recipe's model as its task builds it, measured like a run's baseline, and a per-layer table."""
+    from torchslim.tasks import make_task
+    task = make_task(recipe, folder)
+    model = task.setup()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(recipe, data, Path(tmp), search_dir=folder)
+        ctx = RunContext(recipe, task, Path(tmp), search_dir=folder)
         metrics, _ = measure(model, ctx, Path(tmp))
-        rows = layer_table(model, ctx.real_batch(1))
+        rows = layer_table(model, task.example(1))
     table = Table(title=f"{type(model).__name__} — per layer (batch 1)")
     for col in ("layer", "type", "params", "non-zero", "output", "FLOPs"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
@@ -65,6 +60,8 @@ def analyze_model(recipe, folder: Path | None, console: Console) -> dict:
     for runtime, l in lat.items():
         console.print(f"latency {runtime}: p50 {l['p50']:.2f} ms, p95 {l['p95']:.2f} ms "
                       f"(batch {l['batch_size']}, {l['threads']} threads)")
-    if "accuracy" in metrics:
-        console.print(f"test accuracy {metrics['accuracy']:.4f} on {metrics['eval_examples']} examples")
+    value = metrics.get(task.metric)
+    if isinstance(value, float):
+        console.print(f"{task.metric.replace('_', ' ')} {value:.4f} on {metrics.get('eval_examples', '?')} held-out "
+                      "examples (served runtime)")
     return {"metrics": metrics, "layers": rows}

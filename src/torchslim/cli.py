@@ -81,9 +81,9 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         out.print(f"  latency p50 {ref['latency_ms']['p50']:.3f} ms -> {fin['latency_ms']['p50']:.3f} ms "
                   f"({s['speedup_stage_measurements']:.2f}x in the stage measurements, {fin['latency_ms']['runtime']}, "
                   f"batch {fin['latency_ms']['batch_size']})")
-        for label, shape in (report.get("comparison") or {}).get("shapes", {}).items():
+        for shape_label, shape in (report.get("comparison") or {}).get("shapes", {}).items():
             sp = shape["speedup"]
-            out.print(f"  side by side {label}: {shape['reference_ms']:.3f} -> {shape['final_ms']:.3f} ms, "
+            out.print(f"  side by side {shape_label}: {shape['reference_ms']:.3f} -> {shape['final_ms']:.3f} ms, "
                       f"{sp['median']:.2f}x faster (quartiles {sp['q25']:.2f}-{sp['q75']:.2f}, {shape['rounds']} "
                       "interleaved rounds)", soft_wrap=True)
         if fin.get("kernels"):
@@ -94,7 +94,9 @@ def _print_summary(report: dict, run_dir: Path) -> None:
             out.print(f"  accuracy    {ref['accuracy']:.4f} -> {fin['accuracy']:.4f} "
                       f"(drop {100 * s['accuracy_drop']:.2f} points)")
         elif s.get(f"{metric}_drop") is not None:
-            out.print(f"  {label} {ref[metric]:.4f} -> {fin[metric]:.4f} (min {fin.get('min_cosine', float('nan')):.4f})")
+            low = f" (min {fin['min_cosine']:.4f})" if "min_cosine" in fin else ""
+            better = "higher" if report.get("task_metric_higher_is_better", True) else "lower"
+            out.print(f"  {label} {ref[metric]:.4f} -> {fin[metric]:.4f}{low} ({better} is better)")
     if s and s.get("epochs_after_reference"):
         out.print(f"  training    the final model had {s['epochs_after_reference']} epoch(s) of training after "
                   f"'{s['reference_stage']}'; part of the {label} kept may come from that extra training")
@@ -164,12 +166,36 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
     out.print(f"plan: {run_dir / 'plan.yaml'} (re-run with: torchslim run {run_dir / 'plan.yaml'})")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from torchslim import __version__
+        out.print(f"torchslim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """Compress trained PyTorch models and measure the result honestly."""
+
+
 @app.command()
-def recipes():
+def recipes(show: Optional[str] = typer.Option(None, "--show", help="print this built-in recipe's YAML (or a "
+                                               "preset's), to copy and edit")):
     """List the built-in recipes: the names first, one per line, then a short description of each."""
-    from torchslim.recipe import builtin_recipes
+    from torchslim.recipe import builtin_recipes, presets
 
     found = builtin_recipes()
+    if show is not None:
+        source = found.get(show) or presets().get(show)
+        if source is None:
+            import difflib
+            near = difflib.get_close_matches(show, [*found, *presets()], n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise TorchslimError(f"--show: no built-in recipe or preset '{show}'.{hint} Recipes: "
+                                 f"{', '.join(sorted(found))}; presets: {', '.join(sorted(presets()))}.")
+        print(source.read_text(), end="")
+        return
     for name in sorted(found):
         out.print(name)
     out.print("")
@@ -202,6 +228,42 @@ def analyze(recipe: str = typer.Argument("default", help="recipe whose model and
     overrides["measure"] = measure
     parsed, folder = load_recipe(recipe, overrides)
     analyze_model(parsed, folder, out)
+
+
+STARTER = """\
+# A starter recipe written by `torchslim init`. Run it with: torchslim run {path}
+name: {name}
+model: {{entrypoint: "{entrypoint}"{checkpoint}}}
+data: {data}
+preset: mobile       # prune 50% in steps, low-rank Linear layers, static int8 (see `torchslim recipes --show mobile`)
+# stages: []         # stages of your own run before the preset's, e.g. - train: {{epochs: 3}}
+"""
+
+
+@app.command()
+def init(entrypoint: str = typer.Argument(..., help="'module:function' that returns your nn.Module"),
+         data: Optional[str] = typer.Option(None, help="'module:function' returning your datasets (default: the "
+                                            "built-in Fashion-MNIST)"),
+         checkpoint: Optional[Path] = typer.Option(None, help="your trained weights (.safetensors or .pt)"),
+         path: Path = typer.Option(Path("recipe.yaml"), "--out", "-o", help="where to write the recipe"),
+         name: Optional[str] = typer.Option(None, help="recipe name (default: the module's name)")):
+    """Write a starter recipe for your model (checked before it is written)."""
+    import re
+
+    from torchslim.entrypoint import PATTERN
+    from torchslim.recipe import parse_recipe
+    if not re.match(PATTERN, entrypoint):
+        raise TorchslimError(f"'{entrypoint}' is not an entry point; write it as 'module:function', e.g. "
+                             "mymodel:build for build() in mymodel.py.")
+    if path.exists():
+        raise TorchslimError(f"{path} exists; choose another file with --out, or remove it first.")
+    name = name or re.sub(r"[^\w.-]", "-", entrypoint.split(":")[0].split(".")[-1])
+    text = STARTER.format(path=path, name=name, entrypoint=entrypoint,
+                          checkpoint=f", checkpoint: {checkpoint}" if checkpoint else "",
+                          data=f'{{entrypoint: "{data}"}}' if data else "{builtin: fashion_mnist}")
+    parse_recipe(yaml.safe_load(text), path, path.resolve().parent)
+    path.write_text(text)
+    out.print(f"wrote {path}; run it with: torchslim run {path}")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchslim.errors import TorchslimError
+from torchslim.log import console
 
 T = TypeVar("T")
 
@@ -57,7 +58,6 @@ def init() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     if not is_main():
-        from torchslim.train import console
         console.quiet = True  # one voice: rank 0 logs
     return True
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -17,15 +18,17 @@ import torch
 
 from torchslim import distributed
 from torchslim.context import RunContext
-from torchslim.data import build_data
-from torchslim.errors import DataError, RunDirError, TorchslimError
+from torchslim.errors import RunDirError, TorchslimError
+from torchslim.io import write_json
+from torchslim.log import collect_warnings, console, warn
 from torchslim.measure import measure
-from torchslim.models.io import build_model, load_weights
+from torchslim.measure.compare import compare_stages
+from torchslim.models.io import load_weights
 from torchslim.recipe import Recipe
 from torchslim.registry import get_stage
-from torchslim.report.json import build_report, environment, write_json
-from torchslim.measure.compare import compare_stages
-from torchslim.train import collect_warnings, console, warn
+from torchslim.report.json import build_report, environment
+from torchslim.results import Exported, Lowered, Restructured, StageResult, as_result
+from torchslim.tasks import make_task
 
 STATE = "state.json"
 OWNED = ("stages", STATE, "report.json", "report.html")
@@ -68,30 +71,6 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
     return state
 
 
-def _check_shapes(model: torch.nn.Module, ctx: RunContext) -> None:
-    x = ctx.real_batch(2)
-    try:
-        with torch.inference_mode():
-            out = model.eval()(x)
-    except Exception as exc:  # any failure here means model and data do not fit together
-        raise DataError(f"The model cannot take the data's input of shape {list(x.shape)}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check model and data in the recipe.") from None
-    classes = ctx.data.num_classes
-    if ctx.recipe.task == "classification" and classes and (out.dim() != 2 or out.shape[1] != classes):
-        raise DataError(f"The model returns shape {list(out.shape)} but the data has {classes} classes; "
-                        f"a classifier must return [batch, {classes}].")
-
-
-def build_architecture(arch: dict, num_classes: int | None, search_dir: Path | None) -> torch.nn.Module:
-    """A model from an architecture record: a model spec plus structural operations (kept blocks)."""
-    from torchslim.distill.students import apply_keep_blocks
-    from torchslim.recipe import ModelSpec
-    model = build_model(ModelSpec(**arch["model"]), num_classes, search_dir)
-    for op in arch.get("ops", []):
-        model = apply_keep_blocks(model, op["keep_blocks"], op["indices"])
-    return model
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,84 +79,102 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _reference_index(recipe: Recipe) -> int:
+def _reference_index(recipe: Recipe, task) -> int:
     """Compression is judged against the model as it stood before the first compressing stage."""
     for i, stage in enumerate(recipe.stages):
-        if get_stage(stage.name).compresses:
+        if get_stage(stage.name, task=task).compresses:
             return i  # entry i is the stage just before stage i (entry 0 is the baseline)
     return len(recipe.stages)
 
 
 def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
         search_dir: Path | None = None, on_epoch_end: Callable | None = None) -> dict:
-    """Run a validated recipe. Returns the report (also written to run_dir/report.json). Under torchrun
-    every rank runs it; rank 0 alone writes `run_dir` (see `torchslim.distributed`)."""
+    """Run a validated recipe of any task. Returns the report (also written to run_dir/report.json).
+    Under torchrun every rank runs it; rank 0 alone writes `run_dir` (see `torchslim.distributed`)."""
     run_dir = Path(run_dir or recipe.output or Path("runs") / recipe.name)
     with distributed.rank_dir(run_dir, lambda: prepare_run_dir(run_dir, recipe, resume, overwrite)) as (where, state):
-        if recipe.task == "embedding":
-            from torchslim.encoders.run import run_embedding
-            return run_embedding(recipe, where, state, resume=resume, on_epoch_end=on_epoch_end)
-        return _run_classifier(recipe, where, state, resume=resume, search_dir=search_dir, on_epoch_end=on_epoch_end)
+        torch.manual_seed(recipe.seed)
+        task = make_task(recipe, search_dir)
+        model = task.setup()
+        task.check(model)
+        ctx = RunContext(recipe, task, where, device=_device(recipe.device), resume=resume, search_dir=search_dir,
+                         on_epoch_end=on_epoch_end, architecture=task.architecture(),
+                         run_recipe=partial(run, search_dir=search_dir))
+        entries: list[dict] = list(state["stages"]) if state else []
+        if entries:
+            model = _restore(ctx, entries)
+        return run_stages(ctx, model, entries)
 
 
-def _run_classifier(recipe: Recipe, run_dir: Path, state: dict | None, *, resume: bool, search_dir: Path | None,
-                    on_epoch_end: Callable | None) -> dict:
-    torch.manual_seed(recipe.seed)
-    data = build_data(recipe.data, search_dir)
-    architecture = {"model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}), "ops": []}
-    model = build_model(recipe.model, data.num_classes, search_dir)
-    ctx = RunContext(recipe, data, run_dir, device=_device(recipe.device), resume=resume, search_dir=search_dir,
-                     on_epoch_end=on_epoch_end, architecture=architecture)
-    _check_shapes(model, ctx)
-    entries: list[dict] = list(state["stages"]) if state else []
-    if entries:
-        changed = [e["architecture"] for e in entries if "architecture" in e]
-        if changed:  # a stage replaced the model (a student): rebuild that architecture
-            ctx.architecture = changed[-1]
-            model = build_architecture(changed[-1], data.num_classes, search_dir)
-        load_weights(model, run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
-        lowered = [e for e in entries if "quantization" in e]
-        if lowered:  # later stages carry the lowered artifact, as in the uninterrupted run
-            ctx.artifact_onnx = run_dir / entries[-1]["artifact"]
-        console.log(f"resuming {run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
-    measure_fn = lambda model, ctx: measure(model, ctx, ctx.stage_dir, ctx.onnx_path)  # noqa: E731
-    return run_stages(recipe, run_dir, ctx, model, entries, measure_fn, _log_metrics, data.input.to_dict())
+def _restore(ctx: RunContext, entries: list[dict]) -> torch.nn.Module:
+    """The model (and the served artifact) as the finished stages left them, from their records."""
+    changed = [e["architecture"] for e in entries if "architecture" in e]
+    if changed:  # a stage replaced the model (a student, kept layers): rebuild that architecture
+        ctx.architecture = changed[-1]
+    model = ctx.task.rebuild(ctx.architecture)
+    load_weights(model, ctx.run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
+    if any(e.get("result") == Lowered.kind for e in entries):  # later stages carry the lowered artifact
+        ctx.artifact = ctx.run_dir / entries[-1]["artifact"]
+    console.log(f"resuming {ctx.run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
+    return model
 
 
-def run_stages(recipe: Recipe, run_dir: Path, ctx, model: torch.nn.Module, entries: list[dict],
-               measure_fn: Callable, log_fn: Callable, input_spec: dict, metric: str = "accuracy") -> dict:
-    """The stages not yet in `entries`, in order: apply, measure (`measure_fn(model, ctx)` -> (metrics,
-    artifact)), record; state.json and a running report.json after every stage, the final report and
-    report.html at the end. Shared by every task."""
-    env, ref = environment(recipe.measure.threads), _reference_index(recipe)
+def _apply(name: str, spec, model: torch.nn.Module, ctx: RunContext) -> tuple[StageResult, Path | None]:
+    """Run one stage; fold its typed result into the run's state. Returns (result, an ONNX file the
+    measurement reuses)."""
+    if spec is None:
+        return StageResult(model), None
+    result = as_result(get_stage(name, task=ctx.task).apply(model, spec.config, ctx))
+    onnx = None
+    if isinstance(result, Restructured):
+        ctx.architecture = result.architecture
+    elif isinstance(result, Lowered):
+        ctx.artifact = onnx = result.artifact
+    elif isinstance(result, Exported) and result.onnx is not None:
+        onnx = result.onnx
+        if ctx.artifact is not None:  # the exported copy of the lowered artifact is the deliverable now
+            ctx.artifact = onnx
+    return result, onnx
+
+
+def run_stages(ctx: RunContext, model: torch.nn.Module, entries: list[dict]) -> dict:
+    """The stages not yet in `entries`, in order: apply, measure, record; state.json and a running
+    report.json after every stage, the final report and report.html at the end."""
+    recipe, run_dir, task = ctx.recipe, ctx.run_dir, ctx.task
+    env, ref = environment(recipe.measure.threads), _reference_index(recipe, task)
     plan = [("baseline", None)] + [(s.name, s) for s in recipe.stages]
     base_state = {"recipe_hash": recipe_hash(recipe), "status": "running"}
+    report_args = dict(input_spec=task.input_spec(), metric=task.metric, higher_is_better=task.higher_is_better)
     for index, (name, spec) in enumerate(plan):
         if index < len(entries):
             continue
         ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        ctx.stage_info, ctx.onnx_path = {}, None
+        ctx.stage_info = {}
         collect_warnings()
         console.log(f"stage {index}: {name}")
         start = time.perf_counter()
-        if spec is not None:
-            model = get_stage(name).apply(model, spec.config, ctx)
+        result, onnx = _apply(name, spec, model, ctx)
+        model = result.model
         seconds = time.perf_counter() - start
-        metrics, artifact = distributed.on_main(lambda: _measured(measure_fn, model, ctx, run_dir))
+        metrics, artifact = distributed.on_main(lambda: _measured(model, ctx, onnx))
         said = collect_warnings()
         entries.append({"name": name, "seconds": seconds, "metrics": metrics, "artifact": artifact,
-                        "dir": str(ctx.stage_dir.relative_to(run_dir)),
+                        "dir": str(ctx.stage_dir.relative_to(run_dir)), "result": result.kind,
                         "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info,
-                        **({"warnings": said} if said else {})})
-        log_fn(name, metrics)
+                        **result.info, **({"architecture": ctx.architecture} if isinstance(result, Restructured)
+                                          else {}), **({"warnings": said} if said else {})})
+        console.log(f"{name}: {task.describe(metrics)}{_cost(metrics)}")
         write_json(run_dir / STATE, {**base_state, "stages": entries})
-        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries, input_spec,
-                                                         min(ref, len(entries) - 1), "running", metric))
-    comparison = distributed.on_main(lambda: _compare(recipe, run_dir, ctx, entries, ref))
-    report = build_report(recipe.to_dict(), env, entries, input_spec, ref, "complete", metric, comparison)
+        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries,
+                                                         reference=min(ref, len(entries) - 1), status="running",
+                                                         **report_args))
+    comparison = distributed.on_main(lambda: _compare(ctx, entries, ref))
+    report = build_report(recipe.to_dict(), env, entries, reference=ref, status="complete", comparison=comparison,
+                          **report_args)
     if recipe.summary.control:
-        report["control"] = control_run(recipe, run_dir, ctx, entries, ref, measure_fn)
+        report["control"] = control_run(ctx, entries, ref)
+        metric = task.metric
         if "metrics" in report["control"] and metric in report["control"]["metrics"]:
             report["summary"][f"{metric}_vs_control"] = entries[-1]["metrics"][metric] - \
                 report["control"]["metrics"][metric]
@@ -201,40 +198,40 @@ def _training_settings(recipe: Recipe, ref: int):
     return None
 
 
-def control_run(recipe: Recipe, run_dir: Path, ctx, entries: list[dict], ref: int, measure_fn: Callable) -> dict:
+def control_run(ctx: RunContext, entries: list[dict], ref: int) -> dict:
     """The reference model fine-tuned for the epochs the final model trained after it, with the same
     settings, measured like every stage (folder `control/`)."""
-    from torchslim.train import cross_entropy_loss
+    recipe, run_dir, task = ctx.recipe, ctx.run_dir, ctx.task
     epochs = sum(len(e.get("history") or []) for e in entries[ref + 1:])
     settings = _training_settings(recipe, ref)
-    if recipe.task != "classification":
-        return {"skipped": f"the control run is built for classification; task {recipe.task} has none yet"}
+    if "labels" not in task.provides:
+        return {"skipped": f"the control run fine-tunes on labelled data, which task {task.name} has not"}
     if not epochs or settings is None:
         return {"skipped": "the final model had no training after the reference stage"}
     cfg = settings.model_copy(update={"epochs": epochs, "early_stopping": None})
     arch = next((e["architecture"] for e in reversed(entries[:ref + 1]) if "architecture" in e),
-                {"model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}), "ops": []})
-    model = build_architecture(arch, ctx.data.num_classes, ctx.search_dir)
+                task.architecture())
+    model = task.rebuild(arch)
     load_weights(model, run_dir / entries[ref]["dir"] / "model.safetensors")
     console.log(f"control: the reference '{entries[ref]['name']}' fine-tuned for {epochs} epoch(s) with the same "
                 "settings as the compressed model's training")
     ctx.stage_dir = run_dir / "control"
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    ctx.onnx_path, ctx.artifact_onnx, saved = None, None, ctx.artifact_onnx
-    result = ctx.fit(model, ctx.data.train, cfg, cross_entropy_loss(cfg.label_smoothing),
-                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="control")
-    metrics, artifact = distributed.on_main(lambda: _measured(measure_fn, model.cpu(), ctx, run_dir))
-    ctx.artifact_onnx = saved
+    ctx.artifact, saved = None, ctx.artifact
+    result = ctx.fit(model, cfg, checkpoint_dir=ctx.stage_dir / "checkpoint", description="control")
+    metrics, artifact = distributed.on_main(lambda: _measured(model.cpu(), ctx, None))
+    ctx.artifact = saved
     return {"reference_stage": entries[ref]["name"], "epochs": epochs, "train": cfg.model_dump(mode="json"),
             "metrics": metrics, "artifact": artifact, "history": result.history}
 
 
-def _compare(recipe: Recipe, run_dir: Path, ctx, entries: list[dict], ref: int) -> dict | None:
+def _compare(ctx: RunContext, entries: list[dict], ref: int) -> dict | None:
     """Every stage's artifact timed again side by side; warnings for slowdowns and a noisy machine."""
+    recipe, run_dir = ctx.recipe, ctx.run_dir
     if recipe.measure.compare_seconds <= 0 or ref == len(entries) - 1:
         return None
     console.log("timing every stage's artifact side by side (interleaved) for the summary")
-    record = compare_stages(entries, run_dir, ref, ctx.comparison_feeds, recipe.measure.threads,
+    record = compare_stages(entries, run_dir, ref, ctx.task.comparison_feeds, recipe.measure.threads,
                             recipe.measure.compare_seconds, recipe.measure.repeats)
     for label, shape in record.get("shapes", {}).items():
         s = shape["speedup"]
@@ -249,13 +246,12 @@ def _compare(recipe: Recipe, run_dir: Path, ctx, entries: list[dict], ref: int) 
     return record
 
 
-def _measured(measure_fn: Callable, model: torch.nn.Module, ctx, run_dir: Path) -> tuple[dict, str]:
-    metrics, artifact = measure_fn(model, ctx)
-    return metrics, str(artifact.relative_to(run_dir))
+def _measured(model: torch.nn.Module, ctx: RunContext, onnx: Path | None) -> tuple[dict, str]:
+    metrics, artifact = measure(model, ctx, ctx.stage_dir, onnx)
+    return metrics, str(artifact.relative_to(ctx.run_dir))
 
 
-def _log_metrics(name: str, m: dict) -> None:
-    acc = f"accuracy {m['accuracy']:.4f}, " if "accuracy" in m else ""
-    console.log(f"{name}: {acc}size {m['size_bytes'] / 1e6:.2f} MB, params {m['params']:,}, "
-                f"latency p50 {m['latency_ms']['p50']:.2f} ms ({m['latency_ms']['runtime']}, "
-                f"batch {m['latency_ms']['batch_size']}, {m['latency_ms']['threads']} threads)")
+def _cost(m: dict) -> str:
+    lat = m["latency_ms"]
+    return (f"size {m['size_bytes'] / 1e6:.2f} MB, params {m['params']:,}, latency p50 {lat['p50']:.2f} ms "
+            f"({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)")

@@ -6,20 +6,16 @@ import difflib
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from torchslim.config import ByVariant, Strict, only
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
 from torchslim.errors import RecipeError
-from torchslim.registry import get_stage, lowering_conflict, stage_names
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors; a misspelled key never passes silently."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+from torchslim.log import warn
+from torchslim.registry import get_stage, lowering_conflict, resolve_alias
 
 
 class ModelSpec(Strict):
@@ -42,22 +38,34 @@ class ModelSpec(Strict):
         return self
 
 
-class DataSpec(Strict):
+class DataSpec(ByVariant):
+    variant_key = "builtin"
     builtin: Optional[Literal["fashion_mnist", "text"]] = Field(
         None, description="fashion_mnist (images) or text (real English sentences, for task: embedding)")
     entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
                                       description="'module:function' returning train/val/test datasets")
     batch_size: int = Field(128, ge=1, le=65536)
     eval_batch_size: int = Field(256, ge=1, le=65536)
-    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training examples")
-    eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N val/test examples")
-    val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation")
+    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training examples (text: "
+                                        "sentences of the training corpus for fine-tuning, default 48,000)")
+    eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N val/test examples",
+                                       json_schema_extra=only("fashion_mnist", "entrypoint"))
+    val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation",
+                          json_schema_extra=only("fashion_mnist", "entrypoint"))
     split_seed: int = Field(0, ge=0)
     sources: list[Literal["fortunes", "descriptions"]] = Field(
-        ["fortunes", "descriptions"], min_length=1, description="text: the sentence sources, each evaluated")
-    calibration: int = Field(128, ge=1, le=100000, description="text: calibration sentences per source")
-    evaluation: int = Field(512, ge=1, le=100000, description="text: held-out evaluation sentences per source")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+        ["fortunes", "descriptions"], min_length=1, description="text: the sentence sources, each evaluated",
+        json_schema_extra=only("text"))
+    calibration: int = Field(128, ge=1, le=100000, description="text: calibration sentences per source",
+                             json_schema_extra=only("text"))
+    evaluation: int = Field(512, ge=1, le=100000, description="text: held-out evaluation sentences per source",
+                            json_schema_extra=only("text"))
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the data builder",
+                                   json_schema_extra=only("fashion_mnist", "entrypoint"))
+
+    @classmethod
+    def chosen_variant(cls, data: dict) -> str:
+        return str(data.get("builtin") or ("entrypoint" if data.get("entrypoint") else "none"))
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -98,6 +106,11 @@ class SummarySpec(Strict):
                           "control row that tells extra training apart from compression")
 
 
+class TaskSpec(Strict):
+    entrypoint: str = Field(..., pattern=ENTRYPOINT_PATTERN, description="'module:Class' of a torchslim.tasks.Task "
+                            "subclass: a kind of model of your own (a regressor, a detector, a ranker)")
+
+
 class StageSpec(BaseModel):
     name: str
     config: Any
@@ -109,7 +122,11 @@ class Recipe(Strict):
     seed: int = Field(0, ge=0)
     model: ModelSpec
     data: DataSpec
-    task: Literal["classification", "embedding"] = "classification"
+    plugins: list[str] = Field(default_factory=list, description="Python modules imported before the recipe is "
+                               "checked, which register stages and tasks of your own (@register_stage, "
+                               "@register_task); found next to the recipe file or installed")
+    task: Union[str, TaskSpec] = Field("classification", description="classification, embedding, a task a "
+                                       "plugin registered, or {entrypoint: 'module:Class'}")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where training runs; auto picks CUDA "
                                                    "when present. Measurement always runs on the CPU.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
@@ -119,24 +136,34 @@ class Recipe(Strict):
     summary: SummarySpec = Field(default_factory=SummarySpec)
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value, info: ValidationInfo):
+        from torchslim.tasks import task_class
+        task_class(value, (info.context or {}).get("search_dir"))  # an unknown name or a bad class is an error
+        return value
+
     @model_validator(mode="after")
-    def _task_fits(self):
-        embedding = self.task == "embedding"
+    def _task_fits(self, info: ValidationInfo):
+        from torchslim.tasks import task_class
+        task = task_class(self.task, (info.context or {}).get("search_dir"))
+        embedding = task.name == "embedding"
         if embedding != (self.model.hf is not None):
             raise ValueError("task: embedding needs model: {hf: DIR or package:NAME}, and a model given by 'hf' "
                              "needs task: embedding")
         if embedding != (self.data.builtin == "text"):
             raise ValueError("task: embedding needs data: {builtin: text}, and text data needs task: embedding")
         for i, stage in enumerate(self.stages):
-            tasks = get_stage(stage.name).tasks
-            if self.task not in tasks:
-                raise ValueError(f"stages[{i}]: stage '{stage.name}' works on task {' or '.join(tasks)}, "
-                                 f"not {self.task}; stages for {self.task}: "
-                                 f"{', '.join(n for n in stage_names() if self.task in get_stage(n).tasks)}")
-        conflict = lowering_conflict([s.name for s in self.stages])
+            try:
+                handler = get_stage(stage.name, f"stages[{i}]", task)
+            except RecipeError as exc:
+                raise ValueError(str(exc).split(": ", 1)[1]) from None
+            if not isinstance(stage.config, handler.config):  # parsed before the task was known
+                raise ValueError(f"stages[{i}]: the settings of '{stage.name}' were read for another task")
+        conflict = lowering_conflict([s.name for s in self.stages], task)
         if conflict:
             raise ValueError(conflict)
-        lowering = [s.name for s in self.stages if get_stage(s.name).lowers]
+        lowering = [s.name for s in self.stages if get_stage(s.name, task=task).lowers]
         if lowering and self.measure.runtime != "onnxruntime":
             raise ValueError(f"stage '{lowering[0]}' delivers an ONNX Runtime artifact, so the served model is "
                              f"measured in ONNX Runtime: set measure.runtime: onnxruntime (got "
@@ -145,10 +172,15 @@ class Recipe(Strict):
 
     @field_validator("stages", mode="before")
     @classmethod
-    def _parse_stages(cls, value):
+    def _parse_stages(cls, value, info: ValidationInfo):
+        from torchslim.tasks import task_class
         if not isinstance(value, list):
             raise ValueError("must be a list of one-key mappings, e.g. '- train: {epochs: 3}'")
-        return [_parse_stage(i, item) for i, item in enumerate(value)]
+        try:
+            task = task_class(info.data["task"], (info.context or {}).get("search_dir"))
+        except (RecipeError, KeyError):
+            task = None  # the task field reports its own error
+        return [_parse_stage(i, item, task) for i, item in enumerate(value)]
 
     def to_dict(self) -> dict:
         """The complete recipe as plain data (a preset already expanded into stages and measure)."""
@@ -157,7 +189,7 @@ class Recipe(Strict):
         return data
 
 
-def _parse_stage(index: int, item: Any) -> StageSpec:
+def _parse_stage(index: int, item: Any, task=None) -> StageSpec:
     if isinstance(item, StageSpec):
         return item
     where = f"stages[{index}]"
@@ -166,7 +198,15 @@ def _parse_stage(index: int, item: Any) -> StageSpec:
     if not isinstance(item, dict) or len(item) != 1:
         raise RecipeError(f"{where}: each stage is a one-key mapping such as '- train: {{epochs: 3}}', got {item!r}.")
     (name, config), = item.items()
-    handler = get_stage(str(name), where)
+    name, deprecated = resolve_alias(str(name))
+    if deprecated:
+        warn(f"{where}: {deprecated}")
+    try:
+        handler = get_stage(name, where, task)
+    except RecipeError as exc:
+        if task is None or "unknown stage" in str(exc):
+            raise
+        handler = get_stage(name, where)  # the task check reports it, with the stages the task can use
     try:
         return StageSpec(name=name, config=handler.config.model_validate(config or {}))
     except ValidationError as exc:
@@ -257,9 +297,38 @@ def _expand_preset(data: dict) -> dict:
             "measure": {**template.get("measure", {}), **(measure if isinstance(measure, dict) else {})}}
 
 
-def parse_recipe(data: dict, source: Path | str = "recipe") -> Recipe:
+def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
+    """Import the recipe's `plugins:` (module names), which register stages and tasks; the recipe's
+    folder is searched first, like entry points."""
+    import importlib
+    import sys
+    if not modules:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise RecipeError(f"plugins: must be a list of Python module names, e.g. [mypkg.stages], got {modules!r}.")
+    added = search_dir is not None and str(search_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(search_dir))
     try:
-        return Recipe.model_validate(_expand_preset(data))
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise RecipeError(f"plugins: cannot import '{name}' ({exc}). Install it, or put "
+                                  f"{name.replace('.', '/')}.py next to the recipe file.") from None
+    finally:
+        if added:
+            sys.path.remove(str(search_dir))
+
+
+def parse_recipe(data: dict, source: Path | str = "recipe", search_dir: Path | None = None) -> Recipe:
+    """A validated recipe from plain data; `search_dir` (the recipe's folder) is where its plugins and
+    entry points are looked up first."""
+    if search_dir is None and isinstance(source, Path) and source.exists():
+        search_dir = source.parent
+    load_plugins(data.get("plugins"), search_dir)
+    try:
+        return Recipe.model_validate(_expand_preset(data), context={"search_dir": search_dir})
     except ValidationError as exc:
         raise RecipeError(f"{_format(exc, Recipe)} (in {source})") from None
 

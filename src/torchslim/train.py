@@ -17,42 +17,15 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
+from torchslim import distributed
 from torchslim.errors import TorchslimError
+from torchslim.log import WARNINGS, collect_warnings, console, progress_bar, warn  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, tuple], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-class _LogConsole(Console):
-    """Log lines without the source file:line; written to a pipe or a file, one unwrapped line each
-    (rich would wrap them at 80 columns), with the time in front."""
-
-    def log(self, *objects, **kwargs) -> None:
-        if self.is_terminal:
-            return super().log(*objects, **kwargs)
-        import time
-        self.print(time.strftime("[%H:%M:%S]"), *objects, soft_wrap=True, highlight=False)
-
-
-console = _LogConsole(stderr=True, log_path=False)
-WARNINGS: list[str] = []  # what warn() said since the pipeline last collected it (for the report)
-
-
-def warn(message: str) -> None:
-    """A problem the run can go on with: said on the console, and recorded in the stage's report entry."""
-    from rich.text import Text
-    WARNINGS.append(message)
-    console.log(Text("warning: ", style="bold yellow") + Text(message))
-
-
-def collect_warnings() -> list[str]:
-    said = list(WARNINGS)
-    WARNINGS.clear()
-    return said
-
 
 class EarlyStopping(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -206,7 +179,6 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm). Under
     torchrun the model trains wrapped in DistributedDataParallel on this rank's share of every global
     batch (`distributed.rank_batches`), and only rank 0 writes checkpoints."""
-    from torchslim import distributed
     device = torch.device(device)
     cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision, device)})
     model.to(device)
@@ -233,7 +205,7 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
     finished = result.stopped_early or start_epoch >= cfg.epochs
     # under torchrun: DDP syncs the gradients; after the resume above, every rank holds the same state
     trained = distributed.wrap(model, device)
-    with activation_checkpointing(model, cfg.activation_checkpointing), _progress() as progress:
+    with activation_checkpointing(model, cfg.activation_checkpointing), progress_bar() as progress:
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
             batches = distributed.rank_batches(len(train_set), batch_size, epoch_generator(seed, epoch))
             loader = DataLoader(train_set, batch_sampler=[b for b, _ in batches])
@@ -282,7 +254,6 @@ def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: T
                  advance) -> dict:
     """One epoch; `weights[i]` scales batch i's loss (1 in one process; this rank's share of the global
     batch under torchrun, where the logged values are reduced across ranks)."""
-    from torchslim import distributed
     sums: dict[str, float] = {}
     steps, world = 0, distributed.world()
     opt.zero_grad(set_to_none=True)
@@ -311,11 +282,6 @@ def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: T
         steps += 1
         advance()
     return {k: v / max(steps, 1) for k, v in sums.items()}
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,

@@ -32,13 +32,15 @@ from torchslim.export.onnx import export_onnx, onnx_outputs
 from torchslim.lowrank.factorize import apply as apply_ranks
 from torchslim.lowrank.factorize import choose_ranks, find_layers
 from torchslim.measure.latency import onnxruntime_latency, ort_session
+from torchslim.paths import matches
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan as prune_plan
 from torchslim.quantize import lower
 from torchslim.quantize.stage import calibration_batches
-from torchslim.report.json import atomic_write_text
+from torchslim.io import atomic_write_text
 from torchslim.quantize.scheme import choose_scheme
-from torchslim.train import TrainConfig, console, warn
+from torchslim.train import TrainConfig
+from torchslim.log import console, warn
 
 
 class AutoConfig(BaseModel):
@@ -141,7 +143,7 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
         out["lowrank"].append({"layer": layer.path, "energy": energy, "rank": list(found[0].ranks),
                                "drop": base - _accuracy(trial, x, y)})
     if "static" in cfg.quantize:
-        float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input)
+        float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input, ctx.exporter)
         pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
         ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
         threads = ctx.recipe.measure.threads
@@ -227,12 +229,12 @@ def _build(model, cand: dict, avoid: dict, example, ctx, cfg) -> torch.nn.Module
 
 
 def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path, scheme: dict | None = None) -> Path:
-    path = export_onnx(trial, work / "cand.onnx", ctx.data.input)
+    path = export_onnx(trial, work / "cand.onnx", ctx.data.input, ctx.exporter)
     if cand["quantize"] == "static":
         pre = lower.preprocess(path, work / "cand.pre.onnx")
         ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
         nodes = lower.quantizable_nodes(pre)
-        exclude = [n for n, _, m in nodes if any(m == a or m.startswith(a + ".") for a in avoid["int8"])]
+        exclude = [n for n, _, m in nodes if matches(m, avoid["int8"])]
         path = lower.static_int8(pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges,
                                  preprocessed=True, **(scheme or {}))
     return path
@@ -289,7 +291,7 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
         stages.append({"lowrank": {"energy": cand["energy"], "ignore": avoid["lowrank"], "finetune": tune}})
     if cand["quantize"] == "static":
         stages.append({"quantize": {"method": "static", "per_channel": True,
-                                    "calibration_batches": cfg.calibration_batches, "exclude": avoid["int8"],
+                                    "calibration_batches": cfg.calibration_batches, "ignore": avoid["int8"],
                                     "max_accuracy_drop": round(0.3 * cfg.max_accuracy_drop, 6)}})
     stages.append({"export": {"format": "all"}})
     model = {**ctx.architecture["model"], "checkpoint": str(checkpoint)}
@@ -302,14 +304,13 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
 
 def run_trial(plan: dict, trial_dir: Path, ctx) -> dict:
     """Run a plan recipe as a real run (resumable), then measure its artifact on the validation split."""
-    from torchslim.pipeline import run
     from torchslim.recipe import parse_recipe
     state = trial_dir / "state.json"
     if state.exists() and json.loads(state.read_text()).get("status") == "complete":
         report = json.loads((trial_dir / "report.json").read_text())
     else:
-        report = run(parse_recipe(plan, trial_dir.parent / f"{trial_dir.name}.yaml"), trial_dir, resume=state.exists(),
-                     search_dir=ctx.search_dir)
+        report = ctx.run_recipe(parse_recipe(plan, trial_dir.parent / f"{trial_dir.name}.yaml", ctx.search_dir),
+                                trial_dir, resume=state.exists())
     final = report["stages"][-1]
     x, y = _val(ctx)
     artifact = trial_dir / final["artifact"]

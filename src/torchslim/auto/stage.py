@@ -4,20 +4,21 @@ result; the plan itself is written as a plain recipe (`plan.yaml`, in the stage 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import yaml
 
 from torchslim.auto.planner import AutoConfig, plan_recipe, search
-from torchslim.context import RunContext
 from torchslim.errors import TorchslimError
 from torchslim.models.io import load_weights
 from torchslim.registry import register_stage
-from torchslim.report.json import atomic_write_text
-from torchslim.train import console
+from torchslim.results import Lowered, StageResult
+from torchslim.io import atomic_write_text
+from torchslim.log import console
 
 
-@register_stage("auto", AutoConfig, compresses=True, lowers=True)
-def auto(model, cfg: AutoConfig, ctx: RunContext):
+@register_stage("auto", AutoConfig, compresses=True, lowers=True, needs=("classifier",))
+def auto(model, cfg: AutoConfig, ctx):
     """Measure sensitivity, screen measured candidates, fine-tune the promising ones, apply the best plan."""
     from torchslim import distributed
     if distributed.world() > 1:
@@ -27,9 +28,9 @@ def auto(model, cfg: AutoConfig, ctx: RunContext):
     if ctx.architecture.get("ops"):
         raise TorchslimError("auto: the current model was changed structurally by an earlier stage in a way a "
                              "plan recipe cannot rebuild (kept blocks); run auto on the recipe's own model.")
-    if ctx.artifact_onnx is not None:
+    if ctx.artifact is not None:
         raise TorchslimError("auto: the model is already quantized by an earlier stage; put auto before quantize.")
-    info = search(model, ctx, cfg)
+    info, artifact, quantization = search(model, ctx, cfg), None, None
     chosen = info.pop("chosen")
     notes = [f"search took {info['search_seconds']:.0f} s of a {cfg.time_budget_s:.0f} s budget"]
     if info["skipped"]:
@@ -44,10 +45,8 @@ def auto(model, cfg: AutoConfig, ctx: RunContext):
         info["chosen_trial"] = info["trials"].index(record)
         load_weights(model, result["final_dir"] / "model.safetensors")
         if record["quantize"] != "none":
-            ctx.onnx_path = ctx.artifact_onnx = ctx.stage_dir / "model.onnx"
-            shutil.copyfile(result["artifact"], ctx.artifact_onnx)
-            quantized = [s for s in result["report"]["stages"] if "quantization" in s]
-            ctx.stage_info["quantization"] = quantized[-1]["quantization"]
+            artifact = Path(shutil.copyfile(result["artifact"], ctx.stage_dir / "model.onnx"))
+            quantization = [s for s in result["report"]["stages"] if "quantization" in s][-1]["quantization"]
         notes.append(f"chosen: prune {record['prune']}, low-rank energy {record['energy']}, {record['quantize']}: "
                      f"validation drop {100 * record['val_drop']:.2f} pt")
     text = yaml.safe_dump(plan, sort_keys=False)
@@ -55,5 +54,7 @@ def auto(model, cfg: AutoConfig, ctx: RunContext):
     atomic_write_text(ctx.run_dir / "plan.yaml", text)
     for note in notes:
         console.log(f"auto: {note}")
-    ctx.stage_info.update(auto=info, notes=notes, plan=str((ctx.run_dir / "plan.yaml").relative_to(ctx.run_dir)))
-    return model
+    record = dict(auto=info, notes=notes, plan=str((ctx.run_dir / "plan.yaml").relative_to(ctx.run_dir)))
+    if artifact is None:
+        return StageResult(model, record)
+    return Lowered(model, {**record, "quantization": quantization}, artifact=artifact)

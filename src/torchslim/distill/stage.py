@@ -8,13 +8,14 @@ from typing import Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from torchslim.context import RunContext
 from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
 from torchslim.distill.students import derive_depth, derive_width
 from torchslim.models.io import build_model
 from torchslim.recipe import ModelSpec
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig, console, evaluate_accuracy
+from torchslim.results import Restructured
+from torchslim.train import TrainConfig, evaluate_accuracy
+from torchslim.log import console
 
 
 class StudentSpec(BaseModel):
@@ -66,7 +67,7 @@ class DistillConfig(BaseModel):
         return self
 
 
-def _student(cfg: StudentSpec, teacher, ctx: RunContext):
+def _student(cfg: StudentSpec, teacher, ctx):
     """(student, architecture record for rebuilding it on resume)."""
     if cfg.derive == "width":
         return derive_width(teacher, ctx.real_batch(2), cfg.ratio, cfg.importance), dict(ctx.architecture)
@@ -83,8 +84,8 @@ def _params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-@register_stage("distill", DistillConfig, compresses=True)
-def distill(model, cfg: DistillConfig, ctx: RunContext):
+@register_stage("distill", DistillConfig, compresses=True, needs=("classifier",))
+def distill(model, cfg: DistillConfig, ctx):
     """Train a student to match the teacher (logits, features, attention); the student is the result."""
     teacher = build_model(cfg.teacher, ctx.data.num_classes, ctx.search_dir) if cfg.teacher else model
     teacher = teacher.cpu().eval()
@@ -98,8 +99,8 @@ def distill(model, cfg: DistillConfig, ctx: RunContext):
         train_set = Indexed(ctx.data.train)
     distiller = Distiller(teacher.to(ctx.device), student, ctx.real_batch(2).to(ctx.device), cfg.temperature,
                           cfg.soft_weight, cfg.hard_weight, features, cached)
-    result = ctx.fit(student, train_set, cfg.train, distiller.loss, checkpoint_dir=ctx.stage_dir / "checkpoint",
-                     description="distill")
+    result = ctx.fit(student, cfg.train, distiller.loss, train_set=train_set,
+                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="distill")
     Distiller.finish(student)
     student.cpu()
     t_acc = evaluate_accuracy(teacher.cpu(), ctx.data.test, ctx.recipe.data.eval_batch_size)
@@ -110,9 +111,6 @@ def distill(model, cfg: DistillConfig, ctx: RunContext):
     console.log("distill: teacher {teacher_params:,} params, acc {teacher_accuracy:.4f}; student {student_params:,} "
                 "params, acc {student_accuracy:.4f}; {compression:.1f}x fewer parameters, "
                 "{retention:.1%} of the teacher's accuracy".format(**comparison))
-    ctx.stage_info.update(history=result.history, comparison=comparison, architecture=arch,
-                          weights={"soft": cfg.soft_weight, "hard": cfg.hard_weight,
-                                   **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)}},
-                          teacher_cached=cached is not None)
-    ctx.architecture = arch
-    return student
+    return Restructured(student, dict(history=result.history, comparison=comparison, weights={
+        "soft": cfg.soft_weight, "hard": cfg.hard_weight, **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)}},
+        teacher_cached=cached is not None), architecture=arch)

@@ -107,7 +107,7 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
     TorchScript exporter, with a warning that says why. The tracer (as fallback, or asked for with
     `exporter="torchscript"`) warns where it fixed a traced value; it cannot tell a branch on values
     from one on sizes, so the export check's several batch sizes are the safeguard there."""
-    from torchslim.train import warn
+    from torchslim.log import warn
     model = model.eval()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -151,25 +151,28 @@ def onnx_outputs(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarr
                            for i in range(0, len(inputs), batch_size)])
 
 
-def verify_onnx(model: nn.Module, session, inputs: torch.Tensor, tolerance: float = 1e-4) -> float:
-    """Max abs difference between PyTorch and the ONNX artifact on `inputs`, fed as several batches of
-    different sizes (1, 3, 16, then 64 at a time), so a graph that is right for one batch only shows;
-    an ExportError above tolerance."""
+def verify_onnx(model: nn.Module, session, inputs: torch.Tensor | tuple, tolerance: float = 1e-4) -> float:
+    """Max abs difference between PyTorch and the ONNX artifact on `inputs` (a tensor, or a tuple of
+    the model's inputs with the batch first), fed as several batches of different sizes (1, 3, 16,
+    then 64 at a time), so a graph that is right for one batch only shows; an ExportError above
+    tolerance."""
     model.eval()
-    name = session.get_inputs()[0].name
-    diff = 0.0
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    names = [i.name for i in session.get_inputs()]
+    diff, total = 0.0, len(args[0])
     start, sizes = 0, [1, 3, 16]
     with torch.inference_mode():
-        while start < len(inputs):
-            chunk = inputs[start:start + (sizes.pop(0) if sizes else 64)]
-            start += len(chunk)
-            reference = model(chunk).float().numpy()
-            got = session.run(None, {name: chunk.numpy()})[0]
+        while start < total:
+            step = sizes.pop(0) if sizes else 64
+            chunk = tuple(a[start:start + step] for a in args)
+            start += step
+            reference = model(*chunk).float().numpy()
+            got = session.run(None, {n: a.numpy() for n, a in zip(names, chunk)})[0]
             if got.shape != reference.shape:
                 raise ExportError(f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}.")
             diff = max(diff, float(np.abs(got - reference).max()))
     if not diff <= tolerance:
         raise ExportError(f"The ONNX artifact disagrees with PyTorch: max abs difference {diff:.3g} on "
-                          f"{len(inputs)} real inputs exceeds the tolerance {tolerance:g} "
+                          f"{total} real inputs exceeds the tolerance {tolerance:g} "
                           "(measure.tolerance). The export is not trustworthy; report this model.")
     return diff

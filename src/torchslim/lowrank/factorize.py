@@ -18,6 +18,7 @@ from torch import nn
 from torchslim.errors import TorchslimError
 from torchslim.lowrank.layers import FACTORED, LowRankConv2d, LowRankLinear, TuckerConv2d
 from torchslim.models.shapes import _replace
+from torchslim.paths import matches
 
 
 @dataclass
@@ -74,7 +75,7 @@ def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", co
             continue
         for child_name, m in parent.named_children():
             path = f"{name}.{child_name}" if name else child_name
-            if any(path == p or path.startswith(p + ".") for p in ignore):
+            if matches(path, ignore):
                 continue
             if (type(m) is nn.Linear and layers in ("all", "linear")) or \
                     (type(m) is nn.Conv2d and m.groups == 1 and layers in ("all", "conv")):
@@ -94,7 +95,7 @@ def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", co
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(example)
+            model(*(example if isinstance(example, tuple) else (example,)))
         model.train(was_training)
     finally:
         for h in handles:

@@ -7,12 +7,12 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from torchslim.context import RunContext
 from torchslim.lowrank.factorize import factorize
 from torchslim.models.io import load_weights, save_weights
 from torchslim.registry import register_stage
-from torchslim.report.json import atomic_write_text
-from torchslim.train import TrainConfig, console, cross_entropy_loss
+from torchslim.io import atomic_write_text
+from torchslim.train import TrainConfig
+from torchslim.log import console
 
 
 class LowRankConfig(BaseModel):
@@ -39,7 +39,7 @@ class LowRankConfig(BaseModel):
 
 
 @register_stage("lowrank", LowRankConfig, compresses=True)
-def lowrank(model, cfg: LowRankConfig, ctx: RunContext):
+def lowrank(model, cfg: LowRankConfig, ctx):
     """Replace Linear / Conv2d layers by their truncated SVD or Tucker-2 factors, then fine-tune."""
     factored, record_file = ctx.stage_dir / "factorised.safetensors", ctx.stage_dir / "factorised.json"
     before = sum(p.numel() for p in model.parameters())
@@ -48,7 +48,7 @@ def lowrank(model, cfg: LowRankConfig, ctx: RunContext):
         saved = json.loads(record_file.read_text())
         records, notes = saved["records"], saved["notes"]
     else:
-        records, notes = factorize(model, ctx.real_batch(2), layers=cfg.layers, conv=cfg.conv, ignore=cfg.ignore,
+        records, notes = factorize(model, ctx.example(2), layers=cfg.layers, conv=cfg.conv, ignore=cfg.ignore,
                                    rank_ratio=cfg.rank_ratio, energy=cfg.energy, budget=cfg.budget,
                                    budget_on=cfg.budget_on, ranks=cfg.ranks, min_rank=cfg.min_rank,
                                    round_to=cfg.round_to)
@@ -61,8 +61,8 @@ def lowrank(model, cfg: LowRankConfig, ctx: RunContext):
                 f"params {before:,} -> {after:,} ({after / before:.1%})")
     ctx.stage_info.update(factorised=records, notes=notes)
     if cfg.finetune is not None:
-        result = ctx.fit(model, ctx.data.train, cfg.finetune, cross_entropy_loss(cfg.finetune.label_smoothing),
-                         checkpoint_dir=ctx.stage_dir / "checkpoint", description="lowrank fine-tune")
+        result = ctx.fit(model, cfg.finetune, checkpoint_dir=ctx.stage_dir / "checkpoint",
+                         description="lowrank fine-tune")
         model.cpu()
         ctx.stage_info.update(history=result.history)
     return model

@@ -18,25 +18,30 @@ def count_params(model: nn.Module) -> dict:
             "nonzero_params": sum(int(torch.count_nonzero(p)) for p in params)}
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one forward pass on `example` (a multiply-add counts as 2), by torch.utils.flop_counter."""
+def _args(example) -> tuple:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def count_flops(model: nn.Module, example: torch.Tensor | tuple) -> int:
+    """FLOPs of one forward pass on `example` (a tensor, or a tuple of the model's inputs; a
+    multiply-add counts as 2), by torch.utils.flop_counter."""
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        model(example)
+        model(*_args(example))
     return int(counter.get_total_flops())
 
 
-def peak_inference_bytes(model: nn.Module, example: torch.Tensor) -> int:
+def peak_inference_bytes(model: nn.Module, example: torch.Tensor | tuple) -> int:
     """Peak of the bytes allocated during one forward pass beyond the weights (activations and
     workspace), read from the PyTorch profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
 
     model.eval()
     with torch.inference_mode():
-        model(example)  # first call allocates lazily-built caches; keep them out of the peak
+        model(*_args(example))  # first call allocates lazily-built caches; keep them out of the peak
         with _silence_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(example)
+            model(*_args(example))
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     current = peak = 0

@@ -35,7 +35,7 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
         changes: list[str] = []
         load_weights(model, path if path.exists() else spec.checkpoint, changes)
         if changes:
-            from torchslim.train import warn
+            from torchslim.log import warn
             warn(f"model.checkpoint {spec.checkpoint} has other layer shapes than the model built from the recipe "
                  f"(model.kwargs {spec.kwargs or {}}); the checkpoint's shapes are used: {'; '.join(changes[:5])}"
                  f"{' …' if len(changes) > 5 else ''}")

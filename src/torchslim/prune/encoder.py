@@ -23,6 +23,15 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     raise TorchslimError(f"{type(model).__name__} is not a BERT-family encoder (no encoder.layer list).")
 
 
+def is_encoder(model: nn.Module) -> bool:
+    """A BERT-family encoder (Hugging Face layout), pruned by heads and FFN neurons here."""
+    try:
+        encoder_layers(model)
+        return True
+    except TorchslimError:
+        return False
+
+
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
     linear.weight = nn.Parameter(linear.weight.data[rows].clone())
     if linear.bias is not None:
@@ -68,8 +77,8 @@ def _keep_layer(layer: nn.Module, heads: torch.Tensor, neurons: torch.Tensor) ->
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Heads and FFN neurons of every layer: what `resize_encoder` needs to rebuild the structure."""
-    return [{"heads": layer.attention.self.query.out_features // layer.attention.self.attention_head_size,
-             "neurons": layer.intermediate.dense.out_features} for layer in encoder_layers(model)]
+    return [{"heads": layer.attention.self.num_attention_heads, "neurons": layer.intermediate.dense.out_features}
+            for layer in encoder_layers(model)]
 
 
 @torch.no_grad()

@@ -8,17 +8,21 @@ import json
 from typing import Annotated, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from torchslim.context import RunContext
+from torchslim.config import ByVariant, only
+
 from torchslim.models.io import load_weights, save_weights
 from torchslim.prune import schedule, unstructured
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan, taylor_gradients
 from torchslim.prune.attention import Attention
+from torchslim.prune.encoder import is_encoder, layer_shapes, prune_encoder, resize_encoder
 from torchslim.registry import register_stage
-from torchslim.report.json import atomic_write_text
-from torchslim.train import TrainConfig, console, cross_entropy_loss, epoch_loader
+from torchslim.results import Restructured
+from torchslim.io import atomic_write_text
+from torchslim.train import TrainConfig, epoch_loader
+from torchslim.log import console
 
 
 class Schedule(BaseModel):
@@ -28,24 +32,37 @@ class Schedule(BaseModel):
     initial: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity at the first step's start")
 
 
-class PruneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+STRUCTURED, SPARSE = only("structured"), only("magnitude", "random")
+
+
+class PruneConfig(ByVariant):
     method: Literal["structured", "magnitude", "random", "nm"] = "structured"
-    ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed")
-    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="magnitude/random: share of weights zeroed")
-    scope: Literal["global", "layer"] = "global"
-    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l1"
-    global_ranking: bool = False
-    min_channels: int = Field(1, ge=1)
+    ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed",
+                                   json_schema_extra=STRUCTURED)
+    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="magnitude/random: share of weights zeroed",
+                                      json_schema_extra=SPARSE)
+    scope: Literal["global", "layer"] = Field("global", json_schema_extra=SPARSE)
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = Field("l1", json_schema_extra=STRUCTURED)
+    global_ranking: bool = Field(False, json_schema_extra=STRUCTURED)
+    min_channels: int = Field(1, ge=1, json_schema_extra=STRUCTURED)
     round_to: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = Field(
         "auto", description="kept channel counts are multiples of this; auto: the CPU's float32 vector width "
-        "(16 with AVX-512, 8 with AVX2), which ONNX Runtime's blocked convolution kernels need to stay fast")
-    prune_heads: bool = True
-    ignore: list[str] = Field(default_factory=list, description="module paths whose outputs are kept")
+        "(16 with AVX-512, 8 with AVX2), which ONNX Runtime's blocked convolution kernels need to stay fast",
+        json_schema_extra=STRUCTURED)
+    prune_heads: bool = Field(True, json_schema_extra=STRUCTURED)
+    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformer encoders: share of "
+                                        "every layer's attention heads removed (default: ratio if prune_heads)",
+                                        json_schema_extra=STRUCTURED)
+    ffn_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformer encoders: share of "
+                                       "every layer's FFN neurons removed (default: ratio)",
+                                       json_schema_extra=STRUCTURED)
+    ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
+                              description="module paths (or globs) left alone: their outputs are kept")
     layer_ratios: dict[str, float] = Field(default_factory=dict, description="structured: a final ratio per "
-                                           "layer path instead of `ratio` (e.g. less for a sensitive layer)")
-    n: int = Field(2, ge=1)
-    m: int = Field(4, ge=2)
+                                           "layer path instead of `ratio` (e.g. less for a sensitive layer)",
+                                           json_schema_extra=STRUCTURED)
+    n: int = Field(2, ge=1, json_schema_extra=only("nm"))
+    m: int = Field(4, ge=2, json_schema_extra=only("nm"))
     schedule: Schedule = Field(default_factory=Schedule)
     finetune: Optional[TrainConfig] = Field(None, description="training after every step (epochs per step)")
 
@@ -54,8 +71,9 @@ class PruneConfig(BaseModel):
         bad = {k: v for k, v in self.layer_ratios.items() if not 0 <= v < 1}
         if bad:
             raise ValueError(f"layer_ratios must be in [0, 1), got {bad}")
-        if self.method == "structured" and self.ratio is None:
-            raise ValueError("method 'structured' needs 'ratio' (share of channels to remove)")
+        if self.method == "structured" and self.ratio is None and self.head_ratio is None and self.ffn_ratio is None:
+            raise ValueError("method 'structured' needs 'ratio' (share of channels to remove), or head_ratio / "
+                             "ffn_ratio for a transformer encoder")
         if self.method in ("magnitude", "random") and self.sparsity is None:
             raise ValueError(f"method '{self.method}' needs 'sparsity' (share of weights to zero)")
         if self.method == "nm" and not 0 < self.n < self.m:
@@ -69,8 +87,15 @@ class PruneConfig(BaseModel):
 
     @property
     def final(self) -> float:
-        return self.ratio if self.method == "structured" else (
-            1 - self.n / self.m if self.method == "nm" else self.sparsity)
+        if self.method == "structured":
+            return self.ratio if self.ratio is not None else max(self.head_ratio or 0.0, self.ffn_ratio or 0.0)
+        return 1 - self.n / self.m if self.method == "nm" else self.sparsity
+
+    def encoder_ratios(self) -> tuple[float, float]:
+        """(heads, FFN neurons) removed from every layer of a transformer encoder."""
+        ratio = self.ratio or 0.0
+        heads = self.head_ratio if self.head_ratio is not None else (ratio if self.prune_heads else 0.0)
+        return heads, self.ffn_ratio if self.ffn_ratio is not None else ratio
 
 
 def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: float) -> dict[str, float]:
@@ -91,15 +116,28 @@ def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: floa
     return out
 
 
-def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: float,
+def _encoder_step(model, cfg: PruneConfig, previous: float, target: float) -> dict:
+    """Heads and FFN neurons of a Hugging Face BERT-family encoder (the registered handler for that
+    architecture), so that after this step the final shares scale with the schedule's target."""
+    def step(final: float) -> float:
+        before, after = final * previous / cfg.final, final * target / cfg.final
+        return 1 - (1 - after) / (1 - before) if cfg.final else 0.0
+    heads, ffn = cfg.encoder_ratios()
+    records = prune_encoder(model, step(heads), step(ffn))
+    return {"encoder": records, "layer_shapes": layer_shapes(model)}
+
+
+def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
           original: dict[str, int]) -> dict:
+    if cfg.method == "structured" and is_encoder(model):
+        return _encoder_step(model, cfg, previous, target)
     if cfg.method == "structured":
         example = ctx.real_batch(2)
         ratio = schedule.step_ratio(previous, target) if cfg.global_ranking else \
             _step_ratios(model, cfg, original, target)
         if cfg.importance == "taylor":
-            loader = epoch_loader(ctx.data.train, ctx.recipe.data.batch_size, ctx.recipe.seed, 0)
-            taylor_gradients(model, loader, cross_entropy_loss())
+            loader = epoch_loader(ctx.task.train_set(), ctx.recipe.data.batch_size, ctx.recipe.seed, 0)
+            taylor_gradients(model, loader, ctx.task.loss())
         p = plan(model, example, ratio, cfg.importance, cfg.ignore, cfg.global_ranking, cfg.min_channels,
                  cfg.channel_multiple, cfg.prune_heads)
         apply_plan(model, p)
@@ -116,9 +154,10 @@ def _step(model, cfg: PruneConfig, ctx: RunContext, previous: float, target: flo
 
 
 @register_stage("prune", PruneConfig, compresses=True)
-def prune(model, cfg: PruneConfig, ctx: RunContext):
+def prune(model, cfg: PruneConfig, ctx):
     """Prune structurally (channels, neurons, heads removed) or unstructurally (sparse storage)."""
-    convert_attention(model)
+    if not is_encoder(model):
+        convert_attention(model)
     targets = schedule.targets(cfg.schedule.kind, cfg.final, cfg.schedule.steps, cfg.schedule.initial)
     if cfg.method == "nm":
         targets = [cfg.final]
@@ -129,16 +168,17 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
         step_dir = ctx.stage_dir / f"step-{k + 1}"
         saved = step_dir / "model.safetensors"
         if ctx.resume and saved.exists():
-            load_weights(model, saved)
             record = _load_record(step_dir)
+            if "layer_shapes" in record:  # heads and neurons are attributes too, not only tensor shapes
+                resize_encoder(model, record["layer_shapes"])
+            load_weights(model, saved)
         else:
             record = {"step": k + 1, "target": target, **_step(model, cfg, ctx, previous, target, widths_before)}
             if cfg.finetune is not None:
                 handles = unstructured.apply_masks(model, unstructured.masks_from_zeros(model, cfg.ignore)) \
                     if cfg.method != "structured" else []
-                result = ctx.fit(model, ctx.data.train, cfg.finetune, cross_entropy_loss(cfg.finetune.label_smoothing),
-                                 checkpoint_dir=step_dir / "checkpoint", description=f"prune step {k + 1}",
-                                 seed_offset=k)
+                result = ctx.fit(model, cfg.finetune, checkpoint_dir=step_dir / "checkpoint",
+                                 description=f"prune step {k + 1}", seed_offset=k)
                 unstructured.remove_masks(handles)
                 model.cpu()
                 record["history"] = result.history
@@ -158,6 +198,9 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
     history = [{**h, "epoch": i + 1, "prune_step": s["step"]}
                for i, (s, h) in enumerate((s, h) for s in steps for h in s.get("history", []))]
     ctx.stage_info.update(steps=steps, history=history, round_to=cfg.channel_multiple)
+    encoder = cfg.method == "structured" and "layer_shapes" in steps[-1]
+    if encoder:
+        ctx.stage_info["pruned"] = [r for s in steps for r in s["encoder"]]
     if cfg.method == "structured":
         after = _widths(model)
         ctx.stage_info.update(notes=notes, layers=[
@@ -167,6 +210,9 @@ def prune(model, cfg: PruneConfig, ctx: RunContext):
         ctx.stage_info.update(layers=unstructured.layer_sparsity(model), note=(
             "Unstructured sparsity shrinks the stored artifact (storage_bytes) but not the latency of "
             "dense kernels: the ONNX model still multiplies by every zero."))
+    if encoder:  # the layers' head and neuron counts rebuild the structure on resume
+        return Restructured(model, architecture={**ctx.architecture, "ops": [
+            *ctx.architecture.get("ops", []), {"layer_shapes": steps[-1]["layer_shapes"]}]})
     return model
 
 

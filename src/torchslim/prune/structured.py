@@ -17,6 +17,7 @@ from torch import nn
 from torchslim.errors import TorchslimError
 from torchslim.prune import graph as graph_mod
 from torchslim.prune.attention import convert_attention
+from torchslim.paths import matches
 from torchslim.prune.importance import CRITERIA, PRODUCING, head_scores
 from torchslim.prune.surgery import cut
 
@@ -44,7 +45,7 @@ class Plan:
 def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> list[Group]:
     modules = dict(g.model.named_modules())
     use_roots = [(u, [g.find(s) for s in u.slots]) for u in g.uses]
-    ignored = lambda name: any(name == p or name.startswith(p + ".") for p in ignore)  # noqa: E731
+    ignored = lambda name: matches(name, ignore)  # noqa: E731
     blocked = g.blocked_roots()
     producers: dict[int, set[str]] = {}
     for use, roots in use_roots:
@@ -140,7 +141,7 @@ def plan(model: nn.Module, example_inputs: torch.Tensor, ratio: float | dict = 0
     heads, counts = {}, {}
     modules = dict(model.named_modules())
     for name in g.attention if prune_heads else []:
-        if any(name == p or name.startswith(p + ".") for p in ignore or []):
+        if matches(name, ignore or []):
             continue
         module = modules[name]
         n = module.num_heads

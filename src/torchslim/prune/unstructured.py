@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.paths import matches
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -18,7 +19,7 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def prunable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Module]:
     ignore = list(ignore)
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)
-            and not any(name == p or name.startswith(p + ".") for p in ignore)}
+            and not matches(name, ignore)}
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "global", ignore: Iterable[str] = (),

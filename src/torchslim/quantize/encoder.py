@@ -15,7 +15,7 @@ from torchslim.export.transformer import serving_rewrites
 from torchslim.measure.latency import ort_session
 from torchslim.models.hf import cosine_fidelity, tokenize
 from torchslim.quantize import lower
-from torchslim.train import console, warn
+from torchslim.log import console, warn
 
 NAMES = ["input_ids", "attention_mask"]
 # MatMul and the fused QKV Attention carry the compute; the word-embedding table (Gather, or inside

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.paths import matches
+
 TARGETS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ATTR = "torchslim_qat"
 
@@ -109,7 +111,7 @@ def prepare_qat(model: nn.Module, weight_bits: int = 8, activation_bits: int = 8
                 learnable_scales: bool = False, exclude: tuple[str, ...] = ()) -> QATHandle:
     """Insert fake quantization into every Conv/Linear of `model` (in place)."""
     layers = [n for n, m in model.named_modules() if isinstance(m, TARGETS)
-              and not any(n == p or n.startswith(p + ".") for p in exclude)]
+              and not matches(n, exclude)]
     observers = nn.ModuleDict({n.replace(".", "__"): ActivationFakeQuant(activation_bits) for n in layers})
     setattr(model, ATTR, observers)
     handle = QATHandle(model, layers)

@@ -40,7 +40,7 @@ def scheme_for(activation_type: str, reduce_range: bool) -> Scheme:
 
 
 def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Path], float], float_onnx: Path,
-                  batch: np.ndarray, threads: int, tolerance: float, rounds: int = 30) -> tuple[Scheme, dict]:
+                  batch: np.ndarray | dict, threads: int, tolerance: float, rounds: int = 30) -> tuple[Scheme, dict]:
     """Build every candidate with `build(scheme, path)`, then keep the fastest of those whose validation
     `accuracy(path)` is within `tolerance` of the most accurate candidate's and that run the most
     compute nodes on integer kernels. Returns the scheme and a
@@ -57,7 +57,7 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
                                  "; ".join(f"{k}: {v}" for k, v in failed.items()))
         sessions = {"float": ort_session(float_onnx, threads, spinning=False)}
         sessions.update({s.name: ort_session(p, threads, spinning=False) for s, p in paths.items()})
-        feed = {sessions["float"].get_inputs()[0].name: batch}
+        feed = batch if isinstance(batch, dict) else {sessions["float"].get_inputs()[0].name: batch}
         timing = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, rounds=rounds)
         rows = []
         for scheme, path in paths.items():
@@ -72,5 +72,5 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
     eligible = [r for r in eligible if r["integer_nodes"] == covered]  # pairs is not int8, whatever its speed
     chosen = min(eligible, key=lambda r: r["latency_ms"])
     record = {"chosen": chosen["name"], "tolerance": tolerance, "float_latency_ms": timing["float"]["p50"],
-              "batch_size": int(batch.shape[0]), "threads": threads, "candidates": rows, "failed": failed}
+              "batch_size": int(next(iter(feed.values())).shape[0]), "threads": threads, "candidates": rows, "failed": failed}
     return next(s for s in CANDIDATES if s.name == chosen["name"]), record

@@ -11,49 +11,68 @@ from typing import Literal, Optional
 import numpy as np
 import onnx
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
-from torchslim.context import RunContext
+from torchslim.config import ByVariant, only
 from torchslim.errors import TorchslimError
-from torchslim.export.onnx import export_onnx, onnx_outputs
 from torchslim.measure.kernels import describe, kernel_counts
 from torchslim.measure.latency import ort_session
+from torchslim.paths import matches
 from torchslim.quantize import lower
 from torchslim.quantize.qat import prepare_qat
 from torchslim.quantize.scheme import choose_scheme, scheme_for
 from torchslim.registry import register_stage
-from torchslim.train import TrainConfig, console, cross_entropy_loss, warn
+from torchslim.results import Lowered
+from torchslim.tasks import onnx_predictor
+from torchslim.train import TrainConfig
+from torchslim.log import console, warn
 
 
-class QuantizeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+INT8, STATIC, QAT = only("static", "qat", "dynamic"), only("static", "qat"), only("qat")
+
+
+class QuantizeConfig(ByVariant):
     method: Literal["static", "qat", "dynamic", "weight_only", "fp16"] = "static"
-    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
-    calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration")
-    calibration_batch_size: int = Field(64, ge=1, le=4096)
-    per_channel: bool = True
-    symmetric_activations: bool = False
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = Field(
+        "minmax", json_schema_extra=STATIC)
+    calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration",
+                                     json_schema_extra=STATIC)
+    calibration_batch_size: int = Field(64, ge=1, le=4096, json_schema_extra=STATIC)
+    per_channel: bool = Field(True, json_schema_extra=INT8)
+    symmetric_activations: bool = Field(False, json_schema_extra=STATIC)
     activation_type: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="auto: build S8S8, U8S8 with reduce_range and U8S8, count which nodes ONNX Runtime "
         "runs on integer kernels on this CPU, time them side by side, keep the fastest within scheme_tolerance "
-        "of the most accurate; int8 (S8S8) or uint8 (U8S8) force a scheme")
+        "of the most accurate; int8 (S8S8) or uint8 (U8S8) force a scheme", json_schema_extra=STATIC)
     reduce_range: bool = Field(False, description="with an explicit activation_type: 7-bit weights (AVX2 CPUs "
-                               "without VNNI, against int16 saturation of the u8*s8 multiply-add)")
-    scheme_tolerance: float = Field(0.002, ge=0, lt=1, description="auto: validation accuracy a faster scheme "
-                                    "may lose against the most accurate one")
-    weight_bits: int = Field(8, ge=2, le=8, description="static: weights clipped to this many bits (int8 kernels)")
-    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight")
-    group_size: int = Field(32, ge=16, description="weight_only: weights sharing one scale (power of two)")
-    exclude: list[str] = Field(default_factory=list, description="module paths or ONNX node names kept in float")
+                               "without VNNI, against int16 saturation of the u8*s8 multiply-add)",
+                               json_schema_extra=STATIC)
+    scheme_tolerance: float = Field(0.002, ge=0, lt=1, description="auto: validation metric a faster scheme "
+                                    "may lose against the most accurate one", json_schema_extra=STATIC)
+    weight_bits: int = Field(8, ge=2, le=8, description="static: weights clipped to this many bits (int8 kernels)",
+                             json_schema_extra=STATIC)
+    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight", json_schema_extra=only("weight_only"))
+    group_size: int = Field(32, ge=16, description="weight_only: weights sharing one scale (power of two)",
+                            json_schema_extra=only("weight_only"))
+    ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
+                              description="module paths (or globs) or ONNX node names kept in float "
+                              "('exclude' is accepted too)")
     max_accuracy_drop: Optional[float] = Field(None, gt=0, lt=1, description="keep the most sensitive layers "
-                                               "in float until the validation accuracy drop is within this")
-    sensitivity: bool = Field(False, description="measure per-layer sensitivity even without a budget")
-    sensitivity_samples: int = Field(2000, ge=100, description="validation examples for sensitivity and fallback")
-    finetune: Optional[TrainConfig] = Field(None, description="qat: the training run with fake quantization")
-    activation_bits: int = Field(8, ge=2, le=8, description="qat: activations fake-quantized to this many bits")
-    learnable_scales: bool = Field(False, description="qat: learn the weight scales (LSQ)")
-    freeze_observers_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating ranges after it")
-    freeze_bn_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating batch-norm statistics after it")
+                                               "in float until the validation metric's drop is within this",
+                                               json_schema_extra=STATIC)
+    sensitivity: bool = Field(False, description="measure per-layer sensitivity even without a budget",
+                              json_schema_extra=STATIC)
+    sensitivity_samples: int = Field(2000, ge=100, description="validation examples for sensitivity, fallback and "
+                                     "the scheme choice", json_schema_extra=STATIC)
+    finetune: Optional[TrainConfig] = Field(None, description="qat: the training run with fake quantization",
+                                            json_schema_extra=QAT)
+    activation_bits: int = Field(8, ge=2, le=8, description="qat: activations fake-quantized to this many bits",
+                                 json_schema_extra=QAT)
+    learnable_scales: bool = Field(False, description="qat: learn the weight scales (LSQ)", json_schema_extra=QAT)
+    freeze_observers_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating ranges after it",
+                                                  json_schema_extra=QAT)
+    freeze_bn_epoch: Optional[int] = Field(None, ge=1, description="qat: stop updating batch-norm statistics "
+                                           "after it", json_schema_extra=QAT)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -66,29 +85,23 @@ class QuantizeConfig(BaseModel):
         return self
 
 
-def _val_accuracy(path: Path, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    return float((onnx_outputs(ort_session(path, threads), x).argmax(1) == y).mean())
+def _val_score(ctx, path: Path, samples: int) -> float:
+    """The task's validation metric (larger = better) of an ONNX artifact on this CPU."""
+    return ctx.task.score(onnx_predictor(ort_session(path, ctx.recipe.measure.threads)), samples)
 
 
-def calibration_batches(ctx: RunContext, batches: int, batch_size: int = 64) -> list[np.ndarray]:
-    """`batches` real training batches for calibration, the same ones for the same seed."""
-    gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    n = min(len(ctx.data.train), batches * batch_size)
-    idx = torch.randperm(len(ctx.data.train), generator=gen)[:n].tolist()
-    x = torch.stack([ctx.data.train[i][0] for i in idx]).numpy()
-    return [x[i:i + batch_size] for i in range(0, n, batch_size)]
+def calibration_batches(ctx, batches: int, batch_size: int = 64) -> list[dict]:
+    """`batches` real training batches for calibration as ONNX Runtime feeds, the same ones for the
+    same seed."""
+    return [ctx.task.feed(inputs) for inputs in ctx.task.calibration(batches, batch_size)]
 
 
-def _excluded_nodes(nodes, exclude: list[str]) -> list[str]:
-    return [name for name, _, module in nodes if name in exclude or module in exclude]
+def _excluded_nodes(nodes, ignore: list[str]) -> list[str]:
+    """Graph nodes left in float: named themselves, or made by a module `ignore` matches."""
+    return [name for name, _, module in nodes if name in ignore or (module and matches(module, ignore))]
 
 
-def _validation(ctx: RunContext, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    val = [ctx.data.val[i] for i in range(min(len(ctx.data.val), samples))]
-    return torch.stack([v[0] for v in val]).numpy(), np.array([int(v[1]) for v in val])
-
-
-def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, trained: dict | None = None) -> dict:
+def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx, trained: dict | None = None) -> dict:
     """Static int8 in QDQ, in the scheme that suits this CPU, with the sensitivity table and
     accuracy-driven fallback when asked. Activation ranges are calibrated on real batches; after QAT
     (`trained`: its activation ranges and weight scales by layer path) every quantized layer's input
@@ -109,17 +122,16 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
     nodes = lower.quantizable_nodes(pre)
     common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel,
                   symmetric_activations=cfg.symmetric_activations, weight_bits=cfg.weight_bits)
-    excluded = _excluded_nodes(nodes, cfg.exclude)
+    excluded = _excluded_nodes(nodes, cfg.ignore)
     info["quantizable_layers"] = [m for _, _, m in nodes]
     threads = ctx.recipe.measure.threads
-    needs_val = cfg.activation_type == "auto" or cfg.max_accuracy_drop is not None or cfg.sensitivity
-    x, y = _validation(ctx, cfg.sensitivity_samples) if needs_val else (None, None)
+    score = lambda path: _val_score(ctx, path, cfg.sensitivity_samples)  # noqa: E731
     if cfg.activation_type == "auto":
         def build(s, path):
             return lower.static_int8(pre, path, nodes_to_exclude=excluded, activation_type=s.activation_type,
                                      reduce_range=s.reduce_range, **common)
-        scheme, info["scheme"] = choose_scheme(build, lambda p: _val_accuracy(p, x, y, threads), float_onnx,
-                                               ctx.real_batch(ctx.recipe.measure.batch_size).numpy(), threads,
+        scheme, info["scheme"] = choose_scheme(build, score, float_onnx,
+                                               ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)), threads,
                                                cfg.scheme_tolerance)
         _log_scheme(info["scheme"])
     else:
@@ -130,18 +142,18 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx: RunContext, t
         lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
         _ship_weight_scales(out, pre, weight_scales, info, scheme.reduce_range)
         return {**info, "float_layers": [m for n, _, m in nodes if n in excluded]}
-    base = _val_accuracy(float_onnx, x, y, threads)
+    base = score(float_onnx)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "trial.onnx"
         table = []
         for name, op, module in nodes:  # quantize one layer at a time
             lower.static_int8(pre, trial, nodes_to_quantize=[name], **common)
-            table.append({"layer": module, "node": name, "op": op, "drop": base - _val_accuracy(trial, x, y, threads)})
+            table.append({"layer": module, "node": name, "op": op, "drop": base - score(trial)})
         info["sensitivity"] = sorted(table, key=lambda r: -r["drop"])
         order = [r["node"] for r in info["sensitivity"] if r["node"] not in excluded]
         while True:
             lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
-            drop = base - _val_accuracy(out, x, y, threads)
+            drop = base - score(out)
             console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers quantized in the graph, "
                         f"validation drop {100 * drop:.2f} pt")
             if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop or not order:
@@ -190,10 +202,10 @@ def _log_scheme(record: dict) -> None:
              "consider method: dynamic or weight_only, or no quantization.")
 
 
-def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
+def _qat(model, cfg: QuantizeConfig, ctx) -> dict:
     """Train with fake quantization through the one training loop, then bake the quantized weights."""
     handle = prepare_qat(model, cfg.weight_bits, cfg.activation_bits, cfg.per_channel, cfg.learnable_scales,
-                         tuple(cfg.exclude))
+                         tuple(cfg.ignore))
 
     def setup(m, epoch: int) -> None:  # epoch counts from 0; the options count finished epochs
         if cfg.freeze_observers_epoch is not None and epoch >= cfg.freeze_observers_epoch:
@@ -201,8 +213,7 @@ def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
         if cfg.freeze_bn_epoch is not None and epoch >= cfg.freeze_bn_epoch:
             handle.freeze_batch_norm()
     tune = cfg.finetune
-    result = ctx.fit(model, ctx.data.train, tune, cross_entropy_loss(tune.label_smoothing),
-                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="qat", epoch_setup=setup)
+    result = ctx.fit(model, tune, checkpoint_dir=ctx.stage_dir / "checkpoint", description="qat", epoch_setup=setup)
     model.cpu()
     ranges = handle.finish()
     ctx.stage_info["history"] = result.history
@@ -211,16 +222,16 @@ def _qat(model, cfg: QuantizeConfig, ctx: RunContext) -> dict:
 
 
 @register_stage("quantize", QuantizeConfig, compresses=True, lowers=True)
-def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
+def quantize(model, cfg: QuantizeConfig, ctx):
     """Quantize the current model and lower it to an ONNX Runtime artifact on int8 (or fp16) kernels."""
     if ctx.recipe.measure.runtime != "onnxruntime":
         raise TorchslimError("the quantize stage delivers an ONNX Runtime artifact; set measure.runtime: onnxruntime.")
-    if ctx.artifact_onnx is not None:
+    if ctx.artifact is not None:
         raise TorchslimError("the model is already quantized by an earlier stage; quantize once, last.")
     info: dict = {"method": cfg.method}
     if cfg.method == "qat":
         info["qat"] = _qat(model, cfg, ctx)
-    float_onnx = export_onnx(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.data.input, ctx.exporter)
+    float_onnx = ctx.task.export(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.exporter)
     out = ctx.stage_dir / "model.onnx"
     if cfg.method in ("static", "qat"):
         info.update(_static(float_onnx, out, cfg, ctx, info.get("qat")))
@@ -232,8 +243,6 @@ def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
         lower.weight_only(float_onnx, out, cfg.bits, cfg.group_size)
     else:
         lower.half(float_onnx, out)
-    ctx.onnx_path = ctx.artifact_onnx = out
-    ctx.stage_info["quantization"] = info
     if info.get("float_layers"):
         console.log(f"quantize: kept in float by choice: {', '.join(info['float_layers'])}")
     counts = kernel_counts(out, ctx.recipe.measure.threads)
@@ -242,4 +251,4 @@ def quantize(model, cfg: QuantizeConfig, ctx: RunContext):
         warn(f"quantize: ONNX Runtime runs {counts['float']} compute node(s) in float on this CPU although the "
              f"graph asks for int8 where it can ({', '.join(counts['float_nodes'][:8])}); they are not counted as "
              "int8 anywhere in the report.")
-    return model
+    return Lowered(model, {"quantization": info}, artifact=out)

@@ -8,7 +8,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from torchslim.report import plots
-from torchslim.report.json import atomic_write_text
+from torchslim.io import atomic_write_text
 
 
 def _b64(png: bytes) -> str:

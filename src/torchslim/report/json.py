@@ -9,17 +9,7 @@ from pathlib import Path
 
 import torch
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+from torchslim.io import atomic_write_text, write_json  # noqa: F401  (re-exported)
 
 
 def _cpu_name() -> str:
@@ -47,9 +37,11 @@ def _ratio(a, b):
     return float(a) / float(b) if a and b else None
 
 
-def summary(stages: list[dict], reference: int, metric: str = "accuracy", comparison: dict | None = None) -> dict:
+def summary(stages: list[dict], reference: int, metric: str = "accuracy", comparison: dict | None = None,
+            higher_is_better: bool = True) -> dict:
     """Reference stage over final stage: size_ratio and speedup > 1 mean the final model is better;
-    `<metric>_drop` (accuracy_drop for classifiers) is reference minus final, in the metric's unit.
+    `<metric>_drop` (accuracy_drop for classifiers) is how much worse the final model is, in the
+    metric's unit: reference minus final, or final minus reference for a lower-is-better metric.
     `speedup` is the interleaved comparison's median per-round ratio (its quartiles beside it) when
     the run made one, else the ratio of the two stages' own measurements (`speedup_source` says which)."""
     ref, final = stages[reference]["metrics"], stages[-1]["metrics"]
@@ -70,17 +62,19 @@ def summary(stages: list[dict], reference: int, metric: str = "accuracy", compar
                    slowdowns=[{**sd, "shape": k} for k, v in shapes.items() for sd in v["slowdowns"]],
                    noisy=comparison["noisy"])
     if metric in ref and metric in final:
-        out[f"{metric}_drop"] = ref[metric] - final[metric]
+        out[f"{metric}_drop"] = (ref[metric] - final[metric]) * (1 if higher_is_better else -1)
     return out
 
 
 def build_report(recipe_dict: dict, env: dict, stages: list[dict], input_spec: dict, reference: int,
-                 status: str, metric: str = "accuracy", comparison: dict | None = None) -> dict:
+                 status: str, metric: str = "accuracy", comparison: dict | None = None,
+                 higher_is_better: bool = True) -> dict:
     """`metric` names the task metric in every stage's metrics (accuracy, or mean_cosine for embeddings)."""
     from torchslim import __version__
     report = {"torchslim_version": __version__, "status": status, "recipe": recipe_dict, "environment": env,
-              "task_metric": metric, "stages": stages, "input": input_spec,
-              "summary": summary(stages, reference, metric, comparison) if stages else {}}
+              "task_metric": metric, "task_metric_higher_is_better": higher_is_better, "stages": stages,
+              "input": input_spec,
+              "summary": summary(stages, reference, metric, comparison, higher_is_better) if stages else {}}
     if comparison is not None:
         report["comparison"] = comparison
     return report

@@ -9,10 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from torchslim.context import RunContext
-from torchslim.export.onnx import export_onnx
+from torchslim.io import atomic_write_text
 from torchslim.registry import register_stage
-from torchslim.report.json import atomic_write_text
+from torchslim.results import Exported
 
 
 class ExportConfig(BaseModel):
@@ -23,20 +22,17 @@ class ExportConfig(BaseModel):
 
 
 @register_stage("export", ExportConfig, changes_model=False)
-def export(model, cfg: ExportConfig, ctx: RunContext):
+def export(model, cfg: ExportConfig, ctx):
     """Export the current model (ONNX with a dynamic batch axis, and/or safetensors weights)."""
-    written = []
+    written, path = [], None
     if cfg.format in ("onnx", "all"):
-        if ctx.artifact_onnx is not None:  # a quantized artifact is the deliverable, not a float re-export
-            path = Path(shutil.copyfile(ctx.artifact_onnx, ctx.stage_dir / "model.onnx"))
-            ctx.artifact_onnx = path
+        if ctx.artifact is not None:  # a lowered artifact is the deliverable, not a float re-export
+            path = Path(shutil.copyfile(ctx.artifact, ctx.stage_dir / "model.onnx"))
         else:
-            path = export_onnx(model, ctx.stage_dir / "model.onnx", ctx.data.input, cfg.exporter, cfg.opset)
-        ctx.onnx_path = path  # measured and verified by the pipeline's one measure call
-        written.append(path.name)
+            path = ctx.task.export(model, ctx.stage_dir / "model.onnx", cfg.exporter, cfg.opset)
+        written.append(path.name)  # measured and verified by the pipeline's one measure call
     # safetensors weights are written by every measurement; the export stage lists them as a deliverable
     if cfg.format in ("safetensors", "all"):
         written.append("model.safetensors")
-    atomic_write_text(ctx.stage_dir / "input.json", json.dumps(ctx.data.input.to_dict(), indent=2))
-    ctx.stage_info["exported"] = written + ["input.json"]
-    return model
+    atomic_write_text(ctx.stage_dir / "input.json", json.dumps(ctx.task.input_spec(), indent=2))
+    return Exported(model, {"exported": written + ["input.json"]}, onnx=path)
