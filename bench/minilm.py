@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences per source")
     parser.add_argument("--target", type=float, default=0.99, help="torchslim minilm-int8: calibration cosine to keep")
     parser.add_argument("--fast", type=Path, default=None, metavar="ONNX",
-                        help="also measure this artifact, e.g. runs/minilm-fast/stages/01-encoder_quantize/model.onnx")
+                        help="also measure this artifact, e.g. runs/minilm-fast/stages/01-quantize/model.onnx")
     parser.add_argument("--static", action="store_true", help="also build and measure torchslim's static int8 "
                         "(calibrated MatMul activations) at the same --target")
     parser.add_argument("--warmup", type=int, default=10)
@@ -122,7 +122,7 @@ def main() -> None:
             static, info = fidelity_int8(serving, tok, calibration, cal_reference, tmp / "torchslim-static.onnx",
                                          target=args.target, threads=args.threads, method="static")
             print(f"torchslim static int8: {info['summary']}")
-            artifacts["torchslim static int8 (encoder_quantize method: static)"] = static
+            artifacts["torchslim static int8 (quantize method: static)"] = static
         if args.fast:
             artifacts["torchslim minilm-fast"] = args.fast
         for name, path in artifacts.items():

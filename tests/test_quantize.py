@@ -82,9 +82,11 @@ def test_static_int8_is_real_and_accurate(trained, small_data, tmp_path, observe
 
 def test_lowered_agreement_metrics(trained, small_data, tmp_path):
     from torchslim.measure import lowered_agreement
+    from torchslim.tasks.classification import top1_agreement
     model, path = trained
     out = lower.static_int8(path, tmp_path / "q.onnx", _calibration(small_data))
-    agree = lowered_agreement(model, ort_session(out), out, small_data.test.tensors[0][:256])
+    agree = lowered_agreement(model, ort_session(out), out, small_data.test.tensors[0][:256],
+                              agreement=top1_agreement)
     assert agree["fake_quant_sqnr_db"] > 30  # int8 kernels reproduce the QDQ simulation
     assert agree["float_sqnr_db"] > 20 and agree["float_top1_agreement"] > 0.95
 

@@ -77,8 +77,8 @@ def test_user_task_runs_prune_quantize_export_with_its_own_metric(example, tmp_p
 
 def test_plugin_and_task_errors_say_what_to_do(example):
     recipe = yaml.safe_load((example / "recipe.yaml").read_text())
-    with pytest.raises(RecipeError, match="unknown stage 'zero_bias'.*plugins:"):
-        parse_recipe({**recipe, "stages": [{"zero_bias": {}}]}, "recipe", example)
+    with pytest.raises(RecipeError, match="unknown stage 'no_such_stage'.*plugins:"):
+        parse_recipe({**recipe, "stages": [{"no_such_stage": {}}]}, "recipe", example)
     with pytest.raises(RecipeError, match="plugins: cannot import 'nothere'"):
         parse_recipe({**recipe, "plugins": ["nothere"]}, "recipe", example)
     with pytest.raises(RecipeError, match="not a subclass of torchslim.tasks.Task"):

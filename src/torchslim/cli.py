@@ -168,7 +168,7 @@ def auto(recipe: str = typer.Argument("default", help="recipe whose model, data 
 
 def _version(value: bool) -> None:
     if value:
-        from torchslim import __version__
+        from torchslim.version import __version__
         out.print(f"torchslim {__version__}")
         raise typer.Exit()
 

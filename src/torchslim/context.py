@@ -23,7 +23,7 @@ class RunContext:
     architecture: dict = field(default_factory=dict)  # how to rebuild the current model: {"model": spec, "ops": [...]}
     artifact: Path | None = None  # the lowered artifact served since a `Lowered` result (read-only for stages)
     on_epoch_end: Callable[[int, dict], None] | None = None  # hook for callers (progress, tests)
-    run_recipe: Callable | None = None  # run another recipe (the planner's trials): run_recipe(recipe, dir)
+    run_recipe: Callable | None = None  # run plain recipe data (the planner's trials): run_recipe(data, dir, resume=)
 
     @property
     def data(self):

@@ -99,11 +99,18 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         task.check(model)
         ctx = RunContext(recipe, task, where, device=_device(recipe.device), resume=resume, search_dir=search_dir,
                          on_epoch_end=on_epoch_end, architecture=task.architecture(),
-                         run_recipe=partial(run, search_dir=search_dir))
+                         run_recipe=partial(run_plain, search_dir=search_dir))
         entries: list[dict] = list(state["stages"]) if state else []
         if entries:
             model = _restore(ctx, entries)
         return run_stages(ctx, model, entries)
+
+
+def run_plain(data: dict, run_dir: Path, *, resume: bool = False, source: Path | str = "recipe",
+              search_dir: Path | None = None) -> dict:
+    """Parse plain recipe data (a plan the planner wrote) and run it: how stages run other recipes."""
+    from torchslim.recipe import parse_recipe
+    return run(parse_recipe(data, source, search_dir), run_dir, resume=resume, search_dir=search_dir)
 
 
 def _restore(ctx: RunContext, entries: list[dict]) -> torch.nn.Module:

@@ -304,13 +304,12 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
 
 def run_trial(plan: dict, trial_dir: Path, ctx) -> dict:
     """Run a plan recipe as a real run (resumable), then measure its artifact on the validation split."""
-    from torchslim.recipe import parse_recipe
     state = trial_dir / "state.json"
     if state.exists() and json.loads(state.read_text()).get("status") == "complete":
         report = json.loads((trial_dir / "report.json").read_text())
     else:
-        report = ctx.run_recipe(parse_recipe(plan, trial_dir.parent / f"{trial_dir.name}.yaml", ctx.search_dir),
-                                trial_dir, resume=state.exists())
+        report = ctx.run_recipe(plan, trial_dir, resume=state.exists(),
+                                source=trial_dir.parent / f"{trial_dir.name}.yaml")
     final = report["stages"][-1]
     x, y = _val(ctx)
     artifact = trial_dir / final["artifact"]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
 from torchslim.distill.students import derive_depth, derive_width
 from torchslim.models.io import build_model
-from torchslim.recipe import ModelSpec
+from torchslim.models.spec import ModelSpec
 from torchslim.registry import register_stage
 from torchslim.results import Restructured
 from torchslim.train import TrainConfig, evaluate_accuracy

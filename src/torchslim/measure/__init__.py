@@ -13,13 +13,36 @@ from torchslim.measure.latency import onnxruntime_latency, ort_session, pytorch_
 from torchslim.measure.model_stats import count_flops, count_params, peak_inference_bytes
 from torchslim.models.io import save_weights
 
-__all__ = ["measure", "count_params", "count_flops", "peak_inference_bytes", "pytorch_latency",
+__all__ = ["measure", "lowered_agreement", "count_params", "count_flops", "peak_inference_bytes", "pytorch_latency",
            "onnxruntime_latency", "model_size_bytes"]
 
 
 def model_size_bytes(model: nn.Module, path: Path) -> int:
     """Bytes of the model's weights written to disk as safetensors at `path`."""
     return save_weights(model, Path(path)).stat().st_size
+
+
+def lowered_agreement(model: nn.Module, session, path: Path, inputs, batch_size: int = 256,
+                      agreement=None) -> dict:
+    """How a lowered artifact relates to (a) its own graph simulated in float (ONNX Runtime with graph
+    optimisations off: the fake-quant model) and (b) the float PyTorch model, on `inputs` (a tensor or
+    a tuple of the model's inputs). `agreement(reference, lowered)` adds task-specific numbers."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from torchslim.quantize.observers import sqnr_db
+    from torchslim.tasks.base import batched, onnx_predictor, torch_predictor
+    x = inputs if isinstance(inputs, tuple) else (inputs,)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    simulated = batched(onnx_predictor(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])),
+                        x, batch_size)
+    lowered = batched(onnx_predictor(session), x, batch_size)
+    reference = batched(torch_predictor(model), x, batch_size)
+    return {"fake_quant_max_abs_diff": float(np.abs(lowered - simulated).max()),
+            "fake_quant_sqnr_db": sqnr_db(simulated, lowered), "float_sqnr_db": sqnr_db(reference, lowered),
+            **(agreement(reference, lowered) if agreement else {})}
 
 
 def measure(model: nn.Module, ctx, out_dir: Path, onnx_path: Path | None = None) -> tuple[dict, Path]:

@@ -25,7 +25,7 @@ def _cpu_name() -> str:
 def environment(threads: int) -> dict:
     import onnxruntime
 
-    from torchslim import __version__
+    from torchslim.version import __version__
     from torchslim.cpu import cpu_features
     return {"torchslim": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(), "threads": threads, "cpu": _cpu_name(),
@@ -70,7 +70,7 @@ def build_report(recipe_dict: dict, env: dict, stages: list[dict], input_spec: d
                  status: str, metric: str = "accuracy", comparison: dict | None = None,
                  higher_is_better: bool = True) -> dict:
     """`metric` names the task metric in every stage's metrics (accuracy, or mean_cosine for embeddings)."""
-    from torchslim import __version__
+    from torchslim.version import __version__
     report = {"torchslim_version": __version__, "status": status, "recipe": recipe_dict, "environment": env,
               "task_metric": metric, "task_metric_higher_is_better": higher_is_better, "stages": stages,
               "input": input_spec,

@@ -127,24 +127,11 @@ class Task:
         return {f"batch {n}": self.feed(self.example(n)) for n in (m.compare_batch_sizes or [m.batch_size])}
 
     def lowered_agreement(self, model: nn.Module, session, path: Path) -> dict:
-        """How a lowered artifact's outputs relate to (a) its own graph simulated in float (ONNX Runtime
-        with graph optimisations off: the fake-quant model) and (b) the float PyTorch model, on
-        `measure.verify_samples` real inputs."""
-        import onnxruntime as ort
-
-        from torchslim.quantize.observers import sqnr_db
-        x = self.example(self.recipe.measure.verify_samples)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
-        size = self.recipe.data.eval_batch_size
-        simulated = batched(onnx_predictor(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])),
-                            x, size)
-        lowered = batched(onnx_predictor(session), x, size)
-        reference = batched(torch_predictor(model), x, size)
-        return {"fake_quant_max_abs_diff": float(np.abs(lowered - simulated).max()),
-                "fake_quant_sqnr_db": sqnr_db(simulated, lowered), "float_sqnr_db": sqnr_db(reference, lowered),
-                **self.agreement(reference, lowered)}
+        """How the lowered artifact's outputs relate to its fake-quant simulation and to the float model
+        (`torchslim.measure.lowered_agreement`), on `measure.verify_samples` real inputs."""
+        from torchslim.measure import lowered_agreement
+        return lowered_agreement(model, session, path, self.example(self.recipe.measure.verify_samples),
+                                 self.recipe.data.eval_batch_size, self.agreement)
 
     def agreement(self, reference: np.ndarray, lowered: np.ndarray) -> dict:
         """Task-specific agreement of lowered outputs with the float model's (classification: top-1)."""

@@ -51,4 +51,8 @@ class Classification(LabelledTask):
         return {**classification_metrics(out, y), "eval_examples": len(y)}
 
     def agreement(self, reference: np.ndarray, lowered: np.ndarray) -> dict:
-        return {"float_top1_agreement": float((lowered.argmax(1) == reference.argmax(1)).mean())}
+        return top1_agreement(reference, lowered)
+
+
+def top1_agreement(reference: np.ndarray, lowered: np.ndarray) -> dict:
+    return {"float_top1_agreement": float((lowered.argmax(1) == reference.argmax(1)).mean())}

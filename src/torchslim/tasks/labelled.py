@@ -30,7 +30,7 @@ class LabelledTask(Task):
     def rebuild(self, architecture: dict) -> nn.Module:
         from torchslim.distill.students import apply_keep_blocks
         from torchslim.models.io import build_model
-        from torchslim.recipe import ModelSpec
+        from torchslim.models.spec import ModelSpec
         model = build_model(ModelSpec(**architecture["model"]), self.data.num_classes, self.search_dir)
         for op in architecture.get("ops", []):
             model = apply_keep_blocks(model, op["keep_blocks"], op["indices"])
