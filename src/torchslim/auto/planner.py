@@ -36,11 +36,12 @@ from torchslim.paths import matches
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan as prune_plan
 from torchslim.quantize import lower
+from torchslim.quantize.fallback import sensitivity as node_sensitivity
 from torchslim.quantize.stage import calibration_batches
 from torchslim.io import atomic_write_text
 from torchslim.quantize.scheme import choose_scheme
 from torchslim.train import TrainConfig
-from torchslim.log import console, warn
+from torchslim.log import console, steps, warn
 
 
 class AutoConfig(BaseModel):
@@ -153,17 +154,20 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
                 lambda sc, path: lower.static_int8(pre, path, ranges=ranges, preprocessed=True,
                                                    activation_type=sc.activation_type, reduce_range=sc.reduce_range),
                 lambda path: _accuracy(ort_session(path, threads), x, y), float_onnx,
-                ctx.real_batch(ctx.recipe.measure.batch_size).numpy(), threads, 0.002)
+                ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)), threads, 0.002)
             out["scheme"] = {"activation_type": chosen.activation_type, "reduce_range": chosen.reduce_range,
                              "choice": record}
         scheme = {k: out["scheme"][k] for k in ("activation_type", "reduce_range")} if out["scheme"] else {}
-        for name, op, module in lower.quantizable_nodes(pre):
-            if not clock.allows(f"int8 sensitivity {module}"):
-                break
+        nodes = lower.quantizable_nodes(pre)
+        modules = {name: (op, module) for name, op, module in nodes}
+
+        def alone(name: str) -> float:  # the quantize stage's own sensitivity loop (quantize.fallback)
             lower.static_int8(pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True,
                               **scheme)
-            drop = base_onnx - _accuracy(ort_session(work / "sens.q.onnx", ctx.recipe.measure.threads), x, y)
-            out["int8"].append({"layer": module, "node": name, "op": op, "drop": drop})
+            return base_onnx - _accuracy(ort_session(work / "sens.q.onnx", threads), x, y)
+        costs = node_sensitivity([n for n, _, _ in nodes], alone, "auto: int8",
+                                 lambda name: clock.allows(f"int8 sensitivity {modules[name][1]}"))
+        out["int8"] = [{"layer": modules[n][1], "node": n, "op": modules[n][0], "drop": c} for n, c in costs.items()]
     for key in ("prune", "lowrank", "int8"):
         out[key].sort(key=lambda r: -r["drop"])
     return out
@@ -245,16 +249,26 @@ def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, s
     m = ctx.recipe.measure
     batch = ctx.real_batch(m.batch_size).numpy()
     example = ctx.real_batch(2)
-    rows = []
-    for cand in candidates(cfg):
-        if not clock.allows(f"candidate {cand}"):
-            continue
+    rows, every = [], list(candidates(cfg))
+    with steps("auto: screening candidates", len(every)) as progress:
+        for cand in every:
+            _screen_one(model, cand, ctx, cfg, avoid, clock, work, scheme, (x, y, batch, example), rows)
+            progress.advance()
+    return rows
+
+
+def _screen_one(model, cand: dict, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, scheme,
+                data: tuple, rows: list[dict]) -> None:
+    """Apply one candidate one-shot to a copy, lower it, measure it; a row in `rows` (an error too)."""
+    x, y, batch, example = data
+    m = ctx.recipe.measure
+    if clock.allows(f"candidate {cand}"):
         try:
             trial = _build(model, cand, avoid, example, ctx, cfg)
             path = _lower(trial, cand, ctx, cfg, avoid, work, scheme)
         except Exception as exc:  # a candidate the model cannot take is recorded, not fatal
             rows.append({**cand, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
-            continue
+            return
         session = ort_session(path, m.threads)
         latency = onnxruntime_latency(path, batch, m.threads, m.warmup, m.repeats, session=session)
         rows.append({**cand, "latency_ms": latency["p50"], "p95_ms": latency["p95"],
@@ -262,8 +276,8 @@ def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, s
                      "val_accuracy": _accuracy(session, x, y)})
         console.log(f"auto: candidate prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
                     f"{rows[-1]['latency_ms']:.3f} ms, {rows[-1]['size_bytes']:,} B, "
-                    f"one-shot val {rows[-1]['val_accuracy']:.4f}")
-    return rows
+                    f"one-shot val {rows[-1]['val_accuracy']:.4f} ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s "
+                    "of the time budget used)")
 
 
 def pareto(rows: list[dict], key: str) -> list[dict]:
@@ -366,7 +380,8 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
         trials.append(record)
         console.log(f"auto: trial {len(trials)} prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
                     f"val drop {100 * drop:.2f} pt (allowed {100 * allowed:.2f}), {result['latency_ms']:.3f} ms, "
-                    f"{result['size_bytes']:,} B")
+                    f"{result['size_bytes']:,} B ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s of the time "
+                    "budget used)")
         if record["meets_budget"]:
             if best is None or record[key] < best[0][key]:
                 best = (record, plan, result)

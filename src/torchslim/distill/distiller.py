@@ -62,9 +62,14 @@ def teacher_cache(teacher: nn.Module, dataset: Dataset, path: Path, batch_size: 
             cached = {}
         if key in cached:
             return cached[key]
+    from torchslim.log import steps
     teacher.eval()
-    with torch.no_grad():
-        logits = torch.cat([teacher(batch[0]) for batch in DataLoader(dataset, batch_size=batch_size)])
+    loader, out = DataLoader(dataset, batch_size=batch_size), []
+    with torch.no_grad(), steps("distill: caching the teacher's logits", len(loader)) as progress:
+        for batch in loader:
+            out.append(teacher(batch[0]))
+            progress.advance()
+    logits = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # a crash mid-write never leaves a cache that looks whole
     save_file({key: logits.contiguous()}, str(tmp))

@@ -15,7 +15,8 @@ from torchslim.export.transformer import serving_rewrites
 from torchslim.measure.latency import ort_session
 from torchslim.models.hf import cosine_fidelity, tokenize
 from torchslim.quantize import lower
-from torchslim.log import console, warn
+from torchslim.quantize.fallback import fallback, sensitivity
+from torchslim.log import warn
 
 NAMES = ["input_ids", "attention_mask"]
 # MatMul and the fused QKV Attention carry the compute; the word-embedding table (Gather, or inside
@@ -150,29 +151,25 @@ def fidelity_int8(float_onnx: Path, tokenizer, calibration: dict[str, list[str]]
 
 def _fallback(nodes: list[str], quantize, tokenizer, calibration: dict, reference: dict, dst: Path, target: float,
               threads: int, info: dict) -> tuple[Path, dict]:
-    quantize(dst, [])
-    score = _worst(dst, tokenizer, calibration, reference, threads)
-    info.update(all_int8_cosine=score, excluded=[], sensitivity=[])
-    if score < target:
+    """The one fallback loop (`quantize.fallback`) scored by the worst source's calibration cosine."""
+    def score(path: Path) -> float:
+        return _worst(path, tokenizer, calibration, reference, threads)
+
+    info.update(all_int8_cosine=score(quantize(dst, [])), sensitivity=[])
+    if info["all_int8_cosine"] < target:
         with tempfile.TemporaryDirectory() as tmp:
             one = Path(tmp) / "one.onnx"
-            for name in nodes:  # int8 of one node alone
-                quantize(one, [m for m in nodes if m != name])
-                info["sensitivity"].append(
-                    {"node": name, "loss": 1 - _worst(one, tokenizer, calibration, reference, threads)})
-        info["sensitivity"].sort(key=lambda r: -r["loss"])
-        order = [r["node"] for r in info["sensitivity"]]
-        while score < target and order:
-            info["excluded"].append(order.pop(0))
-            quantize(dst, info["excluded"])
-            score = _worst(dst, tokenizer, calibration, reference, threads)
-            console.log(f"int8: {len(info['excluded'])} node(s) in float, worst calibration cosine {score:.4f}")
-    int8 = len(nodes) - len(info["excluded"])
-    info.update(cosine=score, int8_nodes=int8, nodes=len(nodes), target_met=score >= target,
+            costs = sensitivity(nodes, lambda name: 1 - score(quantize(one, [m for m in nodes if m != name])),
+                                "int8")
+        info["sensitivity"] = sorted(({"node": n, "loss": c} for n, c in costs.items()), key=lambda r: -r["loss"])
+    excluded, value = fallback([r["node"] for r in info["sensitivity"]], lambda ex: quantize(dst, ex), score,
+                               lambda v: v >= target, what="int8", scored=info["all_int8_cosine"])
+    int8 = len(nodes) - len(excluded)
+    info.update(excluded=excluded, cosine=value, int8_nodes=int8, nodes=len(nodes), target_met=value >= target,
                 summary=f"{int8}/{len(nodes)} MatMul/Attention nodes quantized in the graph ({info['method']}), "
-                        f"worst-source calibration cosine {score:.4f} (all int8: {info['all_int8_cosine']:.4f})")
-    if score < target:
-        warn(f"encoder_quantize: the fidelity target is NOT met: worst calibration cosine {score:.4f} < target "
+                        f"worst-source calibration cosine {value:.4f} (all int8: {info['all_int8_cosine']:.4f})")
+    if value < target:
+        warn(f"quantize: the fidelity target is NOT met: worst calibration cosine {value:.4f} < target "
              f"{target} even with every quantizable node in float (what is left is the word-embedding int8 and "
              "the graph rewrites); lower the target or keep the model in float.")
     return dst, info

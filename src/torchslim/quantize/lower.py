@@ -175,13 +175,16 @@ def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minm
     floats = [o for o in outputs if o in set(names)]
     observers = {name: OBSERVERS[observer](bits) for name in floats}
     input_name = session.get_inputs()[0].name
-    seen = 0
-    for batch in batches:
-        values = session.run(floats, batch if isinstance(batch, dict) else {input_name: batch})
-        for name, value in zip(floats, values):
-            if np.issubdtype(np.asarray(value).dtype, np.floating):
-                observers[name].update(value)
-        seen += 1
+    from torchslim.log import steps
+    seen, batches = 0, list(batches)
+    with steps("calibration", len(batches)) as progress:
+        for batch in batches:
+            values = session.run(floats, batch if isinstance(batch, dict) else {input_name: batch})
+            for name, value in zip(floats, values):
+                if np.issubdtype(np.asarray(value).dtype, np.floating):
+                    observers[name].update(value)
+            seen += 1
+            progress.advance()
     if not seen:
         raise TorchslimError("calibration needs at least one batch of real inputs.")
     return {name: obs.range() for name, obs in observers.items() if obs.samples}

@@ -19,6 +19,7 @@ from torchslim.measure.kernels import describe, kernel_counts
 from torchslim.measure.latency import ort_session
 from torchslim.paths import matches
 from torchslim.quantize import lower
+from torchslim.quantize.fallback import fallback, sensitivity
 from torchslim.quantize.qat import prepare_qat
 from torchslim.quantize.scheme import choose_scheme, scheme_for
 from torchslim.registry import register_stage
@@ -145,20 +146,20 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx, trained: dict
     base = score(float_onnx)
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "trial.onnx"
-        table = []
-        for name, op, module in nodes:  # quantize one layer at a time
+
+        def alone(name: str) -> float:  # validation metric lost when this layer alone is int8
             lower.static_int8(pre, trial, nodes_to_quantize=[name], **common)
-            table.append({"layer": module, "node": name, "op": op, "drop": base - score(trial)})
-        info["sensitivity"] = sorted(table, key=lambda r: -r["drop"])
-        order = [r["node"] for r in info["sensitivity"] if r["node"] not in excluded]
-        while True:
-            lower.static_int8(pre, out, nodes_to_exclude=excluded, **common)
-            drop = base - score(out)
-            console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers quantized in the graph, "
-                        f"validation drop {100 * drop:.2f} pt")
-            if cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop or not order:
-                break
-            excluded.append(order.pop(0))  # the most sensitive layer left goes back to float
+            return base - score(trial)
+        costs = sensitivity([n for n, _, _ in nodes], alone, "quantize")
+    info["sensitivity"] = sorted(({"layer": module, "node": name, "op": op, "drop": costs[name]}
+                                  for name, op, module in nodes), key=lambda r: -r["drop"])
+    budget = cfg.max_accuracy_drop
+    excluded, value = fallback([r["node"] for r in info["sensitivity"]],
+                               lambda ex: lower.static_int8(pre, out, nodes_to_exclude=ex, **common), score,
+                               lambda v: budget is None or base - v <= budget, excluded)
+    drop = base - value
+    console.log(f"quantize: {len(nodes) - len(excluded)}/{len(nodes)} layers quantized in the graph, "
+                f"validation drop {drop:.4f}")
     _ship_weight_scales(out, pre, weight_scales, info, scheme.reduce_range)
     met = cfg.max_accuracy_drop is None or drop <= cfg.max_accuracy_drop
     info.update(val_float_accuracy=base, val_drop=drop, budget=cfg.max_accuracy_drop,
