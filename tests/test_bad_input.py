@@ -422,3 +422,13 @@ def test_a_missed_encoder_fidelity_target_is_said(tmp_path, monkeypatch):
     said = collect_warnings()
     assert not info["target_met"] and info["excluded"] == ["a", "b"]
     assert any("fidelity target is NOT met" in w and "0.5000" in w for w in said), said
+
+
+def test_a_folder_named_like_a_builtin_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    """`torchslim run smoke --out smoke` leaves a folder ./smoke; the next `torchslim run smoke` must
+    still mean the built-in recipe, not try to read the folder."""
+    from torchslim.recipe import load_recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    recipe, _ = load_recipe("smoke")
+    assert recipe.name == "smoke"

@@ -38,9 +38,24 @@ def collect_warnings() -> list[str]:
     return said
 
 
+class _Bar(Progress):
+    """A progress bar on a terminal; one at a time (a phase inside another phase logs lines instead,
+    whatever rich version is installed)."""
+    active = 0
+
+    def __enter__(self):
+        _Bar.active += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _Bar.active -= 1
+        return super().__exit__(*exc)
+
+
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)
+    return _Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(), console=console, transient=True,
+                disable=not console.is_terminal or _Bar.active > 0)
 
 
 class _Steps:

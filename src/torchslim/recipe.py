@@ -316,7 +316,7 @@ def parse_recipe(data: dict, source: Path | str = "recipe", search_dir: Path | N
 
 def _read(name_or_path: str) -> tuple[str, Path]:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         try:
             return path.read_text(), path
         except FileNotFoundError:

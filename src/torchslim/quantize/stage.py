@@ -111,15 +111,7 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx, trained: dict
     info: dict = {"observer": cfg.observer}
     ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches,
                                                               cfg.calibration_batch_size), cfg.observer)
-    weight_scales = {}
-    if trained is not None:
-        where = lower.layer_tensors(pre, trained["activation_ranges"])
-        for layer, (node, tensor) in where.items():
-            for name in lower.upstream_of(pre, tensor):
-                ranges[name] = tuple(trained["activation_ranges"][layer])
-        weight_scales = {where[layer][0]: s for layer, s in trained["weight_scales"].items() if layer in where}
-        info["trained_ranges"] = {layer: {"node": node, "tensor": tensor, "range": ranges[tensor]}
-                                  for layer, (node, tensor) in where.items()}
+    weight_scales = _use_trained(pre, trained, ranges, info) if trained is not None else {}
     nodes = lower.quantizable_nodes(pre)
     common = dict(ranges=ranges, preprocessed=True, per_channel=cfg.per_channel,
                   symmetric_activations=cfg.symmetric_activations, weight_bits=cfg.weight_bits)
@@ -170,6 +162,18 @@ def _static(float_onnx: Path, out: Path, cfg: QuantizeConfig, ctx, trained: dict
              "activation quantization of the graph's inputs and outputs); raise the budget, calibrate with "
              "another observer, or use method: qat.")
     return info
+
+
+def _use_trained(pre: Path, trained: dict, ranges: dict, info: dict) -> dict:
+    """QAT's trained input ranges put into `ranges` (and upstream through shared-scale ops); returns
+    the trained weight scales by graph node."""
+    where = lower.layer_tensors(pre, trained["activation_ranges"])
+    for layer, (node, tensor) in where.items():
+        for name in lower.upstream_of(pre, tensor):
+            ranges[name] = tuple(trained["activation_ranges"][layer])
+    info["trained_ranges"] = {layer: {"node": node, "tensor": tensor, "range": ranges[tensor]}
+                              for layer, (node, tensor) in where.items()}
+    return {where[layer][0]: s for layer, s in trained["weight_scales"].items() if layer in where}
 
 
 def _ship_weight_scales(path: Path, float_graph: Path, scales: dict, info: dict, reduce_range: bool) -> None:
