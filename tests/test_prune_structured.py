@@ -148,5 +148,5 @@ def test_untraceable_model_names_the_construct(images):
             if x.sum() > 0:  # data-dependent control flow
                 return self.fc(x.flatten(1))
             return -self.fc(x.flatten(1))
-    with pytest.raises(TorchslimError, match="torch.fx cannot trace Branchy"):
+    with pytest.raises(TorchslimError, match=r"cannot capture Branchy .*test_prune_structured.py:\d+.*data-dependent"):
         structured(Branchy(), images[:2])

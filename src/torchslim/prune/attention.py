@@ -45,6 +45,28 @@ class Attention(nn.Module):
                 new.out_proj.bias.copy_(mha.out_proj.bias)
         return new.train(mha.training)
 
+    # what nn.TransformerEncoderLayer reads to choose its fused inference path: it stays available
+    # while the projections keep nn.MultiheadAttention's shapes, and the layer falls back to calling
+    # this module once heads or widths were pruned
+    bias_k = bias_v = None
+    add_zero_attn = False
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        e = self.embed_dim
+        return all(p.weight.shape == (e, e) for p in (self.q_proj, self.k_proj, self.v_proj)) \
+            and self.num_heads * self.head_dim == e and self.out_proj.weight.shape == (e, e)
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        if self.q_proj.bias is None:
+            return None
+        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+
     @classmethod
     def empty_like(cls, original: nn.Module) -> "Attention":
         """A placeholder to be given recorded shapes and weights on load."""

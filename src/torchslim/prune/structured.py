@@ -2,8 +2,9 @@
 
     model = torchslim.prune.structured(model, example_inputs, ratio=0.5)
 
-Analysis (graph.py) finds coupled channels, a criterion (importance.py) scores them, this module
-decides how many go from each group, and surgery.py cuts every layer the decision touches."""
+capture.py records the model's ATen graph, dependency.py reads it through one rule per op family
+(rules.py) into coupled channels (graph.py), a criterion (importance.py) scores them, this module
+decides how many go from each group, and surgery.py cuts every tensor the decision touches."""
 
 from __future__ import annotations
 
@@ -15,77 +16,136 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.log import console
+from torchslim.paths import matches
 from torchslim.prune import graph as graph_mod
 from torchslim.prune.attention import convert_attention
-from torchslim.paths import matches
-from torchslim.prune.importance import CRITERIA, PRODUCING, head_scores
-from torchslim.prune.surgery import cut
+from torchslim.prune.dependency import build
+from torchslim.prune.importance import CRITERIA, PRODUCING
+from torchslim.prune.surgery import cut_grouped_columns, cut_tensor, resize, resize_heads
 
 
 @dataclass
 class Group:
-    """Channels that must be removed together: one root per channel, and where each root appears."""
+    """Channels that must be removed together: one root per channel (or head), and where each root
+    appears in every tensor it touches."""
     producers: tuple[str, ...]
     roots: list[int]
-    members: list = field(default_factory=list)  # (module, role, [positions per root])
+    members: list = field(default_factory=list)  # (use, tensor, [positions per root])
     blocks: list[int] | None = None  # block index per root, when a constraint needs equal removal
     n_blocks: int = 1
     remove: list[int] = field(default_factory=list)  # indices into roots
+    unit: int = 1  # positions of one root in a producing tensor (a head's size; 1 for a channel)
+
+    @property
+    def name(self) -> str:
+        return self.producers[0] if self.producers else "?"
+
+
+@dataclass
+class Kept:
+    """Channels kept whole, with the first few reasons (module, op and source line)."""
+    producers: tuple[str, ...]
+    channels: int
+    reasons: list[str]
 
 
 @dataclass
 class Plan:
     groups: list[Group]
-    heads: dict[str, list[int]]  # attention module -> heads to keep
-    head_counts: dict[str, int]
-    notes: list[str]
-    uses: list = field(default_factory=list)
+    kept: list[Kept]
+    splits: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, top: int = 3) -> str:
+        """One line per kept group's top reason, most common first."""
+        counts: dict[str, int] = {}
+        for k in self.kept:
+            for r in k.reasons[:1]:
+                counts[r] = counts.get(r, 0) + 1
+        lines = [f"{len(self.groups)} groups of channels pruned, {len(self.kept)} kept whole"]
+        lines += [f"  kept ({n}x): {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+        return "\n".join(lines)
 
 
-def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> list[Group]:
-    modules = dict(g.model.named_modules())
+def _root_reasons(g: graph_mod.Graph) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for r in g.reasons:
+        for root in {g.find(s) for s in r.slots}:
+            bucket = out.setdefault(root, [])
+            if r not in bucket:
+                bucket.append(r)
+    return out
+
+
+def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> tuple[list[Group], list[Kept]]:
     use_roots = [(u, [g.find(s) for s in u.slots]) for u in g.uses]
-    ignored = lambda name: matches(name, ignore)  # noqa: E731
-    blocked = g.blocked_roots()
+    blocked, reasons = g.blocked_roots(), _root_reasons(g)
     producers: dict[int, set[str]] = {}
     for use, roots in use_roots:
+        if use.role not in PRODUCING:
+            continue
         for r in roots:
-            if use.role in PRODUCING:
-                producers.setdefault(r, set()).add(use.module)
-            if ignored(use.module) and use.role in PRODUCING:
+            producers.setdefault(r, set()).add(use.module)
+            if matches(use.module, ignore) and r not in blocked:
                 blocked.add(r)
-    for c in g.constraints:  # constraints spanning several groups cannot be honoured: keep those channels
-        roots = {g.find(s) for s in c.slots}
+                reasons.setdefault(r, []).append(graph_mod.Reason("listed in `ignore`", use.module, "ignore", ""))
+    for slots, _ in g.constraints:  # constraints spanning several groups cannot be honoured: keep those
+        roots = {g.find(s) for s in slots}
         if len({frozenset(producers.get(r, ())) for r in roots}) > 1:
+            why = graph_mod.Reason("a grouped layer couples channels of different groups", "", "grouped", "")
+            for r in roots - blocked:
+                reasons.setdefault(r, []).append(why)
             blocked |= roots
-            g.notes.append(f"grouped layer couples channels of different groups; {len(roots)} channels kept")
     families: dict[tuple, Group] = {}
+    kept: dict[tuple, list[int]] = {}
     for r, prods in sorted(producers.items()):
-        if r not in blocked:
-            key = tuple(sorted(prods))
+        key = tuple(sorted(prods))
+        if r in blocked:
+            kept.setdefault(key, []).append(r)
+        else:
             families.setdefault(key, Group(key, [])).roots.append(r)
+    _attach_members(g, families, use_roots)
+    _attach_blocks(g, families)
+    return list(families.values()), [Kept(key, len(roots), _reason_texts(roots, reasons))
+                                     for key, roots in kept.items()]
+
+
+def _reason_texts(roots, reasons) -> list[str]:
+    texts: list[str] = []
+    for r in roots:
+        for reason in reasons.get(r, []):
+            if reason.text() not in texts:
+                texts.append(reason.text())
+    return texts[:5] or ["feeds a layer the analysis does not cut"]
+
+
+def _attach_members(g, families, use_roots) -> None:
     index = {r: (grp, i) for grp in families.values() for i, r in enumerate(grp.roots)}
+    tensors = g.tensors
     for use, roots in use_roots:
-        touched = {}
+        touched: dict[int, tuple] = {}
         for pos, r in enumerate(roots):
             if r in index:
                 grp, i = index[r]
                 touched.setdefault(id(grp), (grp, {}))[1].setdefault(i, []).append(pos)
         for grp, positions in touched.values():
-            grp.members.append((modules[use.module], use.role, [positions.get(i, []) for i in range(len(grp.roots))]))
-    _attach_blocks(g, families, index)
-    return list(families.values())
+            per_root = [positions.get(i, []) for i in range(len(grp.roots))]
+            grp.members.append((use, tensors[use.key], per_root))
+            if use.role in PRODUCING:
+                grp.unit = max(grp.unit, max(len(p) for p in per_root))
 
 
-def _attach_blocks(g, families, index) -> None:
-    for c in g.constraints:
-        size = len(c.slots) // c.blocks
-        for pos, s in enumerate(c.slots):
+def _attach_blocks(g, families) -> None:
+    index = {r: (grp, i) for grp in families.values() for i, r in enumerate(grp.roots)}
+    for slots, blocks in g.constraints:
+        size = len(slots) // blocks
+        for pos, s in enumerate(slots):
             r = g.find(s)
             if r in index:
                 grp, i = index[r]
                 if grp.blocks is None:
-                    grp.blocks, grp.n_blocks = [0] * len(grp.roots), c.blocks
+                    grp.blocks, grp.n_blocks = [0] * len(grp.roots), blocks
                 grp.blocks[i] = pos // size
 
 
@@ -112,64 +172,101 @@ def _choose(group: Group, scores: torch.Tensor, keep: int) -> list[int]:
 
 def _ratio_for(group: Group, ratio: float | dict) -> float:
     if isinstance(ratio, dict):
-        for name in group.producers:
-            if name in ratio:
-                return float(ratio[name])
+        for key, value in ratio.items():
+            if key != "default" and (key == group.name or any(matches(p, [key]) for p in group.producers)):
+                return float(value)
         return float(ratio.get("default", 0.0))
     return float(ratio)
 
 
-def plan(model: nn.Module, example_inputs: torch.Tensor, ratio: float | dict = 0.5, importance: str | Callable = "l1",
+def plan(model: nn.Module, example_inputs, ratio: float | dict = 0.5, importance: str | Callable = "l1",
          ignore: Sequence[str] | None = None, global_ranking: bool = False, min_channels: int = 1,
-         round_to: int = 1, prune_heads: bool = True, leaf_modules: tuple[type, ...] = ()) -> Plan:
-    """Decide what to remove, without touching the model's tensors."""
+         round_to: int = 1, prune_heads: bool = True) -> Plan:
+    """Decide what to remove, without touching the model's tensors. `example_inputs` is a tensor, a
+    tuple of positional arguments or a dict of keyword arguments (a Hugging Face model's inputs)."""
     criterion = CRITERIA[importance] if isinstance(importance, str) else importance
-    g = graph_mod.build(model, example_inputs, tuple(leaf_modules))
-    groups = _groups(g, list(ignore or []))
+    g = build(model, example_inputs, prune_heads)
+    groups, kept = _groups(g, list(ignore or []))
     scores = {id(grp): criterion(grp) for grp in groups}
-    if global_ranking and not isinstance(ratio, dict):
-        normalised = torch.cat([s / (s.mean() + 1e-12) for s in scores.values()]) if scores else torch.zeros(0)
-        threshold = torch.quantile(normalised, float(ratio)) if len(normalised) else 0
-        for grp in groups:
-            s = scores[id(grp)]
-            share = float(((s / (s.mean() + 1e-12)) < threshold).float().mean())
-            grp.remove = _choose(grp, s, _keep_count(len(grp.roots), share, min_channels, round_to, grp.n_blocks))
-    else:
-        for grp in groups:
-            keep = _keep_count(len(grp.roots), _ratio_for(grp, ratio), min_channels, round_to, grp.n_blocks)
-            grp.remove = _choose(grp, scores[id(grp)], keep)
-    heads, counts = {}, {}
-    modules = dict(model.named_modules())
-    for name in g.attention if prune_heads else []:
-        if matches(name, ignore or []):
-            continue
-        module = modules[name]
-        n = module.num_heads
-        keep = max(1, n - int(round(_ratio_for(Group((name,), []), ratio) * n)))
-        crit = importance if isinstance(importance, str) else "l1"
-        order = torch.argsort(head_scores(module, crit), descending=True)[:keep]
-        heads[name], counts[name] = sorted(order.tolist()), n
-    return Plan(groups, heads, counts, list(g.notes), g.uses)
+    shares = _global_shares(groups, scores, float(ratio)) if global_ranking and not isinstance(ratio, dict) else {}
+    for grp in groups:
+        share = shares.get(id(grp), _ratio_for(grp, ratio))
+        multiple = round_to if grp.unit == 1 else 1  # heads are counted whole, not in vector widths
+        keep = _keep_count(len(grp.roots), share, min_channels if grp.unit == 1 else 1, multiple, grp.n_blocks)
+        grp.remove = _choose(grp, scores[id(grp)], keep)
+    notes = [f"{', '.join(k.producers[:2])}: {k.channels} channels kept ({k.reasons[0]})" for k in kept]
+    return Plan(groups, kept, g.splits, notes)
+
+
+def _global_shares(groups, scores, ratio: float) -> dict[int, float]:
+    """One threshold over every group's scores, each normalised by its group's mean."""
+    if not groups:
+        return {}
+    normalised = torch.cat([scores[id(g)] / (scores[id(g)].mean() + 1e-12) for g in groups])
+    threshold = torch.quantile(normalised, ratio)
+    return {id(g): float(((scores[id(g)] / (scores[id(g)].mean() + 1e-12)) < threshold).float().mean())
+            for g in groups}
 
 
 def apply(model: nn.Module, p: Plan) -> nn.Module:
-    """Cut every layer the plan touches; the model is changed in place and returned."""
-    names = {id(m): n for n, m in model.named_modules()}
-    width = {(u.module, u.role): len(u.slots) for u in p.uses}
-    removed: dict[tuple[str, str], set[int]] = {}
+    """Cut every tensor the plan touches and update the layers' shape attributes; the model is changed
+    in place and returned."""
+    removed: dict[tuple[str, int], set[int]] = {}
+    grouped: dict[str, tuple[set[int], int]] = {}
     for grp in p.groups:
-        for module, role, positions in grp.members:
-            bucket = removed.setdefault((names[id(module)], role), set())
-            for i in grp.remove:
-                bucket.update(positions[i])
-    keeps: dict[str, dict[str, list[int]]] = {}
-    for (name, role), gone in removed.items():
+        for use, _, positions in grp.members:
+            gone = {q for i in grp.remove for q in positions[i]}
+            if use.role == "grouped_in":
+                grouped.setdefault(use.key, (set(), use.groups))[0].update(gone)
+            else:
+                removed.setdefault((use.key, use.dim), set()).update(gone)
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    changed = {k.rpartition(".")[0] for (k, _), gone in removed.items() if gone} | \
+        {k.rpartition(".")[0] for k, (gone, _) in grouped.items() if gone}
+    before = {m: {n: tuple(t.shape) for n, t in model.get_submodule(m).named_parameters(recurse=False)}
+              for m in changed}
+    done: set[int] = set()
+    for (key, dim), gone in sorted(removed.items()):
+        if gone and (id(tensors[key]), dim) not in done:  # a tied weight is cut once
+            done.add((id(tensors[key]), dim))
+            cut_tensor(model, key, dim, gone)
+    for key, (gone, groups) in grouped.items():
         if gone:
-            keeps.setdefault(name, {})[role] = [i for i in range(width[(name, role)]) if i not in gone]
-    heads = {name: kept for name, kept in p.heads.items() if len(kept) < p.head_counts[name]}
-    for name in sorted(set(keeps) | set(heads)):
-        cut(model.get_submodule(name), keeps.get(name, {}), heads.get(name))
+            cut_grouped_columns(model, key, gone, groups)
+    _retie(model, tensors)
+    for name in sorted(changed):
+        resize(model.get_submodule(name), before[name])
+    for name in sorted({n for c in changed for n in _ancestors(c)} - changed, key=len, reverse=True):
+        resize(model.get_submodule(name), {})  # a layer made of layers (attention) reads its children
+    _resize_heads(model, p)
     return model
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+def _retie(model: nn.Module, tensors: dict) -> None:
+    """Weights that were one tensor (tied input and output embeddings) stay one tensor."""
+    by_id: dict[int, list[str]] = {}
+    for key, t in tensors.items():
+        by_id.setdefault(id(t), []).append(key)
+    for keys in by_id.values():
+        first_owner, _, first_name = keys[0].rpartition(".")
+        source = getattr(model.get_submodule(first_owner), first_name)
+        for key in keys[1:]:
+            owner, _, name = key.rpartition(".")
+            setattr(model.get_submodule(owner), name, source)
+
+
+def _resize_heads(model: nn.Module, p: Plan) -> None:
+    removed_roots = {grp.roots[i] for grp in p.groups for i in grp.remove}
+    for split in p.splits:
+        gone = sum(1 for s in split.slots if s in removed_roots)
+        if gone and split.module:
+            module = model.get_submodule(split.module)
+            resize_heads(module, len(split.slots), len(split.slots) - gone, split.unit)
 
 
 def taylor_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 4) -> None:
@@ -184,16 +281,17 @@ def taylor_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable, max
     model.eval()
 
 
-def structured(model: nn.Module, example_inputs: torch.Tensor, ratio: float | dict = 0.5,
+def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
                importance: str | Callable = "l1", ignore: Sequence[str] | None = None, global_ranking: bool = False,
                min_channels: int = 1, round_to: int = 1, prune_heads: bool = True,
-               leaf_modules: tuple[type, ...] = (), data: Iterable | None = None,
-               loss_fn: Callable | None = None) -> nn.Module:
+               data: Iterable | None = None, loss_fn: Callable | None = None, verbose: bool = True) -> nn.Module:
     """Remove `ratio` of the channels (and attention heads) of every prunable group, physically.
 
     `nn.MultiheadAttention` layers are first replaced by the equivalent `Attention` so heads can go.
     The model's inputs and outputs keep their widths; layers in `ignore` (module paths) keep their
-    output channels. `importance` is l1, l2, bn_scale, taylor (pass `data` and `loss_fn`) or random."""
+    output channels. `importance` is l1, l2, bn_scale, taylor (pass `data` and `loss_fn`) or random.
+    The plan is kept on the model as `model.torchslim_prune_plan` (what went, what was kept and why);
+    with `verbose` its summary is printed."""
     if not 0.0 <= (ratio if not isinstance(ratio, dict) else max(ratio.values(), default=0)) < 1.0:
         raise TorchslimError(f"ratio must be in [0, 1), got {ratio}.")
     if isinstance(importance, str) and importance not in CRITERIA:
@@ -204,8 +302,26 @@ def structured(model: nn.Module, example_inputs: torch.Tensor, ratio: float | di
             raise TorchslimError("importance 'taylor' needs a few batches: pass data= and loss_fn=.")
         taylor_gradients(model, data, loss_fn)
     model.eval()
-    p = plan(model, example_inputs, ratio, importance, ignore, global_ranking, min_channels, round_to,
-             prune_heads, leaf_modules)
+    p = plan(model, example_inputs, ratio, importance, ignore, global_ranking, min_channels, round_to, prune_heads)
     apply(model, p)
     model.zero_grad(set_to_none=True)
+    check_runs(model, example_inputs)
+    object.__setattr__(model, "torchslim_prune_plan", p)
+    if verbose:
+        console.log(p.summary())
     return model
+
+
+def check_runs(model: nn.Module, example_inputs) -> None:
+    """The pruned model must still run on the example; if its code hard-codes a width the analysis
+    could not see, say which layer."""
+    args, kwargs = (((), example_inputs) if isinstance(example_inputs, dict) else
+                    ((tuple(example_inputs), {}) if isinstance(example_inputs, (list, tuple))
+                     else ((example_inputs,), {})))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise TorchslimError(f"the pruned {type(model).__name__} no longer runs ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200]}). A layer's code probably uses a fixed "
+                             "width or head count; put that layer in `ignore`.") from None

@@ -1,120 +1,133 @@
-"""Cutting one layer type: which tensors a role indexes, and how a layer loses positions physically."""
+"""Cutting: remove positions from parameter and buffer tensors, then bring each changed layer's shape
+attributes in line with its tensors. One small resize function per layer type, registered by type
+(`@resizer(nn.Linear)`); a layer type without one keeps working when its code reads shapes from its
+tensors (most norms and scales do)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from torchslim.prune.attention import Attention
 
-
-def role_tensors(module: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, dim) pairs whose positions along `dim` are the role's channel positions."""
-    def present(*pairs):
-        return [(t, d) for t, d in pairs if t is not None]
-    if role in ("out", "dw"):
-        return present((module.weight, 0), (getattr(module, "bias", None), 0))
-    if role == "in":
-        return [(module.weight, 1)] if getattr(module, "groups", 1) == 1 else []
-    if role == "norm":
-        return present((getattr(module, "weight", None), 0), (getattr(module, "bias", None), 0))
-    if role == "emb":
-        return [(module.weight, 1)]
-    if role in ("q_in", "k_in", "v_in"):
-        return [(getattr(module, role[0] + "_proj").weight, 1)]
-    if role == "attn_out":
-        return present((module.out_proj.weight, 0), (module.out_proj.bias, 0))
-    raise ValueError(role)
+RESIZERS: dict[type, Callable[[nn.Module, dict], None]] = {}
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "num_key_value_heads",
+               "num_kv_heads", "n_kv_heads", "num_attention_heads_per_partition")
+HEAD_WIDTHS = ("all_head_size", "inner_dim", "inner_size")
 
 
-def _take(owner: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
-    tensor = getattr(owner, name, None)
-    if tensor is None:
-        return
-    data = tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
-    if isinstance(tensor, nn.Parameter):
-        setattr(owner, name, nn.Parameter(data, requires_grad=tensor.requires_grad))
+def resizer(*types: type):
+    """Register `fn(module, before)` to update a layer's attributes after its tensors were cut;
+    `before` holds its tensors' shapes before the cut."""
+    def register(fn):
+        for t in types:
+            RESIZERS[t] = fn
+        return fn
+    return register
+
+
+def _replace(owner: nn.Module, name: str, data: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(data, requires_grad=old.requires_grad))
     else:
-        owner.register_buffer(name, data)
+        owner.register_buffer(name, data, persistent=name not in owner._non_persistent_buffers_set)
 
 
-def _grouped_in(conv: nn.Module, keep: list[int], out_keep: list[int] | None) -> None:
-    """Grouped conv input channels: the same number kept in every group, mapped to local columns."""
-    groups, cin_g = conv.groups, conv.in_channels // conv.groups
-    cout_g = conv.out_channels // groups
-    rows = out_keep if out_keep is not None else list(range(conv.out_channels))
+def cut_tensor(model: nn.Module, key: str, dim: int, gone: set[int]) -> None:
+    owner_path, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    tensor = getattr(owner, name)
+    keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone], dtype=torch.long)
+    _replace(owner, name, tensor.detach().index_select(dim, keep.to(tensor.device)).clone())
+
+
+def cut_grouped_columns(model: nn.Module, key: str, gone: set[int], groups: int) -> None:
+    """A grouped convolution's input channels: positions are global, columns local to each group;
+    the same number goes from every group (the plan guarantees it)."""
+    owner_path, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    weight = getattr(owner, name).detach()
+    cin_g, rows_g = weight.shape[1], weight.shape[0] // groups
     blocks = []
     for gi in range(groups):
-        local = torch.tensor([p - gi * cin_g for p in keep if p // cin_g == gi])
-        group_rows = torch.tensor([r for r in rows if r // cout_g == gi])
-        blocks.append(conv.weight.detach()[group_rows][:, local])
-    conv.weight = nn.Parameter(torch.cat(blocks).clone(), requires_grad=conv.weight.requires_grad)
-    if out_keep is not None and conv.bias is not None:
-        _take(conv, "bias", 0, torch.tensor(out_keep))
-    conv.in_channels, conv.out_channels = len(keep), len(rows)
+        local = torch.tensor([c for c in range(cin_g) if gi * cin_g + c not in gone], dtype=torch.long)
+        blocks.append(weight[gi * rows_g:(gi + 1) * rows_g][:, local])
+    _replace(owner, name, torch.cat(blocks).clone())
 
 
-def cut(module: nn.Module, keeps: dict[str, list[int]], heads: list[int] | None = None) -> None:
-    """Remove every position not in `keeps[role]` from `module`, updating its shape attributes."""
-    idx = {role: torch.tensor(k, dtype=torch.long) for role, k in keeps.items()}
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if "dw" in idx:
-            _take(module, "weight", 0, idx["dw"])
-            _take(module, "bias", 0, idx["dw"])
-            module.in_channels = module.out_channels = module.groups = len(keeps["dw"])
-        elif module.groups > 1 and "in" in keeps:
-            _grouped_in(module, keeps["in"], keeps.get("out"))
-        else:
-            _cut_dense(module, idx, "in_channels", "out_channels")
-    elif isinstance(module, nn.Linear):
-        _cut_dense(module, idx, "in_features", "out_features")
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            _take(module, name, 0, idx["norm"])
-        n = len(keeps["norm"])
-        if isinstance(module, nn.LayerNorm):
-            module.normalized_shape = (n,)
-        elif isinstance(module, nn.GroupNorm):
-            module.num_channels = n
-        else:
-            module.num_features = n
-    elif isinstance(module, nn.Embedding):
-        _take(module, "weight", 1, idx["emb"])
-        module.embedding_dim = len(keeps["emb"])
-    elif isinstance(module, Attention):
-        _cut_attention(module, keeps, idx, heads)
-    else:
-        raise TypeError(f"no surgery for {type(module).__name__}")
+def resize(module: nn.Module, before: dict[str, tuple]) -> None:
+    for cls in type(module).__mro__:
+        fn = RESIZERS.get(cls) or RESIZERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            fn(module, before)
+            return
 
 
-def _cut_dense(module: nn.Module, idx: dict, in_attr: str, out_attr: str) -> None:
-    """Conv (groups == 1) and Linear: output positions are weight rows, input positions columns."""
-    if "out" in idx:
-        _take(module, "weight", 0, idx["out"])
-        _take(module, "bias", 0, idx["out"])
-        setattr(module, out_attr, len(idx["out"]))
-    if "in" in idx:
-        _take(module, "weight", 1, idx["in"])
-        setattr(module, in_attr, len(idx["in"]))
+def resize_heads(module: nn.Module, old: int, new: int, unit: int) -> list[str]:
+    """Head counts and head widths of an attention module whose code reads them from attributes."""
+    changed = []
+    for attr in HEAD_COUNTS:
+        if getattr(module, attr, None) == old:
+            setattr(module, attr, new)
+            changed.append(attr)
+    for attr in HEAD_WIDTHS:
+        if getattr(module, attr, None) == old * unit:
+            setattr(module, attr, new * unit)
+            changed.append(attr)
+    return changed
 
 
-def _cut_attention(module: Attention, keeps, idx, heads: list[int] | None) -> None:
-    for role in ("q_in", "k_in", "v_in"):
-        if role in idx:
-            proj = getattr(module, role[0] + "_proj")
-            _take(proj, "weight", 1, idx[role])
-            proj.in_features = len(keeps[role])
-    module.embed_dim = module.q_proj.in_features
-    if "attn_out" in idx:
-        _take(module.out_proj, "weight", 0, idx["attn_out"])
-        _take(module.out_proj, "bias", 0, idx["attn_out"])
-        module.out_proj.out_features = len(keeps["attn_out"])
-    if heads is not None:
-        rows = torch.tensor([h * module.head_dim + i for h in heads for i in range(module.head_dim)])
-        for proj in (module.q_proj, module.k_proj, module.v_proj):
-            _take(proj, "weight", 0, rows)
-            _take(proj, "bias", 0, rows)
-            proj.out_features = len(rows)
-        _take(module.out_proj, "weight", 1, rows)
-        module.out_proj.in_features = len(rows)
-        module.num_heads = len(heads)
+@resizer(nn.Linear)
+def _linear(m, before):
+    m.out_features, m.in_features = m.weight.shape
+
+
+@resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(m, before):
+    old = before.get("weight", tuple(m.weight.shape))
+    if m.groups == old[0] and old[1] == 1:  # depthwise stays depthwise
+        m.groups = m.weight.shape[0]
+    m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+@resizer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(m, before):
+    m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+@resizer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+def _batch_norm(m, before):
+    m.num_features = next(t for t in (m.weight, m.running_mean) if t is not None).shape[0]
+
+
+@resizer(nn.LayerNorm, nn.RMSNorm)
+def _layer_norm(m, before):
+    m.normalized_shape = tuple(m.weight.shape)
+
+
+@resizer(nn.GroupNorm)
+def _group_norm(m, before):
+    m.num_channels = m.weight.shape[0]
+
+
+@resizer(nn.Embedding)
+def _embedding(m, before):
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+@resizer(Attention)
+def _attention(m, before):
+    m.embed_dim = m.q_proj.in_features
+    m.num_heads = m.q_proj.out_features // m.head_dim
+
+
+def _hf_conv1d(m, before):
+    m.nf = m.weight.shape[1]
+
+
+# Hugging Face's Conv1D (GPT-2) stores its weight (in, out) and reads `nf`; matched by name so that
+# pruning does not import transformers
+RESIZERS_BY_NAME = {"transformers.pytorch_utils.Conv1D": _hf_conv1d}

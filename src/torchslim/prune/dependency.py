@@ -1,0 +1,57 @@
+"""Build the dependency graph: capture the model, then read every node through its op's rule."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from torchslim.prune.capture import capture
+from torchslim.prune.graph import Graph, Info, PInfo, shape, where
+from torchslim.prune.rules import read_node
+
+
+def build(model: nn.Module, example, prune_heads: bool = True) -> Graph:
+    """Capture `model` on `example` (a tensor, a tuple of arguments or a dict of keyword arguments) and
+    follow its channels."""
+    program = capture(model, example)
+    sig = program.graph_signature
+    state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    g = Graph(model, prune_heads=prune_heads)
+    env: dict[fx.Node, object] = {}
+    for node in program.graph.nodes:
+        g.here = where(node) if node.op == "call_function" else ("", node.op, "")
+        if node.op == "placeholder":
+            env[node] = _placeholder(g, node, state)
+        elif node.op == "output":
+            g.here = ("", "output", "")
+            g.block([env.get(a) for a in _nodes(node.args)], "the model's outputs keep their width")
+        elif node.op == "call_function":
+            env[node] = read_node(g, node, env)
+    g.finish()
+    return g
+
+
+def _placeholder(g: Graph, node, state: dict[str, str]):
+    if node.name in state:
+        value = shape(node)
+        return PInfo(state[node.name], tuple(range(len(value)))) if value is not None else None
+    dims = shape(node)
+    val = node.meta.get("val")
+    if not dims or not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return None  # token ids, masks and other integer inputs carry no channels
+    info = Info(1 if len(dims) >= 4 else len(dims) - 1, g.new(dims[1 if len(dims) >= 4 else -1]))
+    g.here = ("", "input", "")
+    g.block(info, "the model's inputs keep their width")
+    return info
+
+
+def _nodes(args) -> list:
+    out = []
+    for a in args if isinstance(args, (list, tuple)) else [args]:
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += _nodes(a)
+        elif isinstance(a, dict):
+            out += _nodes(list(a.values()))
+    return out
