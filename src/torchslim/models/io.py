@@ -42,15 +42,32 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
     return model
 
 
+TIED_KEY = "torchslim.tied"
+
+
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write the state dict as safetensors (atomically: a temporary name, then rename), with the
     shape attributes of every layer so a pruned model reloads without re-running the pruning."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {**(metadata or {}), SHAPES_KEY: json.dumps(module_shapes(model))}
+    state, tied, seen = {}, {}, {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:  # a tied weight (input and output embeddings) is stored once
+            tied[k] = seen[id(v)]
+            continue
+        seen[id(v)] = k
+        state[k] = v.detach().contiguous().cpu()
+    metadata = {**(metadata or {}), SHAPES_KEY: json.dumps(module_shapes(model)), TIED_KEY: json.dumps(tied)}
     tmp = Path(f"{path}.tmp")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Weights saved once because they were one tensor become one tensor again."""
+    for key, source in tied.items():
+        src_owner, _, src_name = source.rpartition(".")
+        owner, _, name = key.rpartition(".")
+        setattr(model.get_submodule(owner), name, getattr(model.get_submodule(src_owner), src_name))
 
 
 def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None) -> nn.Module:
@@ -67,6 +84,8 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
             shapes = json.loads(meta.get(SHAPES_KEY, "{}"))
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
+        tied = json.loads(meta.get(TIED_KEY, "{}"))
+        state.update({k: state[source] for k, source in tied.items() if source in state})
         reshaped = apply_shapes(model, shapes, state)
         if changes is not None:
             changes.extend(reshaped)
@@ -88,4 +107,6 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise TorchslimError(f"Checkpoint {path} does not fit the model: {exc}") from None
+    if path.suffix == ".safetensors":
+        _tie(model, tied)
     return model

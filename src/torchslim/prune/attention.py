@@ -50,6 +50,7 @@ class Attention(nn.Module):
     # this module once heads or widths were pruned
     bias_k = bias_v = None
     add_zero_attn = False
+    merge_masks = nn.MultiheadAttention.merge_masks
 
     @property
     def _qkv_same_embed_dim(self) -> bool:

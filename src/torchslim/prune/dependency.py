@@ -18,7 +18,10 @@ def build(model: nn.Module, example, prune_heads: bool = True) -> Graph:
     state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     g = Graph(model, prune_heads=prune_heads)
     env: dict[fx.Node, object] = {}
+    live = _live(program.graph)
     for node in program.graph.nodes:
+        if node.op == "call_function" and node not in live:
+            continue  # computed and never used (a fast-path check that reads weights): no coupling
         g.here = where(node) if node.op == "call_function" else ("", node.op, "")
         if node.op == "placeholder":
             env[node] = _placeholder(g, node, state)
@@ -29,6 +32,20 @@ def build(model: nn.Module, example, prune_heads: bool = True) -> Graph:
             env[node] = read_node(g, node, env)
     g.finish()
     return g
+
+
+def _live(graph: fx.Graph) -> set:
+    """Nodes the outputs depend on (in-place ops count as used: they change a tensor that is)."""
+    live: set = set()
+    stack = [n for n in graph.nodes if n.op == "output" or
+             (n.op == "call_function" and hasattr(n.target, "name") and n.target.name().split(".")[0].endswith("_")
+              and not n.target.name().split(".")[0].endswith("__"))]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
 
 
 def _placeholder(g: Graph, node, state: dict[str, str]):

@@ -51,8 +51,13 @@ def read_node(g: Graph, node, env):
     if fn is not None:
         return fn(g, node, args, kwargs)
     tracked = [v for v in _leaves((args, kwargs)) if isinstance(v, (Info, PInfo))]
-    if tracked:
-        g.block(tracked, f"`{name}` is not understood by the dependency analysis")
+    if not tracked:
+        return None
+    why = f"`{name}` is not understood by the dependency analysis"
+    g.block(tracked, why)
+    first, out = args[0] if args else None, shape(node)
+    if isinstance(first, Info) and out is not None and out == _in_shape(node):
+        return _fresh(g, first.dim, len(first.slots), why)  # kept, but later ops can still place it
     return None
 
 

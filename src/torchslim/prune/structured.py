@@ -90,10 +90,11 @@ def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> tuple[list[Group], lis
             if matches(use.module, ignore) and r not in blocked:
                 blocked.add(r)
                 reasons.setdefault(r, []).append(graph_mod.Reason("listed in `ignore`", use.module, "ignore", ""))
-    for slots, _ in g.constraints:  # constraints spanning several groups cannot be honoured: keep those
+    for slots, _ in g.constraints:  # equal removal per block cannot be honoured across groups: keep those
         roots = {g.find(s) for s in slots}
-        if len({frozenset(producers.get(r, ())) for r in roots}) > 1:
-            why = graph_mod.Reason("a grouped layer couples channels of different groups", "", "grouped", "")
+        if len({frozenset(producers.get(r, ())) for r in roots}) > 1 or roots & blocked:
+            why = graph_mod.Reason("equal removal from every block of a grouped layer or an even split "
+                                   "cannot be kept across groups (or part of it is kept)", "", "grouped", "")
             for r in roots - blocked:
                 reasons.setdefault(r, []).append(why)
             blocked |= roots
@@ -106,9 +107,11 @@ def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> tuple[list[Group], lis
         else:
             families.setdefault(key, Group(key, [])).roots.append(r)
     _attach_members(g, families, use_roots)
-    _attach_blocks(g, families)
-    return list(families.values()), [Kept(key, len(roots), _reason_texts(roots, reasons))
-                                     for key, roots in kept.items()]
+    unbalanced = _attach_blocks(g, families)
+    groups = [grp for grp in families.values() if grp not in unbalanced]
+    return groups, [Kept(key, len(roots), _reason_texts(roots, reasons)) for key, roots in kept.items()] + \
+        [Kept(grp.producers, len(grp.roots), ["grouped: channels span the blocks of an even split unevenly"])
+         for grp in unbalanced]
 
 
 def _reason_texts(roots, reasons) -> list[str]:
@@ -136,17 +139,32 @@ def _attach_members(g, families, use_roots) -> None:
                 grp.unit = max(grp.unit, max(len(p) for p in per_root))
 
 
-def _attach_blocks(g, families) -> None:
+def _attach_blocks(g, families) -> list[Group]:
+    """Equal removal per block (grouped convolutions, even channel splits). A group whose channels each
+    sit in one block removes the same number from every block; one whose channels (heads) span every
+    block evenly keeps the balance whatever goes; anything else is kept whole. Returns those kept."""
     index = {r: (grp, i) for grp in families.values() for i, r in enumerate(grp.roots)}
+    unbalanced = []
     for slots, blocks in g.constraints:
         size = len(slots) // blocks
+        counts: dict[int, dict[int, list[int]]] = {}
         for pos, s in enumerate(slots):
             r = g.find(s)
             if r in index:
                 grp, i = index[r]
+                counts.setdefault(id(grp), {}).setdefault(i, [0] * blocks)[pos // size] += 1
+        for gid, per_root in counts.items():
+            grp = next(v for v in families.values() if id(v) == gid)
+            if all(len(set(c)) == 1 for c in per_root.values()):
+                continue  # every channel spans all blocks alike
+            if all(sum(1 for n in c if n) == 1 for c in per_root.values()):
                 if grp.blocks is None:
                     grp.blocks, grp.n_blocks = [0] * len(grp.roots), blocks
-                grp.blocks[i] = pos // size
+                for i, c in per_root.items():
+                    grp.blocks[i] = next(b for b, n in enumerate(c) if n)
+            elif grp not in unbalanced:
+                unbalanced.append(grp)
+    return unbalanced
 
 
 def _keep_count(n: int, ratio: float, min_channels: int, round_to: int, n_blocks: int) -> int:
@@ -252,21 +270,27 @@ def _retie(model: nn.Module, tensors: dict) -> None:
     by_id: dict[int, list[str]] = {}
     for key, t in tensors.items():
         by_id.setdefault(id(t), []).append(key)
+    current = lambda key: getattr(model.get_submodule(key.rpartition(".")[0]), key.rpartition(".")[2])  # noqa: E731
     for keys in by_id.values():
-        first_owner, _, first_name = keys[0].rpartition(".")
-        source = getattr(model.get_submodule(first_owner), first_name)
-        for key in keys[1:]:
-            owner, _, name = key.rpartition(".")
-            setattr(model.get_submodule(owner), name, source)
+        fresh = [current(k) for k in keys if current(k) is not tensors[k]]
+        if len(keys) > 1 and fresh:
+            for key in keys:
+                owner, _, name = key.rpartition(".")
+                setattr(model.get_submodule(owner), name, fresh[0])
 
 
 def _resize_heads(model: nn.Module, p: Plan) -> None:
+    """Head counts the code reads from attributes; every attribute changes once (query heads first,
+    then key/value heads under grouped-query attention)."""
     removed_roots = {grp.roots[i] for grp in p.groups for i in grp.remove}
-    for split in p.splits:
+    done: dict[str, set[str]] = {}
+    for split in sorted(p.splits, key=lambda s: -len(s.slots)):
         gone = sum(1 for s in split.slots if s in removed_roots)
         if gone and split.module:
             module = model.get_submodule(split.module)
-            resize_heads(module, len(split.slots), len(split.slots) - gone, split.unit)
+            changed = resize_heads(module, len(split.slots), len(split.slots) - gone, split.unit,
+                                   skip=done.setdefault(split.module, set()))
+            done[split.module].update(changed)
 
 
 def taylor_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int = 4) -> None:

@@ -10,12 +10,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from torchslim.models.shapes import _attrs_for, register_shape_attrs
 from torchslim.prune.attention import Attention
 
 RESIZERS: dict[type, Callable[[nn.Module, dict], None]] = {}
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "num_key_value_heads",
                "num_kv_heads", "n_kv_heads", "num_attention_heads_per_partition")
-HEAD_WIDTHS = ("all_head_size", "inner_dim", "inner_size")
+HEAD_WIDTHS = ("all_head_size", "inner_dim", "inner_size", "split_size")
 
 
 def resizer(*types: type):
@@ -66,17 +67,20 @@ def resize(module: nn.Module, before: dict[str, tuple]) -> None:
             return
 
 
-def resize_heads(module: nn.Module, old: int, new: int, unit: int) -> list[str]:
-    """Head counts and head widths of an attention module whose code reads them from attributes."""
+def resize_heads(module: nn.Module, old: int, new: int, unit: int, skip: set[str] = frozenset()) -> list[str]:
+    """Head counts and head widths of an attention module whose code reads them from attributes; the
+    attributes changed are recorded beside the weights, so the module rebuilds on load."""
     changed = []
     for attr in HEAD_COUNTS:
-        if getattr(module, attr, None) == old:
+        if attr not in skip and getattr(module, attr, None) == old:
             setattr(module, attr, new)
             changed.append(attr)
     for attr in HEAD_WIDTHS:
-        if getattr(module, attr, None) == old * unit:
+        if attr not in skip and getattr(module, attr, None) == old * unit:
             setattr(module, attr, new * unit)
             changed.append(attr)
+    if changed and _attrs_for(module) is None:
+        register_shape_attrs(type(module), tuple(a for a in HEAD_COUNTS + HEAD_WIDTHS if hasattr(module, a)))
     return changed
 
 
@@ -126,6 +130,8 @@ def _attention(m, before):
 
 def _hf_conv1d(m, before):
     m.nf = m.weight.shape[1]
+    if _attrs_for(m) is None:
+        register_shape_attrs(type(m), ("nf",))
 
 
 # Hugging Face's Conv1D (GPT-2) stores its weight (in, out) and reads `nf`; matched by name so that
