@@ -1,4 +1,5 @@
 
+import json
 import pytest
 
 from conftest import assert_resume_matches
@@ -81,3 +82,51 @@ def test_unstructured_stage_leaves_no_gradient_hooks(tmp_path, tiny_recipe):
     pruned, retrained = report["stages"][2]["metrics"], report["stages"][3]["metrics"]
     assert pruned["nonzero_params"] < 0.6 * pruned["params"]
     assert retrained["nonzero_params"] > 0.95 * retrained["params"]  # zeros were free to move again
+
+
+ODD_MODEL = '''import torch
+from torch import nn
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(1, 16, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = torch.cat([torch.atan(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.head(y.mean((2, 3)))
+
+
+def build():
+    return Odd()
+'''
+
+
+def test_cli_and_html_say_which_op_and_line_kept_a_group(tmp_path, tiny_recipe, capsys, monkeypatch):
+    import sys
+
+    import yaml
+
+    from torchslim import cli
+    (tmp_path / "odd_model.py").write_text(ODD_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny_recipe["model"] = {"entrypoint": "odd_model:build"}
+    tiny_recipe["data"].update(train_subset=256, eval_subset=100)
+    tiny_recipe["stages"] = [{"train": {"epochs": 1}}, {"prune": {"method": "structured", "ratio": 0.5,
+                                                                  "round_to": 1}}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    monkeypatch.setattr(sys, "argv", ["torchslim", "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    text = capsys.readouterr()
+    text = text.out + text.err
+    assert info.value.code in (0, None), text
+    assert "2 kept whole" in text and "atan" in text and "odd_model.py:12 `y = torch.cat([torch.atan" in text, text
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows = {r["layer"]: r for r in report["stages"][2]["layers"]}
+    assert rows["b"]["after"] == 8 and rows["a"]["after"] == 16
+    assert "atan" in rows["a"]["why_kept"] and "odd_model.py:12" in rows["a"]["why_kept"]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "why kept" in html and "atan" in html

@@ -22,6 +22,8 @@ from torchslim.registry import register_stage
 from torchslim.results import Restructured
 from torchslim.io import atomic_write_text
 from torchslim.train import TrainConfig, epoch_loader
+from rich.markup import escape
+
 from torchslim.log import console
 
 
@@ -142,7 +144,9 @@ def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
                  cfg.channel_multiple, cfg.prune_heads)
         apply_plan(model, p)
         model.zero_grad(set_to_none=True)
-        return {"notes": p.notes}
+        console.log(escape(p.summary()))
+        return {"notes": p.notes, "kept": [{"layers": list(k.producers), "channels": k.channels,
+                                            "reasons": k.reasons} for k in p.kept]}
     if cfg.method == "nm":
         masks = unstructured.nm_masks(model, cfg.n, cfg.m, cfg.ignore)
     else:
@@ -203,8 +207,10 @@ def prune(model, cfg: PruneConfig, ctx):
         ctx.stage_info["pruned"] = [r for s in steps for r in s["encoder"]]
     if cfg.method == "structured":
         after = _widths(model)
-        ctx.stage_info.update(notes=notes, layers=[
-            {"layer": name, "before": w, "after": after[name], "sparsity": 1 - after[name] / w}
+        kept = steps[0].get("kept", [])
+        ctx.stage_info.update(notes=notes, kept=kept, layers=[
+            {"layer": name, "before": w, "after": after[name], "sparsity": 1 - after[name] / w,
+             **({"why_kept": why} if after[name] == w and (why := _why_kept(name, kept)) else {})}
             for name, w in widths_before.items()])
     else:
         ctx.stage_info.update(layers=unstructured.layer_sparsity(model), note=(
@@ -214,6 +220,15 @@ def prune(model, cfg: PruneConfig, ctx):
         return Restructured(model, architecture={**ctx.architecture, "ops": [
             *ctx.architecture.get("ops", []), {"layer_shapes": steps[-1]["layer_shapes"]}]})
     return model
+
+
+def _why_kept(layer: str, kept: list[dict]) -> str | None:
+    """The first reason the analysis gave for keeping the channels `layer` produces."""
+    name = layer.removesuffix(" (heads)")
+    for k in kept:
+        if any(p == name or p.startswith(name + ".") for p in k["layers"]):
+            return k["reasons"][0]
+    return None
 
 
 def _widths(model) -> dict[str, int]:

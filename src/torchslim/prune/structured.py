@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from rich.markup import escape
+
 from torchslim.log import console
 from torchslim.paths import matches
 from torchslim.prune import graph as graph_mod
@@ -332,7 +334,7 @@ def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
     check_runs(model, example_inputs)
     object.__setattr__(model, "torchslim_prune_plan", p)
     if verbose:
-        console.log(p.summary())
+        console.log(escape(p.summary()))
     return model
 
 
