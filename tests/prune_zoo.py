@@ -239,7 +239,8 @@ def _text(batch: int, length: int, vocab: int = 1000) -> dict:
 
 
 def _lm(batch: int, length: int, vocab: int = 1000) -> dict:
-    return {**_text(batch, length, vocab), "use_cache": False}
+    """What a user passes a causal LM: ids and mask (its key/value cache on, as by default)."""
+    return _text(batch, length, vocab)
 
 
 def _image(batch: int, size: int) -> torch.Tensor:
@@ -262,9 +263,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], object], int]
                                   n_heads=4, hidden_dim=128, max_position_embeddings=128), _text, 128),
     "hf-roberta": (lambda: _hf("RobertaForSequenceClassification", "RobertaConfig", **{**SMALL_TEXT, "max_position_embeddings": 160}),
                    _text, 128),
-    "hf-vit": (lambda: _hf("ViTForImageClassification", "ViTConfig", image_size=32, patch_size=8, hidden_size=64,
+    "hf-vit": (lambda: _hf("ViTForImageClassification", "ViTConfig", image_size=224, patch_size=16, hidden_size=64,
                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10),
-               _pixels, 32),
+               _pixels, 224),
     "hf-resnet": (lambda: _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=16,
                               hidden_sizes=[32, 64], depths=[1, 1], num_labels=10), _pixels, 224),
     "hf-convnext": (lambda: _hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[32, 64],
@@ -278,11 +279,14 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], object], int]
     "efficientnet": (EfficientNetish, _image, 224),
     "shufflenet": (ShuffleNetish, _image, 224),
     "unet": (UNet, _image, 224),
-    "vit-qkv": (ViT, _image, 32),
+    "vit-qkv": (lambda: ViT(image=224, patch=16), _image, 224),
     "se-resnet-none": (lambda: SEResNet("none"), _image, 224),
     "se-resnet-unsqueeze": (lambda: SEResNet("unsqueeze"), _image, 224),
     "se-resnet-view": (lambda: SEResNet("view"), _image, 224),
 }
+
+
+FIXED_SIZE = {"hf-vit", "vit-qkv"}  # learned positions fix the image size
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -291,8 +295,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 
 def example(name: str, batch: int = 2, size: int | None = None):
-    _, make, default = ZOO[name]
-    small = 16 if make in (_text, _lm) or name == "torch-transformer" else 32
+    _, make, realistic = ZOO[name]
+    small = realistic if name in FIXED_SIZE else 16 if make in (_text, _lm) or name == "torch-transformer" else 32
     return make(batch, size or small)
 
 

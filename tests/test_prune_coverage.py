@@ -112,3 +112,44 @@ def test_a_group_kept_whole_names_the_module_op_and_line():
     kept = next(k for k in p.kept if k.producers == ("a",))
     assert "special_i0" in kept.reasons[0] and "test_prune_coverage.py:" in kept.reasons[0]
     assert "special_i0" in p.summary()
+
+
+HF_UNIFORM = ["hf-bert", "hf-distilbert", "hf-roberta", "hf-vit", "hf-gpt2", "hf-llama-gqa", "hf-qwen2"]
+FROM_PRETRAINED = """
+import json, sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from prune_zoo import example, run
+diffs = {{}}
+for name, cls in {classes!r}.items():
+    model = getattr(transformers, cls).from_pretrained({out!r} + "/" + name).eval()
+    diffs[name] = float((run(model, example(name)) - torch.load({out!r} + f"/{{name}}.pt")).abs().max())
+print(json.dumps(diffs))
+"""
+
+
+def test_hugging_face_models_pruned_uniformly_round_trip_through_from_pretrained(tmp_path):
+    classes = {}
+    for name in HF_UNIFORM:
+        model, x = build(name), example(name)
+        heads, hidden = model.config.num_attention_heads, model.config.hidden_size
+        structured(model, x, ratio=0.5, verbose=False)
+        assert model.torchslim_prune_plan.config.startswith("config updated"), model.torchslim_prune_plan.config
+        assert (model.config.num_attention_heads, model.config.hidden_size) == (heads // 2, hidden // 2)
+        model.save_pretrained(tmp_path / name)
+        torch.save(run(model, x), tmp_path / f"{name}.pt")
+        classes[name] = type(model).__name__
+    code = FROM_PRETRAINED.format(tests=str(TESTS), out=str(tmp_path), classes=classes)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    diffs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert diffs == {name: 0.0 for name in HF_UNIFORM}
+
+
+def test_a_hugging_face_model_pruned_unevenly_keeps_its_config_and_says_why():
+    model, x = build("hf-bert"), example("hf-bert")
+    config = model.config.to_dict()
+    structured(model, x, ratio={"bert.encoder.layer.0.*": 0.5, "default": 0.0}, verbose=False)
+    assert model.bert.encoder.layer[0].intermediate.dense.out_features < config["intermediate_size"]
+    assert model.bert.encoder.layer[1].intermediate.dense.out_features == config["intermediate_size"]
+    assert model.config.to_dict() == config
+    assert "differ between layers" in model.torchslim_prune_plan.config

@@ -6,6 +6,7 @@ source line. A model that cannot be captured is an error naming the module and t
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 
@@ -26,6 +27,8 @@ def _split(example) -> tuple[tuple, dict]:
 def capture(model: nn.Module, example) -> torch.export.ExportedProgram:
     """The ATen graph of `model` on `example` (its parameters and buffers are graph inputs)."""
     args, kwargs = _split(example)
+    if "use_cache" in _parameters(model) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False  # a key/value cache is not part of the computation, and not a tensor
     was_training = model.training
     model.eval()
     try:
@@ -35,6 +38,13 @@ def capture(model: nn.Module, example) -> torch.export.ExportedProgram:
         raise TorchslimError(_explain(model, exc)) from None
     finally:
         model.train(was_training)
+
+
+def _parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _explain(model: nn.Module, exc: Exception) -> str:

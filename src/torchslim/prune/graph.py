@@ -66,7 +66,7 @@ class Reason:
 @dataclass
 class HeadSplit:
     """A reshape that split channels into (heads, head size) inside `module`; `slots` holds one slot per
-    head (after unification, one root per head) and `unit` the positions of one head."""
+    head (the plan holds them resolved to their roots) and `unit` the positions of one head."""
     module: str
     slots: list[int]
     unit: int

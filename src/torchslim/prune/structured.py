@@ -21,6 +21,7 @@ from rich.markup import escape
 from torchslim.log import console
 from torchslim.paths import matches
 from torchslim.prune import graph as graph_mod
+from torchslim.prune import hf_config
 from torchslim.prune.attention import convert_attention
 from torchslim.prune.dependency import build
 from torchslim.prune.importance import CRITERIA, PRODUCING
@@ -58,6 +59,7 @@ class Plan:
     kept: list[Kept]
     splits: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config: str | None = None  # what became of a Hugging Face model's config
 
     def summary(self, top: int = 3) -> str:
         """One line per kept group's top reason, most common first."""
@@ -67,6 +69,7 @@ class Plan:
                 counts[r] = counts.get(r, 0) + 1
         lines = [f"{len(self.groups)} groups of channels pruned, {len(self.kept)} kept whole"]
         lines += [f"  kept ({n}x): {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+        lines += [f"  {self.config}"] if self.config else []
         return "\n".join(lines)
 
 
@@ -215,7 +218,8 @@ def plan(model: nn.Module, example_inputs, ratio: float | dict = 0.5, importance
         keep = _keep_count(len(grp.roots), share, min_channels if grp.unit == 1 else 1, multiple, grp.n_blocks)
         grp.remove = _choose(grp, scores[id(grp)], keep)
     notes = [f"{', '.join(k.producers[:2])}: {k.channels} channels kept ({k.reasons[0]})" for k in kept]
-    return Plan(groups, kept, g.splits, notes)
+    splits = [graph_mod.HeadSplit(sp.module, [g.find(x) for x in sp.slots], sp.unit) for sp in g.splits]
+    return Plan(groups, kept, splits, notes)
 
 
 def _global_shares(groups, scores, ratio: float) -> dict[int, float]:
@@ -329,24 +333,49 @@ def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
         taylor_gradients(model, data, loss_fn)
     model.eval()
     p = plan(model, example_inputs, ratio, importance, ignore, global_ranking, min_channels, round_to, prune_heads)
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     apply(model, p)
     model.zero_grad(set_to_none=True)
     check_runs(model, example_inputs)
+    p.config = hf_config.update(model, before, head_counts(p), lambda m: main_output(m, example_inputs))
+    if p.config:
+        p.notes.append(p.config)
     object.__setattr__(model, "torchslim_prune_plan", p)
     if verbose:
         console.log(escape(p.summary()))
     return model
 
 
-def check_runs(model: nn.Module, example_inputs) -> None:
-    """The pruned model must still run on the example; if its code hard-codes a width the analysis
-    could not see, say which layer."""
+def head_counts(p: Plan) -> dict[int, set[int]]:
+    """Heads before -> the head counts they became, over every split of the plan."""
+    removed_roots = {grp.roots[i] for grp in p.groups for i in grp.remove}
+    counts: dict[int, set[int]] = {}
+    for split in p.splits:
+        counts.setdefault(len(split.slots), set()).add(len(split.slots) - sum(s in removed_roots for s in split.slots))
+    return counts
+
+
+def _call(model: nn.Module, example_inputs):
     args, kwargs = (((), example_inputs) if isinstance(example_inputs, dict) else
                     ((tuple(example_inputs), {}) if isinstance(example_inputs, (list, tuple))
                      else ((example_inputs,), {})))
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def main_output(model: nn.Module, example_inputs) -> torch.Tensor:
+    """The first tensor the model returns (logits or last hidden state for Hugging Face outputs)."""
+    out = _call(model, example_inputs)
+    while not isinstance(out, torch.Tensor):
+        out = next(v for v in (out.values() if isinstance(out, dict) else out) if v is not None)
+    return out
+
+
+def check_runs(model: nn.Module, example_inputs) -> None:
+    """The pruned model must still run on the example; if its code hard-codes a width the analysis
+    could not see, say which layer."""
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
+        _call(model, example_inputs)
     except Exception as exc:
         raise TorchslimError(f"the pruned {type(model).__name__} no longer runs ({type(exc).__name__}: "
                              f"{str(exc).strip().splitlines()[0][:200]}). A layer's code probably uses a fixed "
