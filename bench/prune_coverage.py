@@ -139,7 +139,7 @@ def latencies(models: dict[str, nn.Module], inputs, tmp: Path, threads: int, rou
         path = tmp / f"{label}.onnx"
         export_inputs(MainOutput(model, names).eval(), path, args, names or ["input"],
                       [{0: "batch"} for _ in args], exporter="dynamo")
-        session = ort_session(path, threads)
+        session = ort_session(path, threads, spinning=False)  # idle threads must not take the cores from the next session
         feed = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
         calls[label] = (lambda s=session, f=feed: s.run(None, f))
     return interleaved(calls, rounds=rounds, warmup=3)

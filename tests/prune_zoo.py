@@ -181,10 +181,27 @@ class QKVAttention(nn.Module):
         return self.proj(out)
 
 
-class ViTBlock(nn.Module):
+class FusedQKVAttention(nn.Module):
+    """timm's attention: one qkv projection reshaped to (3, heads, head size), q/k/v unbound, and the
+    result reshaped to the *input's* width."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), QKVAttention(dim, heads)
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, fused: bool = False):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), (FusedQKVAttention if fused else QKVAttention)(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -194,15 +211,15 @@ class ViTBlock(nn.Module):
 
 
 class ViT(nn.Module):
-    """Patch embedding, class token, learned positions, separate q/k/v projections."""
+    """Patch embedding, class token, learned positions, separate q/k/v projections (or timm's fused one)."""
 
     def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
-                 classes: int = 10):
+                 classes: int = 10, fused: bool = False):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*[ViTBlock(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, fused) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, x):
@@ -280,13 +297,14 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], object], int]
     "shufflenet": (ShuffleNetish, _image, 224),
     "unet": (UNet, _image, 224),
     "vit-qkv": (lambda: ViT(image=224, patch=16), _image, 224),
+    "vit-fused-qkv": (lambda: ViT(image=224, patch=16, fused=True), _image, 224),
     "se-resnet-none": (lambda: SEResNet("none"), _image, 224),
     "se-resnet-unsqueeze": (lambda: SEResNet("unsqueeze"), _image, 224),
     "se-resnet-view": (lambda: SEResNet("view"), _image, 224),
 }
 
 
-FIXED_SIZE = {"hf-vit", "vit-qkv"}  # learned positions fix the image size
+FIXED_SIZE = {"hf-vit", "vit-qkv", "vit-fused-qkv"}  # learned positions fix the image size
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -153,3 +153,25 @@ def test_a_hugging_face_model_pruned_unevenly_keeps_its_config_and_says_why():
     assert model.bert.encoder.layer[1].intermediate.dense.out_features == config["intermediate_size"]
     assert model.config.to_dict() == config
     assert "differ between layers" in model.torchslim_prune_plan.config
+
+
+def test_a_fused_qkv_projection_loses_whole_heads_from_q_k_and_v():
+    model, x = build("vit-fused-qkv"), example("vit-fused-qkv")
+    structured(model, x, ratio=0.5, verbose=False)
+    attn = model.blocks[0].attn
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * attn.head_dim == 96
+    assert attn.proj.in_features == 32
+
+
+def test_a_layer_whose_code_fixes_a_width_keeps_its_channels_and_says_where():
+    """timm's attention reshapes its output to its input's width: at ratio 0.3 the hidden size (64 -> 45)
+    and the heads (4 x 16 -> 3 x 16) disagree, so the pruned copy fails there; that layer type keeps
+    its channels, the rest is pruned, and the plan names the class and the line."""
+    model, x = build("vit-fused-qkv"), example("vit-fused-qkv")
+    reference_shape = run(model, x).shape
+    structured(model, x, ratio=0.3, verbose=False)
+    assert run(model, x).shape == reference_shape
+    assert model.blocks[0].attn.qkv.weight.shape == (192, 64)
+    assert model.blocks[0].mlp[0].out_features < 256
+    reasons = [r for k in model.torchslim_prune_plan.kept for r in k.reasons if "run check" in r]
+    assert reasons and "FusedQKVAttention" in reasons[0] and "prune_zoo.py:" in reasons[0]

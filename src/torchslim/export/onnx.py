@@ -96,6 +96,18 @@ def _frozen_branches(caught: list) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _no_fused_encoder():
+    """PyTorch's `nn.TransformerEncoderLayer` / `nn.MultiheadAttention` run one fused kernel at
+    inference that neither exporter can translate; the layer-by-layer path computes the same."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], axes: list[dict[int, str]],
                   exporter: str = "dynamo", opset: int = 18) -> Path:
     """Export a model of several inputs (`names`), each with its dynamic axes ({axis: label}, labels
@@ -117,7 +129,7 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
     for which in order:
         caught: list = []
         try:
-            with _quiet(), torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            with _quiet(), torch.no_grad(), _no_fused_encoder(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 EXPORTERS[which](model, args, tmp, names, axes, opset)
         except Exception as exc:  # each exporter raises its own error types; report them together

@@ -51,7 +51,7 @@ def _explain(model: nn.Module, exc: Exception) -> str:
     names = {id(m): n for n, m in model.named_modules()}
     module, code = "", ""
     for frame, lineno in traceback.walk_tb(exc.__traceback__ or sys.exc_info()[2]):
-        owner = frame.f_locals.get("self")
+        owner = frame.f_locals.get(frame.f_code.co_varnames[0]) if frame.f_code.co_argcount else None
         if isinstance(owner, nn.Module) and id(owner) in names:
             module = names[id(owner)] or "<model>"
             code = f"{frame.f_code.co_filename.rpartition('/')[2]}:{lineno}"

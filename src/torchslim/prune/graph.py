@@ -27,6 +27,15 @@ class Info:
 
 
 @dataclass
+class Stack:
+    """Channel sets stacked along `dim`: a fused q/k/v projection reshaped to (..., 3, heads, head
+    size). Item i (an Info in the whole tensor's dimensions) is what index i of `dim` holds; picking
+    one (`unbind`, `select`) gives it back as an ordinary activation."""
+    dim: int
+    items: list[Info]
+
+
+@dataclass
 class PInfo:
     """A parameter or buffer (state-dict key), seen through view-like ops: for each dimension of the
     current tensor, the parameter's dimension it is (None for a dimension the ops added)."""
@@ -157,7 +166,9 @@ class Graph:
 
 
 def _leaves(values):
-    if isinstance(values, (list, tuple)):
+    if isinstance(values, Stack):
+        yield from values.items
+    elif isinstance(values, (list, tuple)):
         for v in values:
             yield from _leaves(v)
     elif isinstance(values, dict):

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import fx
 
-from torchslim.prune.graph import Graph, HeadSplit, Info, PInfo, _leaves, shape
+from torchslim.prune.graph import Graph, HeadSplit, Info, PInfo, Stack, _leaves, shape
 
 RULES: dict[str, Callable] = {}
 
@@ -48,6 +48,10 @@ def read_node(g: Graph, node, env):
     args = [_value(a, env) for a in node.args]
     kwargs = {k: _value(v, env) for k, v in node.kwargs.items()}
     fn = RULES.get(name)
+    stacks = list(_stacks((args, kwargs)))
+    if stacks and name not in STACK_AWARE:
+        g.block(stacks, f"`{name}` on the stacked parts of a fused projection")
+        return None
     if fn is not None:
         return fn(g, node, args, kwargs)
     tracked = [v for v in _leaves((args, kwargs)) if isinstance(v, (Info, PInfo))]
@@ -59,6 +63,20 @@ def read_node(g: Graph, node, env):
     if isinstance(first, Info) and out is not None and out == _in_shape(node):
         return _fresh(g, first.dim, len(first.slots), why)  # kept, but later ops can still place it
     return None
+
+
+STACK_AWARE = {"permute", "permute_copy", "transpose", "swapaxes", "swapdims", "movedim", "select", "unbind",
+               "getitem", "clone", "contiguous", "detach", "alias", "_assert_tensor_metadata"}
+
+
+def _stacks(values):
+    if isinstance(values, Stack):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from _stacks(v)
+    elif isinstance(values, dict):
+        yield from _stacks(list(values.values()))
 
 
 def _arg(node, args, kwargs, i: int, key: str, default=None):
@@ -103,7 +121,7 @@ def _unary(g, node, args, kwargs):
     if op_name(node) != "type_as" and any(isinstance(a, fx.Node) for a in node.args[1:]):
         return _binary(g, node, args, kwargs)
     x = args[0]
-    if isinstance(x, (Info, PInfo)) and shape(node) == _in_shape(node):
+    if isinstance(x, (Info, PInfo, Stack)) and shape(node) == _in_shape(node):
         return x
     if isinstance(x, (Info, PInfo)):
         g.block(x, "changes the shape of its input")
@@ -228,8 +246,10 @@ def reshape_info(g: Graph, x: Info, ins, out):
         while k < len(out) and acc < unit:
             acc *= out[k]
             k += 1
-        if acc == unit:
+        if acc == unit and k == j + 2:
             return _split_heads(g, x, out[j], unit, j)
+        if acc == unit and k == j + 3:  # (parts, heads, head size): a fused q/k/v projection
+            return _stack_heads(g, x, out[j], out[j + 1], out[j + 2], j)
     rest, k = 1, x.dim + 1
     while k < len(ins) and width * rest < out[j]:
         rest *= ins[k]
@@ -248,6 +268,12 @@ def _split_heads(g: Graph, x: Info, heads: int, unit: int, dim: int):
     reps = [m[0] for m in groups]
     g.splits.append(HeadSplit(g.here[0], reps, unit))
     return Info(dim, reps)
+
+
+def _stack_heads(g: Graph, x: Info, parts: int, heads: int, unit: int, dim: int):
+    width = heads * unit
+    return Stack(dim, [_split_heads(g, Info(dim + 1, x.slots[i * width:(i + 1) * width]), heads, unit, dim + 1)
+                       for i in range(parts)])
 
 
 def _stop(g, x, why: str):
@@ -291,6 +317,8 @@ def _expand(g, node, args, kwargs):
 
 
 def _permuted(x, perm):
+    if isinstance(x, Stack):
+        return Stack(perm.index(x.dim), [_permuted(i, perm) for i in x.items])
     if isinstance(x, Info):
         return Info(perm.index(x.dim), x.slots)
     if isinstance(x, PInfo):
@@ -336,6 +364,8 @@ def _slice(g, node, args, kwargs):
 def _select(g, node, args, kwargs):
     x, ins = args[0], _in_shape(node)
     dim = int(args[1]) % len(ins)
+    if isinstance(x, Stack):
+        return _unstacked(g, x, dim, [int(args[2]) % ins[dim]])[0]
     if isinstance(x, Info):
         return Info(x.dim - (dim < x.dim), x.slots) if dim != x.dim else _stop(g, x, "selects one channel")
     if isinstance(x, PInfo):
@@ -392,11 +422,20 @@ def _split(g, node, args, kwargs):
 def _unbind(g, node, args, kwargs):
     x, ins = args[0], _in_shape(node)
     dim = int(_arg(node, args, kwargs, 1, "dim", 0)) % len(ins)
+    if isinstance(x, Stack):
+        return _unstacked(g, x, dim, range(ins[dim]))
     if isinstance(x, Info) and dim != x.dim:
         return [Info(x.dim - (dim < x.dim), x.slots)] * ins[dim]
     if isinstance(x, (Info, PInfo)):
         g.block(x, "unbinds the channel dimension")
     return [None] * ins[dim]
+
+
+def _unstacked(g: Graph, x: Stack, dim: int, picks) -> list:
+    """Picking parts out of a stack along its stacking dimension gives the parts themselves."""
+    if dim != x.dim:
+        return [_stop(g, x, "indexes a fused projection's stacked parts along another dimension")] * len(picks)
+    return [Info(x.items[i].dim - (dim < x.items[i].dim), x.items[i].slots) for i in picks]
 
 
 @rule("getitem")

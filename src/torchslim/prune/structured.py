@@ -8,7 +8,9 @@ decides how many go from each group, and surgery.py cuts every tensor the decisi
 
 from __future__ import annotations
 
+import copy
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -83,9 +85,15 @@ def _root_reasons(g: graph_mod.Graph) -> dict[int, list]:
     return out
 
 
-def _groups(g: graph_mod.Graph, ignore: Sequence[str]) -> tuple[list[Group], list[Kept]]:
+def _groups(g: graph_mod.Graph, ignore: Sequence[str], keep: dict[str, graph_mod.Reason]) -> tuple[list[Group], list[Kept]]:
     use_roots = [(u, [g.find(s) for s in u.slots]) for u in g.uses]
     blocked, reasons = g.blocked_roots(), _root_reasons(g)
+    for use, roots in use_roots:
+        owner = next((k for k in keep if use.module == k or use.module.startswith(k + ".")), None)
+        for r in roots if owner is not None else ():
+            if r not in blocked:
+                blocked.add(r)
+                reasons.setdefault(r, []).append(keep[owner])
     producers: dict[int, set[str]] = {}
     for use, roots in use_roots:
         if use.role not in PRODUCING:
@@ -207,9 +215,16 @@ def plan(model: nn.Module, example_inputs, ratio: float | dict = 0.5, importance
          round_to: int = 1, prune_heads: bool = True) -> Plan:
     """Decide what to remove, without touching the model's tensors. `example_inputs` is a tensor, a
     tuple of positional arguments or a dict of keyword arguments (a Hugging Face model's inputs)."""
+    return decide(build(model, example_inputs, prune_heads), ratio, importance, ignore, global_ranking,
+                  min_channels, round_to)
+
+
+def decide(g: graph_mod.Graph, ratio: float | dict = 0.5, importance: str | Callable = "l1",
+           ignore: Sequence[str] | None = None, global_ranking: bool = False, min_channels: int = 1,
+           round_to: int = 1, keep: dict[str, graph_mod.Reason] | None = None) -> Plan:
+    """The plan for a captured graph; every channel any tensor of a module in `keep` touches is kept."""
     criterion = CRITERIA[importance] if isinstance(importance, str) else importance
-    g = build(model, example_inputs, prune_heads)
-    groups, kept = _groups(g, list(ignore or []))
+    groups, kept = _groups(g, list(ignore or []), keep or {})
     scores = {id(grp): criterion(grp) for grp in groups}
     shares = _global_shares(groups, scores, float(ratio)) if global_ranking and not isinstance(ratio, dict) else {}
     for grp in groups:
@@ -332,11 +347,12 @@ def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
             raise TorchslimError("importance 'taylor' needs a few batches: pass data= and loss_fn=.")
         taylor_gradients(model, data, loss_fn)
     model.eval()
-    p = plan(model, example_inputs, ratio, importance, ignore, global_ranking, min_channels, round_to, prune_heads)
+    g = build(model, example_inputs, prune_heads)
+    decision = lambda keep: decide(g, ratio, importance, ignore, global_ranking, min_channels, round_to, keep)  # noqa: E731
+    p = _plan_that_runs(model, example_inputs, decision)
     before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     apply(model, p)
     model.zero_grad(set_to_none=True)
-    check_runs(model, example_inputs)
     p.config = hf_config.update(model, before, head_counts(p), lambda m: main_output(m, example_inputs))
     if p.config:
         p.notes.append(p.config)
@@ -344,6 +360,48 @@ def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
     if verbose:
         console.log(escape(p.summary()))
     return model
+
+
+def _plan_that_runs(model: nn.Module, example_inputs, decision: Callable[[dict], Plan], tries: int = 4) -> Plan:
+    """Cut a copy and run it. Code can fix a width the graph cannot show (timm's attention reshapes to
+    its *input's* width): the layer type that failed keeps every channel it touches, and the plan is
+    made again, until the pruned copy runs."""
+    keep: dict[str, graph_mod.Reason] = {}
+    for _ in range(tries):
+        p = decision(keep)
+        trial = apply(copy.deepcopy(model), p)
+        try:
+            _call(trial, example_inputs)
+            return p
+        except Exception as exc:
+            failed = _failing_layers(model, trial, exc)
+            if not failed or set(failed) <= set(keep):
+                raise TorchslimError(f"the pruned {type(model).__name__} no longer runs ({_first_line(exc)}). A "
+                                     "layer's code probably uses a fixed width or head count; put that layer in "
+                                     "`ignore`.") from None
+            keep.update(failed)
+    raise TorchslimError(f"the pruned {type(model).__name__} still fails after keeping {', '.join(keep)} whole; "
+                         "put the failing layers in `ignore`.")
+
+
+def _failing_layers(model: nn.Module, trial: nn.Module, exc: Exception) -> dict[str, graph_mod.Reason]:
+    """Every layer of the type whose code raised, with the reason."""
+    names = {id(m): n for n, m in trial.named_modules() if n}
+    where = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get(frame.f_code.co_varnames[0]) if frame.f_code.co_argcount else None
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = (names[id(owner)], type(owner), f"{frame.f_code.co_filename.rpartition('/')[2]}:{lineno}")
+    if where is None:
+        return {}
+    path, cls, line = where
+    why = (f"the pruned model failed in this {cls.__name__} ({_first_line(exc)}): its code fixes a width the "
+           f"graph does not show, so every {cls.__name__} keeps its channels")
+    return {n: graph_mod.Reason(why, n, "run check", line) for n, m in model.named_modules() if n and type(m) is cls}
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
 
 
 def head_counts(p: Plan) -> dict[int, set[int]]:
@@ -369,14 +427,3 @@ def main_output(model: nn.Module, example_inputs) -> torch.Tensor:
     while not isinstance(out, torch.Tensor):
         out = next(v for v in (out.values() if isinstance(out, dict) else out) if v is not None)
     return out
-
-
-def check_runs(model: nn.Module, example_inputs) -> None:
-    """The pruned model must still run on the example; if its code hard-codes a width the analysis
-    could not see, say which layer."""
-    try:
-        _call(model, example_inputs)
-    except Exception as exc:
-        raise TorchslimError(f"the pruned {type(model).__name__} no longer runs ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:200]}). A layer's code probably uses a fixed "
-                             "width or head count; put that layer in `ignore`.") from None
