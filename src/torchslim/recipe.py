@@ -34,9 +34,21 @@ class DataSpec(ByVariant):
     val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation",
                           json_schema_extra=only("fashion_mnist", "entrypoint"))
     split_seed: int = Field(0, ge=0)
-    sources: list[Literal["fortunes", "descriptions"]] = Field(
-        ["fortunes", "descriptions"], min_length=1, description="text: the sentence sources, each evaluated",
-        json_schema_extra=only("text"))
+    sources: list[str] = Field(
+        ["fortunes", "descriptions"], min_length=1, description="text: the evaluation sources, each reported: "
+        "fortunes, descriptions (task embedding: sentences); for task causal_lm also licenses or the path of a "
+        "UTF-8 text file of your own", json_schema_extra=only("text"))
+    eval_tokens: int = Field(20000, ge=16, le=10_000_000, description="causal_lm: held-out tokens per source",
+                             json_schema_extra=only("text"))
+    window: int = Field(512, ge=8, le=131072, description="causal_lm: tokens per perplexity window (and per "
+                        "training or calibration sequence)", json_schema_extra=only("text"))
+    stride: int = Field(512, ge=1, le=131072, description="causal_lm: a window starts every `stride` tokens; below "
+                        "`window` every scored token keeps window - stride tokens of context",
+                        json_schema_extra=only("text"))
+    calibration_tokens: int = Field(16384, ge=16, le=10_000_000, description="causal_lm: calibration tokens of the "
+                                    "training text", json_schema_extra=only("text"))
+    validation_tokens: int = Field(4096, ge=16, le=10_000_000, description="causal_lm: validation tokens of the "
+                                   "training text (early stopping, fallback)", json_schema_extra=only("text"))
     calibration: int = Field(128, ge=1, le=100000, description="text: calibration sentences per source",
                              json_schema_extra=only("text"))
     evaluation: int = Field(512, ge=1, le=100000, description="text: held-out evaluation sentences per source",
@@ -128,12 +140,15 @@ class Recipe(Strict):
     def _task_fits(self, info: ValidationInfo):
         from torchslim.tasks import task_class
         task = task_class(self.task, (info.context or {}).get("search_dir"))
-        embedding = task.name == "embedding"
-        if embedding != (self.model.hf is not None):
-            raise ValueError("task: embedding needs model: {hf: DIR or package:NAME}, and a model given by 'hf' "
-                             "needs task: embedding")
-        if embedding != (self.data.builtin == "text"):
-            raise ValueError("task: embedding needs data: {builtin: text}, and text data needs task: embedding")
+        text = task.name in TEXT_TASKS
+        if text != (self.model.hf is not None):
+            raise ValueError(f"task: {task.name if text else 'embedding or causal_lm'} needs model: {{hf: DIR, a .gguf "
+                             "file or package:NAME}, and a model given by 'hf' needs task: embedding or causal_lm")
+        if text != (self.data.builtin == "text"):
+            raise ValueError(f"task: {task.name if text else 'embedding or causal_lm'} needs data: {{builtin: text}}, "
+                             "and text data needs task: embedding or causal_lm")
+        if text:
+            _check_sources(task.name, self.data.sources, self.data.stride, self.data.window)
         for i, stage in enumerate(self.stages):
             try:
                 handler = get_stage(stage.name, f"stages[{i}]", task)
@@ -168,6 +183,26 @@ class Recipe(Strict):
         data = self.model_dump(mode="json", exclude={"stages", "preset"})
         data["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
         return data
+
+
+TEXT_TASKS = ("embedding", "causal_lm")
+
+
+def _check_sources(task: str, sources: list[str], stride: int, window: int) -> None:
+    from torchslim.data import corpus, text
+    if task == "embedding":
+        unknown = [s for s in sources if s not in text.SOURCES]
+        if unknown:
+            raise ValueError(f"data.sources: {unknown[0]!r} is not a sentence source of task embedding; choose from "
+                             f"{', '.join(text.SOURCES)}")
+        return
+    for s in sources:
+        if s not in corpus.EVALUATION and not Path(s).expanduser().is_file():
+            why = " (the training text is never an evaluation source)" if s == "train" else ""
+            raise ValueError(f"data.sources: {s!r} is neither a built-in source ({', '.join(corpus.EVALUATION)}) nor an "
+                             f"existing text file{why}")
+    if stride > window:
+        raise ValueError(f"data.stride ({stride}) must not exceed data.window ({window})")
 
 
 def _parse_stage(index: int, item: Any, task=None) -> StageSpec:

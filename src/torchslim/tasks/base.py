@@ -223,6 +223,7 @@ def make_task(recipe, search_dir: Path | None = None) -> Task:
 
 def _load_builtin_tasks() -> None:
     import torchslim.tasks.classification  # noqa: F401
+    import torchslim.tasks.causal_lm  # noqa: F401
     import torchslim.tasks.embedding  # noqa: F401
 
 

