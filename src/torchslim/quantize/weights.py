@@ -1,0 +1,180 @@
+"""Weight-only quantization of Linear layers: round-to-nearest and GPTQ, symmetric or asymmetric,
+with one scale (and zero point) per group of input columns.
+
+    grid = Grid(bits=4, group=128, symmetric=True)
+    hessians = collect_hessians(model, batches)          # H = 2/n sum x x^T of every Linear's inputs
+    report = quantize_weights(model, grid, method="gptq", hessians=hessians)
+
+The model keeps float tensors whose values lie on the integer grid (`Grid.dequantize(Grid.quantize(w))`),
+so its outputs are exactly what integer kernels with these scales compute; the scales and integers
+are kept on each layer (`layer.torchslim_weight_grid`) for lowering.
+
+GPTQ (Frantar et al., 2022) quantizes one input column at a time and spreads each column's rounding
+error over the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs, so
+the layer's *outputs* on the calibration data move as little as possible. Options: `damp` (share of
+the mean Hessian diagonal added for stability), `act_order` (columns in order of decreasing Hessian
+diagonal; group scales are then fixed from the original weights first, so groups stay contiguous
+for the kernels), `block` (columns updated together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from torchslim.errors import TorchslimError
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int = 4
+    group: int = 128  # input columns sharing a scale; 0 or -1: one scale per output row
+    symmetric: bool = True
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.symmetric else (0, 2 ** self.bits - 1)
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) per row of `w` (rows x columns of one group)."""
+        lo, hi = self.levels
+        if self.symmetric:
+            scale = w.abs().amax(1).clamp_min(1e-10) / hi
+            return scale, torch.zeros_like(scale)
+        wmin, wmax = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        scale = ((wmax - wmin) / (hi - lo)).clamp_min(1e-10)
+        return scale, torch.round(-wmin / scale).clamp(lo, hi)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.levels
+        return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+    def width(self, columns: int) -> int:
+        return columns if self.group <= 0 else self.group
+
+
+def _check(grid: Grid, w: torch.Tensor) -> None:
+    if grid.group > 0 and w.shape[1] % grid.group:
+        raise TorchslimError(f"a layer with {w.shape[1]} input columns cannot be split into groups of {grid.group}; "
+                             "choose a group size that divides every quantized layer's input width.")
+
+
+def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (integers, scales (rows x groups), zero points) of a (rows x columns) weight."""
+    _check(grid, w)
+    g = grid.width(w.shape[1])
+    blocks = w.float().reshape(w.shape[0], -1, g)
+    scale, zero = grid.params(blocks.reshape(-1, g))
+    scale, zero = scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+    q = grid.quantize(blocks, scale, zero).reshape_as(w)
+    return q, scale, zero
+
+
+def dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    g = q.shape[1] // scale.shape[1]
+    return grid.dequantize(q.reshape(q.shape[0], -1, g), scale, zero).reshape_as(q)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
+    inputs (columns x columns)."""
+    _check(grid, w)
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone()
+    rows, cols = W.shape
+    g = grid.width(cols)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    scale, zero = torch.empty(rows, cols // g), torch.empty(rows, cols // g)
+    if act_order:  # group scales fixed from the original weights, so each group stays contiguous
+        _, scale, zero = rtn(W, grid)
+    W, H = W[:, order], H[order][:, order]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise TorchslimError("GPTQ: the layer's input Hessian is not positive definite; raise `damp` or give "
+                             "more calibration data.") from None
+    Q = torch.zeros_like(W)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        W1, Err = W[:, start:end].clone(), torch.zeros(rows, end - start)
+        Hinv1 = Hinv[start:end, start:end]
+        for i in range(end - start):
+            column = int(order[start + i])
+            group = column // g
+            if not act_order and column % g == 0:  # scales from the weights as GPTQ has updated them
+                scale[:, group], zero[:, group] = grid.params(W1[:, i:i + g] if i + g <= end - start
+                                                              else torch.cat([W1[:, i:], W[:, end:start + i + g]], 1))
+            q = grid.quantize(W1[:, i:i + 1], scale[:, group], zero[:, group])[:, 0]
+            Q[:, start + i] = q
+            err = (W1[:, i] - grid.dequantize(q.unsqueeze(1), scale[:, group], zero[:, group])[:, 0]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err[:, i] = err
+        W[:, end:] -= Err @ Hinv[start:end, end:]
+    inverse = torch.argsort(order)
+    return Q[:, inverse], scale, zero
+
+
+def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[str, nn.Linear]:
+    """The Linear layers to quantize: every one but those whose path ends with a name in `skip`
+    (the output head, usually tied to the embeddings)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in skip}
+
+
+def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches."""
+    sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return record
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 2 * sums[n] / max(counts[n], 1) for n in layers}
+
+
+def quantize_weights(model: nn.Module, grid: Grid, method: str = "rtn", hessians: dict | None = None,
+                     layers: dict[str, nn.Linear] | None = None, **gptq_options) -> list[dict]:
+    """Quantize the layers' weights in place (float values on the integer grid); returns one record
+    per layer (name, shape, and for GPTQ the output error on the calibration data vs round-to-nearest's)."""
+    layers = layers if layers is not None else linear_layers(model)
+    if method == "gptq" and hessians is None:
+        raise TorchslimError("GPTQ needs the layers' input Hessians: collect_hessians(model, batches, layers).")
+    records = []
+    for name, layer in layers.items():
+        w = layer.weight.detach().float()
+        q, scale, zero = gptq(w, hessians[name], grid, **gptq_options) if method == "gptq" else rtn(w, grid)
+        new = dequantized(q, scale, zero, grid)
+        record = {"layer": name, "shape": list(w.shape)}
+        if hessians is not None:
+            record["output_error"] = output_error(w, new, hessians[name])
+        layer.weight.data = new.to(layer.weight.dtype)
+        object.__setattr__(layer, "torchslim_weight_grid", (grid, q.to(torch.int8), scale, zero))
+        records.append(record)
+    return records
+
+
+def output_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared change of the layer's outputs on the calibration inputs: tr(D H D^T) / 2 / rows,
+    D = new - w (H = 2/n sum x x^T)."""
+    d = (new - w).float()
+    return float(torch.einsum("ij,jk,ik->", d, hessian, d) / 2 / w.shape[0])

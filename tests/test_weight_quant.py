@@ -1,0 +1,68 @@
+"""Weight-only quantization: round-to-nearest grids and GPTQ, which must move a layer's outputs on
+its calibration data less than round-to-nearest does."""
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.errors import TorchslimError
+from torchslim.quantize.weights import Grid, collect_hessians, dequantized, gptq, output_error, quantize_weights, rtn
+
+
+def correlated_inputs(n=2048, d=64, seed=0):
+    """Inputs from one distribution (a fixed low-rank mixing plus noise), `seed` drawing the samples:
+    activations are correlated like this, which is what GPTQ exploits."""
+    mixing = torch.randn(d // 4, d, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d // 4, generator=g) @ mixing + 0.1 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 32, True), Grid(4, 32, False), Grid(3, 64, True), Grid(8, 0, True)])
+def test_round_to_nearest_puts_every_group_on_its_grid(grid):
+    w = torch.randn(16, 64)
+    q, scale, zero = rtn(w, grid)
+    lo, hi = grid.levels
+    assert q.min() >= lo and q.max() <= hi and torch.equal(q, q.round())
+    assert scale.shape == (16, 64 // grid.width(64))
+    new = dequantized(q, scale, zero, grid)
+    step = scale.repeat_interleave(grid.width(64), 1)
+    assert ((new - w).abs() <= step / 2 + 1e-6).all()  # within half a step (nothing clipped)
+
+
+@pytest.mark.parametrize("grid,act_order", [(Grid(4, 32, True), False), (Grid(4, 32, False), False),
+                                            (Grid(4, 32, True), True), (Grid(3, 0, True), False)])
+def test_gptq_moves_the_outputs_less_than_round_to_nearest(grid, act_order):
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), correlated_inputs()
+    hessian = 2 * x.T @ x / len(x)
+    q, scale, zero = gptq(w, hessian, grid, act_order=act_order)
+    assert q.min() >= grid.levels[0] and q.max() <= grid.levels[1]
+    ours = dequantized(q, scale, zero, grid)
+    nearest = dequantized(*rtn(w, grid), grid)
+    measured = lambda new: float(((x @ new.T - x @ w.T) ** 2).mean())  # noqa: E731
+    assert measured(ours) < 0.7 * measured(nearest)
+    assert output_error(w, ours, hessian) == pytest.approx(measured(ours), rel=1e-3)
+
+
+def test_gptq_on_a_model_beats_round_to_nearest_layer_by_layer_and_at_the_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    batches = [(correlated_inputs(256, 64, seed=s),) for s in range(4)]
+    held_out = correlated_inputs(512, 64, seed=9)
+    reference = model(held_out).detach()
+    results = {}
+    for method in ("rtn", "gptq"):
+        copy = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+        copy.load_state_dict(model.state_dict())
+        layers = {"0": copy[0], "2": copy[2]}
+        hessians = collect_hessians(copy, batches, layers)
+        records = quantize_weights(copy, Grid(4, 32, True), method, hessians=hessians, layers=layers)
+        results[method] = (records, float(((copy(held_out).detach() - reference) ** 2).mean()))
+        assert len(torch.unique(copy[0].weight[0, :32])) <= 16  # 4 bits: at most 16 values per group
+    assert results["gptq"][1] < results["rtn"][1]
+    assert all(g["output_error"] < r["output_error"] for g, r in zip(results["gptq"][0], results["rtn"][0]))
+
+
+def test_a_group_that_does_not_divide_the_layer_is_a_clear_error():
+    with pytest.raises(TorchslimError, match="groups of 48"):
+        rtn(torch.randn(4, 64), Grid(4, 48, True))
