@@ -66,3 +66,42 @@ def test_gptq_on_a_model_beats_round_to_nearest_layer_by_layer_and_at_the_output
 def test_a_group_that_does_not_divide_the_layer_is_a_clear_error():
     with pytest.raises(TorchslimError, match="groups of 48"):
         rtn(torch.randn(4, 64), Grid(4, 48, True))
+
+
+def _tiny_llama_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchslim.models.lm import Logits
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return Logits(LlamaForCausalLM(config).eval()).eval()
+
+
+@pytest.mark.parametrize("grid,method", [(Grid(4, 32, True), "gptq"), (Grid(4, 32, False), "gptq"),
+                                         (Grid(8, 64, True), "rtn"), (Grid(4, 16, False), "rtn")])
+def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tmp_path, grid, method):
+    import onnx
+
+    from torchslim.export.onnx import export_inputs
+    from torchslim.measure.latency import ort_session
+    from torchslim.quantize.nbits import lower_quantized_weights
+    from torchslim.quantize.weights import linear_layers
+    model = _tiny_llama_logits()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 97, (2, 32), generator=g),) for _ in range(4)]
+    layers = linear_layers(model)
+    assert len(layers) == 14  # q, k, v, o, gate, up, down in two blocks; lm_head stays float
+    quantize_weights(model, grid, method, hessians=collect_hessians(model, batches, layers), layers=layers)
+    ids = torch.randint(0, 97, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    float_path = export_inputs(model, tmp_path / "float.onnx", (ids, mask), ["input_ids", "attention_mask"],
+                               [{0: "batch", 1: "sequence"}] * 2)
+    path = lower_quantized_weights(float_path, tmp_path / "nbits.onnx", model)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulNBits") == 14
+    out = ort_session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        reference = model(ids, mask).numpy()
+    assert abs(out - reference).max() < 1e-3 * (abs(reference).max() + 1)
+    assert path.stat().st_size < 0.75 * float_path.stat().st_size

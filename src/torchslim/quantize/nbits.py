@@ -1,0 +1,108 @@
+"""Lower weights quantized in PyTorch (`quantize.weights`: round-to-nearest, GPTQ) to ONNX Runtime's
+`MatMulNBits`, with *our* integers, scales and zero points, so the kernel computes exactly the
+dequantized weights the PyTorch model was measured with (re-quantizing them with ONNX Runtime's own
+quantizer would pick other scales and undo GPTQ's choices).
+
+A MatMul whose constant right-hand side equals the transposed weight of a quantized layer becomes
+MatMulNBits(x, B, scales[, zero_points]) with attributes K, N, bits, block_size; B holds, per output
+column n and block, the unsigned integers packed low bits first. Symmetric grids store q + 2^(bits-1)
+and leave zero points out (the kernel's default); asymmetric grids store q and their zero points."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from torch import nn
+
+from torchslim.errors import TorchslimError
+from torchslim.quantize.lower import atomic_output, gemm_to_matmul
+
+
+def _key(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers (..., k) into bytes, low bits first: (..., k * bits / 8)."""
+    values = values.astype(np.uint8)
+    if bits == 8:
+        return values
+    per = 8 // bits
+    shaped = values.reshape(*values.shape[:-1], -1, per)
+    out = np.zeros(shaped.shape[:-1], dtype=np.uint8)
+    for i in range(per):
+        out |= (shaped[..., i] & ((1 << bits) - 1)) << (i * bits)
+    return out
+
+
+def matmul_nbits_inputs(q, scale, zero, grid) -> dict[str, np.ndarray]:
+    """B (N, blocks, bytes per block), scales (N * blocks,) and, asymmetric, zero points, from a
+    (N x K) integer weight and its (N x blocks) scales and zero points."""
+    if grid.bits not in (4, 8):
+        raise TorchslimError(f"ONNX Runtime's MatMulNBits runs 4- and 8-bit weights; got {grid.bits} bits.")
+    q, scale, zero = (t.detach().cpu().numpy() for t in (q, scale, zero))
+    n, k = q.shape
+    blocks = scale.shape[1]
+    offset = 0 if not grid.symmetric else 2 ** (grid.bits - 1)
+    unsigned = (q.astype(np.int16) + offset).reshape(n, blocks, k // blocks)
+    out = {"B": _pack(unsigned, grid.bits), "scales": scale.astype(np.float32).reshape(-1)}
+    if not grid.symmetric:
+        z = zero.astype(np.uint8)
+        if grid.bits == 4 and blocks % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], 1)
+        out["zero_points"] = _pack(z, grid.bits).reshape(-1)
+    return out
+
+
+@atomic_output
+def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
+    """Every MatMul of `src` whose weight is a layer of `model` quantized by `quantize.weights`
+    becomes MatMulNBits with that layer's integers and scales. Returns `dst`."""
+    layers = {}
+    for name, layer in model.named_modules():
+        record = getattr(layer, "torchslim_weight_grid", None)
+        if record is not None:
+            layers[_key(layer.weight.detach().float().cpu().numpy().T)] = (name, record)
+    graph_model = gemm_to_matmul(onnx.load(str(src)))
+    graph = graph_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done, nodes = set(), []
+    for node in graph.node:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        found = layers.get(_key(numpy_helper.to_array(init))) if init is not None and len(init.dims) == 2 else None
+        if found is None:
+            nodes.append(node)
+            continue
+        name, (grid, q, scale, zero) = found
+        k, n = init.dims
+        arrays = matmul_nbits_inputs(q, scale, zero, grid)
+        names = []
+        for part, array in arrays.items():
+            names.append(f"{init.name}_nbits_{part}")
+            graph.initializer.append(numpy_helper.from_array(array, names[-1]))
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                      name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
+                                      bits=grid.bits, block_size=k // scale.shape[1]))
+        done.add(name)
+    if not done:
+        raise TorchslimError("no MatMul of the exported graph carries a quantized layer's weight; quantize the "
+                             "model with torchslim.quantize.weights before exporting it.")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for node in graph.node for i in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
+        graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(graph_model, str(dst))
+    missing = sorted(set(n for n, _ in layers.values()) - done)
+    if missing:
+        from torchslim.log import warn
+        warn(f"weight-only lowering: {len(missing)} quantized layer(s) found no MatMul in the graph and stay float "
+             f"there ({', '.join(missing[:5])})")
+    return dst
