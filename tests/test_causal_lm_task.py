@@ -69,3 +69,16 @@ def test_causal_lm_recipes_are_checked(tiny_lm, tmp_path):
         parse_recipe({**_recipe(path, []), "data": {"builtin": "fashion_mnist"}})
     (tmp_path / "mine.txt").write_text("A paragraph of my own text.\n\nAnd another one.\n")
     assert parse_recipe(_recipe(path, [], sources=[str(tmp_path / "mine.txt")])).data.sources == [str(tmp_path / "mine.txt")]
+
+
+def test_gptq_int4_through_the_quantize_stage_serves_matmul_nbits(tiny_lm, tmp_path):
+    path, _, _ = tiny_lm
+    stage = {"quantize": {"method": "weight_only", "algorithm": "gptq", "bits": 4, "group_size": 32,
+                          "calibration_batches": 2, "calibration_batch_size": 2}}
+    report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
+    base, final = (s["metrics"] for s in report["stages"])
+    info = report["stages"][1]["quantization"]["weight_only"]
+    assert info["algorithm"] == "gptq" and len(info["layers"]) == 14
+    assert all(r["output_error"] >= 0 for r in info["layers"])
+    assert final["kernels"]["by_op"].get("MatMulNBits") == 14
+    assert final["size_bytes"] < base["size_bytes"] and final["kl"] > 0

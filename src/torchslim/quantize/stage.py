@@ -30,15 +30,16 @@ from torchslim.log import console, warn
 
 
 INT8, STATIC, QAT = only("static", "qat", "dynamic"), only("static", "qat"), only("qat")
+CALIBRATED, WEIGHTS = only("static", "qat", "weight_only"), only("weight_only")
 
 
 class QuantizeConfig(ByVariant):
     method: Literal["static", "qat", "dynamic", "weight_only", "fp16"] = "static"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = Field(
         "minmax", json_schema_extra=STATIC)
-    calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration",
-                                     json_schema_extra=STATIC)
-    calibration_batch_size: int = Field(64, ge=1, le=4096, json_schema_extra=STATIC)
+    calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration "
+                                     "(static, qat; weight_only with GPTQ)", json_schema_extra=CALIBRATED)
+    calibration_batch_size: int = Field(64, ge=1, le=4096, json_schema_extra=CALIBRATED)
     per_channel: bool = Field(True, json_schema_extra=INT8)
     symmetric_activations: bool = Field(False, json_schema_extra=STATIC)
     activation_type: Literal["auto", "int8", "uint8"] = Field(
@@ -52,9 +53,19 @@ class QuantizeConfig(ByVariant):
                                     "may lose against the most accurate one", json_schema_extra=STATIC)
     weight_bits: int = Field(8, ge=2, le=8, description="static: weights clipped to this many bits (int8 kernels)",
                              json_schema_extra=STATIC)
-    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight", json_schema_extra=only("weight_only"))
+    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight", json_schema_extra=WEIGHTS)
     group_size: int = Field(32, ge=16, description="weight_only: weights sharing one scale (power of two)",
-                            json_schema_extra=only("weight_only"))
+                            json_schema_extra=WEIGHTS)
+    algorithm: Literal["rtn", "gptq"] = Field("rtn", description="weight_only: round-to-nearest, or GPTQ (each "
+                                             "column's rounding error spread over the columns not yet quantized, "
+                                             "by the inverse Hessian of the layer's calibration inputs)",
+                                             json_schema_extra=WEIGHTS)
+    symmetric: bool = Field(True, description="weight_only: a signed grid without zero points; false: unsigned "
+                            "with a zero point per group", json_schema_extra=WEIGHTS)
+    act_order: bool = Field(False, description="weight_only gptq: columns in order of decreasing Hessian diagonal",
+                            json_schema_extra=WEIGHTS)
+    damp: float = Field(0.01, gt=0, lt=1, description="weight_only gptq: share of the mean Hessian diagonal added",
+                        json_schema_extra=WEIGHTS)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) or ONNX node names kept in float "
                               "('exclude' is accepted too)")
@@ -84,6 +95,36 @@ class QuantizeConfig(ByVariant):
         if self.method == "qat" and self.finetune is None:
             raise ValueError("method 'qat' needs 'finetune' (the training settings, e.g. {epochs: 2, lr: 0.0005})")
         return self
+
+
+def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
+    """Linear layers' weights on a `bits`-bit grid with a scale per `group_size` input columns, by
+    round-to-nearest or GPTQ (on the task's calibration batches), lowered to MatMulNBits with those
+    very integers and scales. Layers whose width the group does not divide, or in `ignore`, stay float."""
+    import copy
+
+    from torchslim.quantize.nbits import lower_quantized_weights
+    from torchslim.quantize.weights import Grid, collect_hessians, linear_layers, quantize_weights
+    grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
+    quantized = copy.deepcopy(model).eval().cpu()
+    layers = {n: m for n, m in linear_layers(quantized).items() if not matches(n, cfg.ignore)}
+    uneven = [n for n, m in layers.items() if m.in_features % cfg.group_size]
+    layers = {n: m for n, m in layers.items() if n not in uneven}
+    if not layers:
+        raise TorchslimError(f"weight_only: no Linear layer to quantize (input widths divisible by group_size "
+                             f"{cfg.group_size}, not in ignore); left float: {', '.join(uneven) or 'none'}.")
+    hessians, options = None, {}
+    if cfg.algorithm == "gptq":
+        batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+        hessians = collect_hessians(quantized, batches, layers)
+        options = {"damp": cfg.damp, "act_order": cfg.act_order}
+    records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options)
+    grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
+    lower_quantized_weights(grid_onnx, out, quantized)
+    if uneven:
+        console.log(f"quantize: kept in float (input width not a multiple of {cfg.group_size}): {', '.join(uneven)}")
+    return {"weight_only": {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
+                            "symmetric": cfg.symmetric, "layers": records}, "float_layers": uneven}
 
 
 def _val_score(ctx, path: Path, samples: int) -> float:
@@ -236,16 +277,19 @@ def quantize(model, cfg: QuantizeConfig, ctx):
     info: dict = {"method": cfg.method}
     if cfg.method == "qat":
         info["qat"] = _qat(model, cfg, ctx)
-    float_onnx = ctx.task.export(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.exporter)
     out = ctx.stage_dir / "model.onnx"
+    if cfg.method == "weight_only":
+        info.update(_weight_only(model, cfg, ctx, out))
+        counts = kernel_counts(out, ctx.recipe.measure.threads)
+        console.log(f"quantize: ONNX Runtime runs {describe(counts)} on this CPU")
+        return Lowered(model, {"quantization": info}, artifact=out)
+    float_onnx = ctx.task.export(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.exporter)
     if cfg.method in ("static", "qat"):
         info.update(_static(float_onnx, out, cfg, ctx, info.get("qat")))
         if "qat" in info:  # the report keeps the trained ranges under "trained_ranges", not twice
             info["qat"] = {k: v for k, v in info["qat"].items() if k not in ("activation_ranges", "weight_scales")}
     elif cfg.method == "dynamic":
         lower.dynamic_int8(float_onnx, out, cfg.per_channel)
-    elif cfg.method == "weight_only":
-        lower.weight_only(float_onnx, out, cfg.bits, cfg.group_size)
     else:
         lower.half(float_onnx, out)
     if info.get("float_layers"):
