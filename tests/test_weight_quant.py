@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.errors import TorchslimError
 from torchslim.quantize.weights import Grid, collect_hessians, dequantized, gptq, output_error, quantize_weights, rtn
 
 
@@ -63,9 +62,18 @@ def test_gptq_on_a_model_beats_round_to_nearest_layer_by_layer_and_at_the_output
     assert all(g["output_error"] < r["output_error"] for g, r in zip(results["gptq"][0], results["rtn"][0]))
 
 
-def test_a_group_that_does_not_divide_the_layer_is_a_clear_error():
-    with pytest.raises(TorchslimError, match="groups of 48"):
-        rtn(torch.randn(4, 64), Grid(4, 48, True))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_layer_whose_width_the_group_does_not_divide_ends_with_a_short_group(symmetric):
+    grid, w = Grid(4, 32, symmetric), torch.randn(8, 72)  # groups of 32, 32 and 8 columns
+    q, scale, zero = rtn(w, grid)
+    assert q.shape == (8, 72) and scale.shape == (8, 3)
+    assert torch.equal(scale[:, 2], grid.params(w[:, 64:])[0])  # the short group's own scale
+    new = dequantized(q, scale, zero, grid)
+    assert ((new - w).abs() <= scale.repeat_interleave(32, 1)[:, :72] / 2 + 1e-6).all()
+    x = correlated_inputs(1024, 72)
+    hessian = 2 * x.T @ x / len(x)
+    ours = dequantized(*gptq(w, hessian, grid), grid)
+    assert output_error(w, ours, hessian) < output_error(w, new, hessian)
 
 
 def _tiny_llama_logits():
@@ -79,7 +87,8 @@ def _tiny_llama_logits():
 
 
 @pytest.mark.parametrize("grid,method", [(Grid(4, 32, True), "gptq"), (Grid(4, 32, False), "gptq"),
-                                         (Grid(8, 64, True), "rtn"), (Grid(4, 16, False), "rtn")])
+                                         (Grid(8, 64, True), "rtn"), (Grid(4, 16, False), "rtn"),
+                                         (Grid(4, 128, False), "gptq")])  # 64-wide layers: one short group
 def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tmp_path, grid, method):
     import onnx
 

@@ -46,9 +46,11 @@ def matmul_nbits_inputs(q, scale, zero, grid) -> dict[str, np.ndarray]:
         raise TorchslimError(f"ONNX Runtime's MatMulNBits runs 4- and 8-bit weights; got {grid.bits} bits.")
     q, scale, zero = (t.detach().cpu().numpy() for t in (q, scale, zero))
     n, k = q.shape
-    blocks = scale.shape[1]
+    blocks, g = scale.shape[1], grid.width(k)
     offset = 0 if not grid.symmetric else 2 ** (grid.bits - 1)
-    unsigned = (q.astype(np.int16) + offset).reshape(n, blocks, k // blocks)
+    unsigned = np.zeros((n, blocks * g), np.int16)  # a short last group is padded; the kernel reads K columns
+    unsigned[:, :k] = q.astype(np.int16) + offset
+    unsigned = unsigned.reshape(n, blocks, g)
     out = {"B": _pack(unsigned, grid.bits), "scales": scale.astype(np.float32).reshape(-1)}
     if not grid.symmetric:
         z = zero.astype(np.uint8)
@@ -86,7 +88,7 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
             graph.initializer.append(numpy_helper.from_array(array, names[-1]))
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                       name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
-                                      bits=grid.bits, block_size=k // scale.shape[1]))
+                                      bits=grid.bits, block_size=grid.width(k)))
         done.add(name)
     if not done:
         raise TorchslimError("no MatMul of the exported graph carries a quantized layer's weight; quantize the "

@@ -100,7 +100,8 @@ class QuantizeConfig(ByVariant):
 def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     """Linear layers' weights on a `bits`-bit grid with a scale per `group_size` input columns, by
     round-to-nearest or GPTQ (on the task's calibration batches), lowered to MatMulNBits with those
-    very integers and scales. Layers whose width the group does not divide, or in `ignore`, stay float."""
+    very integers and scales (a layer whose width the group does not divide ends with a short group).
+    Layers in `ignore` stay float."""
     import copy
 
     from torchslim.quantize.nbits import lower_quantized_weights
@@ -108,11 +109,9 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
     quantized = copy.deepcopy(model).eval().cpu()
     layers = {n: m for n, m in linear_layers(quantized).items() if not matches(n, cfg.ignore)}
-    uneven = [n for n, m in layers.items() if m.in_features % cfg.group_size]
-    layers = {n: m for n, m in layers.items() if n not in uneven}
     if not layers:
-        raise TorchslimError(f"weight_only: no Linear layer to quantize (input widths divisible by group_size "
-                             f"{cfg.group_size}, not in ignore); left float: {', '.join(uneven) or 'none'}.")
+        raise TorchslimError("weight_only: no Linear layer to quantize (every one is in `ignore`, or the model has "
+                             "none; the output head `lm_head` stays float).")
     hessians, options = None, {}
     if cfg.algorithm == "gptq":
         batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
@@ -121,10 +120,8 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options)
     grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
     lower_quantized_weights(grid_onnx, out, quantized)
-    if uneven:
-        console.log(f"quantize: kept in float (input width not a multiple of {cfg.group_size}): {', '.join(uneven)}")
     return {"weight_only": {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
-                            "symmetric": cfg.symmetric, "layers": records}, "float_layers": uneven}
+                            "symmetric": cfg.symmetric, "layers": records}}
 
 
 def _val_score(ctx, path: Path, samples: int) -> float:

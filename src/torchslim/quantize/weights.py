@@ -58,33 +58,33 @@ class Grid:
         return columns if self.group <= 0 else self.group
 
 
-def _check(grid: Grid, w: torch.Tensor) -> None:
-    if grid.group > 0 and w.shape[1] % grid.group:
-        raise TorchslimError(f"a layer with {w.shape[1]} input columns cannot be split into groups of {grid.group}; "
-                             "choose a group size that divides every quantized layer's input width.")
+def _padded(w: torch.Tensor, g: int) -> torch.Tensor:
+    """Columns padded with zeros to whole groups (a zero never changes a group's scale or zero point:
+    both grids hold 0 exactly); a layer whose width the group does not divide ends with a short group."""
+    extra = -w.shape[1] % g
+    return torch.nn.functional.pad(w, (0, extra)) if extra else w
 
 
 def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (integers, scales (rows x groups), zero points) of a (rows x columns) weight."""
-    _check(grid, w)
     g = grid.width(w.shape[1])
-    blocks = w.float().reshape(w.shape[0], -1, g)
+    blocks = _padded(w.float(), g).reshape(w.shape[0], -1, g)
     scale, zero = grid.params(blocks.reshape(-1, g))
     scale, zero = scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
-    q = grid.quantize(blocks, scale, zero).reshape_as(w)
+    q = grid.quantize(blocks, scale, zero).reshape(w.shape[0], -1)[:, :w.shape[1]]
     return q, scale, zero
 
 
 def dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
-    g = q.shape[1] // scale.shape[1]
-    return grid.dequantize(q.reshape(q.shape[0], -1, g), scale, zero).reshape_as(q)
+    g = grid.width(q.shape[1])
+    blocks = _padded(q.float(), g).reshape(q.shape[0], -1, g)
+    return grid.dequantize(blocks, scale, zero).reshape(q.shape[0], -1)[:, :q.shape[1]]
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False,
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
     inputs (columns x columns)."""
-    _check(grid, w)
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
@@ -93,7 +93,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01,
     H[dead, dead] = 1
     W[:, dead] = 0
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    scale, zero = torch.empty(rows, cols // g), torch.empty(rows, cols // g)
+    scale, zero = torch.empty(rows, -(-cols // g)), torch.empty(rows, -(-cols // g))
     if act_order:  # group scales fixed from the original weights, so each group stays contiguous
         _, scale, zero = rtn(W, grid)
     W, H = W[:, order], H[order][:, order]
