@@ -114,3 +114,25 @@ def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tm
         reference = model(ids, mask).numpy()
     assert abs(out - reference).max() < 1e-3 * (abs(reference).max() + 1)
     assert path.stat().st_size < 0.75 * float_path.stat().st_size
+
+
+def test_gptq_block_after_block_on_a_llama_beats_round_to_nearest_at_the_logits():
+    from torchslim.quantize.weights import gptq_sequential, linear_layers, repeated_blocks
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 97, (2, 32), generator=g),) for _ in range(8)]
+    held_out = torch.randint(0, 97, (4, 32), generator=g)
+    reference = _tiny_llama_logits()
+    assert len(repeated_blocks(reference)) == 2
+    with torch.no_grad():
+        target = reference(held_out)
+    errors = {}
+    for method in ("rtn", "sequential"):
+        model = _tiny_llama_logits()
+        if method == "rtn":
+            quantize_weights(model, Grid(4, 32, True), "rtn", layers=linear_layers(model))
+        else:
+            records = gptq_sequential(model, batches, Grid(4, 32, True))
+            assert len(records) == 14 and records[0]["layer"].startswith("lm.model.layers.0.")
+        with torch.no_grad():
+            errors[method] = float(((model(held_out) - target) ** 2).mean())
+    assert errors["sequential"] < errors["rtn"]

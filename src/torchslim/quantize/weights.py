@@ -178,3 +178,75 @@ def output_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> f
     D = new - w (H = 2/n sum x x^T)."""
     d = (new - w).float()
     return float(torch.einsum("ij,jk,ik->", d, hessian, d) / 2 / w.shape[0])
+
+
+class _Captured(Exception):
+    pass
+
+
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The longest list of blocks holding Linear layers (a transformer's decoder layers), or None."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and all(any(isinstance(x, nn.Linear) for x in b.modules()) for b in m)]
+    return max(lists, key=len) if lists else None
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[tuple]) -> list[tuple[tuple, dict]]:
+    """What the first block receives for each batch (hidden states and everything else it is passed)."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Captured
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(*batch)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def gptq_sequential(model: nn.Module, batches: Iterable[tuple], grid: Grid, skip: Sequence[str] = ("lm_head",),
+                    **options) -> list[dict]:
+    """GPTQ block after block, as the method is meant to run: each block's layers see the outputs of
+    the blocks before it *as quantized*, so later layers correct for earlier rounding. Layers outside
+    the repeated blocks are quantized from the float model's inputs. Returns one record per layer."""
+    batches = list(batches)
+    blocks = repeated_blocks(model)
+    if blocks is None:
+        layers = linear_layers(model, skip)
+        return quantize_weights(model, grid, "gptq", collect_hessians(model, batches, layers), layers, **options)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    outside = {n: m for n, m in linear_layers(model, skip).items() if id(m) not in inside}
+    records = quantize_weights(model, grid, "gptq", collect_hessians(model, batches, outside), outside, **options) \
+        if outside else []
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    inputs = _block_inputs(model, blocks[0], batches)
+    for index, block in enumerate(blocks):
+        layers = linear_layers(block, skip)
+        hessians = collect_hessians(_Replay(block), inputs, layers)
+        done = quantize_weights(block, grid, "gptq", hessians, layers, **options)
+        records += [{**r, "layer": f"{prefix}.{index}.{r['layer']}"} for r in done]
+        with torch.no_grad():  # the next block's inputs: this block's outputs, quantized
+            inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+    return records
+
+
+class _Replay(nn.Module):
+    """Calls a block with recorded (args, kwargs) pairs, so collect_hessians can feed it."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, args, kwargs):
+        return self.block(*args, **kwargs)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
