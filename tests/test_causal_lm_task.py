@@ -82,3 +82,32 @@ def test_gptq_int4_through_the_quantize_stage_serves_matmul_nbits(tiny_lm, tmp_p
     assert all(r["output_error"] >= 0 for r in info["layers"])
     assert final["kernels"]["by_op"].get("MatMulNBits") == 14
     assert final["size_bytes"] < base["size_bytes"] and final["kl"] > 0
+    gen = final["generation"]
+    assert gen["cache_check"]["steps"] == 10 and gen["cache_check"]["max_abs_diff"] > 0  # int4 vs the float model
+    assert base["generation"]["cache_check"]["max_abs_diff"] < 1e-4  # the float artifact's cache is PyTorch's
+    assert gen["prompt_tokens"] == 256 and gen["decode_tokens_per_s"] > 0 and gen["prefill_ms"] > 0
+    assert set(report["comparison"]["shapes"]) == {"prefill 1x256", "decode 1 token after 256"}
+
+
+def test_generate_continues_a_prompt_from_the_runs_artifact(tiny_lm, tmp_path):
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from torchslim.cli import app
+    from torchslim.errors import TorchslimError
+    from torchslim.export.decoder import Generator
+    from torchslim.generate import generate_text
+    path, _, tok = tiny_lm
+    run = tmp_path / "run"
+    pipeline.run(parse_recipe(_recipe(path, [{"quantize": {"method": "dynamic"}}])), run)
+    result = generate_text(run, "The quick brown fox", max_new_tokens=6)
+    session = ort.InferenceSession(str(run / "stages/01-quantize/model.onnx"), providers=["CPUExecutionProvider"])
+    want = Generator(session).generate(tok("The quick brown fox").input_ids, 6, eos=tok.eos_token_id)
+    assert result["tokens"] == want and result["stage"] == "quantize"
+    assert generate_text(run, "The quick brown fox", 6, stage="baseline")["stage"] == "baseline"
+    cli = CliRunner().invoke(app, ["generate", str(run), "The quick brown fox", "-n", "6"])
+    assert cli.exit_code == 0 and result["text"].strip()[:10] in cli.output
+    with pytest.raises(TorchslimError, match="no report.json"):
+        generate_text(tmp_path, "hi")
+    with pytest.raises(TorchslimError, match="no stage 'prune'"):
+        generate_text(run, "hi", stage="prune")

@@ -230,6 +230,25 @@ def analyze(recipe: str = typer.Argument("default", help="recipe whose model and
     analyze_model(parsed, folder, out)
 
 
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="the folder of a finished causal_lm run"),
+             prompt: str = typer.Argument(..., help="text to continue"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+             temperature: float = typer.Option(0.0, min=0.0, help="0: greedy"),
+             top_k: int = typer.Option(0, min=0, help="sample among the k most likely tokens (0: all)"),
+             top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass"),
+             seed: int = typer.Option(0),
+             stage: Optional[str] = typer.Option(None, help="a stage's name or index (default: the last)"),
+             threads: int = typer.Option(2, min=1),
+             chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template")):
+    """Continue a prompt with a causal-LM run's served ONNX artifact (key/value cache)."""
+    from torchslim.generate import generate_text
+    result = generate_text(run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, stage, threads, chat,
+                           on_text=lambda text: out.print(text, end="", highlight=False, markup=False))
+    out.print("")
+    err.print(f"[dim]{len(result['tokens'])} tokens from stage '{result['stage']}' ({result['artifact']})[/]")
+
+
 STARTER = """\
 # A starter recipe written by `torchslim init`. Run it with: torchslim run {path}
 name: {name}

@@ -76,11 +76,16 @@ class MeasureSpec(Strict):
     flops: bool = True
     memory: bool = True
     verify_samples: int = Field(256, ge=1, description="real test inputs used to check ONNX against PyTorch")
-    tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX and PyTorch")
+    tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX and PyTorch "
+                             "(task causal_lm: times the largest absolute logit)")
     compare_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes of the end-of-run "
                                            "interleaved comparison of every stage's artifact (default: batch_size; "
                                            "task embedding: 1 and batch_size, the latter padded in random order and "
                                            "length-sorted)")
+    prompt_tokens: int = Field(256, ge=1, le=131072, description="causal_lm: prompt length of the prefill timing "
+                               "(batch 1, key/value cache)")
+    new_tokens: int = Field(32, ge=1, le=100000, description="causal_lm: tokens decoded one by one after the prompt "
+                            "for the decoding speed (tokens/s)")
     compare_seconds: float = Field(20.0, ge=0, le=3600, description="time spent per input shape on the "
                                    "interleaved comparison; 0 turns it off (the speedup then comes from the "
                                    "per-stage measurements, minutes apart)")

@@ -76,12 +76,13 @@ def measure(model: nn.Module, ctx, out_dir: Path, onnx_path: Path | None = None)
         if lowered:
             metrics.update(task.lowered_agreement(model, session, onnx_path))
         else:
-            metrics["onnx_max_abs_diff"] = verify_onnx(model, session, task.example(cfg.verify_samples),
-                                                       cfg.tolerance)
+            metrics["onnx_max_abs_diff"] = verify_onnx(model, session, task.verify_inputs(cfg.verify_samples),
+                                                       cfg.tolerance, task.relative_tolerance)
         metrics["onnx_bytes"] = onnx_path.stat().st_size
         metrics["kernels"] = kernel_counts(onnx_path, cfg.threads)  # what ONNX Runtime really runs here
         latency["onnxruntime"] = onnxruntime_latency(onnx_path, task.feed(batch), cfg.threads, cfg.warmup,
                                                      cfg.repeats, session)
+        metrics.update(task.serving(model, onnx_path, cfg.threads))
     except ExportError:
         if cfg.runtime == "onnxruntime":
             raise

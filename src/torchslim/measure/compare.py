@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from torchslim.export.decoder import complete_feed
 from torchslim.measure.latency import interleaved, ort_session, ratio_spread
 
 SLOWER = 1.05  # a stage is a slowdown when its median per-round ratio to the stage before exceeds this...
@@ -48,7 +49,7 @@ def compare_stages(entries: list[dict], run_dir: Path, reference: int, feeds: Ca
     record: dict = {"threads": threads, "spinning": False, "loadavg_before": _loadavg(), "shapes": {}}
     noise: list[str] = []
     for label, feed in feeds().items():
-        calls = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+        calls = {k: (lambda s=s, f=complete_feed(s, feed): s.run(None, f)) for k, s in sessions.items()}
         probe = interleaved(calls, rounds=1, warmup=1)
         per_round = sum(t["p50"] for t in probe.values()) / 1000.0
         rounds = int(max(10, min(max_rounds, seconds / max(per_round, 1e-6))))

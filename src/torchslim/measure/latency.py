@@ -78,7 +78,9 @@ def onnxruntime_latency(path: Path, example: np.ndarray | dict, threads: int = 2
                         repeats: int = 50, session=None) -> dict:
     """`example`: the one input array, or a feed {input name: array} for a model of several inputs."""
     session = session or ort_session(path, threads)
+    from torchslim.export.decoder import complete_feed
     feed = example if isinstance(example, dict) else {session.get_inputs()[0].name: example}
+    feed = complete_feed(session, feed)  # a language model's empty key/value cache
     samples = _time(lambda: session.run(None, feed), warmup, repeats)
     return _summarise(samples, "onnxruntime", next(iter(feed.values())).shape[0], threads, warmup)
 

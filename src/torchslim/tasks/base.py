@@ -39,6 +39,9 @@ class Task:
     # what the task offers stages that need it (a stage's `needs`): "labels" (a supervised loss on
     # labelled training data), "classifier" (logits over classes: the planner, logit distillation)
     provides: ClassVar[frozenset] = frozenset()
+    # measure.tolerance of the export check scaled by the largest output (large outputs such as a
+    # language model's logits, where float32 rounding alone exceeds an absolute 1e-4)
+    relative_tolerance: ClassVar[bool] = False
 
     def __init__(self, recipe, search_dir: Path | None = None):
         self.recipe, self.search_dir = recipe, search_dir
@@ -112,6 +115,15 @@ class Task:
         return export_inputs(model.eval(), path, self.example(2), self.input_names, self.dynamic_axes(), exporter,
                              opset)
 
+    def verify_inputs(self, n: int) -> Inputs:
+        """The real inputs the ONNX export is checked on against PyTorch (`measure.verify_samples`)."""
+        return self.example(n)
+
+    def serving(self, model: nn.Module, path: Path, threads: int) -> dict:
+        """Task-specific measurements of the served ONNX artifact beyond the batch latency (a language
+        model: prompt prefill and token-by-token decoding with its cache). Default: none."""
+        return {}
+
     def feed(self, inputs: Inputs) -> dict:
         return {name: t.numpy() for name, t in zip(self.input_names, inputs)}
 
@@ -162,7 +174,8 @@ def onnx_predictor(session) -> Predictor:
     names = [i.name for i in session.get_inputs()]
 
     def predict(*inputs):
-        return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+        from torchslim.export.decoder import complete_feed
+        return session.run(None, complete_feed(session, {n: t.numpy() for n, t in zip(names, inputs)}))[0]
     return predict
 
 

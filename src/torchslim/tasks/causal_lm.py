@@ -33,6 +33,7 @@ class CausalLM(Task):
     higher_is_better = False
     provides = frozenset({"lm"})
     example_length = 128
+    relative_tolerance = True
 
     def setup(self) -> nn.Module:
         from torchslim.models.lm import Logits, load_causal_lm
@@ -135,19 +136,58 @@ class CausalLM(Task):
     def dynamic_axes(self) -> list[dict[int, str]]:
         return AXES
 
+    def export(self, model: nn.Module, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
+        """The served artifact: the model with its key/value cache (`export.decoder`; torch.export only)."""
+        from torchslim.export.decoder import export_decoder
+        return export_decoder(getattr(model, "lm", model), path, opset)
+
+    def verify_inputs(self, n: int) -> Inputs:
+        """At most 8 sequences: a vocabulary-wide output is large (8 x 128 tokens x 49,152 logits is
+        200 MB per copy)."""
+        return self.example(min(n, 8))
+
+    def serving(self, model: nn.Module, path: Path, threads: int) -> dict:
+        """Generation from the artifact, batch 1: logits with the cache compared with the stage's
+        PyTorch model over 10 greedy tokens (after a lowering stage that model is the float one, so the
+        difference is the lowering's), prefill milliseconds for `measure.prompt_tokens` of held-out text, decoding tokens/s
+        over `measure.new_tokens`, and the resident memory the loaded, running session added."""
+        from torchslim.export.decoder import Generator, verify_decoder
+        from torchslim.measure.latency import ort_session
+        m = self.recipe.measure
+        text = next(iter(self.evaluation.values()))
+        prompt = text.repeat(m.prompt_tokens // len(text) + 1)[:m.prompt_tokens]
+        before = _resident_bytes()
+        session = ort_session(path, threads)
+        timing = Generator(session).timing(prompt.tolist(), m.new_tokens)
+        resident = _resident_bytes() - before
+        check = verify_decoder(getattr(model, "lm", model), session, prompt[:32][None], steps=10)
+        return {"generation": {**timing, "threads": threads, "resident_bytes_added": resident,
+                               "cache_check": check}}
+
+    def comparison_feeds(self) -> dict[str, dict]:
+        """The prompt (1 x measure.prompt_tokens, empty cache) and one decoding step after it (1 token,
+        a cache of prompt_tokens), on every stage's artifact."""
+        n = self.recipe.measure.prompt_tokens
+        ids, _ = self._windows(next(iter(self.evaluation.values())), 1, n + 1)
+        return {f"prefill 1x{n}": {"input_ids": ids[:, :n].numpy(), "attention_mask": np.ones((1, n), np.int64)},
+                f"decode 1 token after {n}": {"input_ids": ids[:, n:].numpy(),
+                                               "attention_mask": np.ones((1, n + 1), np.int64)}}
+
     def input_spec(self) -> dict:
         from torchslim.models.lm import locate
         folder, gguf = locate(self.recipe.model.hf)
         return {"names": NAMES, "dynamic_axes": [{str(k): v for k, v in a.items()} for a in AXES], "dtype": "int64",
                 "tokenizer": str(folder / gguf) if gguf else str(folder),
-                "output": "next-token logits (batch, sequence, vocabulary); no key/value cache"}
+                "cache": "past_key_values.N.key/value (batch, kv heads, past_sequence, head size) in, "
+                         "present.N.key/value out; attention_mask covers past + new tokens; an empty cache "
+                         "(past_sequence 0) for the prompt",
+                "output": "logits (batch, sequence, vocabulary), then the cache"}
 
     def lowered_agreement(self, model: nn.Module, session, path: Path) -> dict:
-        """As for every task, on a few sequences: a vocabulary-wide output is large (8 x 128 tokens x
-        49,152 logits is 200 MB per copy)."""
+        """As for every task, on at most 8 sequences (`verify_inputs`)."""
         from torchslim.measure import lowered_agreement
-        n = min(self.recipe.measure.verify_samples, 8)
-        return lowered_agreement(model, session, path, self.example(n), 2, self.agreement)
+        return lowered_agreement(model, session, path, self.verify_inputs(self.recipe.measure.verify_samples), 2,
+                                 self.agreement)
 
     def agreement(self, reference: np.ndarray, lowered: np.ndarray) -> dict:
         return {"top1_agreement": float((reference.argmax(-1) == lowered.argmax(-1)).mean())}
@@ -155,3 +195,13 @@ class CausalLM(Task):
     def describe(self, metrics: dict) -> str:
         return (f"perplexity {metrics['perplexity']:.2f} (worst source), bits/byte {metrics['bits_per_byte']:.3f}, "
                 f"KL {metrics['kl']:.4f}, ")
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    import os
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

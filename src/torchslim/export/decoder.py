@@ -1,0 +1,229 @@
+"""A causal language model served from ONNX Runtime with a key/value cache, and generation over it.
+
+The exported graph (`export_decoder`) takes `input_ids` (batch, sequence), `attention_mask`
+(batch, past + sequence) and, per decoder layer, `past_key_values.N.key` / `.value`
+(batch, kv heads, past_sequence, head size); it returns `logits` (batch, sequence, vocabulary) and
+`present.N.key` / `.value`, the cache with this call's tokens appended. Every axis named above is
+dynamic. The prompt is fed with a cache of length 0 (one graph for prompt and decoding); positions
+come from the attention mask (cumulative sum), so left-padded batches are right too.
+
+`complete_feed` adds the empty (or zero-filled) cache to a feed that names only the ids and the mask,
+which is how the pipeline measures perplexity on the same artifact that generates.
+`Generator` runs greedy or sampled decoding and times prefill and decoding."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.errors import ExportError
+
+PAST_AXIS = "past_sequence"
+
+
+def past_name(layer: int, part: str) -> str:
+    return f"past_key_values.{layer}.{part}"
+
+
+def present_name(layer: int, part: str) -> str:
+    return f"present.{layer}.{part}"
+
+
+def _cache_layers(cache) -> list:
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+
+
+class CachedDecoder(nn.Module):
+    """`(input_ids, attention_mask, past) -> (logits, *present)` for a Hugging Face causal LM; `past`
+    is the flat tuple (key 0, value 0, key 1, value 1, ...)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
+        from transformers import DynamicCache
+        cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
+        present = []
+        for layer in _cache_layers(out.past_key_values):
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_layout(lm: nn.Module) -> list[tuple[int, int]]:
+    """(kv heads, head size) per cached layer, read from a two-token run (a pruned model's own widths,
+    whatever its config says)."""
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    if out.past_key_values is None:
+        raise ExportError(f"{type(lm).__name__} returned no key/value cache with use_cache=True; it cannot be "
+                          "served with a cache.")
+    return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in _cache_layers(out.past_key_values)]
+
+
+def _example(layout, batch: int, sequence: int, past: int):
+    ids = torch.randint(0, 8, (batch, sequence))
+    mask = torch.ones(batch, past + sequence, dtype=torch.long)
+    cache = tuple(torch.randn(batch, heads, past, size) * 0.1 for heads, size in layout for _ in range(2))
+    return ids, mask, cache
+
+
+def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
+    """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter."""
+    import os
+
+    from torchslim.export.onnx import _no_fused_encoder, _quiet
+    lm = lm.eval()
+    layout = cache_layout(lm)
+    names = ["input_ids", "attention_mask"] + [past_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
+    outputs = ["logits"] + [present_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
+    big = 1 << 16
+    batch = torch.export.Dim("batch", min=1, max=big)
+    sequence = torch.export.Dim("sequence", min=1, max=big)
+    past = torch.export.Dim(PAST_AXIS, min=1, max=big)
+    total = torch.export.Dim("total_sequence", min=2, max=2 * big)
+    shapes = ({0: batch, 1: sequence}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in range(2 * len(layout))))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with _quiet(), torch.no_grad(), _no_fused_encoder():
+            program = torch.onnx.export(CachedDecoder(lm), _example(layout, 2, 5, 3), None, input_names=names,
+                                        output_names=outputs, dynamo=True, dynamic_shapes=shapes,
+                                        opset_version=opset, verbose=False, optimize=True)
+            program.save(str(tmp), external_data=False)
+    except Exception as exc:  # the exporter raises many types; one message names the model and the cause
+        tmp.unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"Could not export {type(lm).__name__} with its key/value cache to ONNX: "
+                          f"{type(exc).__name__}: {first}") from None
+    os.replace(tmp, path)
+    return path
+
+
+def complete_feed(session, feed: dict) -> dict:
+    """`feed` plus every cache input the graph declares and the feed lacks: zeros of length
+    attention_mask width - input_ids width (0 when they agree: the prompt), batch from input_ids."""
+    missing = [i for i in session.get_inputs() if i.name not in feed]
+    if not missing:
+        return feed
+    ids = feed["input_ids"]
+    mask = feed.get("attention_mask")
+    past = 0 if mask is None else mask.shape[1] - ids.shape[1]
+    out = dict(feed)
+    for spec in missing:
+        if PAST_AXIS not in spec.shape:
+            raise ExportError(f"the ONNX artifact needs input '{spec.name}' {spec.shape}, which the feed lacks.")
+        shape = [ids.shape[0] if d == "batch" else past if d == PAST_AXIS else d for d in spec.shape]
+        out[spec.name] = np.zeros(shape, np.float16 if "float16" in spec.type else np.float32)
+    return out
+
+
+class Generator:
+    """Greedy or sampled generation from an ONNX artifact with a key/value cache, batch 1."""
+
+    def __init__(self, session):
+        self.session = session
+        self.cache_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None):
+        """Logits of the last position and the new cache."""
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if past is None:
+            feed = complete_feed(self.session, feed)
+        else:
+            feed.update(zip(self.cache_names, past))
+        logits, *present = self.session.run(None, feed)
+        return logits[:, -1], present
+
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, eos: int | set[int] | None = None, on_token=None) -> list[int]:
+        """New token ids after `prompt` (greedy when temperature is 0); stops at `eos`."""
+        rng = np.random.default_rng(seed)
+        stops = {eos} if isinstance(eos, int) else set(eos or ())
+        ids = np.asarray([prompt], dtype=np.int64)
+        mask = np.ones_like(ids)
+        logits, past = self.step(ids, mask, None)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = pick(logits[0], temperature, top_k, top_p, rng)
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stops or len(out) == max_new_tokens:
+                break
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            logits, past = self.step(np.asarray([[token]], np.int64), mask, past)
+        return out
+
+    def timing(self, prompt: list[int], new_tokens: int = 32, repeats: int = 3) -> dict:
+        """Prefill milliseconds for `prompt` (median of `repeats`) and greedy decoding tokens per second
+        over `new_tokens` steps after it (median over `repeats` runs)."""
+        ids = np.asarray([prompt], dtype=np.int64)
+        prefill, decode = [], []
+        for _ in range(repeats + 1):  # the first run warms the session up and is not counted
+            start = time.perf_counter()
+            logits, past = self.step(ids, np.ones_like(ids), None)
+            prefill.append(time.perf_counter() - start)
+            mask = np.ones_like(ids)
+            token = int(logits[0].argmax())
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                mask = np.ones((1, mask.shape[1] + 1), np.int64)
+                logits, past = self.step(np.asarray([[token]], np.int64), mask, past)
+                token = int(logits[0].argmax())
+            decode.append(time.perf_counter() - start)
+        prefill_ms = 1000.0 * float(np.median(prefill[1:]))
+        seconds = float(np.median(decode[1:]))
+        return {"prompt_tokens": len(prompt), "prefill_ms": prefill_ms, "decode_tokens": new_tokens,
+                "decode_tokens_per_s": new_tokens / seconds, "decode_ms_per_token": 1000.0 * seconds / new_tokens,
+                "repeats": repeats}
+
+
+def pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> int:
+    """The next token: argmax at temperature 0, else a sample from the tempered distribution kept to
+    the `top_k` most likely tokens and the smallest set whose probability reaches `top_p`."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z)
+    if top_k > 0:
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(order), p=p)])
+
+
+def verify_decoder(lm: nn.Module, session, prompt: torch.Tensor, steps: int = 10) -> dict:
+    """Greedy decoding of `steps` tokens after `prompt` (1 x n ids) with PyTorch's cache and with the
+    ONNX artifact's, each fed its own choice: the largest logit difference over every step, and
+    whether the chosen tokens agree."""
+    generator = Generator(session)
+    ids = prompt.numpy().astype(np.int64)
+    mask = np.ones_like(ids)
+    got, past = generator.step(ids, mask, None)
+    diffs, same = [], True
+    with torch.no_grad():
+        out = lm(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
+        want, cache = out.logits[:, -1].float().numpy(), out.past_key_values
+        for _ in range(steps):
+            diffs.append(float(np.abs(got - want).max()))
+            token = int(want[0].argmax())
+            same &= token == int(got[0].argmax())
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            got, past = generator.step(np.asarray([[token]], np.int64), mask, past)
+            out = lm(input_ids=torch.tensor([[token]]), attention_mask=torch.from_numpy(mask), past_key_values=cache,
+                     use_cache=True)
+            want, cache = out.logits[:, -1].float().numpy(), out.past_key_values
+    return {"steps": steps, "max_abs_diff": max(diffs), "same_tokens": bool(same)}
