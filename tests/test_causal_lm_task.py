@@ -4,6 +4,7 @@ recipe checks. Random weights: the numbers are checked against hand computations
 
 import importlib.util
 
+import onnx
 import pytest
 import torch
 
@@ -78,9 +79,14 @@ def test_gptq_int4_through_the_quantize_stage_serves_matmul_nbits(tiny_lm, tmp_p
     report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
     base, final = (s["metrics"] for s in report["stages"])
     info = report["stages"][1]["quantization"]["weight_only"]
-    assert info["algorithm"] == "gptq" and len(info["layers"]) == 14
+    assert info["algorithm"] == "gptq" and len(info["layers"]) == 14 + 1  # 7 per block, and the head at 8 bits
+    assert info["head"] == {"layer": "lm.lm_head", "bits": 8, "tied_embeddings": True}
+    assert info["layers"][-1]["layer"] == "lm.lm_head" and info["layers"][-1]["bits"] == 8
     assert all(r["output_error"] >= 0 for r in info["layers"])
-    assert final["kernels"]["by_op"].get("MatMulNBits") == 14
+    assert info["compute"]["chosen"] in ("float", "int8") and len(info["compute"]["timed"]) == 2
+    assert final["kernels"]["by_op"].get("MatMulNBits") == 15
+    ops = [n.op_type for n in onnx.load(tmp_path / "run" / report["stages"][1]["artifact"]).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops  # the tied table, same integers
     assert final["size_bytes"] < base["size_bytes"] and final["kl"] > 0
     gen = final["generation"]
     assert gen["cache_check"]["steps"] == 10 and gen["cache_check"]["max_abs_diff"] > 0  # int4 vs the float model

@@ -95,3 +95,21 @@ def test_sampling_keeps_to_top_k_and_top_p():
     assert pick(logits, 0.0, 0, 1.0, rng) == 0
     assert {pick(logits, 1.0, 2, 1.0, rng) for _ in range(200)} == {0, 1}
     assert {pick(logits, 1.0, 0, 0.5, rng) for _ in range(50)} == {0}  # 0 alone holds 0.71 of the mass
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bits, symmetric):
+    from torchslim.quantize.nbits import lower_quantized_weights
+    from torchslim.quantize.weights import Grid, output_head, quantize_weights, tied_to_input
+    lm = _llama(tie_word_embeddings=True, hidden_size=48, num_attention_heads=4)  # 48: a short last group of 32
+    name, head = output_head(lm)
+    assert name == "lm_head" and tied_to_input(lm, head)
+    quantize_weights(lm, Grid(bits, 32, symmetric), "rtn", layers={name: head})
+    path = lower_quantized_weights(export_decoder(lm, tmp_path / "grid.onnx"), tmp_path / "q.onnx", lm)
+    graph = __import__("onnx").load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
+    assert not [i.name for i in graph.initializer if i.data_type == 1 and list(i.dims) in ([300, 48], [48, 300])]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)
+    assert check["max_abs_diff"] < 1e-3 and check["same_tokens"]

@@ -60,41 +60,97 @@ def matmul_nbits_inputs(q, scale, zero, grid) -> dict[str, np.ndarray]:
     return out
 
 
+def gather_block_inputs(q, scale, zero, grid) -> dict[str, np.ndarray]:
+    """GatherBlockQuantized's data (V, H * bits / 8, unsigned, low bits first), scales (V, blocks) and,
+    asymmetric, zero points, from an embedding table quantized along its rows' width (the same
+    integers as the tied output head's)."""
+    q, scale, zero = (t.detach().cpu().numpy() for t in (q, scale, zero))
+    offset = 0 if not grid.symmetric else 2 ** (grid.bits - 1)
+    unsigned = q.astype(np.int16) + offset
+    if grid.bits == 4 and unsigned.shape[1] % 2:
+        unsigned = np.concatenate([unsigned, np.zeros((len(unsigned), 1), np.int16)], 1)
+    out = {"data": _pack(unsigned, grid.bits), "scales": scale.astype(np.float32)}
+    if not grid.symmetric:
+        z = zero.astype(np.uint8)
+        if grid.bits == 4 and z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((len(z), 1), np.uint8)], 1)
+        out["zero_points"] = _pack(z, grid.bits)
+    return out
+
+
+def _add(graph, arrays: dict[str, np.ndarray], prefix: str) -> list[str]:
+    names = []
+    for part, array in arrays.items():
+        names.append(f"{prefix}_nbits_{part}")
+        graph.initializer.append(numpy_helper.from_array(array, names[-1]))
+    return names
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` without those whose results nothing uses any more (the Transpose of a tied table whose
+    MatMul and Gather were both replaced)."""
+    while True:
+        used = outputs | {i for n in nodes for i in n.input}
+        kept = [n for n in nodes if any(o in used for o in n.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
 @atomic_output
 def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
-    """Every MatMul of `src` whose weight is a layer of `model` quantized by `quantize.weights`
-    becomes MatMulNBits with that layer's integers and scales. Returns `dst`."""
+    """Every MatMul of `src` whose weight (an initializer, or the Transpose of one: a head tied to the
+    embeddings) is a layer of `model` quantized by `quantize.weights` becomes MatMulNBits with that
+    layer's integers and scales; a Gather from that same table (the tied input embeddings) becomes
+    GatherBlockQuantized with them. Returns `dst`."""
     layers = {}
     for name, layer in model.named_modules():
         record = getattr(layer, "torchslim_weight_grid", None)
         if record is not None:
-            layers[_key(layer.weight.detach().float().cpu().numpy().T)] = (name, record)
+            layers[_key(layer.weight.detach().float().cpu().numpy())] = (name, record)
     graph_model = gemm_to_matmul(onnx.load(str(src)))
     graph = graph_model.graph
     inits = {i.name: i for i in graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
+                  and len(inits[n.input[0]].dims) == 2}
     done, nodes = set(), []
     for node in graph.node:
-        init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        found = layers.get(_key(numpy_helper.to_array(init))) if init is not None and len(init.dims) == 2 else None
+        found = None
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            if node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+                init = inits[node.input[1]]
+                found = layers.get(_key(numpy_helper.to_array(init).T))
+                k, n = init.dims
+            elif node.input[1] in transposed:
+                init = inits[transposed[node.input[1]]]
+                found = layers.get(_key(numpy_helper.to_array(init)))
+                n, k = init.dims
+            if found is not None:
+                name, (grid, q, scale, zero) = found
+                inputs = _add(graph, matmul_nbits_inputs(q, scale, zero, grid), init.name)
+                nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
+                                              name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
+                                              bits=grid.bits, block_size=grid.width(k)))
+        elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            init = inits[node.input[0]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            found = layers.get(_key(numpy_helper.to_array(init))) if attrs.get("axis", 0) == 0 else None
+            if found is not None:
+                name, (grid, q, scale, zero) = found
+                data, *rest = _add(graph, gather_block_inputs(q, scale, zero, grid), init.name + "_gather")
+                nodes.append(helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
+                                              name=f"{node.name or name}_nbits", domain="com.microsoft",
+                                              gather_axis=0, quantize_axis=1, block_size=grid.width(init.dims[1]),
+                                              bits=grid.bits))
         if found is None:
             nodes.append(node)
-            continue
-        name, (grid, q, scale, zero) = found
-        k, n = init.dims
-        arrays = matmul_nbits_inputs(q, scale, zero, grid)
-        names = []
-        for part, array in arrays.items():
-            names.append(f"{init.name}_nbits_{part}")
-            graph.initializer.append(numpy_helper.from_array(array, names[-1]))
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
-                                      name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
-                                      bits=grid.bits, block_size=grid.width(k)))
-        done.add(name)
+        else:
+            done.add(found[0])
     if not done:
         raise TorchslimError("no MatMul of the exported graph carries a quantized layer's weight; quantize the "
                              "model with torchslim.quantize.weights before exporting it.")
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     used = {i for node in graph.node for i in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -108,3 +164,18 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
         warn(f"weight-only lowering: {len(missing)} quantized layer(s) found no MatMul in the graph and stay float "
              f"there ({', '.join(missing[:5])})")
     return dst
+
+
+def set_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """`src` with every MatMulNBits' accuracy_level set to `level` (0: float compute, 4: int8), to `dst`."""
+    graph_model = onnx.load(str(src))
+    for node in graph_model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    onnx.save(graph_model, str(tmp))
+    import os
+    os.replace(tmp, dst)
+    return Path(dst)

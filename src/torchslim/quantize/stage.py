@@ -66,6 +66,14 @@ class QuantizeConfig(ByVariant):
                             json_schema_extra=WEIGHTS)
     damp: float = Field(0.01, gt=0, lt=1, description="weight_only gptq: share of the mean Hessian diagonal added",
                         json_schema_extra=WEIGHTS)
+    head_bits: Optional[Literal[4, 8]] = Field(8, description="weight_only: bits of a language model's output head "
+                                               "(with the same group size; a head tied to the input embeddings "
+                                               "takes the table with it: GatherBlockQuantized); null keeps it float",
+                                               json_schema_extra=WEIGHTS)
+    compute: Literal["auto", "float", "int8"] = Field(
+        "auto", description="weight_only: MatMulNBits computes in float (weights unpacked to float) or in int8 "
+        "(activations quantized per block on the fly, accuracy_level 4); auto times both side by side on this "
+        "CPU on the task's comparison inputs and keeps the faster", json_schema_extra=WEIGHTS)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) or ONNX node names kept in float "
                               "('exclude' is accepted too)")
@@ -101,27 +109,71 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     """Linear layers' weights on a `bits`-bit grid with a scale per `group_size` input columns, by
     round-to-nearest or GPTQ (on the task's calibration batches), lowered to MatMulNBits with those
     very integers and scales (a layer whose width the group does not divide ends with a short group).
+    A language model's output head gets `head_bits` (and a tied embedding table the same integers).
     Layers in `ignore` stay float."""
     import copy
 
     from torchslim.quantize.nbits import lower_quantized_weights
-    from torchslim.quantize.weights import Grid, collect_hessians, linear_layers, quantize_weights
+    from torchslim.quantize.weights import (Grid, collect_hessians, linear_layers, output_head, quantize_weights,
+                                            tied_to_input)
     grid = Grid(cfg.bits, cfg.group_size, cfg.symmetric)
     quantized = copy.deepcopy(model).eval().cpu()
     layers = {n: m for n, m in linear_layers(quantized).items() if not matches(n, cfg.ignore)}
-    if not layers:
+    head = output_head(quantized)
+    heads = {head[0]: head[1]} if head and cfg.head_bits and not matches(head[0], cfg.ignore) else {}
+    layers = {n: m for n, m in layers.items() if n not in heads}
+    if not layers and not heads:
         raise TorchslimError("weight_only: no Linear layer to quantize (every one is in `ignore`, or the model has "
-                             "none; the output head `lm_head` stays float).")
+                             "none).")
     hessians, options = None, {}
     if cfg.algorithm == "gptq":
         batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
-        hessians = collect_hessians(quantized, batches, layers)
+        hessians = collect_hessians(quantized, batches, {**layers, **heads})
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
     records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options)
+    if heads:
+        records += [{**r, "bits": cfg.head_bits} for r in quantize_weights(
+            quantized, Grid(cfg.head_bits, cfg.group_size, cfg.symmetric), cfg.algorithm, hessians, heads, **options)]
     grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
     lower_quantized_weights(grid_onnx, out, quantized)
-    return {"weight_only": {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
-                            "symmetric": cfg.symmetric, "layers": records}}
+    grid_onnx.unlink(missing_ok=True)
+    info = {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+            "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
+                     "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
+            "compute": _nbits_compute(out, cfg.compute, ctx), "layers": records}
+    return {"weight_only": info}
+
+
+def _nbits_compute(path: Path, choice: str, ctx) -> dict:
+    """Set MatMulNBits' accuracy_level in `path`: 0 (float compute) or 4 (int8 compute); `auto` times
+    both interleaved on the task's comparison inputs and keeps the faster (geometric mean over the
+    input shapes of the per-round time ratios)."""
+    from torchslim.export.decoder import complete_feed
+    from torchslim.measure.latency import interleaved
+    from torchslim.quantize.nbits import set_accuracy_level
+    if choice != "auto":
+        set_accuracy_level(path, path, 4 if choice == "int8" else 0)
+        return {"chosen": choice}
+    int8 = set_accuracy_level(path, path.with_name("int8-compute.onnx"), 4)
+    sessions = {"float": ort_session(path, ctx.recipe.measure.threads, spinning=False),
+                "int8": ort_session(int8, ctx.recipe.measure.threads, spinning=False)}
+    shapes, logs = {}, []
+    for label, feed in ctx.task.comparison_feeds().items():
+        calls = {k: (lambda s=s, f=complete_feed(s, feed): s.run(None, f)) for k, s in sessions.items()}
+        t = interleaved(calls, rounds=7, warmup=1)
+        ratio = np.asarray(t["int8"]["samples_ms"]) / np.asarray(t["float"]["samples_ms"])
+        shapes[label] = {"float_ms": t["float"]["p50"], "int8_ms": t["int8"]["p50"],
+                         "int8_over_float": float(np.median(ratio))}
+        logs.append(float(np.log(ratio).mean()))
+    del sessions
+    chosen = "int8" if np.mean(logs) < 0 else "float"
+    if chosen == "int8":
+        os.replace(int8, path)
+    else:
+        int8.unlink()
+    console.log(f"quantize: MatMulNBits computes in {chosen} on this CPU (" + ", ".join(
+        f"{k}: float {v['float_ms']:.1f} ms, int8 {v['int8_ms']:.1f} ms" for k, v in shapes.items()) + ")")
+    return {"chosen": chosen, "timed": shapes}
 
 
 def _val_score(ctx, path: Path, samples: int) -> float:

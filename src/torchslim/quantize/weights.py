@@ -130,6 +130,23 @@ def linear_layers(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict[
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in skip}
 
 
+def output_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """(path, layer) of a language model's output head (`get_output_embeddings()`, else a Linear
+    named lm_head), or None."""
+    for path, module in model.named_modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if isinstance(head, nn.Linear):
+            return next(f"{path}.{n}" if path else n for n, m in module.named_modules() if m is head), head
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("lm_head")),
+                None)
+
+
+def tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
+    """Whether the head's weight is also the input embedding table."""
+    return any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules())
+
+
 def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches."""
     sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
