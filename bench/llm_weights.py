@@ -4,6 +4,10 @@ same calibration text, perplexity on every held-out source, side by side in one 
     .venv/bin/python bench/llm_weights.py                           # SmolLM2-135M, int4, groups of 128, symmetric
     .venv/bin/python bench/llm_weights.py --group 32 --act-order
 
+Rows: round-to-nearest on the full range (the baseline every claim is relative to), with the clipping
+search (each group's range shrunk by the factor of least input-weighted rounding error), GPTQ plain and
+with the clipping search, and asymmetric GPTQ with it.
+
 GPTQ runs two ways: every layer from the float model's inputs, and block after block (each block's
 layers see the outputs of the quantized blocks before it, as the method is meant to run). The
 quantized weights are float values on the integer grid (what integer kernels with these scales
@@ -38,6 +42,8 @@ def main() -> None:
     parser.add_argument("--asym", action="store_true")
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--clip", type=int, default=10, help="clipping-search factors of the -clip rows")
+    parser.add_argument("--sequential", action="store_true", help="also GPTQ block after block (slow)")
     parser.add_argument("--tokens", type=int, default=20000, help="held-out tokens per source")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--calibration", type=int, default=64, help="calibration windows")
@@ -54,21 +60,27 @@ def main() -> None:
     calib = tokens(tok, "train", args.calibration * args.window)
     batches = [(calib[i * args.window:(i + 1) * args.window].unsqueeze(0),) for i in range(len(calib) // args.window)]
     models = {"float": Logits(lm).eval()}
-    hessians = None
+    plain, clipped = grid, Grid(args.bits, args.group, not args.asym, clip=args.clip)
+    asym = Grid(args.bits, args.group, False, clip=args.clip)
     options = {"damp": args.damp, "act_order": args.act_order}
-    for method in ("rtn", "gptq", "gptq-seq"):
+    runs = {"rtn": (plain, "rtn", {}), "rtn-clip": (clipped, "rtn", {}), "gptq": (plain, "gptq", options),
+            "gptq-clip": (clipped, "gptq", options)}
+    if args.sequential:
+        runs["gptq-seq"] = (plain, "gptq-seq", options)
+    if not args.asym:
+        runs["gptq-asym-clip"] = (asym, "gptq", options)
+    hessians = collect_hessians(models["float"], batches, linear_layers(models["float"]))
+    for method, (g, how, opts) in runs.items():
         model = copy.deepcopy(models["float"])
-        layers = linear_layers(model)
-        if hessians is None:
-            hessians = collect_hessians(model, batches, layers)
         t = time.time()
-        if method == "gptq-seq":  # block after block, each seeing the quantized blocks before it
-            records = gptq_sequential(model, batches, grid, **options)
-        else:
-            records = quantize_weights(model, grid, method, hessians=hessians, layers=layers,
-                                       **(options if method == "gptq" else {}))
+        if how == "gptq-seq":  # block after block, each seeing the quantized blocks before it
+            records = gptq_sequential(model, batches, g, **opts)
+        else:  # round-to-nearest's clipping search weighs columns by their inputs' mean square
+            records = quantize_weights(model, g, how, hessians=hessians if (how == "gptq" or g.clip) else None,
+                                       layers=linear_layers(model), **opts)
+        error = sum(r.get("output_error", 0.0) for r in records)
         print(f"{method}: {len(records)} layers in {time.time() - t:.0f} s; summed output error on calibration "
-              f"{sum(r['output_error'] for r in records):.4f}", flush=True)
+              f"{error:.4f}", flush=True)
         models[method] = model
     print(f"\n{'source':<14}" + "".join(f"{m:>12}" for m in models) + "   (perplexity; bits per byte below)")
     results = {}
@@ -80,10 +92,9 @@ def main() -> None:
         print(f"{'':<14}" + "".join(f"{r['bits_per_byte']:>12.4f}" for r in results[source].values()), flush=True)
     for source, r in results.items():
         base = r["float"]["perplexity"]
-        rise = {m: r[m]["perplexity"] / base - 1 for m in ("rtn", "gptq", "gptq-seq")}
-        print(f"{source}: RTN +{100 * rise['rtn']:.1f}%, GPTQ on float inputs +{100 * rise['gptq']:.1f}% "
-              f"({rise['gptq'] / rise['rtn']:.2f} of RTN's rise), GPTQ block after block "
-              f"+{100 * rise['gptq-seq']:.1f}% ({rise['gptq-seq'] / rise['rtn']:.2f} of RTN's rise)")
+        rise = {m: r[m]["perplexity"] / base - 1 for m in runs}
+        print(f"{source}: " + ", ".join(f"{m} +{100 * rise[m]:.1f}%" + ("" if m == "rtn" else
+                                        f" ({rise[m] / rise['rtn']:.2f} of RTN's)") for m in runs))
     print(f"wall time {time.time() - start:.0f} s")
 
 

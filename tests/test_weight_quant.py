@@ -136,3 +136,19 @@ def test_gptq_block_after_block_on_a_llama_beats_round_to_nearest_at_the_logits(
         with torch.no_grad():
             errors[method] = float(((model(held_out) - target) ** 2).mean())
     assert errors["sequential"] < errors["rtn"]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_clipping_search_never_rounds_worse_and_helps_heavy_tails(symmetric):
+    from torchslim.quantize.weights import Grid, dequantized, rtn
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((64, 256))  # heavier tails than Gaussian, like LLM weights
+    importance = torch.rand(256) + 0.1
+    errors = {}
+    for clip in (0, 10):
+        grid = Grid(4, 128, symmetric, clip)
+        q, scale, zero = rtn(w, grid, importance)
+        assert q.min() >= grid.levels[0] and q.max() <= grid.levels[1]
+        errors[clip] = (((dequantized(q, scale, zero, grid) - w) ** 2) * importance).sum(1)
+    assert bool((errors[10] <= errors[0] + 1e-6).all())  # per row: the full range is one of the candidates
+    assert errors[10].sum() < 0.95 * errors[0].sum()  # measured: about 10% less on this draw

@@ -27,23 +27,42 @@ from torch import nn
 from torchslim.errors import TorchslimError
 
 
+CLIP_LOW = 0.5  # the smallest share of a group's range the clipping search tries
+
+
 @dataclass(frozen=True)
 class Grid:
     bits: int = 4
     group: int = 128  # input columns sharing a scale; 0 or -1: one scale per output row
     symmetric: bool = True
+    clip: int = 0  # > 0: each group's range shrunk by the best of `clip` factors from 1 down to CLIP_LOW
 
     @property
     def levels(self) -> tuple[int, int]:
         return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.symmetric else (0, 2 ** self.bits - 1)
 
-    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero point) per row of `w` (rows x columns of one group)."""
+    def params(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) per row of `w` (rows x columns of one group): the full range, or with
+        `clip`, the shrunk range whose rounding error (each column weighted by `importance`, e.g. its
+        input's mean square) is least."""
+        scale, zero = self._range(w, 1.0)
+        if self.clip <= 0:
+            return scale, zero
+        weight = torch.ones(w.shape[1]) if importance is None else importance.float()
+        best = ((w - self.dequantize(self.quantize(w, scale, zero), scale, zero)) ** 2 * weight).sum(1)
+        for factor in torch.linspace(1.0, CLIP_LOW, self.clip + 1)[1:].tolist():
+            s, z = self._range(w, factor)
+            err = ((w - self.dequantize(self.quantize(w, s, z), s, z)) ** 2 * weight).sum(1)
+            better = err < best
+            scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+        return scale, zero
+
+    def _range(self, w: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.levels
         if self.symmetric:
-            scale = w.abs().amax(1).clamp_min(1e-10) / hi
+            scale = (w.abs().amax(1) * factor).clamp_min(1e-10) / hi
             return scale, torch.zeros_like(scale)
-        wmin, wmax = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        wmin, wmax = w.amin(1).clamp(max=0) * factor, w.amax(1).clamp(min=0) * factor
         scale = ((wmax - wmin) / (hi - lo)).clamp_min(1e-10)
         return scale, torch.round(-wmin / scale).clamp(lo, hi)
 
@@ -65,12 +84,16 @@ def _padded(w: torch.Tensor, g: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, extra)) if extra else w
 
 
-def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest: (integers, scales (rows x groups), zero points) of a (rows x columns) weight."""
+def rtn(w: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (integers, scales (rows x groups), zero points) of a (rows x columns) weight;
+    `importance` (per column) weights the clipping search's error."""
     g = grid.width(w.shape[1])
     blocks = _padded(w.float(), g).reshape(w.shape[0], -1, g)
-    scale, zero = grid.params(blocks.reshape(-1, g))
-    scale, zero = scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+    scale, zero = torch.empty(w.shape[0], blocks.shape[1]), torch.empty(w.shape[0], blocks.shape[1])
+    weight = None if importance is None else _padded(importance.float()[None], g)[0]
+    for b in range(blocks.shape[1]):
+        scale[:, b], zero[:, b] = grid.params(blocks[:, b], None if weight is None else weight[b * g:(b + 1) * g])
     q = grid.quantize(blocks, scale, zero).reshape(w.shape[0], -1)[:, :w.shape[1]]
     return q, scale, zero
 
@@ -94,8 +117,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01,
     W[:, dead] = 0
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     scale, zero = torch.empty(rows, -(-cols // g)), torch.empty(rows, -(-cols // g))
+    diag = torch.diag(H).clone()
     if act_order:  # group scales fixed from the original weights, so each group stays contiguous
-        _, scale, zero = rtn(W, grid)
+        _, scale, zero = rtn(W, grid, diag)
     W, H = W[:, order], H[order][:, order]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
@@ -112,8 +136,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01,
             column = int(order[start + i])
             group = column // g
             if not act_order and column % g == 0:  # scales from the weights as GPTQ has updated them
-                scale[:, group], zero[:, group] = grid.params(W1[:, i:i + g] if i + g <= end - start
-                                                              else torch.cat([W1[:, i:], W[:, end:start + i + g]], 1))
+                part = W1[:, i:i + g] if i + g <= end - start else torch.cat([W1[:, i:], W[:, end:start + i + g]], 1)
+                scale[:, group], zero[:, group] = grid.params(part, diag[column:column + part.shape[1]])
             q = grid.quantize(W1[:, i:i + 1], scale[:, group], zero[:, group])[:, 0]
             Q[:, start + i] = q
             err = (W1[:, i] - grid.dequantize(q.unsqueeze(1), scale[:, group], zero[:, group])[:, 0]) / Hinv1[i, i]
@@ -179,7 +203,10 @@ def quantize_weights(model: nn.Module, grid: Grid, method: str = "rtn", hessians
     records = []
     for name, layer in layers.items():
         w = layer.weight.detach().float()
-        q, scale, zero = gptq(w, hessians[name], grid, **gptq_options) if method == "gptq" else rtn(w, grid)
+        if method == "gptq":
+            q, scale, zero = gptq(w, hessians[name], grid, **gptq_options)
+        else:  # with calibration inputs, the clipping search weighs each column by its input's mean square
+            q, scale, zero = rtn(w, grid, None if hessians is None else torch.diag(hessians[name]))
         new = dequantized(q, scale, zero, grid)
         record = {"layer": name, "shape": list(w.shape)}
         if hessians is not None:
