@@ -117,3 +117,24 @@ def test_generate_continues_a_prompt_from_the_runs_artifact(tiny_lm, tmp_path):
         generate_text(tmp_path, "hi")
     with pytest.raises(TorchslimError, match="no stage 'prune'"):
         generate_text(run, "hi", stage="prune")
+
+
+@pytest.mark.parametrize("name", ["smollm2-int8", "smollm2-int4"])
+def test_the_built_in_llm_recipes_run_end_to_end_on_a_few_hundred_tokens(tiny_lm, tmp_path, name):
+    """The built-in recipe's own stages, on the tiny model and a few hundred tokens (the recipe's data
+    keys other than the token counts kept)."""
+    from torchslim.recipe import load_recipe
+    path, _, _ = tiny_lm
+    builtin, _ = load_recipe(name)
+    data = {**builtin.data.model_dump(exclude_none=True), "eval_tokens": 300, "window": 64, "stride": 64,
+            "calibration_tokens": 512, "validation_tokens": 128}
+    recipe, _ = load_recipe(name, {"model": {"hf": str(path)}, "data": data,
+                                   "measure": {**builtin.measure.model_dump(), "repeats": 3, "compare_seconds": 1,
+                                               "prompt_tokens": 64, "new_tokens": 8}})
+    report = pipeline.run(recipe, tmp_path / "run")
+    base, final = (s["metrics"] for s in report["stages"])
+    info = report["stages"][1]["quantization"]["weight_only"]
+    assert info["bits"] == builtin.stages[0].config.bits and info["head"]["bits"] == 8
+    assert final["kernels"]["by_op"]["MatMulNBits"] == 15 and final["size_bytes"] < base["size_bytes"]
+    assert set(final["sources"]) == {"fortunes", "descriptions"} and final["generation"]["decode_tokens"] == 8
+    assert final["perplexity"] == pytest.approx(base["perplexity"], rel=0.05)  # random weights: near-uniform

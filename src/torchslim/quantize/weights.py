@@ -74,7 +74,11 @@ class Grid:
         return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
 
     def width(self, columns: int) -> int:
-        return columns if self.group <= 0 else self.group
+        """Columns per group for a layer `columns` wide: `group`, or for a narrower layer the smallest
+        power of two (16 at least, as the kernels need) that holds the row: the same scales, less padding."""
+        if self.group <= 0:
+            return columns
+        return min(self.group, max(16, 1 << (columns - 1).bit_length()))
 
 
 def _padded(w: torch.Tensor, g: int) -> torch.Tensor:
