@@ -65,17 +65,7 @@ class Onnx:
         return self.session.run(["logits"], feed)[0]
 
     def serve(self, prompt: list[int], steps: int) -> tuple[float, float]:
-        ids = np.asarray([prompt], np.int64)
-        t = time.perf_counter()
-        logits, past = self.generator.step(ids, np.ones_like(ids), None)
-        prefill = time.perf_counter() - t
-        mask, token = np.ones_like(ids), int(logits[0].argmax())
-        t = time.perf_counter()
-        for _ in range(steps):
-            mask = np.ones((1, mask.shape[1] + 1), np.int64)
-            logits, past = self.generator.step(np.asarray([[token]], np.int64), mask, past)
-            token = int(logits[0].argmax())
-        return prefill, time.perf_counter() - t
+        return self.generator.serve(prompt, steps)
 
 
 class LlamaCpp:

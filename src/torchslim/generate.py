@@ -25,10 +25,11 @@ def served_artifact(run_dir: Path, stage: str | None = None) -> tuple[Path, str,
         chosen = stages[-1]
     else:
         by_name = {s["name"]: s for s in stages}
-        chosen = stages[int(stage)] if stage.lstrip("-").isdigit() and abs(int(stage)) <= len(stages) else \
-            by_name.get(stage)
+        by_name.update({str(i): s for i, s in enumerate(stages)})
+        chosen = by_name.get(stage)
         if chosen is None:
-            raise TorchslimError(f"no stage '{stage}' in {run_dir}; its stages: {', '.join(by_name)}.")
+            raise TorchslimError(f"no stage '{stage}' in {run_dir}; its stages: "
+                                 f"{', '.join(s['name'] for s in stages)}.")
     artifact = Path(run_dir) / chosen["artifact"]
     if artifact.suffix != ".onnx" or not artifact.exists():
         raise TorchslimError(f"stage '{chosen['name']}' served {artifact.name}, not an ONNX file there; generate "

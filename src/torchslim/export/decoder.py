@@ -13,6 +13,7 @@ which is how the pipeline measures perplexity on the same artifact that generate
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -78,8 +79,6 @@ def _example(layout, batch: int, sequence: int, past: int):
 
 def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
     """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter."""
-    import os
-
     from torchslim.export.onnx import _no_fused_encoder, _quiet
     lm = lm.eval()
     layout = cache_layout(lm)
@@ -132,7 +131,6 @@ class Generator:
     def __init__(self, session):
         self.session = session
         self.cache_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.output_names = [o.name for o in session.get_outputs()]
 
     def step(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None):
         """Logits of the last position and the new cache."""
@@ -164,25 +162,26 @@ class Generator:
             logits, past = self.step(np.asarray([[token]], np.int64), mask, past)
         return out
 
-    def timing(self, prompt: list[int], new_tokens: int = 32, repeats: int = 3) -> dict:
-        """Prefill milliseconds for `prompt` (median of `repeats`) and greedy decoding tokens per second
-        over `new_tokens` steps after it (median over `repeats` runs)."""
+    def serve(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+        """Seconds for the prompt's prefill and for `new_tokens` greedy decoding steps after it."""
         ids = np.asarray([prompt], dtype=np.int64)
-        prefill, decode = [], []
-        for _ in range(repeats + 1):  # the first run warms the session up and is not counted
-            start = time.perf_counter()
-            logits, past = self.step(ids, np.ones_like(ids), None)
-            prefill.append(time.perf_counter() - start)
-            mask = np.ones_like(ids)
+        start = time.perf_counter()
+        logits, past = self.step(ids, np.ones_like(ids), None)
+        prefill = time.perf_counter() - start
+        mask, token = np.ones_like(ids), int(logits[0].argmax())
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            mask = np.ones((1, mask.shape[1] + 1), np.int64)
+            logits, past = self.step(np.asarray([[token]], np.int64), mask, past)
             token = int(logits[0].argmax())
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                mask = np.ones((1, mask.shape[1] + 1), np.int64)
-                logits, past = self.step(np.asarray([[token]], np.int64), mask, past)
-                token = int(logits[0].argmax())
-            decode.append(time.perf_counter() - start)
-        prefill_ms = 1000.0 * float(np.median(prefill[1:]))
-        seconds = float(np.median(decode[1:]))
+        return prefill, time.perf_counter() - start
+
+    def timing(self, prompt: list[int], new_tokens: int = 32, repeats: int = 3) -> dict:
+        """Prefill milliseconds for `prompt` and greedy decoding tokens per second over `new_tokens`
+        steps after it, medians of `repeats` runs after one warm-up run."""
+        runs = [self.serve(prompt, new_tokens) for _ in range(repeats + 1)][1:]
+        prefill_ms = 1000.0 * float(np.median([r[0] for r in runs]))
+        seconds = float(np.median([r[1] for r in runs]))
         return {"prompt_tokens": len(prompt), "prefill_ms": prefill_ms, "decode_tokens": new_tokens,
                 "decode_tokens_per_s": new_tokens / seconds, "decode_ms_per_token": 1000.0 * seconds / new_tokens,
                 "repeats": repeats}

@@ -186,7 +186,8 @@ def verify_onnx(model: nn.Module, session, inputs: torch.Tensor | tuple, toleran
             if got.shape != reference.shape:
                 raise ExportError(f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}.")
             diff = max(diff, float(np.abs(got - reference).max()))
-            scale = max(scale, float(np.abs(reference).max())) if relative else 1.0
+            if relative:
+                scale = max(scale, float(np.abs(reference).max()))
     tolerance *= scale
     if not diff <= tolerance:
         raise ExportError(f"The ONNX artifact disagrees with PyTorch: max abs difference {diff:.3g} on "

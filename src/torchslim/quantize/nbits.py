@@ -11,6 +11,7 @@ and leave zero points out (the kernel's default); asymmetric grids store q and t
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,5 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> Path:
             node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
     tmp = Path(dst).with_name(Path(dst).name + ".tmp")
     onnx.save(graph_model, str(tmp))
-    import os
     os.replace(tmp, dst)
     return Path(dst)

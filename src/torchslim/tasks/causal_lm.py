@@ -149,8 +149,9 @@ class CausalLM(Task):
     def serving(self, model: nn.Module, path: Path, threads: int) -> dict:
         """Generation from the artifact, batch 1: logits with the cache compared with the stage's
         PyTorch model over 10 greedy tokens (after a lowering stage that model is the float one, so the
-        difference is the lowering's), prefill milliseconds for `measure.prompt_tokens` of held-out text, decoding tokens/s
-        over `measure.new_tokens`, and the resident memory the loaded, running session added."""
+        difference is the lowering's), prefill milliseconds for `measure.prompt_tokens` of held-out
+        text, decoding tokens/s over `measure.new_tokens`, and the resident memory a fresh session of
+        the artifact added once loaded and run (hence a session of its own)."""
         from torchslim.export.decoder import Generator, verify_decoder
         from torchslim.measure.latency import ort_session
         m = self.recipe.measure
