@@ -5,8 +5,9 @@ same calibration text, perplexity on every held-out source, side by side in one 
     .venv/bin/python bench/llm_weights.py --group 32 --act-order
 
 Rows: round-to-nearest on the full range (the baseline every claim is relative to), with the clipping
-search (each group's range shrunk by the factor of least input-weighted rounding error), GPTQ plain and
-with the clipping search, and asymmetric GPTQ with it.
+search (each group's range shrunk by the factor of least input-weighted rounding error), with
+activation-aware scaling (AWQ) before it, GPTQ plain and with the clipping search, asymmetric GPTQ
+with it, and asymmetric GPTQ after AWQ scaling.
 
 GPTQ runs two ways: every layer from the float model's inputs, and block after block (each block's
 layers see the outputs of the quantized blocks before it, as the method is meant to run). The
@@ -26,6 +27,7 @@ from torchslim.cpu import cpu_features
 from torchslim.data import corpus
 from torchslim.measure.lm import score, scored_bytes
 from torchslim.models.lm import Logits, load_causal_lm
+from torchslim.quantize.awq import awq_scale
 from torchslim.quantize.weights import Grid, collect_hessians, gptq_sequential, linear_layers, quantize_weights
 from torchslim.report.json import _cpu_name
 
@@ -63,18 +65,24 @@ def main() -> None:
     plain, clipped = grid, Grid(args.bits, args.group, not args.asym, clip=args.clip)
     asym = Grid(args.bits, args.group, False, clip=args.clip)
     options = {"damp": args.damp, "act_order": args.act_order}
-    runs = {"rtn": (plain, "rtn", {}), "rtn-clip": (clipped, "rtn", {}), "gptq": (plain, "gptq", options),
-            "gptq-clip": (clipped, "gptq", options)}
+    runs = {"rtn": (plain, "rtn", {}), "rtn-clip": (clipped, "rtn", {}), "awq-clip": (clipped, "awq", {}),
+            "gptq": (plain, "gptq", options), "gptq-clip": (clipped, "gptq", options)}
     if args.sequential:
         runs["gptq-seq"] = (plain, "gptq-seq", options)
     if not args.asym:
         runs["gptq-asym-clip"] = (asym, "gptq", options)
+        runs["awq-gptq-asym-clip"] = (asym, "awq-gptq", options)
     hessians = collect_hessians(models["float"], batches, linear_layers(models["float"]))
     for method, (g, how, opts) in runs.items():
         model = copy.deepcopy(models["float"])
         t = time.time()
         if how == "gptq-seq":  # block after block, each seeing the quantized blocks before it
             records = gptq_sequential(model, batches, g, **opts)
+        elif how.startswith("awq"):  # scales folded in, then the inputs' statistics of the scaled model
+            awq_scale(model, batches, g, linear_layers(model))
+            layers = linear_layers(model)
+            records = quantize_weights(model, g, how.replace("awq-", "").replace("awq", "rtn"),
+                                       collect_hessians(model, batches, layers), layers, **opts)
         else:  # round-to-nearest's clipping search weighs columns by their inputs' mean square
             records = quantize_weights(model, g, how, hessians=hessians if (how == "gptq" or g.clip) else None,
                                        layers=linear_layers(model), **opts)

@@ -69,6 +69,10 @@ class QuantizeConfig(ByVariant):
     clip: int = Field(10, ge=0, le=100, description="weight_only: each group's range shrunk by the best of this "
                       "many factors from 1 to 0.5 (least rounding error, columns weighted by their inputs' mean "
                       "square when calibration runs); 0: the full range", json_schema_extra=WEIGHTS)
+    awq: bool = Field(False, description="weight_only: activation-aware scaling before rounding (AWQ): input "
+                      "channels with large calibration activations scaled up in the weights and down where they "
+                      "are produced (a norm or Linear, found by tracing and checked to leave the float model "
+                      "unchanged), the exponent per layer group by least output error", json_schema_extra=WEIGHTS)
     head_bits: Optional[Literal[4, 8]] = Field(8, description="weight_only: bits of a language model's output head "
                                                "(with the same group size; a head tied to the input embeddings "
                                                "takes the table with it: GatherBlockQuantized); null keeps it float",
@@ -116,6 +120,7 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     Layers in `ignore` stay float."""
     import copy
 
+    from torchslim.quantize.awq import awq_scale
     from torchslim.quantize.nbits import lower_quantized_weights
     from torchslim.quantize.weights import (Grid, collect_hessians, linear_layers, output_head, quantize_weights,
                                             tied_to_input)
@@ -128,10 +133,13 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     if not layers and not heads:
         raise TorchslimError("weight_only: no Linear layer to quantize (every one is in `ignore`, or the model has "
                              "none).")
-    hessians, options = None, {}
-    if cfg.algorithm == "gptq":
-        batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+    hessians, options, folds = None, {}, None
+    if cfg.algorithm == "gptq" or cfg.awq or cfg.clip:  # the clipping search weighs columns by their inputs
+        batches = list(ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size))
+        if cfg.awq:
+            folds = awq_scale(quantized, batches, grid, layers)
         hessians = collect_hessians(quantized, batches, {**layers, **heads})
+    if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
     records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options)
     if heads:
@@ -142,7 +150,7 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     lower_quantized_weights(grid_onnx, out, quantized)
     grid_onnx.unlink(missing_ok=True)
     info = {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-            "clip": cfg.clip,
+            "clip": cfg.clip, "awq": folds,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
             "compute": _nbits_compute(out, cfg.compute, ctx), "layers": records}

@@ -1,0 +1,76 @@
+"""Activation-aware scaling (AWQ): folds found by tracing, the float model unchanged by them, and
+less output error after rounding where inputs have outlier channels."""
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.quantize.awq import awq_scale, find_folds, search_scale
+from torchslim.quantize.weights import Grid, dequantized, linear_layers, output_error, rtn
+
+
+def _tiny(kind: str):
+    import transformers
+
+    from torchslim.models.lm import Logits
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:  # Gemma 3: norms compute x * (1 + weight); a norm before and after each sub-block
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**shape, head_dim=16))
+        with torch.no_grad():  # weights of a trained model, not the zeros of a fresh one
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    return Logits(model.eval()).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_folds_are_found_by_tracing_and_scaling_leaves_the_float_model_unchanged(kind):
+    model = _tiny(kind)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 97, (2, 48), generator=g),) for _ in range(4)]
+    held_out = torch.randint(0, 97, (3, 40), generator=g)
+    layers = linear_layers(model)
+    folds = find_folds(model, batches[0], layers)
+    found = {(f.producer.rpartition(".")[2], tuple(c.rpartition(".")[2] for c in f.consumers)) for f in folds}
+    feed = "post_attention_layernorm" if kind == "llama" else "pre_feedforward_layernorm"
+    assert found == {("input_layernorm", ("q_proj", "k_proj", "v_proj")), (feed, ("gate_proj", "up_proj")),
+                     ("up_proj", ("down_proj",))}
+    assert len(folds) == 6  # three per block; o_proj reads grouped-query attention: none
+    assert all(f.offset == (1.0 if kind == "gemma3" else 0.0) for f in folds if "norm" in f.producer)
+    with torch.no_grad():
+        before = model(held_out).clone()
+    weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+    records = awq_scale(model, batches, Grid(4, 16, True), layers)
+    assert len(records) == 6
+    changed = [n for n, m in layers.items() if not torch.equal(m.weight, weights[n])]
+    assert changed, "no scale was folded in"
+    with torch.no_grad():
+        after = model(held_out)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()  # float32 rounding only
+
+
+def test_an_activation_between_the_layers_is_not_folded_across():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    layers = {"2": model[2]}
+    assert find_folds(model, (torch.randn(4, 16),), layers) == []
+    no_activation = nn.Sequential(nn.Linear(16, 32), nn.Identity(), nn.Linear(32, 8)).eval()
+    folds = find_folds(no_activation, (torch.randn(4, 16),), {"2": no_activation[2]})
+    assert [(f.producer, f.consumers) for f in folds] == [("0", ["2"])]
+
+
+def test_scaling_cuts_the_rounding_error_where_inputs_have_outlier_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 128, generator=g)
+    x[:, :4] *= 20  # a few channels carry large activations, as in trained language models
+    w = torch.randn(64, 128, generator=g)
+    hessian = 2 * x.T @ x / len(x)
+    grid = Grid(4, 128, True)
+    s, alpha, ratio = search_scale(w, hessian, x.abs().mean(0), grid)
+    assert alpha > 0 and ratio < 0.8
+    scaled = dequantized(*rtn(w * s, grid), grid) / s
+    plain = dequantized(*rtn(w, grid), grid)
+    assert output_error(w, scaled, hessian) == pytest.approx(ratio * output_error(w, plain, hessian), rel=1e-4)
