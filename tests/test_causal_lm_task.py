@@ -75,7 +75,8 @@ def test_causal_lm_recipes_are_checked(tiny_lm, tmp_path):
 def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm, tmp_path):
     path, _, _ = tiny_lm
     stage = {"quantize": {"method": "weight_only", "algorithm": "gptq", "bits": 4, "group_size": 32, "awq": True,
-                          "calibration_batches": 2, "calibration_batch_size": 2}}
+                          "calibration_batches": 2, "calibration_batch_size": 2,
+                          "max_relative_drop": 1e-6, "sensitivity_samples": 1}}
     report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
     base, final = (s["metrics"] for s in report["stages"])
     info = report["stages"][1]["quantization"]["weight_only"]
@@ -83,6 +84,9 @@ def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm
     assert [f["producer"].rpartition(".")[2] for f in info["awq"]] == ["input_layernorm", "post_attention_layernorm",
                                                                        "up_proj"] * 2
     assert all(0 <= f["alpha"] < 1 and f["error_vs_unscaled"] <= 1 for f in info["awq"])
+    chosen = info["allocation"]  # each layer's sensitivity measured, the bits recorded as chosen
+    assert len(chosen["sensitivity"]) == 14 and chosen["validation_drop"] <= 1e-6
+    assert {r["layer"] for r in info["layers"] if r["bits"] == 8} == set(chosen["high_layers"]) | {"lm.lm_head"}
     assert info["head"] == {"layer": "lm.lm_head", "bits": 8, "tied_embeddings": True}
     assert info["layers"][-1]["layer"] == "lm.lm_head" and info["layers"][-1]["bits"] == 8
     assert all(r["output_error"] >= 0 for r in info["layers"])

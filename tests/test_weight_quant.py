@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.quantize.weights import Grid, collect_hessians, dequantized, gptq, output_error, quantize_weights, rtn
+from torchslim.quantize.weights import (Grid, collect_hessians, dequantized, gptq, output_error, quantize_layer,
+                                        quantize_weights, rtn)
 
 
 def correlated_inputs(n=2048, d=64, seed=0):
@@ -102,6 +103,10 @@ def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tm
     layers = linear_layers(model)
     assert len(layers) == 14  # q, k, v, o, gate, up, down in two blocks; lm_head stays float
     quantize_weights(model, grid, method, hessians=collect_hessians(model, batches, layers), layers=layers)
+    if grid.bits == 4 and method == "rtn":  # bits per layer mixed, as a validation budget leaves them
+        for name in list(layers)[::3]:
+            quantize_layer(layers[name], Grid(8, grid.group, grid.symmetric), weight=torch.randn(
+                layers[name].weight.shape, generator=g) * 0.02)
     ids = torch.randint(0, 97, (3, 20), generator=g)
     mask = torch.ones_like(ids)
     float_path = export_inputs(model, tmp_path / "float.onnx", (ids, mask), ["input_ids", "attention_mask"],
@@ -152,3 +157,32 @@ def test_the_clipping_search_never_rounds_worse_and_helps_heavy_tails(symmetric)
         errors[clip] = (((dequantized(q, scale, zero, grid) - w) ** 2) * importance).sum(1)
     assert bool((errors[10] <= errors[0] + 1e-6).all())  # per row: the full range is one of the candidates
     assert errors[10].sum() < 0.95 * errors[0].sum()  # measured: about 10% less on this draw
+
+
+def test_a_validation_budget_keeps_the_most_sensitive_layers_at_more_bits_and_no_more():
+    from torchslim.quantize.budget import mixed_bits, relative_drop
+    from torchslim.quantize.weights import quantize_layer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64),
+                          nn.Tanh(), nn.Linear(64, 8)).eval()
+    x = correlated_inputs(512, 32, seed=3)
+    with torch.no_grad():
+        target = model(x)
+    score = lambda: -float(((model(x).detach() - target) ** 2).mean()) - 1.0  # noqa: E731  (larger is better)
+    layers = {str(i): model[i] for i in (0, 2, 4, 6)}
+    floats = {n: m.weight.data.clone() for n, m in layers.items()}
+    for layer in layers.values():
+        quantize_layer(layer, Grid(2, 16, True))
+    all_low = score()
+    budget = 0.5 * relative_drop(-1.0, all_low)
+    chosen = mixed_bits(layers, floats, lambda n: quantize_layer(layers[n], Grid(8, 16, True), weight=floats[n]),
+                        score, score, budget)
+    k = len(chosen["high_layers"])
+    costs = [r["drop"] for r in chosen["sensitivity"]]
+    assert 0 < k < 4 and costs == sorted(costs, reverse=True) and costs[-1] > 0
+    assert chosen["high_layers"] == [r["layer"] for r in chosen["sensitivity"][:k]]
+    assert chosen["validation_drop"] <= budget and relative_drop(-1.0, score()) == pytest.approx(
+        chosen["validation_drop"])
+    assert [layers[n].torchslim_weight_grid[0].bits for n in layers] == [
+        8 if n in chosen["high_layers"] else 2 for n in layers]
+    assert chosen["evaluated"][str(k - 1)] > budget  # one layer fewer at 8 bits misses the budget

@@ -24,13 +24,14 @@ from torchslim.quantize.qat import prepare_qat
 from torchslim.quantize.scheme import choose_scheme, scheme_for
 from torchslim.registry import register_stage
 from torchslim.results import Lowered
-from torchslim.tasks import onnx_predictor
+from torchslim.tasks import onnx_predictor, torch_predictor
 from torchslim.train import TrainConfig
 from torchslim.log import console, warn
 
 
 INT8, STATIC, QAT = only("static", "qat", "dynamic"), only("static", "qat"), only("qat")
 CALIBRATED, WEIGHTS = only("static", "qat", "weight_only"), only("weight_only")
+SENSITIVE = only("static", "weight_only")
 
 
 class QuantizeConfig(ByVariant):
@@ -77,6 +78,13 @@ class QuantizeConfig(ByVariant):
                                                "(with the same group size; a head tied to the input embeddings "
                                                "takes the table with it: GatherBlockQuantized); null keeps it float",
                                                json_schema_extra=WEIGHTS)
+    max_relative_drop: Optional[float] = Field(
+        None, gt=0, lt=1, description="weight_only: a budget: the validation metric may lose at most this share "
+        "of the float model's (a language model: validation perplexity may rise by this share); each layer's "
+        "loss alone at `bits` is measured and the most sensitive move to `fallback_bits` until it holds",
+        json_schema_extra=WEIGHTS)
+    fallback_bits: Literal[4, 8] = Field(8, description="weight_only with max_relative_drop: bits of the layers "
+                                         "that keep more", json_schema_extra=WEIGHTS)
     compute: Literal["auto", "float", "int8"] = Field(
         "auto", description="weight_only: MatMulNBits computes in float (weights unpacked to float) or in int8 "
         "(activations quantized per block on the fly, accuracy_level 4); auto times both side by side on this "
@@ -89,8 +97,10 @@ class QuantizeConfig(ByVariant):
                                                json_schema_extra=STATIC)
     sensitivity: bool = Field(False, description="measure per-layer sensitivity even without a budget",
                               json_schema_extra=STATIC)
-    sensitivity_samples: int = Field(2000, ge=100, description="validation examples for sensitivity, fallback and "
-                                     "the scheme choice", json_schema_extra=STATIC)
+    sensitivity_samples: int = Field(2000, ge=1, description="validation examples for sensitivity, fallback and "
+                                     "the scheme choice (a language model: windows of validation text; "
+                                     "weight_only measures each layer's sensitivity on this many)",
+                                     json_schema_extra=SENSITIVE)
     finetune: Optional[TrainConfig] = Field(None, description="qat: the training run with fake quantization",
                                             json_schema_extra=QAT)
     activation_bits: int = Field(8, ge=2, le=8, description="qat: activations fake-quantized to this many bits",
@@ -105,6 +115,8 @@ class QuantizeConfig(ByVariant):
     def _checks(self):
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"group_size must be a power of two, got {self.group_size}")
+        if self.max_relative_drop is not None and self.method != "weight_only":
+            raise ValueError("max_relative_drop works with method 'weight_only' (static and qat: max_accuracy_drop)")
         if self.max_accuracy_drop is not None and self.method not in ("static", "qat"):
             raise ValueError("max_accuracy_drop works with methods 'static' and 'qat'")
         if self.method == "qat" and self.finetune is None:
@@ -141,20 +153,43 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
         hessians = collect_hessians(quantized, batches, {**layers, **heads})
     if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
-    records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options)
-    if heads:
+    floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}
+    records = []
+    if heads:  # first, so the layers' sensitivity is measured with the head as it will be served
         head_grid = Grid(cfg.head_bits, cfg.group_size, cfg.symmetric, cfg.clip)
-        records += [{**r, "bits": cfg.head_bits}
-                    for r in quantize_weights(quantized, head_grid, cfg.algorithm, hessians, heads, **options)]
+        records += quantize_weights(quantized, head_grid, cfg.algorithm, hessians, heads, **options)
+    records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options) + records
+    allocation = None
+    if cfg.max_relative_drop:
+        allocation = _allocate_bits(quantized, layers, floats, hessians, options, records, cfg, ctx)
     grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
     lower_quantized_weights(grid_onnx, out, quantized)
     grid_onnx.unlink(missing_ok=True)
     info = {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-            "clip": cfg.clip, "awq": folds,
+            "clip": cfg.clip, "awq": folds, "allocation": allocation,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
             "compute": _nbits_compute(out, cfg.compute, ctx), "layers": records}
     return {"weight_only": info}
+
+
+def _allocate_bits(model, layers: dict, floats: dict, hessians, options: dict, records: list[dict], cfg, ctx) -> dict:
+    """The most sensitive layers move to `fallback_bits` until the validation metric is within the
+    budget (quantize/budget.py); their records are updated."""
+    from torchslim.quantize.budget import mixed_bits
+    from torchslim.quantize.weights import Grid, quantize_layer
+    high = Grid(cfg.fallback_bits, cfg.group_size, cfg.symmetric, cfg.clip)
+    by_name = {r["layer"]: r for r in records}
+
+    def requantize(name: str) -> None:
+        by_name[name].update(quantize_layer(layers[name], high, cfg.algorithm, None if hessians is None else
+                                            hessians[name], weight=floats[name], **options))
+    predict = torch_predictor(model, ctx.recipe.measure.threads)
+    chosen = mixed_bits(layers, floats, requantize, lambda: ctx.task.score(predict),
+                        lambda: ctx.task.score(predict, cfg.sensitivity_samples), cfg.max_relative_drop)
+    for name in layers:
+        by_name[name]["bits"] = cfg.fallback_bits if name in chosen["high_layers"] else cfg.bits
+    return chosen
 
 
 def _nbits_compute(path: Path, choice: str, ctx) -> dict:

@@ -204,21 +204,26 @@ def quantize_weights(model: nn.Module, grid: Grid, method: str = "rtn", hessians
     layers = layers if layers is not None else linear_layers(model)
     if method == "gptq" and hessians is None:
         raise TorchslimError("GPTQ needs the layers' input Hessians: collect_hessians(model, batches, layers).")
-    records = []
-    for name, layer in layers.items():
-        w = layer.weight.detach().float()
-        if method == "gptq":
-            q, scale, zero = gptq(w, hessians[name], grid, **gptq_options)
-        else:  # with calibration inputs, the clipping search weighs each column by its input's mean square
-            q, scale, zero = rtn(w, grid, None if hessians is None else torch.diag(hessians[name]))
-        new = dequantized(q, scale, zero, grid)
-        record = {"layer": name, "shape": list(w.shape)}
-        if hessians is not None:
-            record["output_error"] = output_error(w, new, hessians[name])
-        layer.weight.data = new.to(layer.weight.dtype)
-        object.__setattr__(layer, "torchslim_weight_grid", (grid, q.to(torch.int8), scale, zero))
-        records.append(record)
-    return records
+    return [{"layer": name, **quantize_layer(layer, grid, method, None if hessians is None else hessians[name],
+                                              **gptq_options)} for name, layer in layers.items()]
+
+
+def quantize_layer(layer: nn.Linear, grid: Grid, method: str = "rtn", hessian: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None, **gptq_options) -> dict:
+    """One layer's weight (its own, or `weight`: the float original) on `grid`, in place, its integers
+    and scales kept for lowering; returns its record (shape, bits, and with a Hessian the output error)."""
+    w = (layer.weight if weight is None else weight).detach().float()
+    if method == "gptq":
+        q, scale, zero = gptq(w, hessian, grid, **gptq_options)
+    else:  # with calibration inputs, the clipping search weighs each column by its input's mean square
+        q, scale, zero = rtn(w, grid, None if hessian is None else torch.diag(hessian))
+    new = dequantized(q, scale, zero, grid)
+    record = {"shape": list(w.shape), "bits": grid.bits}
+    if hessian is not None:
+        record["output_error"] = output_error(w, new, hessian)
+    layer.weight.data = new.to(layer.weight.dtype)
+    object.__setattr__(layer, "torchslim_weight_grid", (grid, q.to(torch.int8), scale, zero))
+    return record
 
 
 def output_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
