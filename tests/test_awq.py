@@ -74,3 +74,24 @@ def test_scaling_cuts_the_rounding_error_where_inputs_have_outlier_channels():
     scaled = dequantized(*rtn(w * s, grid), grid) / s
     plain = dequantized(*rtn(w, grid), grid)
     assert output_error(w, scaled, hessian) == pytest.approx(ratio * output_error(w, plain, hessian), rel=1e-4)
+
+
+def test_smoothquant_moves_activation_peaks_into_the_weights_and_keeps_the_float_model():
+    from torchslim.quantize.awq import input_statistics, smooth_scale
+    model = _tiny("llama")
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 97, (2, 48), generator=g),) for _ in range(3)]
+    with torch.no_grad():  # an outlier channel, as trained language models have
+        for layer in model.lm.model.layers:
+            layer.post_attention_layernorm.weight[5] = 30.0
+    layers = linear_layers(model)
+    reader = "lm.model.layers.0.mlp.gate_proj"
+    peak_before = input_statistics(model, batches, {reader: layers[reader]})[reader][1]
+    with torch.no_grad():
+        before = model(batches[0][0]).clone()
+    records = smooth_scale(model, batches, layers, alpha=0.5)
+    assert len(records) == 6
+    peak_after = input_statistics(model, batches, {reader: layers[reader]})[reader][1]
+    assert peak_after.max() < 0.5 * peak_before.max()  # the outlier channel flattened
+    with torch.no_grad():
+        assert (model(batches[0][0]) - before).abs().max() <= 1e-4 * before.abs().max()

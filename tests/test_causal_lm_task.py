@@ -44,9 +44,12 @@ def _recipe(path, stages, **data):
 
 def test_a_causal_lm_run_measures_every_source_and_quantizes_to_int8_kernels(tiny_lm, tmp_path):
     path, model, tok = tiny_lm
-    report = pipeline.run(parse_recipe(_recipe(path, [{"quantize": {"method": "dynamic"}}])), tmp_path / "run")
+    stage = {"quantize": {"method": "dynamic", "smooth": 0.5, "calibration_batches": 2, "calibration_batch_size": 2}}
+    report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
     base, final = (s["metrics"] for s in report["stages"])
     assert report["task_metric"] == "perplexity" and set(base["sources"]) == {"fortunes", "licenses"}
+    smooth = report["stages"][1]["quantization"]["smooth"]  # SmoothQuant: 3 folds a block, each checked
+    assert smooth["alpha"] == 0.5 and len(smooth["folds"]) == 6
     for name in ("fortunes", "licenses"):  # the served float model's numbers are the PyTorch model's
         ids = torch.tensor(tok(corpus.text(name, max_chars=8 * 300 + 1000)).input_ids[:300])
         by_hand = score(lambda x: model(x).logits, ids, None, 64, 64)

@@ -8,6 +8,7 @@ alpha chosen from a grid by the least output error of the rounded layers on the 
 
     folds = find_folds(model, batch, layers)                 # who produces each layer's input
     records = awq_scale(model, batches, grid, layers)        # search s and fold it in, in place
+    records = smooth_scale(model, batches, layers, alpha=0.5)   # SmoothQuant, for int8 activations
 
 Where s goes is found, not assumed: one forward pass records which module's output tensor each
 Linear reads (a norm or a Linear: LayerNorm, RMSNorm with `weight` or `1 + weight`, ...); a layer
@@ -157,16 +158,18 @@ def find_folds(model: nn.Module, batch: tuple, layers: dict[str, nn.Linear], see
     return folds
 
 
-def input_magnitudes(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]
-                     ) -> dict[str, torch.Tensor]:
-    """Mean |x| per input channel of each layer over the calibration batches."""
+def input_statistics(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(mean |x|, max |x|) per input channel of each layer over the calibration batches."""
     sums = {n: torch.zeros(m.in_features) for n, m in layers.items()}
+    peaks = {n: torch.zeros(m.in_features) for n, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] += x.abs().sum(0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().abs()
+            sums[name] += x.sum(0)
+            torch.maximum(peaks[name], x.amax(0), out=peaks[name])
             counts[name] += x.shape[0]
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -177,7 +180,7 @@ def input_magnitudes(model: nn.Module, batches: Iterable[tuple], layers: dict[st
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / max(counts[n], 1) for n in layers}
+    return {n: (sums[n] / max(counts[n], 1), peaks[n]) for n in layers}
 
 
 def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid,
@@ -210,13 +213,35 @@ def awq_scale(model: nn.Module, batches: Iterable[tuple], grid: Grid, layers: di
     folds = find_folds(model, batches[0], layers)
     readers = {f.consumers[0]: layers[f.consumers[0]] for f in folds}
     hessians = collect_hessians(model, batches, readers)
-    magnitudes = input_magnitudes(model, batches, readers)
+    statistics = input_statistics(model, batches, readers)
     scaler, modules, records = _Scaler(model), dict(model.named_modules()), []
     for fold in folds:
         weight = torch.cat([modules[c].weight.detach() for c in fold.consumers])
-        s, alpha, ratio = search_scale(weight, hessians[fold.consumers[0]], magnitudes[fold.consumers[0]], grid, steps)
+        s, alpha, ratio = search_scale(weight, hessians[fold.consumers[0]], statistics[fold.consumers[0]][0], grid,
+                                       steps)
         if alpha > 0:
             scaler.apply(fold, s)
         records.append({"producer": fold.producer, "consumers": fold.consumers, "alpha": alpha,
                         "error_vs_unscaled": ratio})
+    return records
+
+
+def smooth_scale(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear], alpha: float = 0.5
+                 ) -> list[dict]:
+    """SmoothQuant (Xiao et al., 2023) for int8 activations: each input channel's activation outliers
+    moved into the weights, s = max|x|^alpha / max|w|^(1 - alpha), folded where the channel is produced
+    (the same folds as AWQ, each checked). Returns one record per fold."""
+    batches = list(batches)
+    if not batches:
+        return []
+    folds = find_folds(model, batches[0], layers)
+    statistics = input_statistics(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds})
+    scaler, modules, records = _Scaler(model), dict(model.named_modules()), []
+    for fold in folds:
+        peak = statistics[fold.consumers[0]][1].clamp_min(1e-5)
+        weight = torch.cat([modules[c].weight.detach().float() for c in fold.consumers]).abs().amax(0).clamp_min(1e-5)
+        s = (peak ** alpha / weight ** (1 - alpha)).clamp(1e-4, 1e4)
+        scaler.apply(fold, s)
+        records.append({"producer": fold.producer, "consumers": fold.consumers,
+                        "activation_peak": float(peak.max()), "activation_peak_after": float((peak / s).max())})
     return records

@@ -30,7 +30,7 @@ from torchslim.log import console, warn
 
 
 INT8, STATIC, QAT = only("static", "qat", "dynamic"), only("static", "qat"), only("qat")
-CALIBRATED, WEIGHTS = only("static", "qat", "weight_only"), only("weight_only")
+CALIBRATED, WEIGHTS = only("static", "qat", "dynamic", "weight_only"), only("weight_only")
 SENSITIVE = only("static", "weight_only")
 
 
@@ -39,9 +39,15 @@ class QuantizeConfig(ByVariant):
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = Field(
         "minmax", json_schema_extra=STATIC)
     calibration_batches: int = Field(8, ge=1, le=10000, description="real training batches for calibration "
-                                     "(static, qat; weight_only with GPTQ)", json_schema_extra=CALIBRATED)
+                                     "(static, qat; weight_only with GPTQ, AWQ or the clipping search; dynamic "
+                                     "with smooth)", json_schema_extra=CALIBRATED)
     calibration_batch_size: int = Field(64, ge=1, le=4096, json_schema_extra=CALIBRATED)
     per_channel: bool = Field(True, json_schema_extra=INT8)
+    smooth: Optional[float] = Field(None, ge=0, le=1, description="static, dynamic: SmoothQuant's alpha — each "
+                                    "input channel's activation outliers moved into the weights (s = max|x|^alpha"
+                                    " / max|w|^(1-alpha)), folded into the norm or Linear that produces the channel "
+                                    "(checked to leave the float model unchanged); null: off",
+                                    json_schema_extra=only("static", "dynamic"))
     symmetric_activations: bool = Field(False, json_schema_extra=STATIC)
     activation_type: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="auto: build S8S8, U8S8 with reduce_range and U8S8, count which nodes ONNX Runtime "
@@ -190,6 +196,20 @@ def _allocate_bits(model, layers: dict, floats: dict, hessians, options: dict, r
     for name in layers:
         by_name[name]["bits"] = cfg.fallback_bits if name in chosen["high_layers"] else cfg.bits
     return chosen
+
+
+def _smoothed(model, cfg: QuantizeConfig, ctx):
+    """A copy of the model with SmoothQuant's scales folded in (the same float function) and the folds."""
+    import copy
+
+    from torchslim.quantize.awq import smooth_scale
+    from torchslim.quantize.weights import linear_layers
+    smoothed = copy.deepcopy(model)
+    layers = {n: m for n, m in linear_layers(smoothed, skip=()).items() if not matches(n, cfg.ignore)}
+    folds = smooth_scale(smoothed, ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size),
+                         layers, cfg.smooth)
+    console.log(f"quantize: SmoothQuant (alpha {cfg.smooth}) folded into {len(folds)} layer group(s)")
+    return smoothed, {"alpha": cfg.smooth, "folds": folds}
 
 
 def _nbits_compute(path: Path, choice: str, ctx) -> dict:
@@ -380,7 +400,10 @@ def quantize(model, cfg: QuantizeConfig, ctx):
         counts = kernel_counts(out, ctx.recipe.measure.threads)
         console.log(f"quantize: ONNX Runtime runs {describe(counts)} on this CPU")
         return Lowered(model, {"quantization": info}, artifact=out)
-    float_onnx = ctx.task.export(model.eval().cpu(), ctx.stage_dir / "float.onnx", ctx.exporter)
+    source = model.eval().cpu()
+    if cfg.smooth is not None and cfg.method in ("static", "dynamic"):
+        source, info["smooth"] = _smoothed(source, cfg, ctx)
+    float_onnx = ctx.task.export(source, ctx.stage_dir / "float.onnx", ctx.exporter)
     if cfg.method in ("static", "qat"):
         info.update(_static(float_onnx, out, cfg, ctx, info.get("qat")))
         if "qat" in info:  # the report keeps the trained ranges under "trained_ranges", not twice
