@@ -1,7 +1,8 @@
 """Language-model serving side by side on the same tokens, same threads, in one process: float
 PyTorch (its own cache), torch.ao dynamic int8 of the Linear layers, float ONNX Runtime with
-torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer (round-to-nearest int4,
-the same group size) on that export, llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, and the
+torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer on that export (int4,
+the same group size: round-to-nearest symmetric and with zero points, and HQQ; accuracy_level 4),
+W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQuant), llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, and the
 artifacts of torchslim runs given on the command line.
 
     .venv/bin/pip install --no-deps llama-cpp-python diskcache   # optional: built from source, minutes
@@ -93,21 +94,23 @@ class LlamaCpp:
         return prefill, time.perf_counter() - t
 
 
-def ort_rtn(float_onnx: Path, out: Path, bits: int, group: int) -> Path | None:
-    """ONNX Runtime's own weight-only quantizer (round-to-nearest, symmetric) on the float export."""
+def ort_quantizer(float_onnx: Path, out: Path, algorithm: str, symmetric: bool, bits: int, group: int) -> Path | None:
+    """ONNX Runtime's own weight-only quantizer on the float export: round-to-nearest (symmetric or
+    with zero points) or HQQ (half-quadratic optimisation of scales and zero points, no data)."""
     if out.exists():
         return out
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig
         import onnx
-        config = RTNWeightOnlyQuantConfig()
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_onnx)), block_size=group, is_symmetric=True,
-                                         bits=bits, accuracy_level=4, algo_config=config)
+        from onnxruntime.quantization import matmul_nbits_quantizer as q
+        config = (q.HQQWeightOnlyQuantConfig(block_size=group, bits=bits) if algorithm == "hqq"
+                  else q.RTNWeightOnlyQuantConfig())
+        quantizer = q.MatMulNBitsQuantizer(onnx.load(str(float_onnx)), block_size=group, is_symmetric=symmetric,
+                                           bits=bits, accuracy_level=4, algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), False)
         return out
     except Exception as exc:  # the quantizer's API moves between releases: say so and go on
-        print(f"ONNX Runtime's MatMulNBitsQuantizer: skipped ({type(exc).__name__}: {exc})")
+        print(f"ONNX Runtime's MatMulNBitsQuantizer ({algorithm}): skipped ({type(exc).__name__}: {exc})")
         return None
 
 
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/torchslim-bench-llm")
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--no-w8a8", dest="w8a8", action="store_false", help="skip the dynamic int8 rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -143,10 +147,33 @@ def main() -> None:
     except Exception as exc:
         print(f"torch.ao dynamic int8: skipped ({type(exc).__name__}: {exc})")
     engines["onnxruntime float (torchslim export)"] = (Onnx(float_onnx, args.threads), float_onnx.stat().st_size)
-    rtn = ort_rtn(float_onnx, work / f"ort-rtn-int4-g{args.group}.onnx", 4, args.group)
-    if rtn:
-        engines[f"onnxruntime MatMulNBitsQuantizer int4 g{args.group} (RTN)"] = (Onnx(rtn, args.threads),
-                                                                                 rtn.stat().st_size)
+    for algorithm, symmetric in (("rtn", True), ("rtn", False), ("hqq", False)):
+        label = f"{algorithm}-{'sym' if symmetric else 'asym'}-int4-g{args.group}"
+        path = ort_quantizer(float_onnx, work / f"ort-{label}.onnx", algorithm, symmetric, 4, args.group)
+        if path:
+            engines[f"onnxruntime MatMulNBitsQuantizer {label}"] = (Onnx(path, args.threads), path.stat().st_size)
+    if args.w8a8:  # int8 weights, int8 activations per call (MatMulInteger), plain and after SmoothQuant
+        import copy
+
+        from torchslim.models.lm import Logits
+        from torchslim.quantize.awq import smooth_scale
+        from torchslim.quantize.lower import dynamic_int8
+        from torchslim.quantize.weights import linear_layers
+        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
+        for alpha in (None, 0.5):
+            label = "dynamic int8" + ("" if alpha is None else f" + SmoothQuant {alpha}")
+            path = work / f"w8a8-{alpha}.onnx"
+            if not path.exists():
+                source = work / f"w8a8-{alpha}-float.onnx"
+                if alpha is None:
+                    source = float_onnx
+                else:
+                    smoothed = Logits(copy.deepcopy(lm)).eval()
+                    smooth_scale(smoothed, [(c[None],) for c in calib.reshape(16, -1)],
+                                 linear_layers(smoothed, skip=()), alpha)
+                    export_decoder(smoothed.lm, source)
+                dynamic_int8(source, path)
+            engines[f"onnxruntime {label} (torchslim)"] = (Onnx(path, args.threads), path.stat().st_size)
     folder, gguf = locate(args.model)
     if gguf:
         try:

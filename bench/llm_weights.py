@@ -72,17 +72,18 @@ def main() -> None:
     if not args.asym:
         runs["gptq-asym-clip"] = (asym, "gptq", options)
         runs["awq-gptq-asym-clip"] = (asym, "awq-gptq", options)
-    hessians = collect_hessians(models["float"], batches, linear_layers(models["float"]))
+    magnitudes: dict = {}
+    hessians = collect_hessians(models["float"], batches, linear_layers(models["float"]), magnitudes)
     for method, (g, how, opts) in runs.items():
         model = copy.deepcopy(models["float"])
         t = time.time()
         if how == "gptq-seq":  # block after block, each seeing the quantized blocks before it
             records = gptq_sequential(model, batches, g, **opts)
         elif how.startswith("awq"):  # scales folded in, then the inputs' statistics of the scaled model
-            awq_scale(model, batches, g, linear_layers(model))
-            layers = linear_layers(model)
-            records = quantize_weights(model, g, how.replace("awq-", "").replace("awq", "rtn"),
-                                       collect_hessians(model, batches, layers), layers, **opts)
+            layers, scaled = linear_layers(model), {n: h.clone() for n, h in hessians.items()}
+            awq_scale(model, batches, g, layers, scaled, magnitudes)
+            records = quantize_weights(model, g, how.replace("awq-", "").replace("awq", "rtn"), scaled, layers,
+                                       **opts)
         else:  # round-to-nearest's clipping search weighs columns by their inputs' mean square
             records = quantize_weights(model, g, how, hessians=hessians if (how == "gptq" or g.clip) else None,
                                        layers=linear_layers(model), **opts)

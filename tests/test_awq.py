@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torchslim.quantize.awq import awq_scale, find_folds, search_scale
-from torchslim.quantize.weights import Grid, dequantized, linear_layers, output_error, rtn
+from torchslim.quantize.weights import Grid, collect_hessians, dequantized, linear_layers, output_error, rtn
 
 
 def _tiny(kind: str):
@@ -44,8 +44,13 @@ def test_folds_are_found_by_tracing_and_scaling_leaves_the_float_model_unchanged
     with torch.no_grad():
         before = model(held_out).clone()
     weights = {n: m.weight.detach().clone() for n, m in layers.items()}
-    records = awq_scale(model, batches, Grid(4, 16, True), layers)
+    magnitudes: dict = {}
+    hessians = collect_hessians(model, batches, layers, magnitudes)
+    records = awq_scale(model, batches, Grid(4, 16, True), layers, hessians, magnitudes)
     assert len(records) == 6
+    recollected = collect_hessians(model, batches, layers)  # the Hessians were rescaled to the new inputs
+    for name in layers:
+        assert torch.allclose(hessians[name], recollected[name], rtol=1e-3, atol=1e-5 * recollected[name].abs().max())
     changed = [n for n, m in layers.items() if not torch.equal(m.weight, weights[n])]
     assert changed, "no scale was folded in"
     with torch.no_grad():
@@ -77,7 +82,7 @@ def test_scaling_cuts_the_rounding_error_where_inputs_have_outlier_channels():
 
 
 def test_smoothquant_moves_activation_peaks_into_the_weights_and_keeps_the_float_model():
-    from torchslim.quantize.awq import input_statistics, smooth_scale
+    from torchslim.quantize.awq import input_peaks, smooth_scale
     model = _tiny("llama")
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, 97, (2, 48), generator=g),) for _ in range(3)]
@@ -86,12 +91,12 @@ def test_smoothquant_moves_activation_peaks_into_the_weights_and_keeps_the_float
             layer.post_attention_layernorm.weight[5] = 30.0
     layers = linear_layers(model)
     reader = "lm.model.layers.0.mlp.gate_proj"
-    peak_before = input_statistics(model, batches, {reader: layers[reader]})[reader][1]
+    peak_before = input_peaks(model, batches, {reader: layers[reader]})[reader]
     with torch.no_grad():
         before = model(batches[0][0]).clone()
     records = smooth_scale(model, batches, layers, alpha=0.5)
     assert len(records) == 6
-    peak_after = input_statistics(model, batches, {reader: layers[reader]})[reader][1]
+    peak_after = input_peaks(model, batches, {reader: layers[reader]})[reader]
     assert peak_after.max() < 0.5 * peak_before.max()  # the outlier channel flattened
     with torch.no_grad():
         assert (model(batches[0][0]) - before).abs().max() <= 1e-4 * before.abs().max()

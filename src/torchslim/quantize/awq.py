@@ -44,7 +44,7 @@ def _first_tensor(out) -> torch.Tensor:
     return next(_first_tensor(o) for o in (out.values() if isinstance(out, dict) else out))
 
 
-def _short(batch: tuple, tokens: int = 32) -> tuple:
+def _short(batch: tuple, tokens: int = 8) -> tuple:
     """One example of a batch; token ids and masks (2-D integer tensors) cut to `tokens`."""
     def cut(t):
         if not isinstance(t, torch.Tensor):
@@ -158,19 +158,14 @@ def find_folds(model: nn.Module, batch: tuple, layers: dict[str, nn.Linear], see
     return folds
 
 
-def input_statistics(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]
-                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(mean |x|, max |x|) per input channel of each layer over the calibration batches."""
-    sums = {n: torch.zeros(m.in_features) for n, m in layers.items()}
+def input_peaks(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of each layer over the calibration batches."""
     peaks = {n: torch.zeros(m.in_features) for n, m in layers.items()}
-    counts = dict.fromkeys(layers, 0)
 
     def hook(name):
         def record(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float().abs()
-            sums[name] += x.sum(0)
             torch.maximum(peaks[name], x.amax(0), out=peaks[name])
-            counts[name] += x.shape[0]
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
@@ -180,7 +175,7 @@ def input_statistics(model: nn.Module, batches: Iterable[tuple], layers: dict[st
     finally:
         for h in handles:
             h.remove()
-    return {n: (sums[n] / max(counts[n], 1), peaks[n]) for n in layers}
+    return peaks
 
 
 def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid,
@@ -204,23 +199,31 @@ def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.T
 
 
 def awq_scale(model: nn.Module, batches: Iterable[tuple], grid: Grid, layers: dict[str, nn.Linear],
+              hessians: dict[str, torch.Tensor] | None = None, magnitudes: dict[str, torch.Tensor] | None = None,
               steps: int = 20) -> list[dict]:
     """Search and fold activation-aware scales for every group of `layers` (paths in `model`) whose
-    input producer can take them; the model's float outputs stay the same. Returns one record per fold."""
+    input producer can take them; the model's float outputs stay the same. `hessians` and `magnitudes`
+    (`collect_hessians(model, batches, layers, magnitudes)` on the unscaled model) are collected here
+    when not given; given, the Hessians are rescaled in place to the scaled layers' inputs, ready for
+    GPTQ or the clipping search. Returns one record per fold."""
     batches = list(batches)
     if not batches:
         return []
     folds = find_folds(model, batches[0], layers)
-    readers = {f.consumers[0]: layers[f.consumers[0]] for f in folds}
-    hessians = collect_hessians(model, batches, readers)
-    statistics = input_statistics(model, batches, readers)
+    if hessians is None or magnitudes is None:
+        magnitudes = {}
+        hessians = collect_hessians(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds},
+                                    magnitudes)
     scaler, modules, records = _Scaler(model), dict(model.named_modules()), []
     for fold in folds:
+        reader = fold.consumers[0]
         weight = torch.cat([modules[c].weight.detach() for c in fold.consumers])
-        s, alpha, ratio = search_scale(weight, hessians[fold.consumers[0]], statistics[fold.consumers[0]][0], grid,
-                                       steps)
+        s, alpha, ratio = search_scale(weight, hessians[reader], magnitudes[reader], grid, steps)
         if alpha > 0:
             scaler.apply(fold, s)
+            for c in dict.fromkeys(fold.consumers):  # inputs divided by s: H -> H / (s s^T)
+                if c in hessians:
+                    hessians[c] = hessians[c] / torch.outer(s, s)
         records.append({"producer": fold.producer, "consumers": fold.consumers, "alpha": alpha,
                         "error_vs_unscaled": ratio})
     return records
@@ -235,10 +238,10 @@ def smooth_scale(model: nn.Module, batches: Iterable[tuple], layers: dict[str, n
     if not batches:
         return []
     folds = find_folds(model, batches[0], layers)
-    statistics = input_statistics(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds})
+    peaks = input_peaks(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds})
     scaler, modules, records = _Scaler(model), dict(model.named_modules()), []
     for fold in folds:
-        peak = statistics[fold.consumers[0]][1].clamp_min(1e-5)
+        peak = peaks[fold.consumers[0]].clamp_min(1e-5)
         weight = torch.cat([modules[c].weight.detach().float() for c in fold.consumers]).abs().amax(0).clamp_min(1e-5)
         s = (peak ** alpha / weight ** (1 - alpha)).clamp(1e-4, 1e4)
         scaler.apply(fold, s)

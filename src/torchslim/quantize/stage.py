@@ -154,9 +154,10 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     hessians, options, folds = None, {}, None
     if cfg.algorithm == "gptq" or cfg.awq or cfg.clip:  # the clipping search weighs columns by their inputs
         batches = list(ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size))
-        if cfg.awq:
-            folds = awq_scale(quantized, batches, grid, layers)
-        hessians = collect_hessians(quantized, batches, {**layers, **heads})
+        magnitudes: dict = {}
+        hessians = collect_hessians(quantized, batches, {**layers, **heads}, magnitudes)
+        if cfg.awq:  # one pass over the calibration data: the Hessians are rescaled with the folds
+            folds = awq_scale(quantized, batches, grid, layers, hessians, magnitudes)
     if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
     floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}

@@ -175,15 +175,20 @@ def tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules())
 
 
-def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches."""
+def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear],
+                     magnitudes: dict | None = None) -> dict[str, torch.Tensor]:
+    """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches; with a
+    `magnitudes` dict, also each input channel's mean |x| into it (one pass for both)."""
     sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
+    absolute = {n: torch.zeros(m.in_features) for n, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
     def hook(name):
         def record(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sums[name].addmm_(x.T, x)
+            if magnitudes is not None:
+                absolute[name] += x.abs().sum(0)
             counts[name] += x.shape[0]
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -194,6 +199,8 @@ def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[st
     finally:
         for h in handles:
             h.remove()
+    if magnitudes is not None:
+        magnitudes.update({n: absolute[n] / max(counts[n], 1) for n in layers})
     return {n: 2 * sums[n] / max(counts[n], 1) for n in layers}
 
 
