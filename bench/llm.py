@@ -2,6 +2,7 @@
 PyTorch (its own cache), torch.ao dynamic int8 of the Linear layers, float ONNX Runtime with
 torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer on that export (int4,
 the same group size: round-to-nearest symmetric and with zero points, and HQQ; accuracy_level 4),
+llama.cpp on the GGUF files those runs wrote (schemes in blocks of 32),
 W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQuant), llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, and the
 artifacts of torchslim runs given on the command line.
 
@@ -185,6 +186,14 @@ def main() -> None:
         report = json.loads((Path(run) / "report.json").read_text())
         artifact = Path(run) / report["stages"][-1]["artifact"]
         engines[f"torchslim {report['recipe']['name']}"] = (Onnx(artifact, args.threads), artifact.stat().st_size)
+        written = report["stages"][-1].get("quantization", {}).get("weight_only", {}).get("gguf", {})
+        if written.get("path"):  # the GGUF the stage wrote with the same integers, served by llama.cpp
+            path = artifact.parent / written["path"]
+            try:
+                engines[f"llama.cpp torchslim {report['recipe']['name']}"] = (
+                    LlamaCpp(path, args.threads, args.window), path.stat().st_size)
+            except ImportError:
+                print("llama.cpp: skipped (pip install --no-deps llama-cpp-python diskcache)")
 
     held = {s: torch.tensor(tok(corpus.text(s, max_chars=8 * args.tokens + 1000)).input_ids[:args.tokens])
             for s in args.sources}

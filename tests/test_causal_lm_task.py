@@ -87,6 +87,7 @@ def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm
     assert [f["producer"].rpartition(".")[2] for f in info["awq"]] == ["input_layernorm", "post_attention_layernorm",
                                                                        "up_proj"] * 2
     assert all(0 <= f["alpha"] < 1 and f["error_vs_unscaled"] <= 1 for f in info["awq"])
+    assert "did not come from a GGUF" in info["gguf"]["skipped"]  # a Hugging Face directory: no metadata source
     chosen = info["allocation"]  # each layer's sensitivity measured, the bits recorded as chosen
     assert len(chosen["sensitivity"]) == 14 and chosen["validation_drop"] <= 1e-6
     assert {r["layer"] for r in info["layers"] if r["bits"] == 8} == set(chosen["high_layers"]) | {"lm.lm_head"}

@@ -172,12 +172,31 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
     lower_quantized_weights(grid_onnx, out, quantized)
     grid_onnx.unlink(missing_ok=True)
+    gguf = _gguf(quantized, grid, ctx, out.with_suffix(".gguf"))
     info = {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-            "clip": cfg.clip, "awq": folds, "allocation": allocation,
+            "clip": cfg.clip, "awq": folds, "allocation": allocation, "gguf": gguf,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
             "compute": _nbits_compute(out, cfg.compute, ctx), "layers": records}
     return {"weight_only": info}
+
+
+def _gguf(model, grid, ctx, out: Path) -> dict:
+    """Also a GGUF for llama.cpp with the same integers, where the scheme maps onto a GGUF type and the
+    model came from a GGUF file; else why not."""
+    from torchslim.export.gguf import why_not, write_gguf
+    source = ctx.task.source_gguf()
+    reason = why_not(grid, source)
+    if reason is None:
+        try:
+            info = write_gguf(model, source, out)
+        except TorchslimError as exc:
+            reason = str(exc)
+        else:
+            console.log(f"quantize: wrote {out.name} for llama.cpp ({info['bytes']:,} bytes; "
+                        + ", ".join(f"{k} {v}" for k, v in info["types"].items()) + ")")
+            return info
+    return {"skipped": reason}
 
 
 def _allocate_bits(model, layers: dict, floats: dict, hessians, options: dict, records: list[dict], cfg, ctx) -> dict:

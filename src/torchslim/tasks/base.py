@@ -124,6 +124,11 @@ class Task:
         model: prompt prefill and token-by-token decoding with its cache). Default: none."""
         return {}
 
+    def source_gguf(self) -> Path | None:
+        """The GGUF file the model was loaded from, if any (a weight-only stage then also writes a
+        GGUF with its own grids where they map onto GGUF types). Default: none."""
+        return None
+
     def feed(self, inputs: Inputs) -> dict:
         return {name: t.numpy() for name, t in zip(self.input_names, inputs)}
 

@@ -174,6 +174,11 @@ class CausalLM(Task):
                 f"decode 1 token after {n}": {"input_ids": ids[:, n:].numpy(),
                                                "attention_mask": np.ones((1, n + 1), np.int64)}}
 
+    def source_gguf(self) -> Path | None:
+        from torchslim.models.lm import locate
+        folder, gguf = locate(self.recipe.model.hf)
+        return folder / gguf if gguf else None
+
     def input_spec(self) -> dict:
         from torchslim.models.lm import locate
         folder, gguf = locate(self.recipe.model.hf)
