@@ -2,9 +2,9 @@
 PyTorch (its own cache), torch.ao dynamic int8 of the Linear layers, float ONNX Runtime with
 torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer on that export (int4,
 the same group size: round-to-nearest symmetric and with zero points, and HQQ; accuracy_level 4),
-llama.cpp on the GGUF files those runs wrote (schemes in blocks of 32),
-W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQuant), llama.cpp (llama-cpp-python) on the original Q4_1 GGUF, and the
-artifacts of torchslim runs given on the command line.
+W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQuant), llama.cpp
+(llama-cpp-python) on the original Q4_1 GGUF and on the GGUF files the given runs wrote, and the
+ONNX artifacts of the torchslim runs given on the command line.
 
     .venv/bin/pip install --no-deps llama-cpp-python diskcache   # optional: built from source, minutes
     torchslim run smollm2-int4 && torchslim run smollm2-int8

@@ -91,14 +91,16 @@ def main() -> None:
         print(f"{method}: {len(records)} layers in {time.time() - t:.0f} s; summed output error on calibration "
               f"{error:.4f}", flush=True)
         models[method] = model
-    print(f"\n{'source':<14}" + "".join(f"{m:>12}" for m in models) + "   (perplexity; bits per byte below)")
+    width = {m: max(12, len(m) + 2) for m in models}
+    print(f"\n{'source':<14}" + "".join(f"{m:>{width[m]}}" for m in models) + "   (perplexity; bits per byte below)")
     results = {}
     for source, ids in held.items():
         n_bytes = scored_bytes(tok, ids)
         results[source] = {m: score(lambda x, m=m: models[m](x), ids, n_bytes, args.window, args.window)
                            for m in models}
-        print(f"{source:<14}" + "".join(f"{r['perplexity']:>12.2f}" for r in results[source].values()))
-        print(f"{'':<14}" + "".join(f"{r['bits_per_byte']:>12.4f}" for r in results[source].values()), flush=True)
+        print(f"{source:<14}" + "".join(f"{r['perplexity']:>{width[m]}.2f}" for m, r in results[source].items()))
+        print(f"{'':<14}" + "".join(f"{r['bits_per_byte']:>{width[m]}.4f}" for m, r in results[source].items()),
+              flush=True)
     for source, r in results.items():
         base = r["float"]["perplexity"]
         rise = {m: r[m]["perplexity"] / base - 1 for m in runs}

@@ -149,3 +149,26 @@ def test_the_built_in_llm_recipes_run_end_to_end_on_a_few_hundred_tokens(tiny_lm
     assert final["kernels"]["by_op"]["MatMulNBits"] == 15 and final["size_bytes"] < base["size_bytes"]
     assert set(final["sources"]) == {"fortunes", "descriptions"} and final["generation"]["decode_tokens"] == 8
     assert final["perplexity"] == pytest.approx(base["perplexity"], rel=0.05)  # random weights: near-uniform
+
+
+def test_sparsegpt_two_four_through_the_prune_stage_stores_sparse_and_keeps_the_head(tiny_lm, tmp_path):
+    """A prune stage with SparseGPT 2:4 on the task's calibration windows: every block Linear obeys
+    the pattern exactly, the tied head stays dense, the sparse storage shrinks, and the run resumes."""
+    path, _, _ = tiny_lm
+    stage = {"prune": {"method": "sparsegpt", "n": 2, "m": 4, "calibration_batches": 2, "calibration_batch_size": 2}}
+    report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
+    base, final = (s["metrics"] for s in report["stages"])
+    records = report["stages"][1]["steps"][0]["pruned_layers"]
+    assert len(records) == 14 and all(r["sparsity"] == 0.5 and r["output_error"] > 0 for r in records)
+    from torchslim.models.io import load_weights  # noqa: F401  (the stage's saved weights)
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "run" / "stages" / "01-prune" / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):
+            assert torch.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2), name
+        if name.endswith("embed_tokens.weight"):
+            assert torch.count_nonzero(w) == w.numel()
+    assert final["storage_bytes"] < base["storage_bytes"]
+    assert final["perplexity"] == pytest.approx(base["perplexity"], rel=0.2)  # random weights: near-uniform
+    with pytest.raises(RecipeError, match="'damp' applies to method sparsegpt"):
+        parse_recipe(_recipe(path, [{"prune": {"method": "wanda", "sparsity": 0.5, "damp": 0.1}}]))

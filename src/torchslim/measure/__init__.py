@@ -59,8 +59,8 @@ def measure(model: nn.Module, ctx, out_dir: Path, onnx_path: Path | None = None)
     weights = out_dir / "model.safetensors"
     metrics: dict = {**count_params(model), "weights_bytes": model_size_bytes(model, weights)}
     metrics["storage_bytes"] = metrics["weights_bytes"]
-    if metrics["nonzero_params"] < 0.75 * metrics["params"]:  # worth storing sparsely
-        from torchslim.prune.sparse import save_sparse
+    from torchslim.prune.sparse import save_sparse, worth_storing_sparse
+    if metrics["nonzero_params"] < metrics["params"] and worth_storing_sparse(model):
         sparse = save_sparse(model, out_dir / "model.sparse.safetensors")
         metrics["sparse_bytes"] = sparse.stat().st_size
         metrics["storage_bytes"] = min(metrics["weights_bytes"], metrics["sparse_bytes"])

@@ -45,16 +45,23 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
 TIED_KEY = "torchslim.tied"
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the state dict as safetensors (atomically: a temporary name, then rename), with the
-    shape attributes of every layer so a pruned model reloads without re-running the pruning."""
+def untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with every tensor once, {key: the key it is tied to}): a tied weight (input and
+    output embeddings) is stored once and re-tied on load."""
     state, tied, seen = {}, {}, {}
     for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in seen:  # a tied weight (input and output embeddings) is stored once
+        if id(v) in seen:
             tied[k] = seen[id(v)]
             continue
         seen[id(v)] = k
         state[k] = v.detach().contiguous().cpu()
+    return state, tied
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the state dict as safetensors (atomically: a temporary name, then rename), with the
+    shape attributes of every layer so a pruned model reloads without re-running the pruning."""
+    state, tied = untied_state(model)
     metadata = {**(metadata or {}), SHAPES_KEY: json.dumps(module_shapes(model)), TIED_KEY: json.dumps(tied)}
     tmp = Path(f"{path}.tmp")
     save_file(state, str(tmp), metadata=metadata)

@@ -20,14 +20,23 @@ FORMAT_KEY = "torchslim.format"
 SPARSE_FORMAT = "bitmask-v1"
 
 
+def _packs_smaller(t: torch.Tensor, nonzero: torch.Tensor) -> bool:
+    packed_bytes = (t.numel() + 7) // 8 + int(nonzero.sum()) * t.element_size()
+    return t.is_floating_point() and t.numel() > 64 and packed_bytes < t.numel() * t.element_size()
+
+
+def worth_storing_sparse(model: nn.Module) -> bool:
+    """Whether any weight tensor is sparse enough to take fewer bytes as (bitmask, values)."""
+    return any(_packs_smaller(t, t != 0) for t in model.state_dict().values())
+
+
 def encode(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """Each tensor goes dense or as (bitmask, values), whichever is smaller."""
     out, layout = {}, {}
     for key, t in state.items():
         t = t.detach().contiguous().cpu()
         nonzero = t != 0
-        packed_bytes = (t.numel() + 7) // 8 + int(nonzero.sum()) * t.element_size()
-        if t.is_floating_point() and t.numel() > 64 and packed_bytes < t.numel() * t.element_size():
+        if _packs_smaller(t, nonzero):
             bits = np.packbits(nonzero.flatten().numpy())
             out[f"{key}::mask"] = torch.from_numpy(bits)
             out[f"{key}::values"] = t[nonzero].clone()
@@ -50,9 +59,11 @@ def decode(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Te
 
 
 def save_sparse(model: nn.Module, path: Path) -> Path:
-    tensors, layout = encode(model.state_dict())
+    from torchslim.models.io import TIED_KEY, untied_state
+    state, tied = untied_state(model)
+    tensors, layout = encode(state)
     metadata = {FORMAT_KEY: SPARSE_FORMAT, "torchslim.sparse_layout": json.dumps(layout),
-                SHAPES_KEY: json.dumps(module_shapes(model))}
+                SHAPES_KEY: json.dumps(module_shapes(model)), TIED_KEY: json.dumps(tied)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

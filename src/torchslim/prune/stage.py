@@ -35,14 +35,16 @@ class Schedule(BaseModel):
 
 
 STRUCTURED, SPARSE = only("structured"), only("magnitude", "random")
+CALIBRATED = only("wanda", "sparsegpt")
 
 
 class PruneConfig(ByVariant):
-    method: Literal["structured", "magnitude", "random", "nm"] = "structured"
+    method: Literal["structured", "magnitude", "random", "nm", "wanda", "sparsegpt"] = "structured"
     ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed",
                                    json_schema_extra=STRUCTURED)
-    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="magnitude/random: share of weights zeroed",
-                                      json_schema_extra=SPARSE)
+    sparsity: Optional[float] = Field(None, ge=0, lt=1, description="magnitude/random: share of weights zeroed; "
+                                      "wanda/sparsegpt: share of every row of every Linear layer (leave out for n:m)",
+                                      json_schema_extra=only("magnitude", "random", "wanda", "sparsegpt"))
     scope: Literal["global", "layer"] = Field("global", json_schema_extra=SPARSE)
     importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = Field("l1", json_schema_extra=STRUCTURED)
     global_ranking: bool = Field(False, json_schema_extra=STRUCTURED)
@@ -63,8 +65,15 @@ class PruneConfig(ByVariant):
     layer_ratios: dict[str, float] = Field(default_factory=dict, description="structured: a final ratio per "
                                            "layer path instead of `ratio` (e.g. less for a sensitive layer)",
                                            json_schema_extra=STRUCTURED)
-    n: int = Field(2, ge=1, json_schema_extra=only("nm"))
-    m: int = Field(4, ge=2, json_schema_extra=only("nm"))
+    n: int = Field(2, ge=1, description="nm, or wanda/sparsegpt without sparsity: n of every m consecutive "
+                   "input weights kept", json_schema_extra=only("nm", "wanda", "sparsegpt"))
+    m: int = Field(4, ge=2, json_schema_extra=only("nm", "wanda", "sparsegpt"))
+    calibration_batches: int = Field(16, ge=1, le=10000, description="wanda/sparsegpt: real training batches "
+                                     "whose inputs to each layer score (and, for sparsegpt, update) its weights",
+                                     json_schema_extra=CALIBRATED)
+    calibration_batch_size: int = Field(4, ge=1, le=4096, json_schema_extra=CALIBRATED)
+    damp: float = Field(0.01, gt=0, le=1, description="sparsegpt: Hessian damping, a share of its mean diagonal",
+                        json_schema_extra=only("sparsegpt"))
     schedule: Schedule = Field(default_factory=Schedule)
     finetune: Optional[TrainConfig] = Field(None, description="training after every step (epochs per step)")
 
@@ -78,7 +87,7 @@ class PruneConfig(ByVariant):
                              "ffn_ratio for a transformer encoder")
         if self.method in ("magnitude", "random") and self.sparsity is None:
             raise ValueError(f"method '{self.method}' needs 'sparsity' (share of weights to zero)")
-        if self.method == "nm" and not 0 < self.n < self.m:
+        if self.method in ("nm", "wanda", "sparsegpt") and not 0 < self.n < self.m:
             raise ValueError(f"method 'nm' needs 0 < n < m, got {self.n}:{self.m}")
         return self
 
@@ -91,7 +100,9 @@ class PruneConfig(ByVariant):
     def final(self) -> float:
         if self.method == "structured":
             return self.ratio if self.ratio is not None else max(self.head_ratio or 0.0, self.ffn_ratio or 0.0)
-        return 1 - self.n / self.m if self.method == "nm" else self.sparsity
+        if self.method == "nm" or (self.method in ("wanda", "sparsegpt") and self.sparsity is None):
+            return 1 - self.n / self.m
+        return self.sparsity
 
     def encoder_ratios(self) -> tuple[float, float]:
         """(heads, FFN neurons) removed from every layer of a transformer encoder."""
@@ -147,6 +158,13 @@ def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
         console.log(escape(p.summary()))
         return {"notes": p.notes, "kept": [{"layers": list(k.producers), "channels": k.channels,
                                             "reasons": k.reasons} for k in p.kept]}
+    if cfg.method in ("wanda", "sparsegpt"):
+        from torchslim.prune.oneshot import prune_sequential
+        pattern = {"sparsity": target} if cfg.sparsity is not None else {"n": cfg.n, "m": cfg.m}
+        options = {"damp": cfg.damp} if cfg.method == "sparsegpt" else {}
+        batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+        records = prune_sequential(model, batches, cfg.method, **pattern, ignore=cfg.ignore, **options)
+        return {"pruned_layers": records}
     if cfg.method == "nm":
         masks = unstructured.nm_masks(model, cfg.n, cfg.m, cfg.ignore)
     else:
@@ -163,7 +181,7 @@ def prune(model, cfg: PruneConfig, ctx):
     if not is_encoder(model):
         convert_attention(model)
     targets = schedule.targets(cfg.schedule.kind, cfg.final, cfg.schedule.steps, cfg.schedule.initial)
-    if cfg.method == "nm":
+    if cfg.method == "nm" or (cfg.method in ("wanda", "sparsegpt") and cfg.sparsity is None):
         targets = [cfg.final]
     total = sum(p.numel() for p in model.parameters())
     widths_before = _widths(model)  # (on resume too: the stage starts from the previous stage's model)

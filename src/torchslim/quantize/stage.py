@@ -94,7 +94,12 @@ class QuantizeConfig(ByVariant):
     compute: Literal["auto", "float", "int8"] = Field(
         "auto", description="weight_only: MatMulNBits computes in float (weights unpacked to float) or in int8 "
         "(activations quantized per block on the fly, accuracy_level 4); auto times both side by side on this "
-        "CPU on the task's comparison inputs and keeps the faster", json_schema_extra=WEIGHTS)
+        "CPU on the task's comparison inputs and keeps int8 if it is faster and within compute_max_drop",
+        json_schema_extra=WEIGHTS)
+    compute_max_drop: float = Field(0.005, ge=0, lt=1, description="weight_only, compute auto: the share of "
+                                    "the validation metric int8 compute may lose against float compute (its "
+                                    "activation rounding comes on top of the weights'); beyond it float compute "
+                                    "is kept however fast int8 is", json_schema_extra=WEIGHTS)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) or ONNX node names kept in float "
                               "('exclude' is accepted too)")
@@ -177,7 +182,7 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
             "clip": cfg.clip, "awq": folds, "allocation": allocation, "gguf": gguf,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
-            "compute": _nbits_compute(out, cfg.compute, ctx), "layers": records}
+            "compute": _nbits_compute(out, cfg.compute, ctx, cfg.compute_max_drop), "layers": records}
     return {"weight_only": info}
 
 
@@ -232,10 +237,12 @@ def _smoothed(model, cfg: QuantizeConfig, ctx):
     return smoothed, {"alpha": cfg.smooth, "folds": folds}
 
 
-def _nbits_compute(path: Path, choice: str, ctx) -> dict:
+def _nbits_compute(path: Path, choice: str, ctx, max_drop: float = 0.005) -> dict:
     """Set MatMulNBits' accuracy_level in `path`: 0 (float compute) or 4 (int8 compute); `auto` times
-    both interleaved on the task's comparison inputs and keeps the faster (geometric mean over the
-    input shapes of the per-round time ratios)."""
+    both interleaved on the task's comparison inputs and keeps int8 if it is faster (geometric mean over
+    the input shapes of the per-round time ratios) and its validation metric is within `max_drop` of
+    float compute's: quantizing the activations per block adds error that depends on the model's
+    activation outliers, so it is measured, not assumed."""
     from torchslim.export.decoder import complete_feed
     from torchslim.measure.latency import interleaved
     from torchslim.quantize.nbits import set_accuracy_level
@@ -253,15 +260,23 @@ def _nbits_compute(path: Path, choice: str, ctx) -> dict:
         shapes[label] = {"float_ms": t["float"]["p50"], "int8_ms": t["int8"]["p50"],
                          "int8_over_float": float(np.median(ratio))}
         logs.append(float(np.log(ratio).mean()))
+    scores = {k: ctx.task.score(onnx_predictor(s)) for k, s in sessions.items()}
     del sessions
-    chosen = "int8" if np.mean(logs) < 0 else "float"
+    from torchslim.quantize.budget import relative_drop
+    drop = relative_drop(scores["float"], scores["int8"])
+    faster = bool(np.mean(logs) < 0)
+    chosen = "int8" if faster and drop <= max_drop else "float"
     if chosen == "int8":
         os.replace(int8, path)
     else:
         int8.unlink()
+    why = "" if chosen == "int8" or not faster else f"; int8 is faster but loses {drop:.2%} of the validation " \
+        f"metric, more than compute_max_drop {max_drop:.2%}"
     console.log(f"quantize: MatMulNBits computes in {chosen} on this CPU (" + ", ".join(
-        f"{k}: float {v['float_ms']:.1f} ms, int8 {v['int8_ms']:.1f} ms" for k, v in shapes.items()) + ")")
-    return {"chosen": chosen, "timed": shapes}
+        f"{k}: float {v['float_ms']:.1f} ms, int8 {v['int8_ms']:.1f} ms" for k, v in shapes.items())
+        + f"; validation drop of int8 compute {drop:.2%}{why})")
+    return {"chosen": chosen, "timed": shapes, "validation": scores, "int8_validation_drop": drop,
+            "max_drop": max_drop}
 
 
 def _val_score(ctx, path: Path, samples: int) -> float:

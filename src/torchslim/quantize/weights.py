@@ -19,7 +19,7 @@ for the kernels), `block` (columns updated together)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -276,23 +276,34 @@ def gptq_sequential(model: nn.Module, batches: Iterable[tuple], grid: Grid, skip
     """GPTQ block after block, as the method is meant to run: each block's layers see the outputs of
     the blocks before it *as quantized*, so later layers correct for earlier rounding. Layers outside
     the repeated blocks are quantized from the float model's inputs. Returns one record per layer."""
+    return blockwise(model, batches, lambda module, layers, hessians: quantize_weights(
+        module, grid, "gptq", hessians, layers, **options), skip)
+
+
+def blockwise(model: nn.Module, batches: Iterable[tuple], change: Callable[[nn.Module, dict, dict], list[dict]],
+              skip: Sequence[str] = ("lm_head",), ignore: Sequence[str] = ()) -> list[dict]:
+    """Run `change(module, layers, hessians)` (which rewrites the layers' weights in place and returns one
+    record per layer, keyed "layer") block after block of a transformer: each block's Hessians come from
+    the outputs of the blocks before it *as changed*, so later layers compensate for earlier changes, and
+    only one block's inputs are held at a time. Linear layers outside the repeated blocks (but not `skip`)
+    are changed first, from the unchanged model's inputs; a model without repeated blocks in one pass.
+    `ignore`: module paths or globs (from the model's root) left unchanged."""
+    from torchslim.paths import matches
     batches = list(batches)
     blocks = repeated_blocks(model)
     if blocks is None:
-        layers = linear_layers(model, skip)
-        return quantize_weights(model, grid, "gptq", collect_hessians(model, batches, layers), layers, **options)
+        layers = {n: m for n, m in linear_layers(model, skip).items() if not matches(n, ignore)}
+        return change(model, layers, collect_hessians(model, batches, layers))
     inside = {id(m) for b in blocks for m in b.modules()}
-    outside = {n: m for n, m in linear_layers(model, skip).items() if id(m) not in inside}
-    records = quantize_weights(model, grid, "gptq", collect_hessians(model, batches, outside), outside, **options) \
-        if outside else []
+    outside = {n: m for n, m in linear_layers(model, skip).items() if id(m) not in inside and not matches(n, ignore)}
+    records = change(model, outside, collect_hessians(model, batches, outside)) if outside else []
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     inputs = _block_inputs(model, blocks[0], batches)
     for index, block in enumerate(blocks):
-        layers = linear_layers(block, skip)
-        hessians = collect_hessians(_Replay(block), inputs, layers)
-        done = quantize_weights(block, grid, "gptq", hessians, layers, **options)
+        layers = {n: m for n, m in linear_layers(block, skip).items() if not matches(f"{prefix}.{index}.{n}", ignore)}
+        done = change(block, layers, collect_hessians(_Replay(block), inputs, layers)) if layers else []
         records += [{**r, "layer": f"{prefix}.{index}.{r['layer']}"} for r in done]
-        with torch.no_grad():  # the next block's inputs: this block's outputs, quantized
+        with torch.no_grad():  # the next block's inputs: this block's outputs, changed
             inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     return records
 
