@@ -163,8 +163,8 @@ def test_export_after_lowering_is_allowed_and_every_preset_lowers_last():
     ("quantize", {"method": "dynamic", "observer": "mse"}, "'observer' applies to method static or qat, not method "
                                                            "'dynamic'"),
     ("quantize", {"method": "weight_only", "finetune": {"epochs": 1}}, "'finetune' applies to method qat"),
-    ("prune", {"method": "magnitude", "sparsity": 0.5, "ratio": 0.3}, "'ratio' applies to method structured, not "
-                                                                        "method 'magnitude'"),
+    ("prune", {"method": "magnitude", "sparsity": 0.5, "ratio": 0.3}, "'ratio' applies to method structured or "
+                                                                        "blocks, not method 'magnitude'"),
     ("prune", {"method": "structured", "ratio": 0.3, "n": 3}, "'n' applies to method nm or wanda or sparsegpt, not "
                                                               "method 'structured'"),
     ("data", {"builtin": "fashion_mnist", "sources": ["fortunes"]}, "'sources' applies to builtin text, not builtin "

@@ -31,7 +31,7 @@ class RunContext:
         return self.task.data
 
     def fit(self, model, cfg, loss_fn=None, *, checkpoint_dir: Path, description: str, train_set=None,
-            seed_offset: int = 0, epoch_setup: Callable | None = None):
+            seed_offset: int = 0, epoch_setup: Callable | None = None, stop: Callable[[], bool] | None = None):
         """The one training loop as every stage runs it: the task's training set and loss unless given,
         validation with the task's metric, epoch checkpoints in `checkpoint_dir` (resumed when the run
         resumes), the recipe's seed, device and batch size."""
@@ -42,7 +42,7 @@ class RunContext:
                    batch_size=cfg.batch_size or self.recipe.data.batch_size,
                    validate=task.validate,
                    checkpoint_dir=checkpoint_dir, resume=self.resume, seed=self.recipe.seed + seed_offset,
-                   device=self.device, on_epoch_end=self.on_epoch_end, epoch_setup=epoch_setup,
+                   device=self.device, on_epoch_end=self.on_epoch_end, epoch_setup=epoch_setup, stop=stop,
                    description=description)
 
     @property

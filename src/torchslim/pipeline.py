@@ -113,6 +113,37 @@ def run_plain(data: dict, run_dir: Path, *, resume: bool = False, source: Path |
     return run(parse_recipe(data, source, search_dir), run_dir, resume=resume, search_dir=search_dir)
 
 
+def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: Path | None = None
+               ) -> torch.nn.Module:
+    """The PyTorch model a finished stage of a run left (the last by default; a stage index, or its
+    name), rebuilt in this process from the run's own records: its recipe, the structure the stages
+    recorded (kept blocks, pruned widths, students) and the stage's saved weights."""
+    from torchslim.recipe import parse_recipe
+    run_dir = Path(run_dir)
+    state_path, report_path = run_dir / STATE, run_dir / "report.json"
+    if not state_path.exists() or not report_path.exists():
+        raise RunDirError(f"{run_dir} is not a torchslim run directory (no {STATE} or report.json).")
+    entries = json.loads(state_path.read_text())["stages"]
+    names = [e["name"] for e in entries]
+    if stage is None:
+        index = len(entries) - 1
+    elif isinstance(stage, int) and -len(entries) <= stage < len(entries):
+        index = stage % len(entries)
+    elif isinstance(stage, str) and stage in names:
+        index = len(names) - 1 - names[::-1].index(stage)
+    else:
+        raise TorchslimError(f"{run_dir} has no finished stage {stage!r}; its stages: {', '.join(names)} "
+                             f"(indices 0 to {len(names) - 1}).")
+    recipe = parse_recipe(json.loads(report_path.read_text())["recipe"], report_path, search_dir)
+    task = make_task(recipe, search_dir)
+    task.setup()
+    arch = next((e["architecture"] for e in reversed(entries[:index + 1]) if "architecture" in e),
+                task.architecture())
+    model = task.rebuild(arch)
+    load_weights(model, run_dir / entries[index]["dir"] / "model.safetensors")
+    return model.eval()
+
+
 def _restore(ctx: RunContext, entries: list[dict]) -> torch.nn.Module:
     """The model (and the served artifact) as the finished stages left them, from their records."""
     changed = [e["architecture"] for e in entries if "architecture" in e]

@@ -173,10 +173,12 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
         batch_size: int, validate: Callable[[nn.Module], float] | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, seed: int = 0,
         device: torch.device | str = "cpu", on_epoch_end: Callable[[int, dict], None] | None = None,
-        epoch_setup: Callable[[nn.Module, int], None] | None = None, description: str = "train") -> TrainResult:
+        epoch_setup: Callable[[nn.Module, int], None] | None = None, stop: Callable[[], bool] | None = None,
+        description: str = "train") -> TrainResult:
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
     `resume=True` continues from it, giving the same weights as an uninterrupted run. `epoch_setup(model,
-    epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm). Under
+    epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm); `stop()`
+    true after an epoch ends training there (a time budget; recorded like an early stop). Under
     torchrun the model trains wrapped in DistributedDataParallel on this rank's share of every global
     batch (`distributed.rank_batches`), and only rank 0 writes checkpoints."""
     device = torch.device(device)
@@ -228,6 +230,8 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
                     bad_epochs += 1
                 if cfg.early_stopping and bad_epochs >= cfg.early_stopping.patience:
                     result.stopped_early = True
+            if stop is not None and epoch + 1 < cfg.epochs and stop():
+                result.stopped_early = record["stopped"] = True
             result.history.append(record)
             console.log(f"{description} epoch {epoch + 1}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
@@ -242,7 +246,8 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
             if result.stopped_early:
-                console.log(f"{description}: early stop after epoch {epoch + 1} "
+                why = "the time budget is spent" if record.get("stopped") else "early stop"
+                console.log(f"{description}: {why} after epoch {epoch + 1} "
                             f"(best val {result.best_metric:.4f} at epoch {result.best_epoch})")
                 break
     if cfg.restore_best and best_state is not None:

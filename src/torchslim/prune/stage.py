@@ -35,13 +35,17 @@ class Schedule(BaseModel):
 
 
 STRUCTURED, SPARSE = only("structured"), only("magnitude", "random")
-CALIBRATED = only("wanda", "sparsegpt")
+CALIBRATED = only("wanda", "sparsegpt", "blocks")
 
 
 class PruneConfig(ByVariant):
-    method: Literal["structured", "magnitude", "random", "nm", "wanda", "sparsegpt"] = "structured"
-    ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed",
-                                   json_schema_extra=STRUCTURED)
+    method: Literal["structured", "magnitude", "random", "nm", "wanda", "sparsegpt", "blocks"] = "structured"
+    ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed; "
+                                   "blocks: share of the transformer's blocks removed (rounded to the nearest "
+                                   "count)", json_schema_extra=only("structured", "blocks"))
+    remove: Optional[list[int]] = Field(None, min_length=1, description="blocks: the block indices to remove "
+                                        "(instead of ratio; block influence is still measured and reported)",
+                                        json_schema_extra=only("blocks"))
     sparsity: Optional[float] = Field(None, ge=0, lt=1, description="magnitude/random: share of weights zeroed; "
                                       "wanda/sparsegpt: share of every row of every Linear layer (leave out for n:m)",
                                       json_schema_extra=only("magnitude", "random", "wanda", "sparsegpt"))
@@ -87,6 +91,9 @@ class PruneConfig(ByVariant):
                              "ffn_ratio for a transformer encoder")
         if self.method in ("magnitude", "random") and self.sparsity is None:
             raise ValueError(f"method '{self.method}' needs 'sparsity' (share of weights to zero)")
+        if self.method == "blocks" and (self.ratio is None) == (self.remove is None):
+            raise ValueError("method 'blocks' needs either 'ratio' (share of the blocks removed, the least "
+                             "influential first) or 'remove' (block indices), not both")
         if self.method in ("nm", "wanda", "sparsegpt") and not 0 < self.n < self.m:
             raise ValueError(f"method 'nm' needs 0 < n < m, got {self.n}:{self.m}")
         return self
@@ -98,6 +105,8 @@ class PruneConfig(ByVariant):
 
     @property
     def final(self) -> float:
+        if self.method == "blocks":
+            return self.ratio or 0.0
         if self.method == "structured":
             return self.ratio if self.ratio is not None else max(self.head_ratio or 0.0, self.ffn_ratio or 0.0)
         if self.method == "nm" or (self.method in ("wanda", "sparsegpt") and self.sparsity is None):
@@ -175,9 +184,48 @@ def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
     return {}
 
 
+DEPTH_TASKS = ("causal_lm",)
+
+
+def _prune_blocks(model, cfg: PruneConfig, ctx):
+    """Remove whole transformer blocks, the least influential on the calibration text first (or the
+    listed ones); the architecture record rebuilds the smaller model on resume and reload."""
+    from torchslim.errors import RecipeError
+    from torchslim.prune.depth import block_influence, keep_blocks, least_influential
+    if ctx.task.name not in DEPTH_TASKS:
+        raise RecipeError(f"prune method 'blocks' removes the blocks of a language model (task: "
+                          f"{' or '.join(DEPTH_TASKS)}); for a sentence encoder use distill with keep_layers, for "
+                          "a classifier distill into a student with fewer blocks.")
+    record_path = ctx.stage_dir / "blocks.json"
+    if ctx.resume and record_path.exists():
+        record = json.loads(record_path.read_text())
+    else:
+        influence = block_influence(model, ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size))
+        total = len(influence)
+        remove = sorted(set(cfg.remove)) if cfg.remove is not None else \
+            least_influential(influence, int(round(cfg.ratio * total)))
+        if any(not 0 <= i < total for i in remove) or len(remove) >= total:
+            raise RecipeError(f"prune method 'blocks': cannot remove blocks {remove} of a model with {total} "
+                              f"(indices 0 to {total - 1}; keep at least one).")
+        record = {"influence": influence, "removed": remove, "kept": [i for i in range(total) if i not in remove]}
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record_path, json.dumps(record))
+    before = sum(p.numel() for p in model.parameters())
+    keep_blocks(model, record["kept"])
+    after = sum(p.numel() for p in model.parameters())
+    scores = ", ".join(f"{record['influence'][i]:.3f}" for i in record["removed"])
+    console.log(f"prune blocks: removed {record['removed']} of {len(record['influence'])} (influence {scores})")
+    ctx.stage_info.update(blocks={**record, "params_before": before, "params_after": after,
+                                  "param_reduction": 1 - after / before})
+    return Restructured(model, architecture={**ctx.architecture, "ops": [
+        *ctx.architecture.get("ops", []), {"keep_blocks": record["kept"]}]})
+
+
 @register_stage("prune", PruneConfig, compresses=True)
 def prune(model, cfg: PruneConfig, ctx):
     """Prune structurally (channels, neurons, heads removed) or unstructurally (sparse storage)."""
+    if cfg.method == "blocks":
+        return _prune_blocks(model, cfg, ctx)
     if not is_encoder(model):
         convert_attention(model)
     targets = schedule.targets(cfg.schedule.kind, cfg.final, cfg.schedule.steps, cfg.schedule.initial)

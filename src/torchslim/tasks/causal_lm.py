@@ -63,7 +63,13 @@ class CausalLM(Task):
         return {"model": {"hf": self.recipe.model.hf}, "ops": []}
 
     def rebuild(self, architecture: dict) -> nn.Module:
-        return copy.deepcopy(self.reference).requires_grad_(True)
+        """The current model's structure: the float model with the blocks depth pruning kept (widths
+        come back from the saved weights' recorded shapes)."""
+        from torchslim.prune.depth import keep_blocks
+        model = copy.deepcopy(self.reference).requires_grad_(True)
+        for op in architecture.get("ops", []):
+            keep_blocks(model, op["keep_blocks"])
+        return model
 
     # ------------------------------------------------------------------ training and validation
     def train_set(self):
@@ -76,6 +82,20 @@ class CausalLM(Task):
                             "data.train_subset (windows of data.window tokens).")
         ids = self.train_ids[:n * w].reshape(n, w)
         return torch.utils.data.TensorDataset(ids, torch.ones_like(ids))
+
+    def healing_windows(self, tokens: int, window: int) -> torch.Tensor:
+        """[n, window] token ids of the training text after the calibration and validation slices
+        (`tokens` of them, whole windows); an error if the training text holds fewer."""
+        from torchslim.errors import DataError
+        d = self.recipe.data
+        start = d.calibration_tokens + d.validation_tokens
+        if len(self.train_ids) < tokens:
+            self.train_ids = self._tokens("train", start + tokens)[start:]
+        n = min(tokens, len(self.train_ids)) // window
+        if n * window < tokens - window + 1:
+            raise DataError(f"the training text holds {len(self.train_ids):,} tokens after the calibration and "
+                            f"validation slices, fewer than the {tokens:,} asked for; lower train_tokens.")
+        return self.train_ids[:n * window].reshape(n, window)
 
     def loss(self, label_smoothing: float = 0.0):
         """Next-token cross-entropy."""
