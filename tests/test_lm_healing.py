@@ -103,3 +103,19 @@ def test_depth_and_healing_settings_are_checked(four_blocks):
         _recipe(four_blocks, [{"prune": {"method": "magnitude", "sparsity": 0.5, "remove": [1]}}])
     with pytest.raises(RecipeError, match="all loss weights are zero"):
         _recipe(four_blocks, [{"distill": {"kl_weight": 0}}])
+
+
+def test_activation_aware_lowrank_of_a_decoder_serves_with_its_cache(four_blocks, tmp_path):
+    """SVD-LLM whitening on every block Linear of the decoder (the tied head stays whole): fewer
+    parameters, the factorised model exported with its cache matches PyTorch, and it reloads."""
+    stage = {"lowrank": {"layers": "linear", "activation_aware": "whiten", "rank_ratio": 0.25,
+                         "calibration_batches": 2, "calibration_batch_size": 2}}
+    report = pipeline.run(_recipe(four_blocks, [stage]), tmp_path / "run")
+    base, low = report["stages"]
+    records = low["factorised"]
+    assert {r["layer"].rsplit(".", 1)[-1] for r in records if r["kind"] == "svd"} >= {"q_proj", "up_proj"}
+    assert not any("lm_head" in r["layer"] for r in records)
+    assert low["metrics"]["params"] < base["metrics"]["params"]
+    assert low["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
+    model = pipeline.load_model(tmp_path / "run")
+    assert sum(p.numel() for p in model.parameters()) == low["metrics"]["params"]

@@ -5,7 +5,14 @@ convolutions get Tucker-2 (HOSVD of the channel modes). Ranks come from a ratio 
 from the kept singular-value energy, from an explicit per-layer table, or from a whole-model budget
 of parameters or multiply-adds: one energy level for every layer, the highest whose ranks fit the
 budget. A layer whose factorised form would not be cheaper in both parameters and multiply-adds
-stays dense, and the notes say so."""
+stays dense, and the notes say so.
+
+Activation-aware (for language models, from calibration inputs): a Linear layer's weight W is
+factorised as W·S, then S⁻¹ folded into the first factor, so truncation drops what matters least for
+the inputs the layer really sees. `scale` (ASVD, Yuan et al. 2023): S = diag(mean|x|^alpha);
+`whiten` (SVD-LLM, Wang et al. 2024): S the Cholesky factor of the inputs' second moment XᵀX/n, for
+which the truncation error is exactly the output error on the calibration inputs, so the rank-r
+result has the least output error there. Spectra (hence ranks by energy) are those of W·S."""
 
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ class Layer:
     pos_out: int
     ranks: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # activation-aware: (S, S^-1), W·S is factorised
 
     @property
     def full(self) -> tuple[int, ...]:
@@ -63,19 +71,46 @@ class Layer:
         return p < dp and f < df
 
 
+def input_transforms(model: nn.Module, layers: dict[str, nn.Linear], batches, kind: str, alpha: float = 0.5,
+                     damp: float = 0.01) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(S, S⁻¹) per Linear layer from its inputs on the calibration batches: diag(mean|x|^alpha)
+    (`scale`) or the lower Cholesky factor of XᵀX/n, damped by `damp` of its mean diagonal (`whiten`)."""
+    from torchslim.quantize.weights import collect_hessians
+    magnitudes: dict = {}
+    hessians = collect_hessians(model, batches, layers, magnitudes)
+    out = {}
+    for name, h in hessians.items():
+        if kind == "scale":
+            s = magnitudes[name].clamp_min(1e-6) ** alpha
+            s = s / s.mean()  # only the direction matters; keep the factors' magnitudes ordinary
+            out[name] = (torch.diag(s), torch.diag(1 / s))
+        else:
+            h = h.double() / 2
+            h += damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
+            lower = torch.linalg.cholesky(h)
+            eye = torch.eye(len(h), dtype=h.dtype)
+            out[name] = (lower.float(), torch.linalg.solve_triangular(lower, eye, upper=False).float())
+    return out
+
+
 def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", conv: str = "tucker",
-                ignore=()) -> list[Layer]:
+                ignore=(), transforms: dict | None = None) -> list[Layer]:
     """Every Linear / groups=1 Conv2d that can be replaced (not inside attention modules, which read
     their projections' weights directly, nor already factorised), with its spectra and positions."""
     from torchslim.prune.attention import Attention
     skip_parents = (nn.MultiheadAttention, Attention, *FACTORED)
     found: dict[str, nn.Module] = {}
+    shared = {id(p) for p in model.parameters()}  # (deduplicated) vs every use below
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    tied = {i for i in shared if uses.get(i, 0) > 1}  # e.g. a head tied to the input embedding: stays whole
     for name, parent in model.named_modules():
         if isinstance(parent, skip_parents):
             continue
         for child_name, m in parent.named_children():
             path = f"{name}.{child_name}" if name else child_name
-            if matches(path, ignore):
+            if matches(path, ignore) or id(getattr(m, "weight", None)) in tied:
                 continue
             if (type(m) is nn.Linear and layers in ("all", "linear")) or \
                     (type(m) is nn.Conv2d and m.groups == 1 and layers in ("all", "conv")):
@@ -110,7 +145,9 @@ def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", co
             s_in = torch.linalg.svdvals(w.transpose(0, 1).flatten(1))
             out.append(Layer(path, m, "tucker", [s_in ** 2, s_out ** 2], *positions[path]))
         else:
-            out.append(Layer(path, m, "svd", [torch.linalg.svdvals(w.flatten(1)) ** 2], *positions[path]))
+            pair = (transforms or {}).get(path) if isinstance(m, nn.Linear) else None
+            matrix = w.flatten(1) @ pair[0] if pair is not None else w.flatten(1)
+            out.append(Layer(path, m, "svd", [torch.linalg.svdvals(matrix) ** 2], *positions[path], inputs=pair))
     return out
 
 
@@ -225,9 +262,14 @@ def _build(layer: Layer) -> nn.Module:
             new.last.bias.data.copy_(m.bias.detach())
         return new
     (r,) = layer.ranks
-    u, s, vh = torch.linalg.svd(w.flatten(1).float(), full_matrices=False)
+    matrix = w.flatten(1).float()
+    if layer.inputs is not None:
+        matrix = matrix @ layer.inputs[0]
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:r].sqrt()
     first, second = root[:, None] * vh[:r], u[:, :r] * root
+    if layer.inputs is not None:
+        first = first @ layer.inputs[1]
     if isinstance(m, nn.Linear):
         new = LowRankLinear(m.in_features, m.out_features, r, bias)
         new.first.weight.data.copy_(first)
@@ -271,9 +313,19 @@ def _dense_weight(new: nn.Module) -> torch.Tensor:
 
 
 def factorize(model: nn.Module, example: torch.Tensor, *, layers: str = "all", conv: str = "tucker", ignore=(),
+              activation_aware: str = "none", calibration=None, alpha: float = 0.5,
               **rank_options) -> tuple[list[dict], list[str]]:
-    """Factorise `model` in place. Returns (a record per factorisable layer, notes)."""
-    found = find_layers(model, example, layers, conv, ignore)
+    """Factorise `model` in place. Returns (a record per factorisable layer, notes). With
+    `activation_aware` `scale` or `whiten`, `calibration` (batches of model inputs) weighs the Linear
+    layers' factorisation by their inputs."""
+    transforms = None
+    if activation_aware != "none":
+        if not calibration:
+            raise TorchslimError(f"lowrank activation_aware '{activation_aware}' needs calibration batches.")
+        candidates = {l.path: l.module for l in find_layers(model, example, layers, conv, ignore)
+                      if isinstance(l.module, nn.Linear)}
+        transforms = input_transforms(model, candidates, calibration, activation_aware, alpha)
+    found = find_layers(model, example, layers, conv, ignore, transforms)
     if not found:
         raise TorchslimError("lowrank: the model has no Linear or groups=1 Conv2d layer to factorise "
                              "(check `layers` and `ignore`).")

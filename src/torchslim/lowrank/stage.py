@@ -27,6 +27,12 @@ class LowRankConfig(BaseModel):
     min_rank: int = Field(1, ge=1)
     round_to: int = Field(1, ge=1, le=256)
     ignore: list[str] = Field(default_factory=list, description="module paths left dense")
+    activation_aware: Literal["none", "scale", "whiten"] = Field(
+        "none", description="Linear layers factorised as W·S from calibration inputs: scale (ASVD, "
+        "S = diag(mean|x|^alpha)) or whiten (SVD-LLM, S = Cholesky factor of XᵀX: least output error)")
+    alpha: float = Field(0.5, gt=0, le=2, description="activation_aware scale: the exponent")
+    calibration_batches: int = Field(16, ge=1, le=10000, description="activation_aware: real training batches")
+    calibration_batch_size: int = Field(4, ge=1, le=4096)
     finetune: Optional[TrainConfig] = None
 
     @model_validator(mode="after")
@@ -51,7 +57,10 @@ def lowrank(model, cfg: LowRankConfig, ctx):
         records, notes = factorize(model, ctx.example(2), layers=cfg.layers, conv=cfg.conv, ignore=cfg.ignore,
                                    rank_ratio=cfg.rank_ratio, energy=cfg.energy, budget=cfg.budget,
                                    budget_on=cfg.budget_on, ranks=cfg.ranks, min_rank=cfg.min_rank,
-                                   round_to=cfg.round_to)
+                                   round_to=cfg.round_to, activation_aware=cfg.activation_aware, alpha=cfg.alpha,
+                                   calibration=list(ctx.task.calibration(cfg.calibration_batches,
+                                                                         cfg.calibration_batch_size))
+                                   if cfg.activation_aware != "none" else None)
         save_weights(model, factored)
         atomic_write_text(record_file, json.dumps({"records": records, "notes": notes}))
     after = sum(p.numel() for p in model.parameters())

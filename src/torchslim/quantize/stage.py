@@ -100,6 +100,11 @@ class QuantizeConfig(ByVariant):
                                     "the validation metric int8 compute may lose against float compute (its "
                                     "activation rounding comes on top of the weights'); beyond it float compute "
                                     "is kept however fast int8 is", json_schema_extra=WEIGHTS)
+    compute_max_share: float = Field(0.1, ge=0, lt=1, description="weight_only, compute auto: int8 compute may "
+                                     "also lose this share of what rounding the weights already cost (float "
+                                     "compute against the model before the stage), if that is more than "
+                                     "compute_max_drop: where int4 weights cost 10%, 1% more for int8 compute's "
+                                     "speed is in proportion", json_schema_extra=WEIGHTS)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) or ONNX node names kept in float "
                               "('exclude' is accepted too)")
@@ -182,7 +187,8 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
             "clip": cfg.clip, "awq": folds, "allocation": allocation, "gguf": gguf,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
-            "compute": _nbits_compute(out, cfg.compute, ctx, cfg.compute_max_drop), "layers": records}
+            "compute": _nbits_compute(out, cfg.compute, ctx, cfg.compute_max_drop, cfg.compute_max_share,
+                                      model), "layers": records}
     return {"weight_only": info}
 
 
@@ -237,12 +243,14 @@ def _smoothed(model, cfg: QuantizeConfig, ctx):
     return smoothed, {"alpha": cfg.smooth, "folds": folds}
 
 
-def _nbits_compute(path: Path, choice: str, ctx, max_drop: float = 0.005) -> dict:
+def _nbits_compute(path: Path, choice: str, ctx, max_drop: float = 0.005, max_share: float = 0.0,
+                   model=None) -> dict:
     """Set MatMulNBits' accuracy_level in `path`: 0 (float compute) or 4 (int8 compute); `auto` times
     both interleaved on the task's comparison inputs and keeps int8 if it is faster (geometric mean over
     the input shapes of the per-round time ratios) and its validation metric is within `max_drop` of
-    float compute's: quantizing the activations per block adds error that depends on the model's
-    activation outliers, so it is measured, not assumed."""
+    float compute's — or within `max_share` of the drop the weights' rounding cost against `model` (the
+    PyTorch model before quantization), if larger: quantizing the activations per block adds error that
+    depends on the model's activation outliers, so it is measured, not assumed."""
     from torchslim.export.decoder import complete_feed
     from torchslim.measure.latency import interleaved
     from torchslim.quantize.nbits import set_accuracy_level
@@ -264,19 +272,23 @@ def _nbits_compute(path: Path, choice: str, ctx, max_drop: float = 0.005) -> dic
     del sessions
     from torchslim.quantize.budget import relative_drop
     drop = relative_drop(scores["float"], scores["int8"])
+    weights_drop = relative_drop(ctx.task.validate(model), scores["float"]) if model is not None and max_share \
+        else 0.0
+    allowed = max(max_drop, max_share * weights_drop)
     faster = bool(np.mean(logs) < 0)
-    chosen = "int8" if faster and drop <= max_drop else "float"
+    chosen = "int8" if faster and drop <= allowed else "float"
     if chosen == "int8":
         os.replace(int8, path)
     else:
         int8.unlink()
     why = "" if chosen == "int8" or not faster else f"; int8 is faster but loses {drop:.2%} of the validation " \
-        f"metric, more than compute_max_drop {max_drop:.2%}"
+        f"metric, more than the {allowed:.2%} allowed (compute_max_drop, or compute_max_share of the weights' " \
+        f"{weights_drop:.2%})"
     console.log(f"quantize: MatMulNBits computes in {chosen} on this CPU (" + ", ".join(
         f"{k}: float {v['float_ms']:.1f} ms, int8 {v['int8_ms']:.1f} ms" for k, v in shapes.items())
         + f"; validation drop of int8 compute {drop:.2%}{why})")
     return {"chosen": chosen, "timed": shapes, "validation": scores, "int8_validation_drop": drop,
-            "max_drop": max_drop}
+            "weights_validation_drop": weights_drop, "allowed_drop": allowed, "max_drop": max_drop}
 
 
 def _val_score(ctx, path: Path, samples: int) -> float:
