@@ -158,12 +158,15 @@ def main() -> None:
 
         from torchslim.models.lm import Logits
         from torchslim.quantize.awq import smooth_scale
+        from torchslim.cpu import has_int8_dot_product
         from torchslim.quantize.lower import dynamic_int8
         from torchslim.quantize.weights import linear_layers
+        reduce = not has_int8_dot_product()  # as the quantize stage chooses: 7-bit weights without VNNI
         calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
         for alpha in (None, 0.5):
-            label = "dynamic int8" + ("" if alpha is None else f" + SmoothQuant {alpha}")
-            path = work / f"w8a8-{alpha}.onnx"
+            label = "dynamic int8" + (", 7-bit weights" if reduce else "") + \
+                ("" if alpha is None else f" + SmoothQuant {alpha}")
+            path = work / f"w8a8-{alpha}-{'7bit' if reduce else '8bit'}.onnx"
             if not path.exists():
                 source = work / f"w8a8-{alpha}-float.onnx"
                 if alpha is None:
@@ -173,7 +176,7 @@ def main() -> None:
                     smooth_scale(smoothed, [(c[None],) for c in calib.reshape(16, -1)],
                                  linear_layers(smoothed, skip=()), alpha)
                     export_decoder(smoothed.lm, source)
-                dynamic_int8(source, path)
+                dynamic_int8(source, path, reduce_range=reduce)
             engines[f"onnxruntime {label} (torchslim)"] = (Onnx(path, args.threads), path.stat().st_size)
     folder, gguf = locate(args.model)
     if gguf:

@@ -26,6 +26,13 @@ def cpu_features() -> list[str]:
     return [f for f in KNOWN if f in flags]
 
 
+def has_int8_dot_product() -> bool:
+    """An int8 dot-product instruction (VNNI on x86, SDOT on Arm): without it, x86's u8 x s8 multiply
+    (vpmaddubsw) saturates its 16-bit pair sums when weights use the whole int8 range."""
+    features = set(cpu_features())
+    return bool(features & {"avx512_vnni", "avx_vnni", "asimddp"}) or not features & {"avx2"}
+
+
 def vector_channels() -> int:
     """Channels one vector register holds in float32 — ONNX Runtime's blocked (NCHWc) convolution
     block: 16 with AVX-512, 8 with AVX2 or NEON-wide kernels, 4 otherwise. Pruned widths that are

@@ -309,15 +309,18 @@ DYNAMIC_OPS = ("MatMul", "Attention", "LSTM")
 
 @atomic_output
 def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = (),
-                 op_types: Sequence[str] = DYNAMIC_OPS) -> Path:
+                 op_types: Sequence[str] = DYNAMIC_OPS, reduce_range: bool = False) -> Path:
     """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers, and the
-    fused Attention of an optimised transformer graph); `nodes_to_exclude` stay in float."""
+    fused Attention of an optimised transformer graph); `nodes_to_exclude` stay in float.
+    `reduce_range`: 7-bit weights, so AVX2's u8 x s8 pair sums cannot saturate (see
+    `cpu.has_int8_dot_product`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     with tempfile.TemporaryDirectory() as tmp:
         mm = Path(tmp) / "mm.onnx"
         onnx.save(gemm_to_matmul(onnx.load(str(src))), str(mm))
         with quiet():
-            quantize_dynamic(str(mm), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
+            quantize_dynamic(str(mm), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8,
                              op_types_to_quantize=list(op_types), nodes_to_exclude=list(nodes_to_exclude),
                              # ONNX shape inference does not type the outputs of fused contrib ops
                              extra_options={"DefaultTensorType": TensorProto.FLOAT})
