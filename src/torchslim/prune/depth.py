@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from torchslim.quantize.weights import _hidden, repeated_blocks
+from torchslim.quantize.weights import _hidden, repeated_blocks, run_hooked
 
 PER_LAYER_CONFIG = ("layer_types",)
 
@@ -43,13 +43,7 @@ def block_influence(model: nn.Module, batches: Iterable[tuple]) -> list[float]:
             counts[index] += cos.numel()
         return record
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, handles)
     return [1 - s / max(c, 1) for s, c in zip(sums, counts)]
 
 

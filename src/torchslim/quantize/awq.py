@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from torchslim.quantize.weights import Grid, collect_hessians, dequantized, output_error, rtn
+from torchslim.quantize.weights import Grid, collect_hessians, dequantized, output_error, rtn, run_hooked
 
 
 @dataclass
@@ -168,13 +168,7 @@ def input_peaks(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn
             torch.maximum(peaks[name], x.amax(0), out=peaks[name])
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, handles)
     return peaks
 
 

@@ -175,6 +175,18 @@ def tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules())
 
 
+def run_hooked(model: nn.Module, batches: Iterable[tuple], handles: list) -> None:
+    """Run `model` on every batch without gradients (for what its hooks record), then remove the
+    hook `handles`, also when a batch fails."""
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear],
                      magnitudes: dict | None = None) -> dict[str, torch.Tensor]:
     """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches; with a
@@ -192,13 +204,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[st
             counts[name] += x.shape[0]
         return record
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, handles)
     if magnitudes is not None:
         magnitudes.update({n: absolute[n] / max(counts[n], 1) for n in layers})
     return {n: 2 * sums[n] / max(counts[n], 1) for n in layers}
