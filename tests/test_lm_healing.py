@@ -119,3 +119,17 @@ def test_activation_aware_lowrank_of_a_decoder_serves_with_its_cache(four_blocks
     assert low["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
     model = pipeline.load_model(tmp_path / "run")
     assert sum(p.numel() for p in model.parameters()) == low["metrics"]["params"]
+
+
+def test_a_time_budget_stops_training_after_the_epoch_it_is_spent_in(tmp_path):
+    from torchslim.train import TrainConfig, cross_entropy_loss, fit
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    calls = []
+    result = fit(model, data, TrainConfig(epochs=3), loss_fn=cross_entropy_loss(), batch_size=4,
+                 validate=lambda m: 0.0, checkpoint_dir=tmp_path, stop=lambda: calls.append(1) or len(calls) >= 2)
+    assert len(result.history) == 2 and result.history[-1]["stopped"] and result.stopped_early
+    again = fit(model, data, TrainConfig(epochs=3), loss_fn=cross_entropy_loss(), batch_size=4,
+                validate=lambda m: 0.0, checkpoint_dir=tmp_path, resume=True)
+    assert len(again.history) == 2  # a resumed run keeps the stop
