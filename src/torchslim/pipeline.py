@@ -137,20 +137,23 @@ def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: 
     recipe = parse_recipe(json.loads(report_path.read_text())["recipe"], report_path, search_dir)
     task = make_task(recipe, search_dir)
     task.setup()
+    return _model_at(task, run_dir, entries, index)[0].eval()
+
+
+def _model_at(task, run_dir: Path, entries: list[dict], index: int) -> tuple[torch.nn.Module, dict]:
+    """(the model stage `index` left, its architecture record): the last structure recorded up to it,
+    rebuilt by the task, with the stage's saved weights."""
     arch = next((e["architecture"] for e in reversed(entries[:index + 1]) if "architecture" in e),
                 task.architecture())
     model = task.rebuild(arch)
     load_weights(model, run_dir / entries[index]["dir"] / "model.safetensors")
-    return model.eval()
+    return model, arch
 
 
 def _restore(ctx: RunContext, entries: list[dict]) -> torch.nn.Module:
     """The model (and the served artifact) as the finished stages left them, from their records."""
-    changed = [e["architecture"] for e in entries if "architecture" in e]
-    if changed:  # a stage replaced the model (a student, kept layers): rebuild that architecture
-        ctx.architecture = changed[-1]
-    model = ctx.task.rebuild(ctx.architecture)
-    load_weights(model, ctx.run_dir / Path(entries[-1]["dir"]) / "model.safetensors")
+    # a stage that replaced the model (a student, kept layers) recorded the architecture to rebuild
+    model, ctx.architecture = _model_at(ctx.task, ctx.run_dir, entries, len(entries) - 1)
     if any(e.get("result") == Lowered.kind for e in entries):  # later stages carry the lowered artifact
         ctx.artifact = ctx.run_dir / entries[-1]["artifact"]
     console.log(f"resuming {ctx.run_dir}: {len(entries)} stage(s) done, continuing with stage {len(entries)}")
@@ -247,10 +250,7 @@ def control_run(ctx: RunContext, entries: list[dict], ref: int) -> dict:
     if not epochs or settings is None:
         return {"skipped": "the final model had no training after the reference stage"}
     cfg = settings.model_copy(update={"epochs": epochs, "early_stopping": None})
-    arch = next((e["architecture"] for e in reversed(entries[:ref + 1]) if "architecture" in e),
-                task.architecture())
-    model = task.rebuild(arch)
-    load_weights(model, run_dir / entries[ref]["dir"] / "model.safetensors")
+    model, _ = _model_at(task, run_dir, entries, ref)
     console.log(f"control: the reference '{entries[ref]['name']}' fine-tuned for {epochs} epoch(s) with the same "
                 "settings as the compressed model's training")
     ctx.stage_dir = run_dir / "control"

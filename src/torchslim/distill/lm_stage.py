@@ -121,7 +121,10 @@ def heal(model, cfg: LMDistillConfig, ctx):
     windows = task.healing_windows(cfg.train_tokens, window)
     slices = Slices(windows, cfg.train.epochs)
     if slices.per_slice == 0:
-        raise_budget(cfg, len(windows), window)
+        from torchslim.errors import RecipeError
+        raise RecipeError(f"distill: train_tokens {cfg.train_tokens:,} make {len(windows)} windows of {window} "
+                          f"tokens, fewer than train.epochs ({cfg.train.epochs}) slices; raise train_tokens to at "
+                          f"least {cfg.train.epochs * window:,} or lower train.epochs.")
     pairs: list[tuple[int, int]] = []
     student_hidden = teacher_hidden = None
     if cfg.hidden_weight:
@@ -144,7 +147,8 @@ def heal(model, cfg: LMDistillConfig, ctx):
     tokens = slices.per_slice * window
     curve = [{"tokens": 0, "val_perplexity": before}] + [
         {"tokens": tokens * h["epoch"], "val_perplexity": -h["val_metric"]} for h in result.history if "val_metric" in h]
-    after = -task.validate(model)
+    # fit validated every slice: the weights it ends with are the best slice's (or the last's)
+    after = -(result.best_metric if cfg.train.restore_best else result.history[-1]["val_metric"])
     console.log(f"heal: validation perplexity {before:.2f} -> {after:.2f} after {curve[-1]['tokens']:,} tokens")
     ctx.stage_info.update(history=result.history, healing={
         "tokens_per_slice": tokens, "slices": cfg.train.epochs, "window": window, "curve": curve,
@@ -153,9 +157,3 @@ def heal(model, cfg: LMDistillConfig, ctx):
         **({"block_map": [r for _, r in pairs]} if pairs else {})})
     return model
 
-
-def raise_budget(cfg: LMDistillConfig, windows: int, window: int):
-    from torchslim.errors import RecipeError
-    raise RecipeError(f"distill: train_tokens {cfg.train_tokens:,} make {windows} windows of {window} tokens, fewer "
-                      f"than train.epochs ({cfg.train.epochs}) slices; raise train_tokens to at least "
-                      f"{cfg.train.epochs * window:,} or lower train.epochs.")

@@ -93,28 +93,33 @@ def input_transforms(model: nn.Module, layers: dict[str, nn.Linear], batches, ki
     return out
 
 
-def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", conv: str = "tucker",
-                ignore=(), transforms: dict | None = None) -> list[Layer]:
-    """Every Linear / groups=1 Conv2d that can be replaced (not inside attention modules, which read
-    their projections' weights directly, nor already factorised), with its spectra and positions."""
+def candidates(model: nn.Module, layers: str = "all", ignore=()) -> dict[str, nn.Module]:
+    """Every Linear / groups=1 Conv2d that may be replaced: not inside attention modules (which read
+    their projections' weights directly), not already factorised, not in `ignore`, and not holding a
+    weight used twice (a head tied to the embedding stays whole)."""
     from torchslim.prune.attention import Attention
     skip_parents = (nn.MultiheadAttention, Attention, *FACTORED)
-    found: dict[str, nn.Module] = {}
-    shared = {id(p) for p in model.parameters()}  # (deduplicated) vs every use below
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    tied = {i for i in shared if uses.get(i, 0) > 1}  # e.g. a head tied to the input embedding: stays whole
+    found: dict[str, nn.Module] = {}
     for name, parent in model.named_modules():
         if isinstance(parent, skip_parents):
             continue
         for child_name, m in parent.named_children():
             path = f"{name}.{child_name}" if name else child_name
-            if matches(path, ignore) or id(getattr(m, "weight", None)) in tied:
+            if matches(path, ignore) or uses.get(id(getattr(m, "weight", None)), 0) > 1:
                 continue
             if (type(m) is nn.Linear and layers in ("all", "linear")) or \
                     (type(m) is nn.Conv2d and m.groups == 1 and layers in ("all", "conv")):
                 found[path] = m
+    return found
+
+
+def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", conv: str = "tucker",
+                ignore=(), transforms: dict | None = None) -> list[Layer]:
+    """The `candidates` on the forward path, with their spectra and positions."""
+    found = candidates(model, layers, ignore)
     positions: dict[str, tuple[int, int]] = {}
 
     def hook(path):
@@ -322,9 +327,8 @@ def factorize(model: nn.Module, example: torch.Tensor, *, layers: str = "all", c
     if activation_aware != "none":
         if not calibration:
             raise TorchslimError(f"lowrank activation_aware '{activation_aware}' needs calibration batches.")
-        candidates = {l.path: l.module for l in find_layers(model, example, layers, conv, ignore)
-                      if isinstance(l.module, nn.Linear)}
-        transforms = input_transforms(model, candidates, calibration, activation_aware, alpha)
+        linears = {p: m for p, m in candidates(model, layers, ignore).items() if isinstance(m, nn.Linear)}
+        transforms = input_transforms(model, linears, calibration, activation_aware, alpha)
     found = find_layers(model, example, layers, conv, ignore, transforms)
     if not found:
         raise TorchslimError("lowrank: the model has no Linear or groups=1 Conv2d layer to factorise "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from torchslim.quantize.weights import blockwise
+from torchslim.quantize.weights import blockwise, inverse_cholesky
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
@@ -81,12 +81,7 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = N
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise TorchslimError("SparseGPT: the layer's input Hessian is not positive definite; raise `damp` or "
-                             "give more calibration data.") from None
+    Hinv = inverse_cholesky(H, damp, "SparseGPT")
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, cols, block):
         end = min(start + block, cols)

@@ -457,8 +457,8 @@ def quantize(model, cfg: QuantizeConfig, ctx):
             info["qat"] = {k: v for k, v in info["qat"].items() if k not in ("activation_ranges", "weight_scales")}
     elif cfg.method == "dynamic":
         from torchslim.cpu import has_int8_dot_product
-        # without VNNI the u8 x s8 kernel saturates on full-range int8 weights: measured on SmolLM2-135M
-        # (AVX2 EPYC), perplexity in the millions with them, 52 with 7-bit weights (float: 29)
+        # without VNNI the u8 x s8 kernel saturates on full-range int8 weights: bench/llm.py on SmolLM2-135M
+        # (AVX2 EPYC) measured perplexity in the millions with them, 48 with 7-bit weights (float: 29)
         info["reduce_range"] = not has_int8_dot_product()
         lower.dynamic_int8(float_onnx, out, cfg.per_channel, reduce_range=info["reduce_range"])
     else:

@@ -108,6 +108,16 @@ def dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: 
     return grid.dequantize(blocks, scale, zero).reshape(q.shape[0], -1)[:, :q.shape[1]]
 
 
+def inverse_cholesky(H: torch.Tensor, damp: float, method: str) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ and SparseGPT use it."""
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(len(H))
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise TorchslimError(f"{method}: the layer's input Hessian is not positive definite; raise `damp` or give "
+                             "more calibration data.") from None
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False,
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
@@ -125,12 +135,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01,
     if act_order:  # group scales fixed from the original weights, so each group stays contiguous
         _, scale, zero = rtn(W, grid, diag)
     W, H = W[:, order], H[order][:, order]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise TorchslimError("GPTQ: the layer's input Hessian is not positive definite; raise `damp` or give "
-                             "more calibration data.") from None
+    Hinv = inverse_cholesky(H, damp, "GPTQ")
     Q = torch.zeros_like(W)
     for start in range(0, cols, block):
         end = min(start + block, cols)
