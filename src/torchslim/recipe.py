@@ -161,6 +161,10 @@ class Recipe(Strict):
                 raise ValueError(str(exc).split(": ", 1)[1]) from None
             if not isinstance(stage.config, handler.config):  # parsed before the task was known
                 raise ValueError(f"stages[{i}]: the settings of '{stage.name}' were read for another task")
+            check = getattr(stage.config, "check_task", None)  # settings that only some tasks accept
+            problem = check(task.name) if check else None
+            if problem:
+                raise ValueError(f"stages[{i}] ({stage.name}): {problem}")
         conflict = lowering_conflict([s.name for s in self.stages], task)
         if conflict:
             raise ValueError(conflict)

@@ -11,12 +11,15 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from torchslim.config import ByVariant, only
+from torchslim.errors import RecipeError
 
 from torchslim.models.io import load_weights, save_weights
 from torchslim.prune import schedule, unstructured
 from torchslim.prune.structured import apply as apply_plan
 from torchslim.prune.structured import convert_attention, plan, taylor_gradients
 from torchslim.prune.attention import Attention
+from torchslim.prune.decoder import is_decoder, prune_decoder, resize_decoder
+from torchslim.prune.decoder import layer_shapes as decoder_shapes
 from torchslim.prune.encoder import is_encoder, layer_shapes, prune_encoder, resize_encoder
 from torchslim.registry import register_stage
 from torchslim.results import Restructured
@@ -35,7 +38,7 @@ class Schedule(BaseModel):
 
 
 STRUCTURED, SPARSE = only("structured"), only("magnitude", "random")
-CALIBRATED = only("wanda", "sparsegpt", "blocks")
+CALIBRATED = only("wanda", "sparsegpt", "blocks", "structured")
 
 
 class PruneConfig(ByVariant):
@@ -50,7 +53,10 @@ class PruneConfig(ByVariant):
                                       "wanda/sparsegpt: share of every row of every Linear layer (leave out for n:m)",
                                       json_schema_extra=only("magnitude", "random", "wanda", "sparsegpt"))
     scope: Literal["global", "layer"] = Field("global", json_schema_extra=SPARSE)
-    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = Field("l1", json_schema_extra=STRUCTURED)
+    importance: Optional[Literal["l1", "l2", "bn_scale", "taylor", "random", "activation"]] = Field(
+        None, description="structured: how channels are ranked (default l1); language models' heads and FFN "
+        "neurons: activation (default: calibration activations times weight norms) or l1",
+        json_schema_extra=STRUCTURED)
     global_ranking: bool = Field(False, json_schema_extra=STRUCTURED)
     min_channels: int = Field(1, ge=1, json_schema_extra=STRUCTURED)
     round_to: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = Field(
@@ -58,11 +64,12 @@ class PruneConfig(ByVariant):
         "(16 with AVX-512, 8 with AVX2), which ONNX Runtime's blocked convolution kernels need to stay fast",
         json_schema_extra=STRUCTURED)
     prune_heads: bool = Field(True, json_schema_extra=STRUCTURED)
-    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformer encoders: share of "
-                                        "every layer's attention heads removed (default: ratio if prune_heads)",
+    head_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformers: share of every "
+                                        "layer's attention heads removed (a language model's key/value heads, each "
+                                        "with its query group; default: ratio if prune_heads)",
                                         json_schema_extra=STRUCTURED)
-    ffn_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformer encoders: share of "
-                                       "every layer's FFN neurons removed (default: ratio)",
+    ffn_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformers: share of every "
+                                       "layer's FFN neurons removed (default: ratio)",
                                        json_schema_extra=STRUCTURED)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) left alone: their outputs are kept")
@@ -73,7 +80,8 @@ class PruneConfig(ByVariant):
                    "input weights kept", json_schema_extra=only("nm", "wanda", "sparsegpt"))
     m: int = Field(4, ge=2, json_schema_extra=only("nm", "wanda", "sparsegpt"))
     calibration_batches: int = Field(16, ge=1, le=10000, description="wanda/sparsegpt: real training batches "
-                                     "whose inputs to each layer score (and, for sparsegpt, update) its weights",
+                                     "whose inputs to each layer score (and, for sparsegpt, update) its weights; "
+                                     "blocks and a language model's width: the batches importance is measured on",
                                      json_schema_extra=CALIBRATED)
     calibration_batch_size: int = Field(4, ge=1, le=4096, json_schema_extra=CALIBRATED)
     damp: float = Field(0.01, gt=0, le=1, description="sparsegpt: Hessian damping, a share of its mean diagonal",
@@ -88,7 +96,7 @@ class PruneConfig(ByVariant):
             raise ValueError(f"layer_ratios must be in [0, 1), got {bad}")
         if self.method == "structured" and self.ratio is None and self.head_ratio is None and self.ffn_ratio is None:
             raise ValueError("method 'structured' needs 'ratio' (share of channels to remove), or head_ratio / "
-                             "ffn_ratio for a transformer encoder")
+                             "ffn_ratio for a transformer")
         if self.method in ("magnitude", "random") and self.sparsity is None:
             raise ValueError(f"method '{self.method}' needs 'sparsity' (share of weights to zero)")
         if self.method == "blocks" and (self.ratio is None) == (self.remove is None):
@@ -97,6 +105,18 @@ class PruneConfig(ByVariant):
         if self.method in ("nm", "wanda", "sparsegpt") and not 0 < self.n < self.m:
             raise ValueError(f"method 'nm' needs 0 < n < m, got {self.n}:{self.m}")
         return self
+
+    def check_task(self, task: str) -> str | None:
+        """What these settings cannot do for `task` (None: nothing)."""
+        if self.method == "structured" and task in DEPTH_TASKS and self.importance not in (None, "activation", "l1"):
+            return (f"a language model's heads and FFN neurons are ranked by activation or l1, not "
+                    f"'{self.importance}'")
+        if self.method == "structured" and task == "embedding" and self.importance not in (None, "l1"):
+            return f"an encoder's heads and FFN neurons are ranked by l1, not '{self.importance}'"
+        if self.method == "structured" and task not in DEPTH_TASKS and self.importance == "activation":
+            return ("importance 'activation' ranks a language model's heads and FFN neurons; for channels use l1, "
+                    "l2, bn_scale, taylor or random")
+        return None
 
     @property
     def channel_multiple(self) -> int:
@@ -138,21 +158,30 @@ def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: floa
     return out
 
 
-def _encoder_step(model, cfg: PruneConfig, previous: float, target: float) -> dict:
-    """Heads and FFN neurons of a Hugging Face BERT-family encoder (the registered handler for that
-    architecture), so that after this step the final shares scale with the schedule's target."""
+def _transformer_step(model, cfg: PruneConfig, ctx, previous: float, target: float) -> dict:
+    """Heads and FFN neurons of a Hugging Face BERT-family encoder or Llama-layout decoder, so that
+    after this step the final shares scale with the schedule's target."""
     def step(final: float) -> float:
         before, after = final * previous / cfg.final, final * target / cfg.final
         return 1 - (1 - after) / (1 - before) if cfg.final else 0.0
     heads, ffn = cfg.encoder_ratios()
+    if is_decoder(model):
+        importance = cfg.importance or "activation"
+        batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size) \
+            if importance == "activation" else None
+        records = prune_decoder(model, step(heads), step(ffn), batches, importance)
+        return {"encoder": records, "decoder_shapes": decoder_shapes(model)}
     records = prune_encoder(model, step(heads), step(ffn))
     return {"encoder": records, "layer_shapes": layer_shapes(model)}
 
 
 def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
           original: dict[str, int]) -> dict:
-    if cfg.method == "structured" and is_encoder(model):
-        return _encoder_step(model, cfg, previous, target)
+    if cfg.method == "structured" and (is_encoder(model) or is_decoder(model)):
+        return _transformer_step(model, cfg, ctx, previous, target)
+    if cfg.method == "structured" and ctx.task.name in DEPTH_TASKS:
+        from torchslim.prune.decoder import decoder_blocks
+        decoder_blocks(model)  # raises with what the layout lacks
     if cfg.method == "structured":
         example = ctx.real_batch(2)
         ratio = schedule.step_ratio(previous, target) if cfg.global_ranking else \
@@ -160,7 +189,7 @@ def _step(model, cfg: PruneConfig, ctx, previous: float, target: float,
         if cfg.importance == "taylor":
             loader = epoch_loader(ctx.task.train_set(), ctx.recipe.data.batch_size, ctx.recipe.seed, 0)
             taylor_gradients(model, loader, ctx.task.loss())
-        p = plan(model, example, ratio, cfg.importance, cfg.ignore, cfg.global_ranking, cfg.min_channels,
+        p = plan(model, example, ratio, cfg.importance or "l1", cfg.ignore, cfg.global_ranking, cfg.min_channels,
                  cfg.channel_multiple, cfg.prune_heads)
         apply_plan(model, p)
         model.zero_grad(set_to_none=True)
@@ -190,7 +219,6 @@ DEPTH_TASKS = ("causal_lm",)
 def _prune_blocks(model, cfg: PruneConfig, ctx):
     """Remove whole transformer blocks, the least influential on the calibration text first (or the
     listed ones); the architecture record rebuilds the smaller model on resume and reload."""
-    from torchslim.errors import RecipeError
     from torchslim.prune.depth import block_influence, keep_blocks, least_influential
     if ctx.task.name not in DEPTH_TASKS:
         raise RecipeError(f"prune method 'blocks' removes the blocks of a language model (task: "
@@ -226,7 +254,7 @@ def prune(model, cfg: PruneConfig, ctx):
     """Prune structurally (channels, neurons, heads removed) or unstructurally (sparse storage)."""
     if cfg.method == "blocks":
         return _prune_blocks(model, cfg, ctx)
-    if not is_encoder(model):
+    if not is_encoder(model) and not is_decoder(model):
         convert_attention(model)
     targets = schedule.targets(cfg.schedule.kind, cfg.final, cfg.schedule.steps, cfg.schedule.initial)
     if cfg.method == "nm" or (cfg.method in ("wanda", "sparsegpt") and cfg.sparsity is None):
@@ -241,6 +269,8 @@ def prune(model, cfg: PruneConfig, ctx):
             record = _load_record(step_dir)
             if "layer_shapes" in record:  # heads and neurons are attributes too, not only tensor shapes
                 resize_encoder(model, record["layer_shapes"])
+            if "decoder_shapes" in record:
+                resize_decoder(model, record["decoder_shapes"])
             load_weights(model, saved)
         else:
             record = {"step": k + 1, "target": target, **_step(model, cfg, ctx, previous, target, widths_before)}
@@ -268,7 +298,8 @@ def prune(model, cfg: PruneConfig, ctx):
     history = [{**h, "epoch": i + 1, "prune_step": s["step"]}
                for i, (s, h) in enumerate((s, h) for s in steps for h in s.get("history", []))]
     ctx.stage_info.update(steps=steps, history=history, round_to=cfg.channel_multiple)
-    encoder = cfg.method == "structured" and "layer_shapes" in steps[-1]
+    shapes_key = next((k for k in ("layer_shapes", "decoder_shapes") if k in steps[-1]), None)
+    encoder = cfg.method == "structured" and shapes_key is not None
     if encoder:
         ctx.stage_info["pruned"] = [r for s in steps for r in s["encoder"]]
     if cfg.method == "structured":
@@ -284,7 +315,7 @@ def prune(model, cfg: PruneConfig, ctx):
             "dense kernels: the ONNX model still multiplies by every zero."))
     if encoder:  # the layers' head and neuron counts rebuild the structure on resume
         return Restructured(model, architecture={**ctx.architecture, "ops": [
-            *ctx.architecture.get("ops", []), {"layer_shapes": steps[-1]["layer_shapes"]}]})
+            *ctx.architecture.get("ops", []), {shapes_key: steps[-1][shapes_key]}]})
     return model
 
 

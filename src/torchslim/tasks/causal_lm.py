@@ -63,12 +63,19 @@ class CausalLM(Task):
         return {"model": {"hf": self.recipe.model.hf}, "ops": []}
 
     def rebuild(self, architecture: dict) -> nn.Module:
-        """The current model's structure: the float model with the blocks depth pruning kept (widths
-        come back from the saved weights' recorded shapes)."""
+        """The current model's structure: the float model with the blocks depth pruning kept and the
+        head and FFN widths width pruning left, in the order the stages applied them."""
+        from torchslim.errors import TorchslimError
+        from torchslim.prune.decoder import resize_decoder
         from torchslim.prune.depth import keep_blocks
         model = copy.deepcopy(self.reference).requires_grad_(True)
         for op in architecture.get("ops", []):
-            keep_blocks(model, op["keep_blocks"])
+            if "keep_blocks" in op:
+                keep_blocks(model, op["keep_blocks"])
+            elif "decoder_shapes" in op:
+                resize_decoder(model, op["decoder_shapes"])
+            else:
+                raise TorchslimError(f"task causal_lm cannot rebuild the structure op {sorted(op)}.")
         return model
 
     # ------------------------------------------------------------------ training and validation
