@@ -97,11 +97,14 @@ def test_sampling_keeps_to_top_k_and_top_p():
     assert {pick(logits, 1.0, 0, 0.5, rng) for _ in range(50)} == {0}  # 0 alone holds 0.71 of the mass
 
 
-@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
-def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bits, symmetric):
+@pytest.mark.parametrize("bits,symmetric,hidden", [(4, True, 48), (4, False, 48), (8, True, 48), (8, False, 64),
+                                                   (4, False, 64), (4, True, 64)])
+def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bits, symmetric, hidden):
+    """48 wide: a short last group of 32, so the head's blocks are padded and the table is stored a
+    second time in the Gather's layout; 64: whole groups, one copy of the integers serves both."""
     from torchslim.quantize.nbits import lower_quantized_weights
     from torchslim.quantize.weights import Grid, output_head, quantize_weights, tied_to_input
-    lm = _llama(tie_word_embeddings=True, hidden_size=48, num_attention_heads=4)  # 48: a short last group of 32
+    lm = _llama(tie_word_embeddings=True, hidden_size=hidden, num_attention_heads=4)
     name, head = output_head(lm)
     assert name == "lm_head" and tied_to_input(lm, head)
     quantize_weights(lm, Grid(bits, 32, symmetric), "rtn", layers={name: head})
@@ -109,7 +112,10 @@ def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bi
     graph = __import__("onnx").load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
-    assert not [i.name for i in graph.initializer if i.data_type == 1 and list(i.dims) in ([300, 48], [48, 300])]
+    assert not [i.name for i in graph.initializer if i.data_type == 1 and list(i.dims) in ([300, hidden], [hidden, 300])]
+    integers = [i for i in graph.initializer  # uint8 tables of the packed integers (not scales, zero points)
+                if i.data_type == 2 and int(np.prod(i.dims)) >= 300 * hidden * bits // 8]
+    assert len(integers) == (1 if hidden == 64 else 2)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)
     assert check["max_abs_diff"] < 1e-3 and check["same_tokens"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from torchslim.prune.encoder import _keep_cols, _keep_rows
+from torchslim.prune.encoder import _keep_cols, _keep_rows, paired
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 IMPORTANCE = ("activation", "l1")
@@ -182,10 +182,7 @@ def prune_decoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 
 def resize_decoder(model: nn.Module, shapes: list[dict]) -> nn.Module:
     """Give every layer the head and neuron counts of `shapes` (from `layer_shapes`), keeping the first
     ones: the structure of a pruned model, whose weights are then loaded over it."""
-    blocks = decoder_blocks(model)
-    if len(shapes) != len(blocks):
-        raise TorchslimError(f"{len(shapes)} layer shapes for a decoder with {len(blocks)} layers.")
-    for block, shape in zip(blocks, shapes):
+    for block, shape in paired(decoder_blocks(model), shapes, "a decoder"):
         _keep_block(block, torch.arange(shape["kv_heads"]), torch.arange(shape["neurons"]))
     _sync_config(model)
     return model

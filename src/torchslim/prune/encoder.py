@@ -100,9 +100,13 @@ def prune_encoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 
 def resize_encoder(model: nn.Module, shapes: list[dict]) -> nn.Module:
     """Give every layer the head and neuron counts of `shapes` (from `layer_shapes`), keeping the first
     ones: the structure of a pruned model, whose weights are then loaded over it."""
-    layers = encoder_layers(model)
-    if len(shapes) != len(layers):
-        raise TorchslimError(f"{len(shapes)} layer shapes for an encoder with {len(layers)} layers.")
-    for layer, shape in zip(layers, shapes):
+    for layer, shape in paired(encoder_layers(model), shapes, "an encoder"):
         _keep_layer(layer, torch.arange(shape["heads"]), torch.arange(shape["neurons"]))
     return model
+
+
+def paired(layers, shapes: list[dict], what: str):
+    """(layer, its recorded shape) pairs; an error if the counts differ."""
+    if len(shapes) != len(layers):
+        raise TorchslimError(f"{len(shapes)} layer shapes for {what} with {len(layers)} layers.")
+    return zip(layers, shapes)

@@ -87,6 +87,19 @@ def _add(graph, arrays: dict[str, np.ndarray], prefix: str) -> list[str]:
     return names
 
 
+def found_init_name(node, inits: dict, transposed: dict) -> str:
+    return node.input[1] if node.input[1] in inits else transposed[node.input[1]]
+
+
+def _reshaped(graph, nodes: list, source: str, shape: tuple) -> str:
+    """The name of `source` reshaped to `shape` by a new Reshape node (one copy of the bytes on disk)."""
+    target = numpy_helper.from_array(np.array(shape, np.int64), f"{source}_shape")
+    graph.initializer.append(target)
+    nodes.append(helper.make_node("Reshape", [source, target.name], [f"{source}_as{len(shape)}d"],
+                                  name=f"{source}_reshape"))
+    return nodes[-1].output[0]
+
+
 def _live(nodes: list, outputs: set[str]) -> list:
     """`nodes` without those whose results nothing uses any more (the Transpose of a tied table whose
     MatMul and Gather were both replaced)."""
@@ -114,31 +127,52 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
     inits = {i.name: i for i in graph.initializer}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
                   and len(inits[n.input[0]].dims) == 2}
-    done, nodes = set(), []
-    for node in graph.node:
-        found = None
+
+    def weight_of(node):
+        """(the quantized layer whose weight a MatMul or Gather node reads, K, N) or None."""
         if node.op_type == "MatMul" and len(node.input) == 2:
             if node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
                 init = inits[node.input[1]]
-                found = layers.get(_key(numpy_helper.to_array(init).T))
-                k, n = init.dims
-            elif node.input[1] in transposed:
+                return layers.get(_key(numpy_helper.to_array(init).T)), *init.dims
+            if node.input[1] in transposed:
                 init = inits[transposed[node.input[1]]]
-                found = layers.get(_key(numpy_helper.to_array(init)))
-                n, k = init.dims
-            if found is not None:
-                name, (grid, q, scale, zero) = found
-                inputs = _add(graph, matmul_nbits_inputs(q, scale, zero, grid), init.name)
-                nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
-                                              name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
-                                              bits=grid.bits, block_size=grid.width(k)))
+                return layers.get(_key(numpy_helper.to_array(init))), *reversed(init.dims)
+        return None
+
+    nbits: dict[str, tuple[list[str], dict]] = {}  # layer -> MatMulNBits initializer names, arrays (added once)
+
+    def matmul_inputs(name: str, record, prefix: str):
+        if name not in nbits:
+            arrays = matmul_nbits_inputs(*record[1:], record[0])
+            nbits[name] = _add(graph, arrays, prefix), arrays
+        return nbits[name]
+    matches = {i: match for i, node in enumerate(graph.node) if (match := weight_of(node)) and match[0] is not None}
+    as_matmul = {match[0][0] for match in matches.values()}
+    done, nodes = set(), []
+    for index, node in enumerate(graph.node):
+        found = None
+        if index in matches:
+            found, k, n = matches[index]
+            name, (grid, q, scale, zero) = found
+            inputs, _ = matmul_inputs(name, (grid, q, scale, zero), found_init_name(node, inits, transposed))
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
+                                          name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
+                                          bits=grid.bits, block_size=grid.width(k)))
         elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
             init = inits[node.input[0]]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             found = layers.get(_key(numpy_helper.to_array(init))) if attrs.get("axis", 0) == 0 else None
             if found is not None:
                 name, (grid, q, scale, zero) = found
-                data, *rest = _add(graph, gather_block_inputs(q, scale, zero, grid), init.name + "_gather")
+                arrays = gather_block_inputs(q, scale, zero, grid)
+                shared = None
+                if name in as_matmul:  # the tied head's bytes, reshaped, when they are the same integers
+                    names, theirs = matmul_inputs(name, (grid, q, scale, zero), init.name)
+                    pairs = list(zip(arrays.values(), theirs.values(), names))
+                    if len(arrays) == len(theirs) and all(
+                            a.size == b.size and np.array_equal(a.reshape(-1), b.reshape(-1)) for a, b, _ in pairs):
+                        shared = [_reshaped(graph, nodes, source, a.shape) for a, _, source in pairs]
+                data, *rest = shared or _add(graph, arrays, init.name + "_gather")
                 nodes.append(helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
                                               name=f"{node.name or name}_nbits", domain="com.microsoft",
                                               gather_axis=0, quantize_axis=1, block_size=grid.width(init.dims[1]),
