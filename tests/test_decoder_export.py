@@ -119,3 +119,11 @@ def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bi
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)
     assert check["max_abs_diff"] < 1e-3 and check["same_tokens"]
+
+
+def test_a_tied_head_takes_the_largest_group_that_divides_its_width():
+    from torchslim.quantize.stage import _head_group
+    head = lambda width: torch.nn.Linear(width, 10, bias=False)  # noqa: E731
+    assert _head_group(128, head(576), tied=True) == 64  # SmolLM2: 576 = 9 x 64, so one table serves both
+    assert _head_group(128, head(576), tied=False) == 128  # an untied head keeps the layers' group
+    assert _head_group(128, head(640), tied=True) == 128 and _head_group(32, head(40), tied=True) == 32

@@ -144,7 +144,8 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     """Linear layers' weights on a `bits`-bit grid with a scale per `group_size` input columns, by
     round-to-nearest or GPTQ (on the task's calibration batches), lowered to MatMulNBits with those
     very integers and scales (a layer whose width the group does not divide ends with a short group).
-    A language model's output head gets `head_bits` (and a tied embedding table the same integers).
+    A language model's output head gets `head_bits` (and a tied embedding table the same integers,
+    stored once: `_head_group`).
     Layers in `ignore` stay float."""
     import copy
 
@@ -173,7 +174,8 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}
     records = []
     if heads:  # first, so the layers' sensitivity is measured with the head as it will be served
-        head_grid = Grid(cfg.head_bits, cfg.group_size, cfg.symmetric, cfg.clip)
+        head_grid = Grid(cfg.head_bits, _head_group(cfg.group_size, head[1], tied_to_input(quantized, head[1])),
+                         cfg.symmetric, cfg.clip)
         records += quantize_weights(quantized, head_grid, cfg.algorithm, hessians, heads, **options)
     records = quantize_weights(quantized, grid, cfg.algorithm, hessians, layers, **options) + records
     allocation = None
@@ -186,10 +188,21 @@ def _weight_only(model, cfg: QuantizeConfig, ctx, out: Path) -> dict:
     info = {"algorithm": cfg.algorithm, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
             "clip": cfg.clip, "awq": folds, "allocation": allocation, "gguf": gguf,
             "head": {"layer": head[0], "bits": cfg.head_bits if heads else None,
+                     "group_size": head_grid.group if heads else None,
                      "tied_embeddings": tied_to_input(quantized, head[1])} if head else None,
             "compute": _nbits_compute(out, cfg.compute, ctx, cfg.compute_max_drop, cfg.compute_max_share,
                                       model), "layers": records}
     return {"weight_only": info}
+
+
+def _head_group(group: int, head, tied: bool) -> int:
+    """The head's group size: `group`, or for a head tied to the input embeddings whose width `group`
+    does not divide, the largest power of two below it (16 at least) that does — whole groups, so the
+    embedding lookup reads the head's own integers and the table is stored once."""
+    width = head.weight.shape[1]
+    if not tied or group <= 0 or width % group == 0:
+        return group
+    return next((g for g in (group >> i for i in range(1, 8)) if g >= 16 and width % g == 0), group)
 
 
 def _gguf(model, grid, ctx, out: Path) -> dict:
