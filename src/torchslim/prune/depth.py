@@ -9,7 +9,8 @@ smaller model runs, exports with its cache, and round-trips through `save_pretra
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,59 @@ def keep_blocks(model: nn.Module, keep: list[int]) -> nn.Module:
             if isinstance(values, (list, tuple)) and len(values) == before:
                 setattr(config, key, [values[i] for i in keep])
     return model
+
+
+SHORTLIST = 8  # blocks re-tried at each greedy step: the lowest loss when removed alone
+
+
+@contextmanager
+def without_blocks(model: nn.Module, remove: list[int]):
+    """The model with the blocks at `remove` taken out (as `keep_blocks` does), put back on exit."""
+    blocks = _blocks(model)
+    path = next(n for n, m in model.named_modules() if m is blocks)
+    owner, _, name = path.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    slots = [(m, m.layer_idx) for b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    configs = [(c, c.num_hidden_layers, {k: getattr(c, k) for k in PER_LAYER_CONFIG if hasattr(c, k)})
+               for c in _configs(model)]
+    keep_blocks(model, [i for i in range(len(blocks)) if i not in set(remove)])
+    try:
+        yield model
+    finally:
+        setattr(parent, name, blocks)
+        for m, index in slots:
+            m.layer_idx = index
+        for config, count, lists in configs:
+            config.num_hidden_layers = count
+            for key, value in lists.items():
+                setattr(config, key, value)
+
+
+def loss_without(model: nn.Module, batches: list[tuple], loss_fn: Callable, remove: list[int]) -> float:
+    """The mean of `loss_fn(model, batch)` over the batches with the blocks at `remove` taken out."""
+    with without_blocks(model, remove), torch.no_grad():
+        return sum(float(loss_fn(model, b)[0]) for b in batches) / len(batches)
+
+
+def least_loss(model: nn.Module, batches: list[tuple], count: int, loss_fn: Callable) -> tuple[list[int], dict]:
+    """`count` blocks chosen greedily by the task's loss on the calibration batches (the Shortened
+    LLaMA perplexity criterion, made iterative): each step removes the block whose removal, with those
+    already removed, raises the loss least, trying the SHORTLIST blocks that cost least alone.
+    Returns (the blocks, in model order; a record of the losses)."""
+    total = len(_blocks(model))
+    if not 0 <= count < total:
+        raise TorchslimError(f"cannot remove {count} of {total} blocks: keep at least one.")
+    base = loss_without(model, batches, loss_fn, [])
+    alone = [loss_without(model, batches, loss_fn, [i]) for i in range(total)]
+    removed: list[int] = []
+    steps = []
+    for step in range(count):
+        shortlist = sorted((i for i in range(total) if i not in removed), key=alone.__getitem__)[:SHORTLIST]
+        trials = {i: alone[i] if step == 0 else loss_without(model, batches, loss_fn, removed + [i]) for i in shortlist}
+        best = min(trials, key=trials.__getitem__)
+        removed.append(best)
+        steps.append({"removed": best, "loss": trials[best]})
+    return sorted(removed), {"loss": base, "loss_alone": alone, "steps": steps}
 
 
 def remove_blocks(model: nn.Module, remove: list[int]) -> list[int]:

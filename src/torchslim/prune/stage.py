@@ -46,6 +46,10 @@ class PruneConfig(ByVariant):
     ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured: share of channels/heads removed; "
                                    "blocks: share of the transformer's blocks removed (rounded to the nearest "
                                    "count)", json_schema_extra=only("structured", "blocks"))
+    score: Literal["influence", "loss"] = Field("influence", description="blocks: how the blocks to remove are "
+                                                "chosen — influence (one minus the cosine between a block's input and "
+                                                "output, ShortGPT) or loss (greedy: the task's loss on the calibration "
+                                                "batches with each candidate removed)", json_schema_extra=only("blocks"))
     remove: Optional[list[int]] = Field(None, min_length=1, description="blocks: the block indices to remove "
                                         "(instead of ratio; block influence is still measured and reported)",
                                         json_schema_extra=only("blocks"))
@@ -219,7 +223,7 @@ DEPTH_TASKS = ("causal_lm",)
 def _prune_blocks(model, cfg: PruneConfig, ctx):
     """Remove whole transformer blocks, the least influential on the calibration text first (or the
     listed ones); the architecture record rebuilds the smaller model on resume and reload."""
-    from torchslim.prune.depth import block_influence, keep_blocks, least_influential
+    from torchslim.prune.depth import block_influence, keep_blocks, least_influential, least_loss
     if ctx.task.name not in DEPTH_TASKS:
         raise RecipeError(f"prune method 'blocks' removes the blocks of a language model (task: "
                           f"{' or '.join(DEPTH_TASKS)}); for a sentence encoder use distill with keep_layers, for "
@@ -228,14 +232,20 @@ def _prune_blocks(model, cfg: PruneConfig, ctx):
     if ctx.resume and record_path.exists():
         record = json.loads(record_path.read_text())
     else:
-        influence = block_influence(model, ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size))
-        total = len(influence)
-        remove = sorted(set(cfg.remove)) if cfg.remove is not None else \
-            least_influential(influence, int(round(cfg.ratio * total)))
+        batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+        influence = block_influence(model, batches)
+        total, extra = len(influence), {}
+        if cfg.remove is not None:
+            remove = sorted(set(cfg.remove))
+        elif cfg.score == "loss":
+            remove, extra["loss"] = least_loss(model, batches, int(round(cfg.ratio * total)), ctx.task.loss())
+        else:
+            remove = least_influential(influence, int(round(cfg.ratio * total)))
         if any(not 0 <= i < total for i in remove) or len(remove) >= total:
             raise RecipeError(f"prune method 'blocks': cannot remove blocks {remove} of a model with {total} "
                               f"(indices 0 to {total - 1}; keep at least one).")
-        record = {"influence": influence, "removed": remove, "kept": [i for i in range(total) if i not in remove]}
+        record = {"influence": influence, "score": cfg.score, **extra, "removed": remove,
+                  "kept": [i for i in range(total) if i not in remove]}
         record_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record_path, json.dumps(record))
     before = sum(p.numel() for p in model.parameters())
