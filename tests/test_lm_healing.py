@@ -35,6 +35,22 @@ def _recipe(path, stages):
         "measure": {"batch_size": 1, "warmup": 1, "repeats": 3, "compare_seconds": 1}, "stages": stages})
 
 
+def reloads_in_a_fresh_process(tmp_path):
+    """(the run's last model loaded here, ids, its logits), after checking that a fresh process
+    rebuilds the same model from the run's records and gets the same logits."""
+    model = pipeline.load_model(tmp_path / "run")
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids, torch.ones_like(ids))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
+            "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)") % (
+        str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), want, atol=1e-5)
+    return model, ids, want
+
+
 def _heal(**options):
     return {"distill": {"train_tokens": 2048, "window": 64, **options,
                         "train": {"epochs": 2, "lr": 0.003, "batch_size": 4, "weight_decay": 0.0}}}
@@ -59,17 +75,8 @@ def test_blocks_removed_then_healed_by_distillation(four_blocks, tmp_path):
     assert healed["metrics"]["generation"]["decode_tokens"] > 0
 
     # a fresh process rebuilds the two-block model from the run's records and gets the same logits
-    model = pipeline.load_model(tmp_path / "run")
+    model, _, _ = reloads_in_a_fresh_process(tmp_path)
     assert len(model.lm.model.layers) == 2 and model.lm.config.num_hidden_layers == 2
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(ids, torch.ones_like(ids))
-    torch.save(ids, tmp_path / "ids.pt")
-    code = ("import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
-            "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)") % (
-        str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), want, atol=1e-5)
     assert pipeline.load_model(tmp_path / "run", "prune").lm.config.num_hidden_layers == 2
     with pytest.raises(Exception, match="no finished stage 'quantize'"):
         pipeline.load_model(tmp_path / "run", "quantize")
@@ -170,17 +177,8 @@ def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_block
     for stage in (pruned, healed):
         assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
 
-    model = pipeline.load_model(tmp_path / "run")
+    model, ids, want = reloads_in_a_fresh_process(tmp_path)
     assert model.lm.config.num_key_value_heads == 1 and model.lm.config.intermediate_size == 32
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(ids, torch.ones_like(ids))
-    torch.save(ids, tmp_path / "ids.pt")
-    code = ("import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
-            "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)") % (
-        str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), want, atol=1e-5)
 
     from transformers import AutoModelForCausalLM
     model.lm.save_pretrained(tmp_path / "hf")
@@ -195,3 +193,59 @@ def test_width_pruning_settings_are_checked(four_blocks, tiny_recipe):
     tiny_recipe["stages"] = [{"prune": {"method": "structured", "ratio": 0.5, "importance": "activation"}}]
     with pytest.raises(RecipeError, match="for channels use l1"):
         parse_recipe(tiny_recipe)
+
+
+def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_tokens(tmp_path):
+    """smollm2-small's own stages (blocks, FFN width, healing, int4) on a tiny 4-block Llama with a
+    128-neuron FFN: each stage leaves a smaller model, and the last one is served by MatMulNBits."""
+    from torchslim.recipe import load_recipe
+    save_tiny_llama(tmp_path / "lm", 4, intermediate_size=128, initializer_range=0.2)
+    builtin, _ = load_recipe("smollm2-small")
+    data = {**builtin.data.model_dump(exclude_none=True), "eval_tokens": 300, "window": 64, "stride": 64,
+            "calibration_tokens": 512, "validation_tokens": 128}
+    stages = [{s.name: s.config.model_dump(exclude_unset=True)} for s in builtin.stages]
+    stages[2]["distill"] = {**stages[2]["distill"], "train_tokens": 1024, "window": 64}
+    recipe, _ = load_recipe("smollm2-small", {
+        "model": {"hf": str(tmp_path / "lm")}, "data": data, "stages": stages,
+        "measure": {**builtin.measure.model_dump(), "repeats": 3, "compare_seconds": 1, "prompt_tokens": 64,
+                    "new_tokens": 8}})
+    report = pipeline.run(recipe, tmp_path / "run")
+    base, blocks, width, healed, final = report["stages"]
+    assert len(blocks["blocks"]["removed"]) == 1
+    assert width["architecture"]["ops"] == [{"keep_blocks": blocks["blocks"]["kept"]}, {"decoder_shapes": [
+        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 96}] * 3}]
+    params = [s["metrics"]["params"] for s in (base, blocks, width)]
+    assert params[0] > params[1] > params[2] == healed["metrics"]["params"]
+    assert healed["metrics"]["kl"] < width["metrics"]["kl"]
+    assert final["metrics"]["kernels"]["by_op"]["MatMulNBits"] == 3 * 7 + 1
+    # the int8 embedding table dominates this tiny model: stored once (shared with the head) the file is
+    # about a third of the float one (0.34 measured), stored twice it would be over half
+    assert final["metrics"]["size_bytes"] < 0.4 * healed["metrics"]["size_bytes"]
+    assert final["metrics"]["generation"]["decode_tokens"] == 8
+
+
+def test_blocks_chosen_by_loss_are_the_greedy_least_loss_and_the_model_is_put_back(tmp_path):
+    from torchslim.models.lm import Logits
+    from torchslim.prune.depth import least_loss, loss_without, without_blocks
+    model, _ = save_tiny_llama(tmp_path, 4, initializer_range=0.2)
+    lm = Logits(model.eval())
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    batches = [(ids, torch.ones_like(ids))]
+
+    def loss_fn(m, batch):
+        logits = m(*batch)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[0][:, 1:].flatten()), {}
+    with torch.no_grad():
+        before = lm(*batches[0])
+    with without_blocks(lm, [1, 2]):
+        assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad():
+        assert torch.equal(lm(*batches[0]), before)
+    removed, record = least_loss(lm, batches, 2, loss_fn)
+    first = record["steps"][0]["removed"]
+    assert first == min(range(4), key=record["loss_alone"].__getitem__)
+    pairs = {j: loss_without(lm, batches, loss_fn, [first, j]) for j in range(4) if j != first}
+    assert removed == sorted([first, min(pairs, key=pairs.get)])
+    assert record["steps"][1]["loss"] == pytest.approx(min(pairs.values()))

@@ -1,0 +1,72 @@
+"""Depth pruning of a causal LM without healing: which blocks to remove, chosen by block influence
+(ShortGPT: one minus the cosine between a block's input and output) or greedily by the loss on
+calibration text (`prune: {method: blocks, score: loss}`), side by side on the held-out sources.
+
+    .venv/bin/python bench/llm_depth.py                              # bench/recipes/smollm2-depth25.yaml
+    .venv/bin/python bench/llm_depth.py --loss-batches 2 --remove 6
+
+The recipe gives the model, the text and the calibration windows (batches of 4 windows of
+`data.window` tokens); influence uses --influence-batches of them, the greedy loss --loss-batches
+(one forward pass per candidate: 30 + 8 per further block). Perplexity in PyTorch over the recipe's
+held-out tokens, windows of data.window, no overlap."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from torchslim.cpu import cpu_features
+from torchslim.measure.lm import score
+from torchslim.prune.depth import _blocks, block_influence, keep_blocks, least_influential, least_loss
+from torchslim.recipe import load_recipe
+from torchslim.report.json import _cpu_name
+from torchslim.tasks import make_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="bench/recipes/smollm2-depth25.yaml")
+    parser.add_argument("--remove", type=int, default=None, help="blocks to remove (default: the recipe's ratio)")
+    parser.add_argument("--influence-batches", type=int, default=16)
+    parser.add_argument("--loss-batches", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe, _ = load_recipe(args.recipe)
+    task = make_task(recipe, None)
+    model = task.setup().eval()
+    total = len(_blocks(model))
+    ratio = next((s.config.ratio for s in recipe.stages if s.name == "prune"), 0.25)
+    count = args.remove if args.remove is not None else int(round(ratio * total))
+    print(f"CPU: {_cpu_name()} ({' '.join(cpu_features())}); {recipe.model.hf}; {args.threads} threads; "
+          f"removing {count} of {total} blocks")
+    batches = task.calibration(max(args.influence_batches, args.loss_batches), 4)
+    choices = {}
+    t = time.time()
+    choices["influence"] = least_influential(block_influence(model, batches[:args.influence_batches]), count)
+    print(f"influence: {choices['influence']} ({time.time() - t:.0f} s)", flush=True)
+    t = time.time()
+    choices["loss"], record = least_loss(model, batches[:args.loss_batches], count, task.loss())
+    print(f"loss: {choices['loss']} ({time.time() - t:.0f} s; greedy losses "
+          f"{[round(s['loss'], 3) for s in record['steps']]}, unpruned {record['loss']:.3f})", flush=True)
+    window = recipe.data.window
+
+    def perplexities(m):
+        with torch.no_grad():
+            return {s: score(lambda ids: m(ids, torch.ones_like(ids)), ids, None, window, window)["perplexity"]
+                    for s, ids in task.evaluation.items()}
+    rows = {"unpruned": perplexities(model)}
+    for name, remove in choices.items():
+        pruned = keep_blocks(copy.deepcopy(model), [i for i in range(total) if i not in remove])
+        rows[f"{name} {remove}"] = perplexities(pruned)
+    print("\n| blocks removed | " + " | ".join(f"{s} perplexity" for s in task.evaluation) + " |")
+    print("|---|" + "---|" * len(task.evaluation))
+    for name, ppl in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in ppl.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
