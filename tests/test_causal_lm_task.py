@@ -83,7 +83,8 @@ def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm
     chosen = info["allocation"]  # each layer's sensitivity measured, the bits recorded as chosen
     assert len(chosen["sensitivity"]) == 14 and chosen["validation_drop"] <= 1e-6
     assert {r["layer"] for r in info["layers"] if r["bits"] == 8} == set(chosen["high_layers"]) | {"lm.lm_head"}
-    assert info["head"] == {"layer": "lm.lm_head", "bits": 8, "tied_embeddings": True}
+    # the stage's group of 32 divides the head's width (32), so the head keeps it and shares the table's integers
+    assert info["head"] == {"layer": "lm.lm_head", "bits": 8, "group_size": 32, "tied_embeddings": True}
     assert info["layers"][-1]["layer"] == "lm.lm_head" and info["layers"][-1]["bits"] == 8
     assert all(r["output_error"] >= 0 for r in info["layers"])
     assert info["compute"]["chosen"] in ("float", "int8") and len(info["compute"]["timed"]) == 2
