@@ -1,6 +1,8 @@
 """Depth pruning of a causal LM without healing: which blocks to remove, chosen by block influence
 (ShortGPT: one minus the cosine between a block's input and output) or greedily by the loss on
-calibration text (`prune: {method: blocks, score: loss}`), side by side on the held-out sources.
+calibration text (`prune: {method: blocks, score: loss}`), each with and without a linear bridge
+(`bridge: linear`, a least-squares map folded into the block before each removed run), side by side
+on the held-out sources.
 
     .venv/bin/python bench/llm_depth.py                              # bench/recipes/smollm2-depth25.yaml
     .venv/bin/python bench/llm_depth.py --loss-batches 2 --remove 6
@@ -20,7 +22,7 @@ import torch
 
 from torchslim.cpu import cpu_features
 from torchslim.measure.lm import score
-from torchslim.prune.depth import _blocks, block_influence, keep_blocks, least_influential, least_loss
+from torchslim.prune.depth import _blocks, block_influence, keep_blocks, least_influential, least_loss, linear_bridges
 from torchslim.recipe import load_recipe
 from torchslim.report.json import _cpu_name
 from torchslim.tasks import make_task
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=None, help="blocks to remove (default: the recipe's ratio)")
     parser.add_argument("--influence-batches", type=int, default=16)
     parser.add_argument("--loss-batches", type=int, default=1)
+    parser.add_argument("--bridge-batches", type=int, default=16, help="batches a linear bridge is fitted on "
+                        "(each choice is also measured with `bridge: linear`; 0: not)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,7 +47,7 @@ def main() -> None:
     count = args.remove if args.remove is not None else int(round(ratio * total))
     print(f"CPU: {_cpu_name()} ({' '.join(cpu_features())}); {recipe.model.hf}; {args.threads} threads; "
           f"removing {count} of {total} blocks")
-    batches = task.calibration(max(args.influence_batches, args.loss_batches), 4)
+    batches = task.calibration(max(args.influence_batches, args.loss_batches, args.bridge_batches), 4)
     choices = {}
     t = time.time()
     choices["influence"] = least_influential(block_influence(model, batches[:args.influence_batches]), count)
@@ -62,6 +66,13 @@ def main() -> None:
     for name, remove in choices.items():
         pruned = keep_blocks(copy.deepcopy(model), [i for i in range(total) if i not in remove])
         rows[f"{name} {remove}"] = perplexities(pruned)
+        if args.bridge_batches:
+            bridged = copy.deepcopy(model)
+            t = time.time()
+            fits = linear_bridges(bridged, batches[:args.bridge_batches], remove)
+            print(f"{name}: linear bridges {fits} ({time.time() - t:.0f} s)", flush=True)
+            rows[f"{name} {remove}, linear bridge"] = perplexities(
+                keep_blocks(bridged, [i for i in range(total) if i not in remove]))
     print("\n| blocks removed | " + " | ".join(f"{s} perplexity" for s in task.evaluation) + " |")
     print("|---|" + "---|" * len(task.evaluation))
     for name, ppl in rows.items():

@@ -249,3 +249,58 @@ def test_blocks_chosen_by_loss_are_the_greedy_least_loss_and_the_model_is_put_ba
     pairs = {j: loss_without(lm, batches, loss_fn, [first, j]) for j in range(4) if j != first}
     assert removed == sorted([first, min(pairs, key=pairs.get)])
     assert record["steps"][1]["loss"] == pytest.approx(min(pairs.values()))
+
+
+def test_a_linear_bridge_is_the_least_squares_map_folded_into_the_block_before_the_cut(tmp_path):
+    from torchslim.models.lm import Logits
+    from torchslim.prune.depth import keep_blocks, linear_bridges
+    model, _ = save_tiny_llama(tmp_path, 5, initializer_range=0.2)
+    lm = Logits(model.eval())
+    gen = torch.Generator().manual_seed(0)
+    batches = [(ids, torch.ones_like(ids)) for ids in torch.randint(0, 1000, (3, 4, 32), generator=gen)]
+    layers = list(model.model.layers)
+    seen = {}
+
+    def grab(name):
+        def hook(module, args, out):
+            seen[name] = (out[0] if isinstance(out, tuple) else out).detach().double().flatten(0, 1)
+        return hook
+    handles = [layers[0].register_forward_hook(grab("out0")), layers[0].mlp.register_forward_hook(grab("m0")),
+               layers[2].register_forward_hook(grab("h2"))]
+    with torch.no_grad():  # the unpruned model: block 0's output y + m, and what leaves block 2
+        for batch in batches:
+            lm(*batch)
+            seen.setdefault("all", []).append((seen["out0"], seen["m0"], seen["h2"]))
+    for h in handles:
+        h.remove()
+    y, m, h = (torch.cat(parts) for parts in zip(*[(o - mm, mm, hh) for o, mm, hh in seen["all"]]))
+    T = torch.linalg.lstsq(m, h - y).solution  # the least-squares map, undamped
+    records = linear_bridges(lm, batches, [1, 2], damp=1e-9)
+    assert records[0]["run"] == [1, 2] and records[0]["into"] == 0
+    assert records[0]["error"] < records[0]["error_plain"]  # better than removing the blocks plainly
+    keep_blocks(lm, [0, 3, 4])
+    handle = model.model.layers[0].register_forward_hook(grab("bridged"))
+    with torch.no_grad():
+        lm(*batches[0])
+    handle.remove()
+    # the first block's output is now y + m·T: the fitted map, folded into its down projection
+    want = (y + m @ T)[:seen["bridged"].shape[0]]
+    assert torch.allclose(seen["bridged"], want, atol=1e-4 * float(want.abs().max()))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    assert "no block before" in linear_bridges(lm, batches, [0])[0]["skipped"]  # a cut at the start: untouched
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+
+
+def test_blocks_removed_with_a_linear_bridge_through_the_prune_stage_reload(four_blocks, tmp_path):
+    recipe = _recipe(four_blocks, [{"prune": {"method": "blocks", "remove": [1, 2], "bridge": "linear",
+                                              "calibration_batches": 2, "calibration_batch_size": 2}}])
+    report = pipeline.run(recipe, tmp_path / "run")
+    (fit,) = report["stages"][1]["blocks"]["bridges"]
+    assert fit["run"] == [1, 2] and fit["into"] == 0 and fit["error"] < fit["error_plain"]
+    model, _, _ = reloads_in_a_fresh_process(tmp_path)  # the folded weights are the stage's saved weights
+    plain = pipeline.load_model(tmp_path / "run", "baseline")
+    assert len(model.lm.model.layers) == 2
+    assert not torch.equal(model.lm.model.layers[0].mlp.down_proj.weight, plain.lm.model.layers[0].mlp.down_proj.weight)
+    assert torch.equal(model.lm.model.layers[1].mlp.down_proj.weight, plain.lm.model.layers[3].mlp.down_proj.weight)
+    with pytest.raises(RecipeError, match="'bridge' applies to method blocks"):
+        _recipe(four_blocks, [{"prune": {"method": "magnitude", "sparsity": 0.5, "bridge": "linear"}}])

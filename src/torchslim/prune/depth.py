@@ -146,3 +146,110 @@ def remove_blocks(model: nn.Module, remove: list[int]) -> list[int]:
     keep = [i for i in range(len(_blocks(model))) if i not in set(remove)]
     keep_blocks(model, keep)
     return keep
+
+
+def _runs(remove: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of removed blocks as (first, last) pairs, in model order."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(remove)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _residual_output(block: nn.Module) -> nn.Linear:
+    """The Linear whose output a block adds to the residual stream last (the MLP's down projection)."""
+    mlp = getattr(block, "mlp", None)
+    down = getattr(mlp, "down_proj", None) or getattr(mlp, "fc2", None) or getattr(mlp, "c_proj", None)
+    if not isinstance(down, nn.Linear):
+        raise TorchslimError(f"a linear bridge folds into the MLP's output projection (mlp.down_proj, fc2 or c_proj); "
+                             f"{type(block).__name__} has none. Remove the blocks without a bridge (bridge: none).")
+    return down
+
+
+def _adds_to_residual(model: nn.Module, block: nn.Module, down: nn.Linear, batch: tuple) -> bool:
+    """Whether the block's output is (something) + down's output, checked on a batch: doubling
+    down's output must move the block's output by exactly that output (no norm after the MLP)."""
+    seen = {}
+
+    def scaled(factor):
+        def hook(module, args, out):
+            seen[f"down{factor}"] = out.detach()
+            return out * factor
+        return hook
+
+    def grab(factor):
+        def hook(module, args, kwargs, out):
+            seen[f"out{factor}"] = _hidden(out).detach()
+        return hook
+    for factor in (1, 2):
+        run_hooked(model, [batch], [down.register_forward_hook(scaled(factor)),
+                                    block.register_forward_hook(grab(factor), with_kwargs=True)])
+    moved, expected = (seen["out2"] - seen["out1"]).double(), seen["down1"].double()
+    return bool(torch.linalg.vector_norm(moved - expected) <= 1e-3 * torch.linalg.vector_norm(expected) + 1e-6)
+
+
+def linear_bridges(model: nn.Module, batches: list[tuple], remove: list[int], damp: float = 1e-3) -> list[dict]:
+    """Before the blocks at `remove` are taken out, a linear map stands in for each run of them,
+    with no parameter added (ReplaceMe, Shopkhoev et al. 2025): for a run [a, b], the block a - 1
+    before it outputs y + m, with m its MLP's output; T minimises |y + m·T - h|² over the calibration
+    tokens, h the hidden state leaving block b, by least squares (damped by `damp` of the mean
+    diagonal of mᵀm), and is folded into that MLP's output projection (W ← Tᵀ·W, bias ← bias·T).
+    Runs are fitted in model order, each with the runs before it already bridged and removed. A run
+    that starts at the first block has no block before it and is left unbridged. In place; returns
+    a record per run: on the first calibration batch, the error of y + m·T against h and that of
+    y + m (the plain removal), each relative to |h - y|."""
+    blocks = _blocks(model)
+    records, done = [], []
+    for first, last in _runs(remove):
+        if first == 0:
+            records.append({"run": [first, last], "skipped": "no block before the run to fold the map into"})
+            done.extend(range(first, last + 1))
+            continue
+        before, after = blocks[first - 1], blocks[last]
+        down = _residual_output(before)
+        with without_blocks(model, done):
+            if not _adds_to_residual(model, before, down, batches[0]):
+                raise TorchslimError(f"block {first - 1} ({type(before).__name__}) does not add its MLP's output "
+                                     "to the residual stream as it is (a norm follows the MLP), so a linear bridge "
+                                     "cannot be folded into it. Remove the blocks without a bridge (bridge: none).")
+            width = down.out_features
+            gram = torch.zeros(width, width, dtype=torch.float64)
+            cross = torch.zeros(width, width, dtype=torch.float64)
+            err = {"bridged": 0.0, "plain": 0.0, "target": 0.0}
+            seen: dict = {}
+
+            def grab_down(module, args, out):
+                seen["m"] = out.detach().reshape(-1, width).double()
+
+            def grab_block(key):
+                def hook(module, args, kwargs, out):
+                    seen[key] = _hidden(out).detach().reshape(-1, width).double()
+                return hook
+            for batch in batches:
+                run_hooked(model, [batch], [down.register_forward_hook(grab_down),
+                                            before.register_forward_hook(grab_block("out"), with_kwargs=True),
+                                            after.register_forward_hook(grab_block("h"), with_kwargs=True)])
+                m, rest = seen["m"], seen["out"] - seen["m"]
+                gram += m.T @ m
+                cross += m.T @ (seen["h"] - rest)
+            ridge = damp * gram.diagonal().mean().clamp_min(1e-12)
+            T = torch.linalg.solve(gram + ridge * torch.eye(width, dtype=torch.float64), cross)
+            for batch in batches[:1]:  # the fit's error on the first batch, against plain removal
+                run_hooked(model, [batch], [down.register_forward_hook(grab_down),
+                                            before.register_forward_hook(grab_block("out"), with_kwargs=True),
+                                            after.register_forward_hook(grab_block("h"), with_kwargs=True)])
+                m, h = seen["m"], seen["h"]
+                rest = seen["out"] - m
+                norm = float(torch.linalg.vector_norm(h - rest))
+                err["bridged"] = float(torch.linalg.vector_norm(rest + m @ T - h)) / max(norm, 1e-12)
+                err["plain"] = float(torch.linalg.vector_norm(rest + m - h)) / max(norm, 1e-12)
+            with torch.no_grad():
+                down.weight.copy_((T.T @ down.weight.double()).to(down.weight.dtype))
+                if down.bias is not None:
+                    down.bias.copy_((down.bias.double() @ T).to(down.bias.dtype))
+        records.append({"run": [first, last], "into": first - 1, "error": err["bridged"], "error_plain": err["plain"]})
+        done.extend(range(first, last + 1))
+    return records

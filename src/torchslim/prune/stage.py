@@ -50,6 +50,10 @@ class PruneConfig(ByVariant):
                                                 "chosen — influence (one minus the cosine between a block's input and "
                                                 "output, ShortGPT) or loss (greedy: the task's loss on the calibration "
                                                 "batches with each candidate removed)", json_schema_extra=only("blocks"))
+    bridge: Literal["none", "linear"] = Field("none", description="blocks: linear — each run of removed blocks "
+                                              "replaced by a least-squares linear map on the calibration text, "
+                                              "folded into the MLP output projection of the block before it (no "
+                                              "parameter added; ReplaceMe)", json_schema_extra=only("blocks"))
     remove: Optional[list[int]] = Field(None, min_length=1, description="blocks: the block indices to remove "
                                         "(instead of ratio; block influence is still measured and reported)",
                                         json_schema_extra=only("blocks"))
@@ -223,12 +227,13 @@ DEPTH_TASKS = ("causal_lm",)
 def _prune_blocks(model, cfg: PruneConfig, ctx):
     """Remove whole transformer blocks, the least influential on the calibration text first (or the
     listed ones); the architecture record rebuilds the smaller model on resume and reload."""
-    from torchslim.prune.depth import block_influence, keep_blocks, least_influential, least_loss
+    from torchslim.prune.depth import block_influence, keep_blocks, least_influential, least_loss, linear_bridges
     if ctx.task.name not in DEPTH_TASKS:
         raise RecipeError(f"prune method 'blocks' removes the blocks of a language model (task: "
                           f"{' or '.join(DEPTH_TASKS)}); for a sentence encoder use distill with keep_layers, for "
                           "a classifier distill into a student with fewer blocks.")
     record_path = ctx.stage_dir / "blocks.json"
+    batches = None
     if ctx.resume and record_path.exists():
         record = json.loads(record_path.read_text())
     else:
@@ -248,12 +253,21 @@ def _prune_blocks(model, cfg: PruneConfig, ctx):
                   "kept": [i for i in range(total) if i not in remove]}
         record_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record_path, json.dumps(record))
+    bridges = {}
+    if cfg.bridge == "linear":  # fitted again on resume: the stage starts from the previous stage's model
+        batches = batches or ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+        bridges["bridges"] = linear_bridges(model, batches, record["removed"])
+        for fit in bridges["bridges"]:
+            if "error" in fit:
+                console.log(f"prune blocks: linear bridge over blocks {fit['run'][0]}-{fit['run'][1]} folded into "
+                            f"block {fit['into']}: error {fit['error']:.3f} of the removed blocks' change "
+                            f"(plain removal {fit['error_plain']:.3f})")
     before = sum(p.numel() for p in model.parameters())
     keep_blocks(model, record["kept"])
     after = sum(p.numel() for p in model.parameters())
     scores = ", ".join(f"{record['influence'][i]:.3f}" for i in record["removed"])
     console.log(f"prune blocks: removed {record['removed']} of {len(record['influence'])} (influence {scores})")
-    ctx.stage_info.update(blocks={**record, "params_before": before, "params_after": after,
+    ctx.stage_info.update(blocks={**record, **bridges, "params_before": before, "params_after": after,
                                   "param_reduction": 1 - after / before})
     return Restructured(model, architecture={**ctx.architecture, "ops": [
         *ctx.architecture.get("ops", []), {"keep_blocks": record["kept"]}]})
