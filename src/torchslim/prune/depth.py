@@ -216,36 +216,32 @@ def linear_bridges(model: nn.Module, batches: list[tuple], remove: list[int], da
                                      "to the residual stream as it is (a norm follows the MLP), so a linear bridge "
                                      "cannot be folded into it. Remove the blocks without a bridge (bridge: none).")
             width = down.out_features
-            gram = torch.zeros(width, width, dtype=torch.float64)
-            cross = torch.zeros(width, width, dtype=torch.float64)
-            err = {"bridged": 0.0, "plain": 0.0, "target": 0.0}
             seen: dict = {}
 
-            def grab_down(module, args, out):
-                seen["m"] = out.detach().reshape(-1, width).double()
-
-            def grab_block(key):
-                def hook(module, args, kwargs, out):
-                    seen[key] = _hidden(out).detach().reshape(-1, width).double()
+            def grab(key):
+                def hook(module, args, *rest):
+                    seen[key] = _hidden(rest[-1]).detach().reshape(-1, width).double()
                 return hook
-            for batch in batches:
-                run_hooked(model, [batch], [down.register_forward_hook(grab_down),
-                                            before.register_forward_hook(grab_block("out"), with_kwargs=True),
-                                            after.register_forward_hook(grab_block("h"), with_kwargs=True)])
+
+            def hooks():  # the MLP's output, the output of the block before the run, the run's output
+                return [down.register_forward_hook(grab("m")),
+                        before.register_forward_hook(grab("out"), with_kwargs=True),
+                        after.register_forward_hook(grab("h"), with_kwargs=True)]
+            gram = torch.zeros(width, width, dtype=torch.float64)
+            cross = torch.zeros(width, width, dtype=torch.float64)
+            for k, batch in enumerate(batches):
+                run_hooked(model, [batch], hooks())
                 m, rest = seen["m"], seen["out"] - seen["m"]
                 gram += m.T @ m
                 cross += m.T @ (seen["h"] - rest)
+                if k == 0:  # kept to report the fit's error on the first batch
+                    first_batch = (m, rest, seen["h"])
             ridge = damp * gram.diagonal().mean().clamp_min(1e-12)
             T = torch.linalg.solve(gram + ridge * torch.eye(width, dtype=torch.float64), cross)
-            for batch in batches[:1]:  # the fit's error on the first batch, against plain removal
-                run_hooked(model, [batch], [down.register_forward_hook(grab_down),
-                                            before.register_forward_hook(grab_block("out"), with_kwargs=True),
-                                            after.register_forward_hook(grab_block("h"), with_kwargs=True)])
-                m, h = seen["m"], seen["h"]
-                rest = seen["out"] - m
-                norm = float(torch.linalg.vector_norm(h - rest))
-                err["bridged"] = float(torch.linalg.vector_norm(rest + m @ T - h)) / max(norm, 1e-12)
-                err["plain"] = float(torch.linalg.vector_norm(rest + m - h)) / max(norm, 1e-12)
+            m, rest, h = first_batch
+            norm = max(float(torch.linalg.vector_norm(h - rest)), 1e-12)
+            err = {"bridged": float(torch.linalg.vector_norm(rest + m @ T - h)) / norm,
+                   "plain": float(torch.linalg.vector_norm(rest + m - h)) / norm}
             with torch.no_grad():
                 down.weight.copy_((T.T @ down.weight.double()).to(down.weight.dtype))
                 if down.bias is not None:
