@@ -127,3 +127,78 @@ def test_a_tied_head_takes_the_largest_group_that_divides_its_width():
     assert _head_group(128, head(576), tied=True) == 64  # SmolLM2: 576 = 9 x 64, so one table serves both
     assert _head_group(128, head(576), tied=False) == 128  # an untied head keeps the layers' group
     assert _head_group(128, head(640), tied=True) == 128 and _head_group(32, head(40), tied=True) == 32
+
+
+def _gemma3(**over):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention",
+               "sliding_attention", "full_attention"], max_position_embeddings=256)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**cfg, **over})).eval()
+
+
+@pytest.mark.parametrize("build", [_llama, _gemma3], ids=["llama-gqa", "gemma3-sliding"])
+def test_export_attention_equals_the_models_own_and_is_restored(build):
+    """Grouped attention (the query group folded onto its key/value head, float additive mask) gives
+    the logits of the model's sdpa attention, with left padding and (Gemma 3) sliding windows."""
+    from torchslim.export.attention import exporting_attention
+    lm = build()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        want = lm(input_ids=ids, attention_mask=mask).logits
+        with exporting_attention(lm):
+            assert lm.config._attn_implementation == "torchslim_grouped"
+            got = lm(input_ids=ids, attention_mask=mask).logits
+    assert lm.config._attn_implementation == "sdpa"
+    assert torch.allclose(got[0, 4:], want[0, 4:], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def test_the_exported_graph_reads_the_cache_in_place_and_fuses_rms_norms(tmp_path):
+    """No Expand of a cached key/value tensor, no Reciprocal left, and ONNX Runtime's optimized graph
+    runs one SimplifiedLayerNormalization per RMS norm (2 per layer + the final one)."""
+    import onnx
+    path = export_decoder(_llama(), tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Reciprocal" not in ops and ops.count("Expand") <= 3  # the mask's and positions' broadcasts only
+    cache = {i.name for i in graph.input if i.name.startswith("past_key_values")}
+    made = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:  # what the key/value cache flows into, before the attention MatMuls
+        if node.op_type == "Expand":
+            assert not (set(node.input) & cache) and not any(
+                made.get(i) is not None and made[i].op_type == "Concat" and set(made[i].input) & cache for i in node.input)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("SimplifiedLayerNormalization") + fused.count("SkipSimplifiedLayerNormalization") == 5
+
+
+def test_divide_by_root_keeps_the_arithmetic():
+    import onnx
+    from onnx import TensorProto, helper
+    from torchslim.export.decoder import divide_by_root
+    nodes = [helper.make_node("Sqrt", ["v"], ["r"]), helper.make_node("Reciprocal", ["r"], ["inv"]),
+             helper.make_node("Mul", ["x", "inv"], ["y"]),
+             helper.make_node("Reciprocal", ["r"], ["shared"]),  # read twice: left alone
+             helper.make_node("Mul", ["shared", "x"], ["z"]), helper.make_node("Add", ["shared", "z"], ["w"])]
+    spec = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [spec("x"), spec("v")], [spec("y"), spec("w")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    feed = {"x": np.array([1.0, -2.0, 3.0], np.float32), "v": np.array([4.0, 0.5, 9.0], np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert divide_by_root(model.graph) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Sqrt", "Div", "Reciprocal", "Mul", "Add"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert all(np.allclose(a, b, rtol=1e-6) for a, b in zip(before, after))
+
+
+def test_gemma3_with_sliding_windows_exports_with_a_cache_that_matches_pytorch(tmp_path):
+    lm = _gemma3()
+    session = ort.InferenceSession(str(export_decoder(lm, tmp_path / "gemma.onnx")), providers=["CPUExecutionProvider"])
+    check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)  # 16 tokens > window 4
+    assert check["max_abs_diff"] < TOLERANCE and check["same_tokens"]

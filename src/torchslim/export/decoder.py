@@ -78,7 +78,11 @@ def _example(layout, batch: int, sequence: int, past: int):
 
 
 def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
-    """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter."""
+    """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter,
+    attention traced as `export.attention.grouped_attention` (the cache read in place) and every
+    `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
+    SimplifiedLayerNormalization kernel per RMS norm."""
+    from torchslim.export.attention import exporting_attention
     from torchslim.export.onnx import _no_fused_encoder, _quiet
     lm = lm.eval()
     layout = cache_layout(lm)
@@ -93,11 +97,15 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with _quiet(), torch.no_grad(), _no_fused_encoder():
+        with _quiet(), torch.no_grad(), _no_fused_encoder(), exporting_attention(lm):
             program = torch.onnx.export(CachedDecoder(lm), _example(layout, 2, 5, 3), None, input_names=names,
                                         output_names=outputs, dynamo=True, dynamic_shapes=shapes,
                                         opset_version=opset, verbose=False, optimize=True)
             program.save(str(tmp), external_data=False)
+        import onnx
+        graph_model = onnx.load(str(tmp))
+        if divide_by_root(graph_model.graph):
+            onnx.save(graph_model, str(tmp))
     except Exception as exc:  # the exporter raises many types; one message names the model and the cause
         tmp.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
@@ -105,6 +113,38 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
                           f"{type(exc).__name__}: {first}") from None
     os.replace(tmp, path)
     return path
+
+
+def divide_by_root(graph) -> int:
+    """Rewrite `Mul(x, Reciprocal(Sqrt(v)))` as `Div(x, Sqrt(v))` in an ONNX graph, in place, where the
+    Reciprocal feeds nothing else (torch.export writes RMS norms' rsqrt that way; ONNX Runtime fuses
+    only the Div form). The same arithmetic up to one rounding. Returns how many were rewritten."""
+    from onnx import helper
+    made = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    replaced, dropped = {}, set()
+    for n in graph.node:
+        if n.op_type != "Mul" or len(n.input) != 2:
+            continue
+        for side, name in enumerate(n.input):
+            inverse = made.get(name)
+            if inverse is None or inverse.op_type != "Reciprocal" or readers.get(name) != 1:
+                continue
+            root = made.get(inverse.input[0])
+            if root is None or root.op_type != "Sqrt":
+                continue
+            replaced[id(n)] = helper.make_node("Div", [n.input[1 - side], inverse.input[0]], list(n.output),
+                                               name=(n.name or name) + "_div")
+            dropped.add(id(inverse))
+            break
+    if replaced:
+        nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(replaced)
 
 
 def complete_feed(session, feed: dict) -> dict:
