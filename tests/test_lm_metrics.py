@@ -47,6 +47,40 @@ def test_perplexity_and_bits_per_byte_match_a_hand_computation():
     assert score(logits, ids, length=16, stride=16)["nll"] == pytest.approx(by_hand / 39, rel=1e-5)
 
 
+def test_with_bos_every_window_starts_with_it_and_scores_the_same_tokens():
+    model = tiny_llama()
+    ids = torch.randint(3, 97, (40,), generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def logits(x):
+        seen.append(x.clone())
+        return model(x).logits
+    plain = score(logits, ids, length=16, stride=16)
+    seen.clear()
+    with_bos = score(logits, ids, length=16, stride=16, bos=1)
+    assert [int(c[0, 0]) for c in seen] == [1, 1, 1] and with_bos["tokens"] == plain["tokens"] == 39
+    assert torch.equal(seen[1][0, 1:], ids[16:31]) and with_bos["nll"] != plain["nll"]
+    with torch.no_grad():  # by hand: windows (0,16), (15,31), (30,40), the first token of each replaced
+        by_hand = 0.0
+        for s, e in [(0, 16), (15, 31), (30, 40)]:
+            chunk = ids[s:e].clone()
+            chunk[0] = 1
+            by_hand += F.cross_entropy(model(chunk[None]).logits[0, :-1], ids[s + 1:e], reduction="sum").item()
+    assert with_bos["nll"] == pytest.approx(by_hand / 39, rel=1e-5)
+
+
+def test_bos_token_is_found_only_where_the_tokenizer_adds_one():
+    from torchslim.measure.lm import bos_token
+
+    class Tokenizer:
+        def __init__(self, adds):
+            self.bos_token_id, self.adds = 2, adds
+
+        def __call__(self, text):
+            return type("Encoding", (), {"input_ids": ([2] if self.adds else []) + [7]})()
+    assert bos_token(Tokenizer(True)) == 2 and bos_token(Tokenizer(False)) is None
+
+
 def test_kl_and_agreement_against_the_reference():
     a, b = tiny_llama(0), tiny_llama(1)
     ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2))

@@ -39,6 +39,8 @@ class CausalLM(Task):
         from torchslim.models.lm import Logits, load_causal_lm
         r = self.recipe
         lm, self.tokenizer = load_causal_lm(r.model.hf)
+        from torchslim.measure.lm import bos_token
+        self.bos = bos_token(self.tokenizer)  # every window starts with it, when the tokenizer asks for one
         self.reference = Logits(lm).eval().requires_grad_(False)
         self.evaluation = {str(s): self._tokens(s, r.data.eval_tokens) for s in r.data.sources}
         train = self._tokens("train", r.data.calibration_tokens + r.data.validation_tokens +
@@ -87,7 +89,7 @@ class CausalLM(Task):
         if n == 0:
             raise DataError("task causal_lm trains on data.train_subset windows of training text; set "
                             "data.train_subset (windows of data.window tokens).")
-        ids = self.train_ids[:n * w].reshape(n, w)
+        ids = self._with_bos(self.train_ids[:n * w].reshape(n, w))
         return torch.utils.data.TensorDataset(ids, torch.ones_like(ids))
 
     def healing_windows(self, tokens: int, window: int) -> torch.Tensor:
@@ -102,7 +104,7 @@ class CausalLM(Task):
         if n * window < tokens - window + 1:
             raise DataError(f"the training text holds {len(self.train_ids):,} tokens after the calibration and "
                             f"validation slices, fewer than the {tokens:,} asked for; lower train_tokens.")
-        return self.train_ids[:n * window].reshape(n, window)
+        return self._with_bos(self.train_ids[:n * window].reshape(n, window))
 
     def loss(self, label_smoothing: float = 0.0):
         """Next-token cross-entropy."""
@@ -118,14 +120,15 @@ class CausalLM(Task):
         """Minus the perplexity on the validation slice of the training text (larger is better)."""
         from torchslim.measure.lm import score
         ids = self.validation_ids[:samples * self.recipe.data.window] if samples else self.validation_ids
-        return -score(self._logits(predict), ids, None, self.recipe.data.window, self.recipe.data.stride)["perplexity"]
+        return -score(self._logits(predict), ids, None, self.recipe.data.window, self.recipe.data.stride,
+                      bos=self.bos)["perplexity"]
 
     def evaluate(self, predict: Predictor) -> dict:
         from torchslim.measure.lm import score, scored_bytes
         d = self.recipe.data
         reference = self._logits(lambda ids, mask: self.reference(ids, mask).numpy())
         sources = {name: score(self._logits(predict), ids, scored_bytes(self.tokenizer, ids), d.window, d.stride,
-                               reference=reference) for name, ids in self.evaluation.items()}
+                               reference=reference, bos=self.bos) for name, ids in self.evaluation.items()}
         worst = lambda key, pick=max: pick(s[key] for s in sources.values())  # noqa: E731
         return {"sources": sources, "perplexity": worst("perplexity"), "bits_per_byte": worst("bits_per_byte"),
                 "kl": worst("kl"), "top1_agreement": worst("top1_agreement", min),
@@ -139,9 +142,18 @@ class CausalLM(Task):
         return logits
 
     # ------------------------------------------------------------------ inputs
+    def _with_bos(self, windows: torch.Tensor) -> torch.Tensor:
+        """[n, length] windows with the first token replaced by BOS where the tokenizer starts texts
+        with one (as evaluation feeds them: `measure.lm.score`)."""
+        if getattr(self, "bos", None) is None:
+            return windows
+        windows = windows.clone()
+        windows[:, 0] = self.bos
+        return windows
+
     def _windows(self, ids: torch.Tensor, n: int, length: int) -> Inputs:
         need = n * length
-        ids = ids.repeat(need // len(ids) + 1)[:need].reshape(n, length)
+        ids = self._with_bos(ids.repeat(need // len(ids) + 1)[:need].reshape(n, length))
         return ids, torch.ones_like(ids)
 
     def example(self, n: int) -> Inputs:
