@@ -35,7 +35,7 @@ from torchslim.cpu import cpu_features
 from torchslim.data import corpus
 from torchslim.export.decoder import Generator, export_decoder
 from torchslim.measure.latency import ort_session
-from torchslim.measure.lm import score, scored_bytes
+from torchslim.measure.lm import bos_token, score, scored_bytes
 from torchslim.models.lm import load_causal_lm, locate
 from torchslim.report.json import _cpu_name
 
@@ -265,10 +265,10 @@ def main() -> None:
     held = {s: torch.tensor(tok(corpus.text(s, max_chars=8 * args.tokens + 1000)).input_ids[:args.tokens])
             for s in args.sources}
     reference = engines["pytorch float"][0].logits
-    quality = {}
+    quality, bos = {}, bos_token(tok)  # every window starts with BOS where the tokenizer asks for one
     for name, (engine, _) in engines.items():
         quality[name] = {s: score(engine.logits, ids, scored_bytes(tok, ids), args.window, args.window,
-                                  reference=None if name == "pytorch float" else reference)
+                                  reference=None if name == "pytorch float" else reference, bos=bos)
                          for s, ids in held.items()}
         print(f"{name}: " + ", ".join(f"{s} {q['perplexity']:.2f}" for s, q in quality[name].items()), flush=True)
 
