@@ -5,9 +5,8 @@ Hugging Face's `sdpa` and `eager` attention repeat every key/value head for its 
 lower the boolean mask to Where/IsNaN nodes in every layer. `grouped_attention` computes the same
 softmax(q·kᵀ·scale + mask)·v with the query heads folded onto their key/value head, (batch, kv heads,
 group × sequence, head size), so the cache is read in place, and takes the float additive mask that
-Hugging Face builds once per forward (`eager_mask`). Measured on SmolLM2-135M (30 layers, 9/3 heads),
-one decoding step after 256 tokens, 2 threads: 34.2 → 29.2 ms float, 21.9 → 16.1 ms int4
-(`bench/llm_kernels.py`; AMD EPYC, AVX-512 VNNI).
+Hugging Face builds once per forward (`eager_mask`). What it saves per decoding step is measured
+side by side against the plain export by `bench/llm_export.py` (numbers in the README).
 
 `exporting_attention(lm)` switches a model to it for the duration of an export and restores the
 implementation it had. Models whose attention does not go through Hugging Face's attention interface

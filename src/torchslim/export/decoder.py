@@ -77,11 +77,14 @@ def _example(layout, batch: int, sequence: int, past: int):
     return ids, mask, cache
 
 
-def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
+def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = False) -> Path:
     """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter,
     attention traced as `export.attention.grouped_attention` (the cache read in place) and every
     `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
-    SimplifiedLayerNormalization kernel per RMS norm."""
+    SimplifiedLayerNormalization kernel per RMS norm. `plain` traces the model's own attention and
+    keeps the graph as exported (a fallback, and the comparison in `bench/llm_export.py`)."""
+    from contextlib import nullcontext
+
     from torchslim.export.attention import exporting_attention
     from torchslim.export.onnx import _no_fused_encoder, _quiet
     lm = lm.eval()
@@ -97,14 +100,16 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with _quiet(), torch.no_grad(), _no_fused_encoder(), exporting_attention(lm):
+        with _quiet(), torch.no_grad(), _no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
             program = torch.onnx.export(CachedDecoder(lm), _example(layout, 2, 5, 3), None, input_names=names,
                                         output_names=outputs, dynamo=True, dynamic_shapes=shapes,
                                         opset_version=opset, verbose=False, optimize=True)
+        if plain:
             program.save(str(tmp), external_data=False)
-        import onnx
-        graph_model = onnx.load(str(tmp))
-        if divide_by_root(graph_model.graph):
+        else:
+            import onnx
+            graph_model = program.model_proto
+            divide_by_root(graph_model.graph)
             onnx.save(graph_model, str(tmp))
     except Exception as exc:  # the exporter raises many types; one message names the model and the cause
         tmp.unlink(missing_ok=True)

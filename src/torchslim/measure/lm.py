@@ -69,8 +69,9 @@ def score(logits: Logits, ids: torch.Tensor, n_bytes: int | None = None, length:
     ids = ids.reshape(-1).long()
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for start, end, first in windows(len(ids), length, stride):
-        chunk = ids[start:end].clone().unsqueeze(0)
+        chunk = ids[start:end].unsqueeze(0)
         if bos is not None:
+            chunk = chunk.clone()
             chunk[0, 0] = bos
         with torch.no_grad():
             logp = F.log_softmax(_as_tensor(logits(chunk)).float()[0, first - 1:end - start - 1], dim=-1)
