@@ -6,7 +6,8 @@ W8A8 (ONNX Runtime dynamic int8 of torchslim's export, plain and after SmoothQua
 (llama-cpp-python) on the original Q4_1 GGUF and on the GGUF files the given runs wrote, and the
 ONNX artifacts of the torchslim runs given on the command line (or of one of their stages:
 RUN:STAGE). With --ffn-width R, also FFN width pruning at share R without healing, torchslim's
-(calibration activations) and Torch-Pruning's (magnitude; pip install --no-deps torch-pruning).
+(calibration activations) and Torch-Pruning's (magnitude; pip install --no-deps torch-pruning); with
+--hidden-width R, torchslim's hidden-size pruning at share R without healing.
 
     .venv/bin/pip install --no-deps llama-cpp-python diskcache   # optional: built from source, minutes
     torchslim run smollm2-int4 && torchslim run smollm2-int8
@@ -175,6 +176,8 @@ def main() -> None:
                         help="skip ONNX Runtime's MatMulNBitsQuantizer rows")
     parser.add_argument("--ffn-width", type=float, default=None, help="also FFN width pruning at this share, no "
                         "healing: torchslim's (calibration activations) and Torch-Pruning's (magnitude)")
+    parser.add_argument("--hidden-width", type=float, default=None, help="also hidden-size pruning at this share, "
+                        "no healing (torchslim, calibration activations)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -243,6 +246,17 @@ def main() -> None:
             width = pruned.model.layers[0].mlp.down_proj.in_features
             engines[f"{who} FFN width {width} ({args.ffn_width:.0%} removed), no healing"] = (
                 Onnx(path, args.threads), path.stat().st_size)
+    if args.hidden_width:
+        import copy
+
+        from torchslim.prune.hidden import prune_hidden
+        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
+        pruned = copy.deepcopy(lm)
+        record = prune_hidden(pruned, args.hidden_width, [(c[None],) for c in calib.reshape(16, -1)])
+        path = work / f"torchslim-hidden-{args.hidden_width}.onnx"
+        export_decoder(pruned.eval(), path)
+        engines[f"torchslim hidden size {record['hidden_after']} ({args.hidden_width:.0%} removed), no healing"] = (
+            Onnx(path, args.threads), path.stat().st_size)
     folder, gguf = locate(args.model)
     if gguf:
         try:

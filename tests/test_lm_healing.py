@@ -142,7 +142,7 @@ def test_width_pruning_removes_key_value_heads_with_their_query_groups(tmp_path)
     reference = __import__("copy").deepcopy(model)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     records = prune_decoder(model, head_ratio=0.5, ffn_ratio=0.5, batches=[(ids, torch.ones_like(ids))])
-    assert layer_shapes(model) == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32}] * 2
+    assert layer_shapes(model) == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32, "hidden": 32}] * 2
     assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size,
             model.config.head_dim) == (2, 1, 32, 8)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_width_pruning_removes_key_value_heads_with_their_query_groups(tmp_path)
             dropped = sorted(set(range(64)) - set(kept))
             ref.mlp.down_proj.weight[:, dropped] = 0
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(Exception, match="head_ratio and ffn_ratio must be in"):
+    with pytest.raises(Exception, match="head_ratio, ffn_ratio and hidden_ratio must be in"):
         prune_decoder(model, head_ratio=1.0)
 
 
@@ -170,7 +170,7 @@ def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_block
     report = pipeline.run(_recipe(four_blocks, [prune, _heal()]), tmp_path / "run")
     base, pruned, healed = report["stages"]
     shapes = pruned["architecture"]["ops"][-1]["decoder_shapes"]
-    assert shapes == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32}] * 4
+    assert shapes == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32, "hidden": 32}] * 4
     assert pruned["metrics"]["params"] < base["metrics"]["params"]
     assert all(r["heads_after"] == 2 and r["neurons_after"] == 32 for r in pruned["pruned"])
     assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
@@ -185,6 +185,41 @@ def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_block
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, want, atol=1e-5)
+
+
+def test_hidden_size_pruned_decoder_heals_serves_with_its_cache_and_reloads(tmp_path):
+    """The residual stream's width (with a quarter of the FFN) removed through the prune stage: the
+    config says the new hidden size, the artifact serves with its cache (logits match PyTorch), and a
+    fresh process and the model's own Hugging Face class rebuild it with the same logits."""
+    save_tiny_llama(tmp_path / "lm", 2, hidden_size=64, intermediate_size=128, initializer_range=0.2)
+    prune = {"prune": {"method": "structured", "hidden_ratio": 0.5, "ffn_ratio": 0.25, "head_ratio": 0.0,
+                       "calibration_batches": 2, "calibration_batch_size": 2}}
+    report = pipeline.run(_recipe(tmp_path / "lm", [prune, _heal()]), tmp_path / "run")
+    base, pruned, healed = report["stages"]
+    assert pruned["architecture"]["ops"][-1]["decoder_shapes"] == [
+        {"heads": 4, "kv_heads": 2, "head_dim": 16, "neurons": 96, "hidden": 32}] * 2
+    assert all(r["hidden_before"] == 64 and r["hidden_after"] == 32 for r in pruned["pruned"])
+    assert pruned["metrics"]["params"] < 0.6 * base["metrics"]["params"]
+    assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
+    for stage in (pruned, healed):
+        assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
+
+    model, ids, want = reloads_in_a_fresh_process(tmp_path)
+    assert model.lm.config.hidden_size == 32 and model.lm.config.head_dim == 16
+
+    from transformers import AutoModelForCausalLM
+    model.lm.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-5)
+
+
+def test_hidden_ratio_is_for_language_models(tiny_recipe, four_blocks):
+    tiny_recipe["stages"] = [{"prune": {"method": "structured", "hidden_ratio": 0.25}}]
+    with pytest.raises(RecipeError, match="hidden_ratio prunes a language model's hidden size"):
+        parse_recipe(tiny_recipe)
+    with pytest.raises(RecipeError, match="ranks the residual stream's channels by calibration activations"):
+        _recipe(four_blocks, [{"prune": {"method": "structured", "hidden_ratio": 0.25, "importance": "l1"}}])
 
 
 def test_width_pruning_settings_are_checked(four_blocks, tiny_recipe):
@@ -213,7 +248,7 @@ def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_toke
     base, blocks, width, healed, final = report["stages"]
     assert len(blocks["blocks"]["removed"]) == 1
     assert width["architecture"]["ops"] == [{"keep_blocks": blocks["blocks"]["kept"]}, {"decoder_shapes": [
-        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 96}] * 3}]
+        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 96, "hidden": 32}] * 3}]
     params = [s["metrics"]["params"] for s in (base, blocks, width)]
     assert params[0] > params[1] > params[2] == healed["metrics"]["params"]
     assert healed["metrics"]["kl"] < width["metrics"]["kl"]

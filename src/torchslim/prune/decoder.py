@@ -63,8 +63,10 @@ def _counts(block: nn.Module) -> tuple[int, int, int, int]:
 
 
 def layer_shapes(model: nn.Module) -> list[dict]:
-    """Query heads, key/value heads and FFN neurons of every layer (what `resize_decoder` rebuilds)."""
-    return [dict(zip(("heads", "kv_heads", "head_dim", "neurons"), _counts(b))) for b in decoder_blocks(model)]
+    """Query heads, key/value heads, FFN neurons and the hidden size of every layer (what
+    `resize_decoder` rebuilds)."""
+    return [{**dict(zip(("heads", "kv_heads", "head_dim", "neurons"), _counts(b))),
+             "hidden": b.self_attn.q_proj.in_features} for b in decoder_blocks(model)]
 
 
 @torch.no_grad()
@@ -150,17 +152,21 @@ def _kept_count(n: int, ratio: float, multiple: int = 1) -> int:
 
 @torch.no_grad()
 def prune_decoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 0.0, batches=None,
-                  importance: str = "activation", neuron_multiple: int = 32) -> list[dict]:
+                  importance: str = "activation", neuron_multiple: int = 32, hidden_ratio: float = 0.0) -> list[dict]:
     """Remove `head_ratio` of every layer's key/value heads (with their query groups) and `ffn_ratio`
     of its FFN neurons, the least important first (`importance`: 'activation' on `batches` of
-    calibration inputs, or 'l1'). Kept neuron counts are multiples of `neuron_multiple` where the
-    original count is (32: whole blocks for GGUF and MatMulNBits)."""
-    if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1):
-        raise TorchslimError(f"head_ratio and ffn_ratio must be in [0, 1), got {head_ratio}, {ffn_ratio}.")
+    calibration inputs, or 'l1'), then `hidden_ratio` of the residual stream's channels
+    (`prune.hidden`, calibration activations of the model pruned so far). Kept neuron and channel
+    counts are multiples of `neuron_multiple` where the original count is (32: whole blocks for GGUF
+    and MatMulNBits)."""
+    if not (0 <= head_ratio < 1 and 0 <= ffn_ratio < 1 and 0 <= hidden_ratio < 1):
+        raise TorchslimError(f"head_ratio, ffn_ratio and hidden_ratio must be in [0, 1), got {head_ratio}, "
+                             f"{ffn_ratio}, {hidden_ratio}.")
     if importance not in IMPORTANCE:
         raise TorchslimError(f"decoder width pruning ranks by {' or '.join(IMPORTANCE)}, not '{importance}'.")
-    if importance == "activation" and batches is None:
-        raise TorchslimError("decoder width pruning with importance 'activation' needs calibration batches.")
+    if (importance == "activation" or hidden_ratio) and batches is None:
+        raise TorchslimError("decoder width pruning with importance 'activation' (and hidden-size pruning) needs "
+                             "calibration batches.")
     blocks = decoder_blocks(model)
     norms = _input_norms(model, batches) if importance == "activation" else None
     records = []
@@ -175,14 +181,23 @@ def prune_decoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 
                         "heads_after": len(keep_kv) * (heads // kv), "neurons_before": neurons,
                         "neurons_after": len(keep_n)})
     _sync_config(model)
+    if hidden_ratio:
+        from torchslim.prune.hidden import prune_hidden
+        hidden = prune_hidden(model, hidden_ratio, batches, neuron_multiple)
+        for record in records:
+            record.update(hidden_before=hidden["hidden_before"], hidden_after=hidden["hidden_after"])
     return records
 
 
 @torch.no_grad()
 def resize_decoder(model: nn.Module, shapes: list[dict]) -> nn.Module:
-    """Give every layer the head and neuron counts of `shapes` (from `layer_shapes`), keeping the first
-    ones: the structure of a pruned model, whose weights are then loaded over it."""
+    """Give every layer the head and neuron counts and the hidden size of `shapes` (from
+    `layer_shapes`), keeping the first ones: the structure of a pruned model, whose weights are then
+    loaded over it."""
     for block, shape in paired(decoder_blocks(model), shapes, "a decoder"):
         _keep_block(block, torch.arange(shape["kv_heads"]), torch.arange(shape["neurons"]))
     _sync_config(model)
+    if shapes and "hidden" in shapes[0]:
+        from torchslim.prune.hidden import resize_hidden
+        resize_hidden(model, shapes[0]["hidden"])
     return model

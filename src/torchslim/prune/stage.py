@@ -79,6 +79,10 @@ class PruneConfig(ByVariant):
     ffn_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, transformers: share of every "
                                        "layer's FFN neurons removed (default: ratio)",
                                        json_schema_extra=STRUCTURED)
+    hidden_ratio: Optional[float] = Field(None, ge=0, lt=1, description="structured, language models: share of "
+                                          "the residual stream's channels (the hidden size) removed from the "
+                                          "embeddings, norms, every projection and the head, ranked by "
+                                          "calibration activations; heal afterwards", json_schema_extra=STRUCTURED)
     ignore: list[str] = Field(default_factory=list, validation_alias=AliasChoices("ignore", "exclude"),
                               description="module paths (or globs) left alone: their outputs are kept")
     layer_ratios: dict[str, float] = Field(default_factory=dict, description="structured: a final ratio per "
@@ -102,9 +106,10 @@ class PruneConfig(ByVariant):
         bad = {k: v for k, v in self.layer_ratios.items() if not 0 <= v < 1}
         if bad:
             raise ValueError(f"layer_ratios must be in [0, 1), got {bad}")
-        if self.method == "structured" and self.ratio is None and self.head_ratio is None and self.ffn_ratio is None:
+        if self.method == "structured" and self.ratio is None and self.head_ratio is None and \
+                self.ffn_ratio is None and self.hidden_ratio is None:
             raise ValueError("method 'structured' needs 'ratio' (share of channels to remove), or head_ratio / "
-                             "ffn_ratio for a transformer")
+                             "ffn_ratio for a transformer (hidden_ratio too for a language model)")
         if self.method in ("magnitude", "random") and self.sparsity is None:
             raise ValueError(f"method '{self.method}' needs 'sparsity' (share of weights to zero)")
         if self.method == "blocks" and (self.ratio is None) == (self.remove is None):
@@ -119,6 +124,12 @@ class PruneConfig(ByVariant):
         if self.method == "structured" and task in DEPTH_TASKS and self.importance not in (None, "activation", "l1"):
             return (f"a language model's heads and FFN neurons are ranked by activation or l1, not "
                     f"'{self.importance}'")
+        if self.hidden_ratio and task not in DEPTH_TASKS:
+            return (f"hidden_ratio prunes a language model's hidden size (task causal_lm), not a {task} model's; "
+                    "use ratio, head_ratio or ffn_ratio")
+        if self.hidden_ratio and self.importance == "l1":
+            return ("hidden_ratio ranks the residual stream's channels by calibration activations; leave importance "
+                    "out (or set it to activation)")
         if self.method == "structured" and task == "embedding" and self.importance not in (None, "l1"):
             return f"an encoder's heads and FFN neurons are ranked by l1, not '{self.importance}'"
         if self.method == "structured" and task not in DEPTH_TASKS and self.importance == "activation":
@@ -136,7 +147,8 @@ class PruneConfig(ByVariant):
         if self.method == "blocks":
             return self.ratio or 0.0
         if self.method == "structured":
-            return self.ratio if self.ratio is not None else max(self.head_ratio or 0.0, self.ffn_ratio or 0.0)
+            return self.ratio if self.ratio is not None else max(self.head_ratio or 0.0, self.ffn_ratio or 0.0,
+                                                                  self.hidden_ratio or 0.0)
         if self.method == "nm" or (self.method in ("wanda", "sparsegpt") and self.sparsity is None):
             return 1 - self.n / self.m
         return self.sparsity
@@ -146,6 +158,11 @@ class PruneConfig(ByVariant):
         ratio = self.ratio or 0.0
         heads = self.head_ratio if self.head_ratio is not None else (ratio if self.prune_heads else 0.0)
         return heads, self.ffn_ratio if self.ffn_ratio is not None else ratio
+
+    @property
+    def hidden(self) -> float:
+        """Share of a language model's residual channels removed (hidden_ratio; never implied by ratio)."""
+        return self.hidden_ratio or 0.0
 
 
 def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: float) -> dict[str, float]:
@@ -177,7 +194,12 @@ def _transformer_step(model, cfg: PruneConfig, ctx, previous: float, target: flo
         importance = cfg.importance or "activation"
         batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size) \
             if importance == "activation" else None
-        records = prune_decoder(model, step(heads), step(ffn), batches, importance)
+        hidden = step(cfg.hidden)
+        if hidden and batches is None:
+            batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+        records = prune_decoder(model, step(heads), step(ffn), batches, importance, hidden_ratio=hidden)
+        if records and "hidden_after" in records[0]:
+            console.log(f"prune hidden size: {records[0]['hidden_before']} -> {records[0]['hidden_after']} channels")
         return {"encoder": records, "decoder_shapes": decoder_shapes(model)}
     records = prune_encoder(model, step(heads), step(ffn))
     return {"encoder": records, "layer_shapes": layer_shapes(model)}
