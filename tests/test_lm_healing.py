@@ -51,6 +51,22 @@ def reloads_in_a_fresh_process(tmp_path):
     return model, ids, want
 
 
+def heals_serves_and_reloads(pruned, healed, tmp_path):
+    """Healing lowered the KL to the reference, both stages' artifacts serve with the cache (logits
+    match PyTorch), and the run's last model reloads in a fresh process and through its own Hugging
+    Face class (save_pretrained) with the same logits; returns it."""
+    assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
+    for stage in (pruned, healed):
+        assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
+    model, ids, want = reloads_in_a_fresh_process(tmp_path)
+    from transformers import AutoModelForCausalLM
+    model.lm.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-5)
+    return model
+
+
 def _heal(**options):
     return {"distill": {"train_tokens": 2048, "window": 64, **options,
                         "train": {"epochs": 2, "lr": 0.003, "batch_size": 4, "weight_decay": 0.0}}}
@@ -173,18 +189,8 @@ def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_block
     assert shapes == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32, "hidden": 32}] * 4
     assert pruned["metrics"]["params"] < base["metrics"]["params"]
     assert all(r["heads_after"] == 2 and r["neurons_after"] == 32 for r in pruned["pruned"])
-    assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
-    for stage in (pruned, healed):
-        assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
-
-    model, ids, want = reloads_in_a_fresh_process(tmp_path)
+    model = heals_serves_and_reloads(pruned, healed, tmp_path)
     assert model.lm.config.num_key_value_heads == 1 and model.lm.config.intermediate_size == 32
-
-    from transformers import AutoModelForCausalLM
-    model.lm.save_pretrained(tmp_path / "hf")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, want, atol=1e-5)
 
 
 def test_hidden_size_pruned_decoder_heals_serves_with_its_cache_and_reloads(tmp_path):
@@ -200,18 +206,8 @@ def test_hidden_size_pruned_decoder_heals_serves_with_its_cache_and_reloads(tmp_
         {"heads": 4, "kv_heads": 2, "head_dim": 16, "neurons": 96, "hidden": 32}] * 2
     assert all(r["hidden_before"] == 64 and r["hidden_after"] == 32 for r in pruned["pruned"])
     assert pruned["metrics"]["params"] < 0.6 * base["metrics"]["params"]
-    assert healed["metrics"]["kl"] < pruned["metrics"]["kl"]
-    for stage in (pruned, healed):
-        assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
-
-    model, ids, want = reloads_in_a_fresh_process(tmp_path)
+    model = heals_serves_and_reloads(pruned, healed, tmp_path)
     assert model.lm.config.hidden_size == 32 and model.lm.config.head_dim == 16
-
-    from transformers import AutoModelForCausalLM
-    model.lm.save_pretrained(tmp_path / "hf")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        assert torch.allclose(again(ids).logits, want, atol=1e-5)
 
 
 def test_hidden_ratio_is_for_language_models(tiny_recipe, four_blocks):
@@ -231,10 +227,11 @@ def test_width_pruning_settings_are_checked(four_blocks, tiny_recipe):
 
 
 def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_tokens(tmp_path):
-    """smollm2-small's own stages (blocks, FFN width, healing, int4) on a tiny 4-block Llama with a
-    128-neuron FFN: each stage leaves a smaller model, and the last one is served by MatMulNBits."""
+    """smollm2-small's own stages (blocks, FFN width, healing, int4) on a tiny 10-block Llama with a
+    512-neuron FFN (a tenth of 10 blocks is one; a sixteenth of 512 neurons is 32, one whole int4
+    block): each stage leaves a smaller model, and the last one is served by MatMulNBits."""
     from torchslim.recipe import load_recipe
-    save_tiny_llama(tmp_path / "lm", 4, intermediate_size=128, initializer_range=0.2)
+    save_tiny_llama(tmp_path / "lm", 10, intermediate_size=512, initializer_range=0.2)
     builtin, _ = load_recipe("smollm2-small")
     data = {**builtin.data.model_dump(exclude_none=True), "eval_tokens": 300, "window": 64, "stride": 64,
             "calibration_tokens": 512, "validation_tokens": 128}
@@ -248,11 +245,11 @@ def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_toke
     base, blocks, width, healed, final = report["stages"]
     assert len(blocks["blocks"]["removed"]) == 1
     assert width["architecture"]["ops"] == [{"keep_blocks": blocks["blocks"]["kept"]}, {"decoder_shapes": [
-        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 96, "hidden": 32}] * 3}]
+        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 480, "hidden": 32}] * 9}]
     params = [s["metrics"]["params"] for s in (base, blocks, width)]
     assert params[0] > params[1] > params[2] == healed["metrics"]["params"]
     assert healed["metrics"]["kl"] < width["metrics"]["kl"]
-    assert final["metrics"]["kernels"]["by_op"]["MatMulNBits"] == 3 * 7 + 1
+    assert final["metrics"]["kernels"]["by_op"]["MatMulNBits"] == 9 * 7 + 1
     # the int8 embedding table dominates this tiny model: stored once (shared with the head) the file is
     # about a third of the float one (0.34 measured), stored twice it would be over half
     assert final["metrics"]["size_bytes"] < 0.4 * healed["metrics"]["size_bytes"]

@@ -210,14 +210,24 @@ def prune_hidden(model: nn.Module, ratio: float, batches: Iterable[tuple], multi
     count = _kept_count(d, ratio, multiple)
     if count == d:
         return {"hidden_before": d, "hidden_after": d}
-    stats = _statistics(model, norms, batches)
+    keep, factors = choose_channels(model, count, batches)
+    keep_channels(model, keep, factors)
+    return {"hidden_before": d, "hidden_after": count, "norm_factors": factors}
+
+
+@torch.no_grad()
+def choose_channels(model: nn.Module, count: int, batches: Iterable[tuple]) -> tuple[torch.Tensor, dict[str, float]]:
+    """(the `count` most important residual channels, sorted; each norm's RMS correction factor) on the
+    calibration `batches`."""
+    lm = causal_lm(model)
+    d = hidden_size(model)
+    stats = _statistics(model, _norms(lm, d), batches)
     keep = torch.argsort(channel_scores(stats), descending=True)[:count].sort().values
     factors = {}
     for name, (inputs, _) in stats.items():
         kept_share = float(inputs[keep].sum() / inputs.sum().clamp_min(1e-30))
         factors[name] = math.sqrt(kept_share * d / count)
-    keep_channels(model, keep, factors)
-    return {"hidden_before": d, "hidden_after": count, "norm_factors": factors}
+    return keep, factors
 
 
 def resize_hidden(model: nn.Module, size: int) -> None:
