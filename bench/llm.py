@@ -24,6 +24,7 @@ engine runs once, the order reversed every other round), bytes on disk."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import time
@@ -191,7 +192,6 @@ def main() -> None:
         export_decoder(lm, float_onnx)
     engines: dict[str, tuple[object, int]] = {"pytorch float": (Torch(lm), sum(p.numel() * 4 for p in lm.parameters()))}
     try:
-        import copy
         dyn = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lm), {torch.nn.Linear}, dtype=torch.qint8)
         engines["pytorch torch.ao dynamic int8"] = (Torch(dyn), 0)
     except Exception as exc:
@@ -202,16 +202,16 @@ def main() -> None:
         path = ort_quantizer(float_onnx, work / f"ort-{label}.onnx", algorithm, symmetric, 4, args.group)
         if path:
             engines[f"onnxruntime MatMulNBitsQuantizer {label}"] = (Onnx(path, args.threads), path.stat().st_size)
+    # 16 windows of training text: SmoothQuant's and the width pruning's calibration
+    calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
+    batches = [(c[None],) for c in calib.reshape(16, -1)]
     if args.w8a8:  # int8 weights, int8 activations per call (MatMulInteger), plain and after SmoothQuant
-        import copy
-
         from torchslim.models.lm import Logits
         from torchslim.quantize.awq import smooth_scale
         from torchslim.cpu import has_int8_dot_product
         from torchslim.quantize.lower import dynamic_int8
         from torchslim.quantize.weights import linear_layers
         reduce = not has_int8_dot_product()  # as the quantize stage chooses: 7-bit weights without VNNI
-        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
         for alpha in (None, 0.5):
             label = "dynamic int8" + (", 7-bit weights" if reduce else "") + \
                 ("" if alpha is None else f" + SmoothQuant {alpha}")
@@ -222,18 +222,14 @@ def main() -> None:
                     source = float_onnx
                 else:
                     smoothed = Logits(copy.deepcopy(lm)).eval()
-                    smooth_scale(smoothed, [(c[None],) for c in calib.reshape(16, -1)],
-                                 linear_layers(smoothed, skip=()), alpha)
+                    smooth_scale(smoothed, batches, linear_layers(smoothed, skip=()), alpha)
                     export_decoder(smoothed.lm, source)
                 dynamic_int8(source, path, reduce_range=reduce)
             engines[f"onnxruntime {label} (torchslim)"] = (Onnx(path, args.threads), path.stat().st_size)
     if args.ffn_width:
-        import copy
-
         from torchslim.prune.decoder import prune_decoder
-        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
         ours = copy.deepcopy(lm)
-        prune_decoder(ours, 0.0, args.ffn_width, [(c[None],) for c in calib.reshape(16, -1)], "activation")
+        prune_decoder(ours, 0.0, args.ffn_width, batches, "activation")
         candidates = {"torchslim": lambda: ours}
         if importlib.util.find_spec("torch_pruning"):
             candidates["Torch-Pruning"] = lambda: torch_pruning_ffn(copy.deepcopy(lm), args.ffn_width, calib[None, :64])
@@ -247,12 +243,9 @@ def main() -> None:
             engines[f"{who} FFN width {width} ({args.ffn_width:.0%} removed), no healing"] = (
                 Onnx(path, args.threads), path.stat().st_size)
     if args.hidden_width:
-        import copy
-
         from torchslim.prune.hidden import prune_hidden
-        calib = torch.tensor(tok(corpus.text("train", max_chars=8 * 16 * args.window)).input_ids[:16 * args.window])
         pruned = copy.deepcopy(lm)
-        record = prune_hidden(pruned, args.hidden_width, [(c[None],) for c in calib.reshape(16, -1)])
+        record = prune_hidden(pruned, args.hidden_width, batches)
         path = work / f"torchslim-hidden-{args.hidden_width}.onnx"
         export_decoder(pruned.eval(), path)
         engines[f"torchslim hidden size {record['hidden_after']} ({args.hidden_width:.0%} removed), no healing"] = (

@@ -69,8 +69,7 @@ def main() -> None:
         record = hidden.prune_hidden(pruned, ratio, batches)
         row(f"hidden size, {ratio:.1%} removed ({size} -> {record['hidden_after']})", pruned)
         plain = copy.deepcopy(lm)  # the same channels, every norm left as it was
-        keep, _ = hidden.choose_channels(plain, record["hidden_after"], batches)
-        hidden.keep_channels(plain, keep)
+        hidden.keep_channels(plain, torch.tensor(record["kept"]))
         row(f"hidden size, {ratio:.1%} removed, without the RMS correction", plain)
     print(f"\nwall time {time.time() - start:.0f} s")
 

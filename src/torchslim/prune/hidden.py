@@ -201,18 +201,13 @@ def prune_hidden(model: nn.Module, ratio: float, batches: Iterable[tuple], multi
     from torchslim.prune.decoder import _kept_count
     if not 0 <= ratio < 1:
         raise TorchslimError(f"hidden_ratio must be in [0, 1), got {ratio}.")
-    lm = causal_lm(model)
     d = hidden_size(model)
-    norms = _norms(lm, d)
-    if not norms:
-        raise TorchslimError(f"{type(lm).__name__} has no norm over the hidden size; hidden-size pruning needs the "
-                             "Llama layout (RMS norms before attention and MLP).")
     count = _kept_count(d, ratio, multiple)
     if count == d:
         return {"hidden_before": d, "hidden_after": d}
     keep, factors = choose_channels(model, count, batches)
     keep_channels(model, keep, factors)
-    return {"hidden_before": d, "hidden_after": count, "norm_factors": factors}
+    return {"hidden_before": d, "hidden_after": count, "kept": keep.tolist(), "norm_factors": factors}
 
 
 @torch.no_grad()
@@ -221,7 +216,11 @@ def choose_channels(model: nn.Module, count: int, batches: Iterable[tuple]) -> t
     calibration `batches`."""
     lm = causal_lm(model)
     d = hidden_size(model)
-    stats = _statistics(model, _norms(lm, d), batches)
+    norms = _norms(lm, d)
+    if not norms:
+        raise TorchslimError(f"{type(lm).__name__} has no norm over the hidden size; hidden-size pruning needs the "
+                             "Llama layout (RMS norms before attention and MLP).")
+    stats = _statistics(model, norms, batches)
     keep = torch.argsort(channel_scores(stats), descending=True)[:count].sort().values
     factors = {}
     for name, (inputs, _) in stats.items():

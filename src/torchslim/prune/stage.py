@@ -159,11 +159,6 @@ class PruneConfig(ByVariant):
         heads = self.head_ratio if self.head_ratio is not None else (ratio if self.prune_heads else 0.0)
         return heads, self.ffn_ratio if self.ffn_ratio is not None else ratio
 
-    @property
-    def hidden(self) -> float:
-        """Share of a language model's residual channels removed (hidden_ratio; never implied by ratio)."""
-        return self.hidden_ratio or 0.0
-
 
 def _step_ratios(model, cfg: PruneConfig, original: dict[str, int], target: float) -> dict[str, float]:
     """Per-layer ratios for this step, so that after it every layer keeps its share of its *original*
@@ -192,11 +187,9 @@ def _transformer_step(model, cfg: PruneConfig, ctx, previous: float, target: flo
     heads, ffn = cfg.encoder_ratios()
     if is_decoder(model):
         importance = cfg.importance or "activation"
+        hidden = step(cfg.hidden_ratio or 0.0)  # never implied by ratio
         batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size) \
-            if importance == "activation" else None
-        hidden = step(cfg.hidden)
-        if hidden and batches is None:
-            batches = ctx.task.calibration(cfg.calibration_batches, cfg.calibration_batch_size)
+            if importance == "activation" or hidden else None
         records = prune_decoder(model, step(heads), step(ffn), batches, importance, hidden_ratio=hidden)
         if records and "hidden_after" in records[0]:
             console.log(f"prune hidden size: {records[0]['hidden_before']} -> {records[0]['hidden_after']} channels")
