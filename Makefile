@@ -7,7 +7,7 @@ DATA   ?= $(or $(TORCHSLIM_DATA),/usr/share/datasets/fashion-mnist)
 RECIPE ?= default
 OUT    ?= runs/$(RECIPE)
 
-.PHONY: run test data text install clean
+.PHONY: run test docs lint format data text install clean
 
 run: $(STAMP) data
 	$(VENV)/bin/torchslim run $(RECIPE) --out $(OUT) $(ARGS)
@@ -16,6 +16,25 @@ test: $(STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 install: $(STAMP)
+
+# the docs site, offline: the recipe reference regenerated from the schemas, then a strict build into site/
+docs: $(STAMP) $(VENV)/.docs-installed
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# ruff: the lint rules and the formatter configured in pyproject.toml (tests/test_lint.py runs the same)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix --exit-zero -q src tests bench examples
+	$(VENV)/bin/ruff format src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples
+
+$(VENV)/.docs-installed: $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
 
 # torch first, from the local CPU wheel, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -49,4 +68,4 @@ text:
 	fi
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

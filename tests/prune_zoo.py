@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # ----------------------------------------------------------------------------- our own definitions
+
 
 class SEBlock(nn.Module):
     """A residual block with squeeze-and-excitation; `spelling` is how the gate is broadcast."""
@@ -54,8 +54,9 @@ class ResNeXtBlock(nn.Module):
     def __init__(self, c: int, mid: int, groups: int):
         super().__init__()
         self.reduce = nn.Sequential(nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
-        self.grouped = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, groups=groups, bias=False),
-                                     nn.BatchNorm2d(mid), nn.ReLU())
+        self.grouped = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(mid), nn.ReLU()
+        )
         self.expand = nn.Sequential(nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c))
 
     def forward(self, x):
@@ -65,8 +66,9 @@ class ResNeXtBlock(nn.Module):
 class ResNeXt(nn.Module):
     def __init__(self, width: int = 64, mid: int = 64, groups: int = 8, blocks: int = 2, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[ResNeXtBlock(width, mid, groups) for _ in range(blocks)])
         self.fc = nn.Linear(width, classes)
 
@@ -81,8 +83,9 @@ class MBConv(nn.Module):
         super().__init__()
         mid = c * expand
         self.expand = nn.Sequential(nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
-        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-                                nn.SiLU())
+        self.dw = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.SiLU()
+        )
         self.se_reduce, self.se_expand = nn.Conv2d(mid, c // 4, 1), nn.Conv2d(c // 4, mid, 1)
         self.project = nn.Sequential(nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c))
         self.drop = drop
@@ -100,11 +103,18 @@ class MBConv(nn.Module):
 class EfficientNetish(nn.Module):
     def __init__(self, width: int = 32, blocks: int = 3, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.SiLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU()
+        )
         self.blocks = nn.Sequential(*[MBConv(width) for _ in range(blocks)])
-        self.head = nn.Sequential(nn.Conv2d(width, 4 * width, 1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Dropout(0.2), nn.Linear(4 * width, classes))
+        self.head = nn.Sequential(
+            nn.Conv2d(width, 4 * width, 1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(4 * width, classes),
+        )
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
@@ -116,10 +126,16 @@ class ShuffleUnit(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         half = c // 2
-        self.branch = nn.Sequential(nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
-                                    nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
-                                    nn.BatchNorm2d(half), nn.Conv2d(half, half, 1, bias=False),
-                                    nn.BatchNorm2d(half), nn.ReLU())
+        self.branch = nn.Sequential(
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+        )
 
     def forward(self, x):
         a, b = x.chunk(2, dim=1)
@@ -131,8 +147,9 @@ class ShuffleUnit(nn.Module):
 class ShuffleNetish(nn.Module):
     def __init__(self, width: int = 64, units: int = 3, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.units = nn.Sequential(*[ShuffleUnit(width) for _ in range(units)])
         self.conv = nn.Sequential(nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU())
         self.fc = nn.Linear(4 * width, classes)
@@ -142,8 +159,14 @@ class ShuffleNetish(nn.Module):
 
 
 def _double(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
 
 
 class UNet(nn.Module):
@@ -176,7 +199,7 @@ class QKVAttention(nn.Module):
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = (t(x).view(b, n, self.heads, self.head_dim).transpose(1, 2) for t in (self.q, self.k, self.v))
-        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
         out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
         return self.proj(out)
 
@@ -194,7 +217,7 @@ class FusedQKVAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+        attn = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
         return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -213,8 +236,16 @@ class ViTBlock(nn.Module):
 class ViT(nn.Module):
     """Patch embedding, class token, learned positions, separate q/k/v projections (or timm's fused one)."""
 
-    def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
-                 classes: int = 10, fused: bool = False):
+    def __init__(
+        self,
+        image: int = 32,
+        patch: int = 8,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        classes: int = 10,
+        fused: bool = False,
+    ):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -244,15 +275,19 @@ class TorchTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- Hugging Face, from configs
 
+
 def _hf(model_cls: str, config_cls: str, **config):
     import transformers
+
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
 
 
 def _text(batch: int, length: int, vocab: int = 1000) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (batch, length), generator=g),
-            "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, vocab, (batch, length), generator=g),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+    }
 
 
 def _lm(batch: int, length: int, vocab: int = 1000) -> dict:
@@ -268,27 +303,93 @@ def _pixels(batch: int, size: int) -> dict:
     return {"pixel_values": _image(batch, size)}
 
 
-SMALL_TEXT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  max_position_embeddings=128)
-SMALL_LM = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True)
+SMALL_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=128,
+)
+SMALL_LM = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
 
 # name -> (build, example inputs(batch, size), realistic size for the benchmark)
 ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int], object], int]] = {
     "hf-bert": (lambda: _hf("BertForSequenceClassification", "BertConfig", **SMALL_TEXT), _text, 128),
-    "hf-distilbert": (lambda: _hf("DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=1000, dim=64, n_layers=2,
-                                  n_heads=4, hidden_dim=128, max_position_embeddings=128), _text, 128),
-    "hf-roberta": (lambda: _hf("RobertaForSequenceClassification", "RobertaConfig", **{**SMALL_TEXT, "max_position_embeddings": 160}),
-                   _text, 128),
-    "hf-vit": (lambda: _hf("ViTForImageClassification", "ViTConfig", image_size=224, patch_size=16, hidden_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10),
-               _pixels, 224),
-    "hf-resnet": (lambda: _hf("ResNetForImageClassification", "ResNetConfig", embedding_size=16,
-                              hidden_sizes=[32, 64], depths=[1, 1], num_labels=10), _pixels, 224),
-    "hf-convnext": (lambda: _hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[32, 64],
-                                depths=[1, 1], num_labels=10), _pixels, 224),
-    "hf-gpt2": (lambda: _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=1000, n_embd=64, n_layer=2, n_head=4,
-                            n_positions=128), _lm, 128),
+    "hf-distilbert": (
+        lambda: _hf(
+            "DistilBertForSequenceClassification",
+            "DistilBertConfig",
+            vocab_size=1000,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=128,
+            max_position_embeddings=128,
+        ),
+        _text,
+        128,
+    ),
+    "hf-roberta": (
+        lambda: _hf(
+            "RobertaForSequenceClassification", "RobertaConfig", **{**SMALL_TEXT, "max_position_embeddings": 160}
+        ),
+        _text,
+        128,
+    ),
+    "hf-vit": (
+        lambda: _hf(
+            "ViTForImageClassification",
+            "ViTConfig",
+            image_size=224,
+            patch_size=16,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            num_labels=10,
+        ),
+        _pixels,
+        224,
+    ),
+    "hf-resnet": (
+        lambda: _hf(
+            "ResNetForImageClassification",
+            "ResNetConfig",
+            embedding_size=16,
+            hidden_sizes=[32, 64],
+            depths=[1, 1],
+            num_labels=10,
+        ),
+        _pixels,
+        224,
+    ),
+    "hf-convnext": (
+        lambda: _hf(
+            "ConvNextForImageClassification",
+            "ConvNextConfig",
+            num_stages=2,
+            hidden_sizes=[32, 64],
+            depths=[1, 1],
+            num_labels=10,
+        ),
+        _pixels,
+        224,
+    ),
+    "hf-gpt2": (
+        lambda: _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        _lm,
+        128,
+    ),
     "hf-llama-gqa": (lambda: _hf("LlamaForCausalLM", "LlamaConfig", **SMALL_LM), _lm, 128),
     "hf-qwen2": (lambda: _hf("Qwen2ForCausalLM", "Qwen2Config", **SMALL_LM), _lm, 128),
     "torch-transformer": (TorchTransformer, lambda b, n: _text(b, n, 100)["input_ids"], 128),

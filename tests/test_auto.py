@@ -10,14 +10,19 @@ from torchslim.recipe import load_recipe, parse_recipe
 
 
 def test_pareto_front_keeps_only_undominated_candidates():
-    rows = [{"latency_ms": 1.0, "val_accuracy": 0.80}, {"latency_ms": 2.0, "val_accuracy": 0.90},
-            {"latency_ms": 2.5, "val_accuracy": 0.85}, {"latency_ms": 3.0, "val_accuracy": 0.91},
-            {"latency_ms": 0.5, "error": "x"}]
+    rows = [
+        {"latency_ms": 1.0, "val_accuracy": 0.80},
+        {"latency_ms": 2.0, "val_accuracy": 0.90},
+        {"latency_ms": 2.5, "val_accuracy": 0.85},
+        {"latency_ms": 3.0, "val_accuracy": 0.91},
+        {"latency_ms": 0.5, "error": "x"},
+    ]
     assert [r["latency_ms"] for r in pareto(rows, "latency_ms")] == [1.0, 2.0, 3.0]
 
 
 def test_a_spent_time_budget_skips_and_records_the_step():
     from torchslim.auto.planner import Clock
+
     clock = Clock(budget=0)
     assert not clock.allows("trial 1") and clock.skipped == ["trial 1"]
     assert Clock(budget=3600).allows("trial 1")
@@ -27,11 +32,22 @@ def test_a_spent_time_budget_skips_and_records_the_step():
 def auto_run(tmp_path_factory):
     recipe = copy.deepcopy(TINY)
     recipe["data"].update(train_subset=3000, eval_subset=1000)
-    recipe["stages"] = [{"train": {"epochs": 3, "lr": 0.003}},
-                        {"auto": {"max_accuracy_drop": 0.03, "objective": "latency", "time_budget_s": 600,
-                                  "prune_ratios": [0.5], "energies": [0.8], "max_trials": 2, "prune_steps": 1,
-                                  "finetune": {"epochs": 1, "lr": 0.001}}},
-                        {"export": {"format": "onnx"}}]
+    recipe["stages"] = [
+        {"train": {"epochs": 3, "lr": 0.003}},
+        {
+            "auto": {
+                "max_accuracy_drop": 0.03,
+                "objective": "latency",
+                "time_budget_s": 600,
+                "prune_ratios": [0.5],
+                "energies": [0.8],
+                "max_trials": 2,
+                "prune_steps": 1,
+                "finetune": {"epochs": 1, "lr": 0.001},
+            }
+        },
+        {"export": {"format": "onnx"}},
+    ]
     out = tmp_path_factory.mktemp("auto")
     return run(parse_recipe(recipe), out), out
 
@@ -62,15 +78,18 @@ def test_auto_cli_builds_a_recipe_from_the_preparing_stages(monkeypatch):
     from typer.testing import CliRunner
 
     from torchslim import cli
+
     seen = {}
 
     def fake_run(recipe, run_dir, **kw):
         seen["stages"] = [s.name for s in recipe.stages]
         seen["auto"] = recipe.stages[-2].config
         raise KeyboardInterrupt
+
     monkeypatch.setattr("torchslim.pipeline.run", fake_run)
-    result = CliRunner().invoke(cli.app, ["auto", "prune", "--max-accuracy-drop", "0.005", "--objective", "size",
-                                          "--time-budget", "120"])
+    result = CliRunner().invoke(
+        cli.app, ["auto", "prune", "--max-accuracy-drop", "0.005", "--objective", "size", "--time-budget", "120"]
+    )
     assert result.exit_code == 130
     assert seen["stages"] == ["train", "auto", "export"]
     assert seen["auto"].objective == "size" and seen["auto"].max_accuracy_drop == 0.005
@@ -84,8 +103,17 @@ def test_a_budget_too_small_for_the_sensitivity_pass_is_said_up_front(tmp_path):
     recipe = copy.deepcopy(TINY)
     recipe.update(model={"builtin": "cnn_teacher"})
     recipe["data"].update(train_subset=640, eval_subset=200)
-    recipe["stages"] = [{"auto": {"time_budget_s": 10, "sensitivity_samples": 200, "prune_ratios": [0.5],
-                                  "max_trials": 1, "finetune": {"epochs": 1, "lr": 0.001}}}]
+    recipe["stages"] = [
+        {
+            "auto": {
+                "time_budget_s": 10,
+                "sensitivity_samples": 200,
+                "prune_ratios": [0.5],
+                "max_trials": 1,
+                "finetune": {"epochs": 1, "lr": 0.001},
+            }
+        }
+    ]
     report = run(parse_recipe(recipe), tmp_path)
     auto = report["stages"][1]
     said = " ".join(auto.get("warnings", []))

@@ -13,9 +13,17 @@ def _tiny(kind: str):
     import transformers
 
     from torchslim.models.lm import Logits
+
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=128)
+    shape = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
     else:  # Gemma 3: norms compute x * (1 + weight); a norm before and after each sub-block
@@ -37,8 +45,11 @@ def test_folds_are_found_by_tracing_and_scaling_leaves_the_float_model_unchanged
     folds = find_folds(model, batches[0], layers)
     found = {(f.producer.rpartition(".")[2], tuple(c.rpartition(".")[2] for c in f.consumers)) for f in folds}
     feed = "post_attention_layernorm" if kind == "llama" else "pre_feedforward_layernorm"
-    assert found == {("input_layernorm", ("q_proj", "k_proj", "v_proj")), (feed, ("gate_proj", "up_proj")),
-                     ("up_proj", ("down_proj",))}
+    assert found == {
+        ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+        (feed, ("gate_proj", "up_proj")),
+        ("up_proj", ("down_proj",)),
+    }
     assert len(folds) == 6  # three per block; o_proj reads grouped-query attention: none
     assert all(f.offset == (1.0 if kind == "gemma3" else 0.0) for f in folds if "norm" in f.producer)
     with torch.no_grad():
@@ -83,6 +94,7 @@ def test_scaling_cuts_the_rounding_error_where_inputs_have_outlier_channels():
 
 def test_smoothquant_moves_activation_peaks_into_the_weights_and_keeps_the_float_model():
     from torchslim.quantize.awq import input_peaks, smooth_scale
+
     model = _tiny("llama")
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, 97, (2, 48), generator=g),) for _ in range(3)]

@@ -43,6 +43,7 @@ def _set(path, value):
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return mutate
 
 
@@ -69,8 +70,11 @@ RECIPE_CASES = [
     ("unknown-preset", _set(["preset"], "moblie"), ["unknown preset", "mobile"]),
     ("bad-name", _set(["name"], "my run/1"), ["name", "pattern"]),
     ("quantize-unknown-method", lambda r: r["stages"].insert(1, {"quantize": {"method": "int3"}}), ["method"]),
-    ("embedding-stage-in-classifier", lambda r: r["stages"].insert(1, {"encoder_distill": {"keep_every": 2}}),
-     ["keep_every", "unknown key"]),
+    (
+        "embedding-stage-in-classifier",
+        lambda r: r["stages"].insert(1, {"encoder_distill": {"keep_every": 2}}),
+        ["keep_every", "unknown key"],
+    ),
     ("cuda-not-present", _set(["device"], "cuda"), ["cuda", "cpu"]),
 ]
 
@@ -110,8 +114,9 @@ def test_unknown_builtin_recipe(capsys, monkeypatch):
 
 def test_missing_data_files(tiny_recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCHSLIM_DATA", str(tmp_path / "empty"))
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"],
-                          capsys, monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"], capsys, monkeypatch
+    )
     assert code != 0 and "dataset-fashion-mnist" in text and "TORCHSLIM_DATA" in text
 
 
@@ -123,18 +128,23 @@ def test_corrupt_data_file(tiny_recipe, tmp_path, capsys, monkeypatch):
     target = data / fashion_mnist.FILES["train_images"]
     target.write_bytes(gzip.compress(gzip.decompress(target.read_bytes())[:1000]))
     monkeypatch.setenv("TORCHSLIM_DATA", str(data))
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"],
-                          capsys, monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"], capsys, monkeypatch
+    )
     assert code != 0 and str(target) in text
 
 
-@pytest.mark.parametrize("module, layer, words", [
-    ("wrong_width", "nn.Linear(100, 10)", ["cannot take the data's input", "[2, 1, 28, 28]"]),
-    ("seven_classes", "nn.Linear(784, 7)", ["10 classes", "[2, 7]"]),
-])
+@pytest.mark.parametrize(
+    "module, layer, words",
+    [
+        ("wrong_width", "nn.Linear(100, 10)", ["cannot take the data's input", "[2, 1, 28, 28]"]),
+        ("seven_classes", "nn.Linear(784, 7)", ["10 classes", "[2, 7]"]),
+    ],
+)
 def test_model_does_not_fit_the_data(module, layer, words, tiny_recipe, tmp_path, capsys, monkeypatch):
     (tmp_path / f"{module}.py").write_text(
-        f"from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), {layer})\n")
+        f"from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), {layer})\n"
+    )
     recipe = _recipe(tiny_recipe, model={"entrypoint": f"{module}:build"})
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
     assert code != 0 and all(word in text for word in words), text
@@ -159,7 +169,8 @@ def _linear_model(tmp_path, module: str, output: str) -> dict:
         "from torch import nn\n\nclass M(nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(784, 10)\n"
         f"    def forward(self, x):\n        y = self.fc(x.flatten(1))\n        return {output}\n\n"
-        "def build():\n    return M()\n")
+        "def build():\n    return M()\n"
+    )
     return {"entrypoint": f"{module}:build"}
 
 
@@ -195,13 +206,16 @@ def test_full_disk_is_a_clear_error(tiny_recipe, tmp_path, capsys, monkeypatch):
     import errno
 
     from torchslim import io
+
     original = io.atomic_write_text
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
     monkeypatch.setattr(io, "atomic_write_text", full)
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"],
-                          capsys, monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "run"], capsys, monkeypatch
+    )
     monkeypatch.setattr(io, "atomic_write_text", original)
     assert code != 0 and "No space left on device" in text and "Traceback" not in text
 
@@ -223,8 +237,9 @@ def test_foreign_directory_is_not_used(tiny_recipe, tmp_path, capsys, monkeypatc
 
 
 def test_resume_without_a_run(tiny_recipe, tmp_path, capsys, monkeypatch):
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "none", "--resume"],
-                          capsys, monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe)), "--out", tmp_path / "none", "--resume"], capsys, monkeypatch
+    )
     assert code != 0 and "Nothing to resume" in text
 
 
@@ -238,8 +253,7 @@ def test_data_dependent_branch_is_refused_naming_the_line(tiny_recipe, tmp_path,
     # the tracer, asked for explicitly, freezes the branch with a warning; the export check, fed batches
     # of several sizes, then finds inputs that take the other branch
     recipe["stages"][-1] = {"export": {"exporter": "torchscript"}}
-    code, text = _run_cli(["run", _write(tmp_path, recipe, "ts.yaml"), "--out", tmp_path / "ts"], capsys,
-                          monkeypatch)
+    code, text = _run_cli(["run", _write(tmp_path, recipe, "ts.yaml"), "--out", tmp_path / "ts"], capsys, monkeypatch)
     assert "turned a traced tensor of M into a Python value at" in text and "branchy.py, line 9" in text, text
     assert code != 0 and "disagrees with PyTorch" in text and "Traceback" not in text, text
 
@@ -256,19 +270,23 @@ def test_export_check_feeds_several_batches(tmp_path):
     class BatchMean(nn.Module):  # an output that depends on the batch's composition
         def forward(self, x):
             return x.flatten(1)[:, :10] - x.mean()
+
     model = BatchMean()
     data = fashion_mnist.load(eval_subset=100)
     x = data.test.tensors[0]
     path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (x[:4],), str(path), input_names=["input"], dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}})
+    torch.onnx.export(
+        model, (x[:4],), str(path), input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "batch"}}
+    )
     verify_onnx(model, ort_session(path), x, 1e-4)  # the same formula, per batch: agrees on every batch size
 
     class Frozen(nn.Module):  # ONNX holds the example batch's mean as a constant
         def forward(self, x):
             return x.flatten(1)[:, :10] - float(x.mean())
-    torch.onnx.export(Frozen(), (x[:4],), str(path), input_names=["input"], dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}})
+
+    torch.onnx.export(
+        Frozen(), (x[:4],), str(path), input_names=["input"], dynamo=False, dynamic_axes={"input": {0: "batch"}}
+    )
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         verify_onnx(Frozen(), ort_session(path), x, 1e-4)
 
@@ -281,7 +299,8 @@ def test_misspelled_builder_keyword(where, tiny_recipe, tmp_path, capsys, monkey
     else:
         (tmp_path / "kwargs_checked_data.py").write_text(
             "from torchslim.data import fashion_mnist\n\ndef build(subset=100):\n"
-            "    return fashion_mnist.load(train_subset=subset, eval_subset=subset)\n")
+            "    return fashion_mnist.load(train_subset=subset, eval_subset=subset)\n"
+        )
         recipe["data"] = {"entrypoint": "kwargs_checked_data:build", "kwargs": {"subsett": 10}}
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
     key = "widht" if where == "model" else "subsett"
@@ -289,14 +308,18 @@ def test_misspelled_builder_keyword(where, tiny_recipe, tmp_path, capsys, monkey
 
 
 def test_preset_given_as_a_list(tiny_recipe, tmp_path, capsys, monkeypatch):
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe, preset=["mobile"])), "--out",
-                           tmp_path / "run"], capsys, monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe, preset=["mobile"])), "--out", tmp_path / "run"],
+        capsys,
+        monkeypatch,
+    )
     assert code != 0 and "preset" in text and "mobile" in text and "Traceback" not in text, text
 
 
 def test_checkpoint_with_layers_the_model_lacks(tiny_recipe, tmp_path, capsys, monkeypatch):
     from torchslim.models import mlp_teacher
     from torchslim.models.io import save_weights
+
     save_weights(mlp_teacher(), tmp_path / "teacher.safetensors")
     recipe = _recipe(tiny_recipe, model={"builtin": "mlp_student", "checkpoint": str(tmp_path / "teacher.safetensors")})
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
@@ -305,14 +328,19 @@ def test_checkpoint_with_layers_the_model_lacks(tiny_recipe, tmp_path, capsys, m
 
 def test_checkpoint_shapes_overriding_kwargs_are_warned_about(tiny_recipe, tmp_path, capsys, monkeypatch):
     from torchslim.models.io import save_weights
+
     (tmp_path / "wide.py").write_text(
         "from torch import nn\n\ndef build(width=16):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import wide
+
     save_weights(wide.build(width=24), tmp_path / "w24.safetensors")
-    recipe = _recipe(tiny_recipe, model={"entrypoint": "wide:build", "kwargs": {"width": 16},
-                                         "checkpoint": str(tmp_path / "w24.safetensors")})
+    recipe = _recipe(
+        tiny_recipe,
+        model={"entrypoint": "wide:build", "kwargs": {"width": 16}, "checkpoint": str(tmp_path / "w24.safetensors")},
+    )
     recipe["stages"] = [{"export": {}}]
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
     assert code in (0, None) and "other layer shapes than the model built from the recipe" in text, text
@@ -321,6 +349,7 @@ def test_checkpoint_shapes_overriding_kwargs_are_warned_about(tiny_recipe, tmp_p
 
 def test_pytorch_runtime_with_encoder_quantize_is_a_recipe_error(tmp_path, capsys, monkeypatch):
     from torchslim.recipe import builtin_recipes
+
     recipe = yaml.safe_load(builtin_recipes()["minilm-int8"].read_text())
     recipe.setdefault("measure", {})["runtime"] = "pytorch"
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
@@ -330,17 +359,24 @@ def test_pytorch_runtime_with_encoder_quantize_is_a_recipe_error(tmp_path, capsy
 def test_unknown_recipe_and_stage_names_get_suggestions(tiny_recipe, tmp_path, capsys, monkeypatch):
     code, text = _run_cli(["run", "defualt"], capsys, monkeypatch)
     assert code != 0 and "Did you mean 'default'" in text
-    code, text = _run_cli(["run", _write(tmp_path, _recipe(tiny_recipe, stages=[{"quantise": {}}]))], capsys,
-                          monkeypatch)
+    code, text = _run_cli(
+        ["run", _write(tmp_path, _recipe(tiny_recipe, stages=[{"quantise": {}}]))], capsys, monkeypatch
+    )
     assert code != 0 and "Did you mean 'quantize'" in text
 
 
 def test_log_lines_have_no_source_location_and_are_not_wrapped(tiny_recipe, tmp_path, cli_env):
     import subprocess
+
     recipe = _recipe(tiny_recipe)
     recipe["name"] = "a-recipe-name-long-enough-to-push-the-log-lines-well-past-eighty-columns-in-a-pipe"
-    done = subprocess.run([sys.executable, "-m", "torchslim", "run", str(_write(tmp_path, recipe)), "--out",
-                           str(tmp_path / "run")], capture_output=True, text=True, env=cli_env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "torchslim", "run", str(_write(tmp_path, recipe)), "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
     assert not any(".py:" in line for line in lines), [line for line in lines if ".py:" in line][:3]
@@ -353,6 +389,7 @@ def test_factorised_checkpoint_reloads_in_a_fresh_interpreter(tmp_path):
     from torchslim.lowrank.factorize import factorize
     from torchslim.models import mlp_teacher
     from torchslim.models.io import save_weights
+
     torch.manual_seed(0)
     model = mlp_teacher().eval()
     factorize(model, torch.randn(2, 1, 28, 28), rank_ratio=0.25)
@@ -360,12 +397,14 @@ def test_factorised_checkpoint_reloads_in_a_fresh_interpreter(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
     torch.save(model(x).detach(), tmp_path / "y.pt")
-    code = ("import torch, torchslim\nfrom torchslim.models import mlp_teacher\n"
-            f"m = torchslim.load_weights(mlp_teacher(), r'{tmp_path / 'low.safetensors'}').eval()\n"
-            f"x, y = torch.load(r'{tmp_path / 'x.pt'}'), torch.load(r'{tmp_path / 'y.pt'}')\n"
-            "assert (m(x) - y).abs().max() < 1e-5\n"
-            "assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in mlp_teacher().parameters())\n"
-            "import sys; print(sorted(k for k in sys.modules if k.startswith('torchslim.lowrank')))\n")
+    code = (
+        "import torch, torchslim\nfrom torchslim.models import mlp_teacher\n"
+        f"m = torchslim.load_weights(mlp_teacher(), r'{tmp_path / 'low.safetensors'}').eval()\n"
+        f"x, y = torch.load(r'{tmp_path / 'x.pt'}'), torch.load(r'{tmp_path / 'y.pt'}')\n"
+        "assert (m(x) - y).abs().max() < 1e-5\n"
+        "assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in mlp_teacher().parameters())\n"
+        "import sys; print(sorted(k for k in sys.modules if k.startswith('torchslim.lowrank')))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -381,6 +420,7 @@ def test_analyze_works_on_an_embedding_recipe(capsys, monkeypatch):
 def test_a_teacher_logit_cache_cut_off_by_a_crash_is_recomputed(tmp_path):
     from torchslim.distill.distiller import teacher_cache
     from torchslim.models import mlp_student
+
     data = fashion_mnist.load(train_subset=100, eval_subset=10)
     path = tmp_path / "teacher_logits.safetensors"
     path.write_bytes(b"\x00" * 37)  # what a write interrupted half-way leaves
@@ -394,19 +434,30 @@ def test_a_teacher_logit_cache_cut_off_by_a_crash_is_recomputed(tmp_path):
 def test_a_missed_quantization_budget_is_said(tiny_recipe, tmp_path, capsys, monkeypatch):
     """When even every layer back in float cannot meet max_accuracy_drop, the run goes on but says so."""
     from torchslim.quantize import stage
+
     real = stage._val_score
 
     def pessimistic(ctx, path, samples):  # any graph with quantized nodes loses half its accuracy
         acc = real(ctx, path, samples)
         return acc if "float" in str(path) else acc - 0.5
+
     monkeypatch.setattr(stage, "_val_score", pessimistic)
     recipe = _recipe(tiny_recipe)
-    recipe["stages"] = [{"train": {"epochs": 1}},
-                        {"quantize": {"activation_type": "uint8", "max_accuracy_drop": 0.01,
-                                      "calibration_batches": 1, "sensitivity_samples": 100}}]
+    recipe["stages"] = [
+        {"train": {"epochs": 1}},
+        {
+            "quantize": {
+                "activation_type": "uint8",
+                "max_accuracy_drop": 0.01,
+                "calibration_batches": 1,
+                "sensitivity_samples": 100,
+            }
+        },
+    ]
     code, text = _run_cli(["run", _write(tmp_path, recipe), "--out", tmp_path / "run"], capsys, monkeypatch)
     assert code in (0, None) and "the accuracy budget is NOT met" in text, text
     import json
+
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert not report["stages"][2]["quantization"]["budget_met"]
     assert any("NOT met" in w for w in report["stages"][2]["warnings"])
@@ -415,10 +466,12 @@ def test_a_missed_quantization_budget_is_said(tiny_recipe, tmp_path, capsys, mon
 def test_a_missed_encoder_fidelity_target_is_said(tmp_path, monkeypatch):
     from torchslim.quantize import encoder
     from torchslim.train import collect_warnings
+
     monkeypatch.setattr(encoder, "_worst", lambda *args: 0.5)  # no node choice reaches the target
     collect_warnings()
-    _, info = encoder._fallback(["a", "b"], lambda dst, exclude: dst, None, {}, {}, tmp_path / "q.onnx", 0.99, 1,
-                                {"method": "dynamic"})
+    _, info = encoder._fallback(
+        ["a", "b"], lambda dst, exclude: dst, None, {}, {}, tmp_path / "q.onnx", 0.99, 1, {"method": "dynamic"}
+    )
     said = collect_warnings()
     assert not info["target_met"] and info["excluded"] == ["a", "b"]
     assert any("fidelity target is NOT met" in w and "0.5000" in w for w in said), said
@@ -428,6 +481,7 @@ def test_a_folder_named_like_a_builtin_recipe_does_not_hide_it(tmp_path, monkeyp
     """`torchslim run smoke --out smoke` leaves a folder ./smoke; the next `torchslim run smoke` must
     still mean the built-in recipe, not try to read the folder."""
     from torchslim.recipe import load_recipe
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smoke").mkdir()
     recipe, _ = load_recipe("smoke")

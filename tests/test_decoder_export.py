@@ -14,9 +14,17 @@ TOLERANCE = 1e-4  # float32 logits of a 2-layer model, ONNX Runtime vs PyTorch
 
 def _llama(**over):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256)
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **over})).eval()
 
 
@@ -49,7 +57,7 @@ def test_greedy_generation_equals_transformers_generate(exported):
     prompt = [5, 17, 42, 99, 3]
     got = Generator(session).generate(prompt, 12)
     with torch.no_grad():
-        want = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        want = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
     assert got == want
 
 
@@ -78,6 +86,7 @@ def test_left_padding_gives_the_unpadded_logits(exported):
 def test_int4_weights_lowered_to_matmul_nbits_match_the_dequantized_model_with_a_cache(tmp_path):
     from torchslim.quantize.nbits import lower_quantized_weights
     from torchslim.quantize.weights import Grid, quantize_weights
+
     lm = _llama()
     quantize_weights(lm, Grid(4, 32, True), "rtn")
     graph = export_decoder(lm, tmp_path / "grid.onnx")
@@ -97,13 +106,16 @@ def test_sampling_keeps_to_top_k_and_top_p():
     assert {pick(logits, 1.0, 0, 0.5, rng) for _ in range(50)} == {0}  # 0 alone holds 0.71 of the mass
 
 
-@pytest.mark.parametrize("bits,symmetric,hidden", [(4, True, 48), (4, False, 48), (8, True, 48), (8, False, 64),
-                                                   (4, False, 64), (4, True, 64)])
+@pytest.mark.parametrize(
+    "bits,symmetric,hidden",
+    [(4, True, 48), (4, False, 48), (8, True, 48), (8, False, 64), (4, False, 64), (4, True, 64)],
+)
 def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bits, symmetric, hidden):
     """48 wide: a short last group of 32, so the head's blocks are padded and the table is stored a
     second time in the Gather's layout; 64: whole groups, one copy of the integers serves both."""
     from torchslim.quantize.nbits import lower_quantized_weights
     from torchslim.quantize.weights import Grid, output_head, quantize_weights, tied_to_input
+
     lm = _llama(tie_word_embeddings=True, hidden_size=hidden, num_attention_heads=4)
     name, head = output_head(lm)
     assert name == "lm_head" and tied_to_input(lm, head)
@@ -112,9 +124,14 @@ def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bi
     graph = __import__("onnx").load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
-    assert not [i.name for i in graph.initializer if i.data_type == 1 and list(i.dims) in ([300, hidden], [hidden, 300])]
-    integers = [i for i in graph.initializer  # uint8 tables of the packed integers (not scales, zero points)
-                if i.data_type == 2 and int(np.prod(i.dims)) >= 300 * hidden * bits // 8]
+    assert not [
+        i.name for i in graph.initializer if i.data_type == 1 and list(i.dims) in ([300, hidden], [hidden, 300])
+    ]
+    integers = [
+        i
+        for i in graph.initializer  # uint8 tables of the packed integers (not scales, zero points)
+        if i.data_type == 2 and int(np.prod(i.dims)) >= 300 * hidden * bits // 8
+    ]
     assert len(integers) == (1 if hidden == 64 else 2)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)
@@ -122,19 +139,30 @@ def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bi
 
 
 def test_a_tied_head_takes_the_largest_group_that_divides_its_width():
-    from torchslim.quantize.stage import _head_group
+    from torchslim.quantize.stage import head_group
+
     head = lambda width: torch.nn.Linear(width, 10, bias=False)  # noqa: E731
-    assert _head_group(128, head(576), tied=True) == 64  # SmolLM2: 576 = 9 x 64, so one table serves both
-    assert _head_group(128, head(576), tied=False) == 128  # an untied head keeps the layers' group
-    assert _head_group(128, head(640), tied=True) == 128 and _head_group(32, head(40), tied=True) == 32
+    assert head_group(128, head(576), tied=True) == 64  # SmolLM2: 576 = 9 x 64, so one table serves both
+    assert head_group(128, head(576), tied=False) == 128  # an untied head keeps the layers' group
+    assert head_group(128, head(640), tied=True) == 128 and head_group(32, head(40), tied=True) == 32
 
 
 def _gemma3(**over):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
     torch.manual_seed(0)
-    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention",
-               "sliding_attention", "full_attention"], max_position_embeddings=256)
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
     return Gemma3ForCausalLM(Gemma3TextConfig(**{**cfg, **over})).eval()
 
 
@@ -143,6 +171,7 @@ def test_export_attention_equals_the_models_own_and_is_restored(build):
     """Grouped attention (the query group folded onto its key/value head, float additive mask) gives
     the logits of the model's sdpa attention, with left padding and (Gemma 3) sliding windows."""
     from torchslim.export.attention import exporting_attention
+
     lm = build()
     ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
@@ -160,6 +189,7 @@ def test_the_exported_graph_reads_the_cache_in_place_and_fuses_rms_norms(tmp_pat
     """No Expand of a cached key/value tensor, no Reciprocal left, and ONNX Runtime's optimized graph
     runs one SimplifiedLayerNormalization per RMS norm (2 per layer + the final one)."""
     import onnx
+
     path = export_decoder(_llama(), tmp_path / "model.onnx")
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
@@ -169,7 +199,9 @@ def test_the_exported_graph_reads_the_cache_in_place_and_fuses_rms_norms(tmp_pat
     for node in graph.node:  # what the key/value cache flows into, before the attention MatMuls
         if node.op_type == "Expand":
             assert not (set(node.input) & cache) and not any(
-                made.get(i) is not None and made[i].op_type == "Concat" and set(made[i].input) & cache for i in node.input)
+                made.get(i) is not None and made[i].op_type == "Concat" and set(made[i].input) & cache
+                for i in node.input
+            )
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -180,14 +212,22 @@ def test_the_exported_graph_reads_the_cache_in_place_and_fuses_rms_norms(tmp_pat
 def test_divide_by_root_keeps_the_arithmetic():
     import onnx
     from onnx import TensorProto, helper
+
     from torchslim.export.decoder import divide_by_root
-    nodes = [helper.make_node("Sqrt", ["v"], ["r"]), helper.make_node("Reciprocal", ["r"], ["inv"]),
-             helper.make_node("Mul", ["x", "inv"], ["y"]),
-             helper.make_node("Reciprocal", ["r"], ["shared"]),  # read twice: left alone
-             helper.make_node("Mul", ["shared", "x"], ["z"]), helper.make_node("Add", ["shared", "z"], ["w"])]
+
+    nodes = [
+        helper.make_node("Sqrt", ["v"], ["r"]),
+        helper.make_node("Reciprocal", ["r"], ["inv"]),
+        helper.make_node("Mul", ["x", "inv"], ["y"]),
+        helper.make_node("Reciprocal", ["r"], ["shared"]),  # read twice: left alone
+        helper.make_node("Mul", ["shared", "x"], ["z"]),
+        helper.make_node("Add", ["shared", "z"], ["w"]),
+    ]
     spec = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3])  # noqa: E731
-    model = helper.make_model(helper.make_graph(nodes, "g", [spec("x"), spec("v")], [spec("y"), spec("w")]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [spec("x"), spec("v")], [spec("y"), spec("w")]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     feed = {"x": np.array([1.0, -2.0, 3.0], np.float32), "v": np.array([4.0, 0.5, 9.0], np.float32)}
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     assert divide_by_root(model.graph) == 1

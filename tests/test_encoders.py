@@ -22,8 +22,9 @@ def test_text_sources_are_real_and_splits_disjoint():
         assert len(found) >= 500 and len(set(found)) == len(found)
         calibration, evaluation = text.split(source, 100, 300)
         assert len(evaluation) == 300 and not set(calibration) & set(evaluation)
-    assert np.median([len(s.split()) for s in text.sentences("descriptions")]) < \
-        np.median([len(s.split()) for s in text.sentences("fortunes")])
+    assert np.median([len(s.split()) for s in text.sentences("descriptions")]) < np.median(
+        [len(s.split()) for s in text.sentences("fortunes")]
+    )
     with pytest.raises(DataError, match="Sources: fortunes, descriptions"):
         text.sentences("news")
 
@@ -65,7 +66,8 @@ def test_pruned_heads_and_neurons_leave_the_weight_tensors(minilm, tmp_path):
     import copy
 
     from torchslim.models import load_weights, save_weights
-    from torchslim.prune.encoder import encoder_layers, prune_encoder
+    from torchslim.prune.transformer.encoder import encoder_layers, prune_encoder
+
     model, tok = minilm
     small = copy.deepcopy(model)
     before = sum(p.numel() for p in encoder_layers(small).parameters())

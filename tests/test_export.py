@@ -11,6 +11,7 @@ from torchslim.models import cnn_teacher
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_onnx_matches_pytorch_on_real_images(exporter, tmp_path):
     from torchslim.data import fashion_mnist
+
     data = fashion_mnist.load(eval_subset=256)
     torch.manual_seed(0)
     model = cnn_teacher().eval()
@@ -28,6 +29,7 @@ def test_onnx_matches_pytorch_on_real_images(exporter, tmp_path):
 
 def test_disagreement_is_an_error(tmp_path):
     from torchslim.data import fashion_mnist
+
     data = fashion_mnist.load(eval_subset=32)
     model = cnn_teacher().eval()
     path = export_onnx(model, tmp_path / "m.onnx", data.input, exporter="torchscript")
@@ -39,7 +41,6 @@ def test_disagreement_is_an_error(tmp_path):
 
 def test_untraceable_model_names_the_cause(tmp_path):
     from torchslim.data.spec import InputSpec
-
 
     class Broken(torch.nn.Module):
         def forward(self, x):

@@ -22,10 +22,20 @@ def _source():
 
 def _tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -36,6 +46,7 @@ def _tiny():
 
 def _read_back(path):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
@@ -44,10 +55,12 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("grid,kind", [(None, "F32"), (Grid(4, 32, True), "Q4_0"), (Grid(4, 32, False), "Q4_1"),
-                                       (Grid(8, 32, True), "Q8_0")])
+@pytest.mark.parametrize(
+    "grid,kind", [(None, "F32"), (Grid(4, 32, True), "Q4_0"), (Grid(4, 32, False), "Q4_1"), (Grid(8, 32, True), "Q8_0")]
+)
 def test_written_gguf_reads_back_as_the_same_model(tmp_path, grid, kind):
     import gguf
+
     source, model = _source(), _tiny()
     if grid is not None:
         layers = linear_layers(model)
@@ -55,7 +68,9 @@ def test_written_gguf_reads_back_as_the_same_model(tmp_path, grid, kind):
         quantize_weights(model, Grid(8, 32, True), "rtn", layers=dict([output_head(model)]))
     info = write_gguf(model, source, tmp_path / "model.gguf")
     reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
-    assert reader.fields["llama.block_count"].contents() == 2 and reader.fields["llama.embedding_length"].contents() == 64
+    assert (
+        reader.fields["llama.block_count"].contents() == 2 and reader.fields["llama.embedding_length"].contents() == 64
+    )
     assert "tokenizer.ggml.tokens" in reader.fields and "output.weight" not in {t.name for t in reader.tensors}
     written = {t.name: t.tensor_type.name for t in reader.tensors}
     assert written["blk.0.attn_q.weight"] == kind and written["blk.1.ffn_down.weight"] == kind
@@ -76,6 +91,7 @@ def test_schemes_without_a_gguf_type_say_why():
 def test_llama_cpp_loads_the_written_file(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (bench/llm.py)")
     import numpy as np
+
     model = _tiny()
     quantize_weights(model, Grid(4, 32, True), "rtn", layers=linear_layers(model))
     quantize_weights(model, Grid(8, 32, True), "rtn", layers=dict([output_head(model)]))
@@ -83,7 +99,7 @@ def test_llama_cpp_loads_the_written_file(tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     ids = [1, 500, 2000, 77, 30000, 12]
     llm.eval(ids)
-    got = np.array(llm.scores[:len(ids)])
+    got = np.array(llm.scores[: len(ids)])
     want = _logits(model, torch.tensor([ids]))[0].numpy()
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # llama.cpp's own int8 dot products
 
@@ -95,15 +111,43 @@ def test_a_weight_only_stage_on_a_gguf_model_also_writes_a_gguf(tmp_path):
 
     from torchslim import pipeline
     from torchslim.recipe import parse_recipe
+
     source = tmp_path / "tiny.gguf"
     write_gguf(_tiny(), _source(), source)  # the float model as a GGUF file, the way users bring one
-    stage = {"quantize": {"method": "weight_only", "algorithm": "rtn", "bits": 4, "group_size": 32,
-                          "calibration_batches": 1, "calibration_batch_size": 2}}
-    recipe = {"name": "tiny-gguf", "task": "causal_lm", "model": {"hf": str(source)},
-              "data": {"builtin": "text", "sources": ["fortunes"], "eval_tokens": 200, "window": 64, "stride": 64,
-                       "calibration_tokens": 256, "validation_tokens": 128, "batch_size": 4},
-              "measure": {"batch_size": 1, "warmup": 1, "repeats": 3, "compare_seconds": 1, "prompt_tokens": 32,
-                          "new_tokens": 4}, "stages": [stage]}
+    stage = {
+        "quantize": {
+            "method": "weight_only",
+            "algorithm": "rtn",
+            "bits": 4,
+            "group_size": 32,
+            "calibration_batches": 1,
+            "calibration_batch_size": 2,
+        }
+    }
+    recipe = {
+        "name": "tiny-gguf",
+        "task": "causal_lm",
+        "model": {"hf": str(source)},
+        "data": {
+            "builtin": "text",
+            "sources": ["fortunes"],
+            "eval_tokens": 200,
+            "window": 64,
+            "stride": 64,
+            "calibration_tokens": 256,
+            "validation_tokens": 128,
+            "batch_size": 4,
+        },
+        "measure": {
+            "batch_size": 1,
+            "warmup": 1,
+            "repeats": 3,
+            "compare_seconds": 1,
+            "prompt_tokens": 32,
+            "new_tokens": 4,
+        },
+        "stages": [stage],
+    }
     report = pipeline.run(parse_recipe(recipe), tmp_path / "run")
     info = report["stages"][1]["quantization"]["weight_only"]["gguf"]
     assert info["types"] == {"Q8_0": 1, "F32": 5, "Q4_0": 14}  # tied table, norms, the seven layers of two blocks

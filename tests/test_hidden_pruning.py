@@ -8,24 +8,44 @@ import copy
 import pytest
 import torch
 
-from torchslim.prune.hidden import causal_lm, prune_hidden, scale_norm_output
+from torchslim.prune.transformer.hidden import causal_lm, prune_hidden, scale_norm_output
 
 
 def _llama(**over):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-               rms_norm_eps=1e-10)  # random weights make a tiny residual stream: keep eps out of the comparison
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-10,
+    )  # random weights make a tiny residual stream: keep eps out of the comparison
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **over})).eval()
 
 
 def _gemma3(**over):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
     torch.manual_seed(0)
-    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention",
-               "sliding_attention", "full_attention"], max_position_embeddings=256, rms_norm_eps=1e-10)
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        rms_norm_eps=1e-10,
+    )
     return Gemma3ForCausalLM(Gemma3TextConfig(**{**cfg, **over})).eval()
 
 
@@ -74,7 +94,8 @@ def test_removing_channels_that_carry_nothing_changes_no_logit(build, tmp_path):
 
 def test_the_rms_correction_is_what_keeps_the_logits():
     """The same removal without the correction (every norm factor 1) changes the logits."""
-    from torchslim.prune.hidden import keep_channels
+    from torchslim.prune.transformer.hidden import keep_channels
+
     lm = _llama()
     _zero_channels(lm, list(range(32, 64)))
     ids = _batches()[0][0]
@@ -100,9 +121,11 @@ def test_the_least_active_channels_go_and_the_untied_head_follows():
 
 
 def test_scale_norm_output_handles_both_norm_forms_and_refuses_a_bias():
-    from torchslim.errors import TorchslimError
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from torchslim.errors import TorchslimError
+
     x = torch.randn(5, 8)
     for norm in (LlamaRMSNorm(8), Gemma3RMSNorm(8)):
         with torch.no_grad():
@@ -116,13 +139,15 @@ def test_scale_norm_output_handles_both_norm_forms_and_refuses_a_bias():
 
 def test_a_model_without_a_language_model_inside_is_refused():
     from torchslim.errors import TorchslimError
+
     with pytest.raises(TorchslimError, match="no Hugging Face language model"):
         causal_lm(torch.nn.Linear(3, 3))
 
 
 def test_heads_neurons_and_hidden_size_resize_back_from_the_shapes():
     """`resize_decoder` rebuilds a head-, neuron- and hidden-pruned structure from `layer_shapes`."""
-    from torchslim.prune.decoder import layer_shapes, prune_decoder, resize_decoder
+    from torchslim.prune.transformer.decoder import layer_shapes, prune_decoder, resize_decoder
+
     lm = _llama(intermediate_size=128)
     fresh = copy.deepcopy(lm)
     prune_decoder(lm, head_ratio=0.5, ffn_ratio=0.25, batches=_batches(), hidden_ratio=0.5)

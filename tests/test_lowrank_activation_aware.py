@@ -13,7 +13,7 @@ from torchslim.lowrank.factorize import factorize
 
 def _inputs(n=512, width=48, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(width, width, generator=g) / width ** 0.5
+    mix = torch.randn(width, width, generator=g) / width**0.5
     x = torch.randn(n, width, generator=g) @ mix
     x[:, :3] *= 20  # a few outlier channels, as language models' activations have
     return x
@@ -33,6 +33,7 @@ def _output_error(model, factored, x):
 def test_full_rank_factors_compute_the_same_function(kind):
     """W·S factorised, S⁻¹ folded back: at full rank (forced; it is not cheaper) the same layer."""
     from torchslim.lowrank.factorize import apply, find_layers, input_transforms
+
     model, x = _model(), _inputs()
     factored = copy.deepcopy(model)
     linears = {"0": factored[0], "2": factored[2]}
@@ -74,6 +75,7 @@ def test_a_tied_head_is_left_whole():
 
         def forward(self, ids):
             return self.head(self.body(self.embed(ids)))
+
     model = Tied()
     records, _ = factorize(model, torch.zeros(2, 5, dtype=torch.long), layers="linear", rank_ratio=0.25)
     assert [r["layer"] for r in records] == ["body"]
@@ -82,5 +84,6 @@ def test_a_tied_head_is_left_whole():
 
 def test_activation_aware_needs_calibration():
     from torchslim.errors import TorchslimError
+
     with pytest.raises(TorchslimError, match="needs calibration batches"):
         factorize(_model(), _inputs()[:2], activation_aware="whiten", rank_ratio=0.5)

@@ -58,6 +58,7 @@ def test_interleaved_comparison_reports_speedup_spread_and_slowdowns(tmp_path):
     from torchslim.export import export_onnx
     from torchslim.measure.compare import compare_stages
     from torchslim.models import mlp_student, mlp_teacher
+
     data = fashion_mnist.load(eval_subset=64)
     paths = []
     for i, build in enumerate((mlp_teacher, mlp_student, mlp_teacher)):
@@ -83,6 +84,7 @@ def test_kernel_counts_read_the_graph_onnx_runtime_runs(tmp_path):
     from torchslim.measure.kernels import kernel_counts
     from torchslim.models import cnn_student
     from torchslim.quantize import lower
+
     data = fashion_mnist.load(train_subset=256, eval_subset=64)
     f32 = export_onnx(cnn_student().eval(), tmp_path / "f.onnx", data.input)
     assert kernel_counts(f32)["integer"] == 0 and kernel_counts(f32)["float"] == 7

@@ -16,6 +16,7 @@ def conv(i, o, bias=True):
 def test_parameter_counts_match_the_seed_architectures():
     def n(m):
         return sum(p.numel() for p in m.parameters())
+
     assert n(mlp_teacher()) == linear(784, 512) + linear(512, 256) + linear(256, 128) + linear(128, 10)
     assert n(mlp_student()) == linear(784, 64) + linear(64, 32) + linear(32, 10)
     widths = [(1, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
@@ -52,6 +53,7 @@ def test_wrong_checkpoint_shape_is_a_clear_error(tmp_path):
 class _Payload:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch PWNED",))
 
 

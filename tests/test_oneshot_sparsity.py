@@ -1,10 +1,10 @@
-"""One-shot LLM sparsity: magnitude, Wanda and SparseGPT on calibration inputs (torchslim.prune.oneshot)."""
+"""One-shot LLM sparsity: magnitude, Wanda and SparseGPT on calibration inputs (torchslim.prune.sparsity.oneshot)."""
 
 import pytest
 import torch
 
 from torchslim.errors import TorchslimError
-from torchslim.prune.oneshot import keep_mask, prune_sequential, sparsegpt, wanda
+from torchslim.prune.sparsity.oneshot import keep_mask, prune_sequential, sparsegpt, wanda
 from torchslim.quantize.weights import output_error
 
 
@@ -12,8 +12,9 @@ def _layer_data(rows=64, cols=128, tokens=2048, seed=0):
     """A weight and correlated inputs (a few dozen directions plus noise) with a few loud channels, as
     a transformer's activations have."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 32, generator=g) @ torch.randn(32, cols, generator=g) / 32 ** 0.5 \
-        + 0.3 * torch.randn(tokens, cols, generator=g)
+    x = torch.randn(tokens, 32, generator=g) @ torch.randn(32, cols, generator=g) / 32**0.5 + 0.3 * torch.randn(
+        tokens, cols, generator=g
+    )
     x[:, ::8] *= 8  # loud channels scattered over the width
     w = torch.randn(rows, cols, generator=g)
     return w, 2 * x.T @ x / tokens
@@ -60,10 +61,21 @@ def test_bad_patterns_are_refused_with_the_fix():
 
 def test_prune_sequential_sparsifies_every_block_layer_of_a_tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from torchslim.models.lm import Logits
+
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     model = Logits(lm)
     head = lm.lm_head.weight.detach().clone()
     batches = [(torch.randint(0, 256, (2, 32)),) for _ in range(4)]

@@ -20,6 +20,7 @@ LATENCY_KEYS = {"p50", "p95", "batch_size", "runtime", "threads"}
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from conftest import TINY
+
     out = tmp_path_factory.mktemp("run")
     report = run(parse_recipe(TINY), out)
     return out, report
@@ -39,8 +40,14 @@ def test_report_matches_the_contract(tiny_run):
         assert stage["metrics"]["latency_ms"]["runtime"] == "onnxruntime"
         assert 0.0 <= stage["metrics"]["accuracy"] <= 1.0
         assert (out / stage["artifact"]).stat().st_size == stage["metrics"]["size_bytes"]
-    assert on_disk["input"] == {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32",
-                                "pixel_scale": 1 / 255, "mean": [0.286], "std": [0.353]}
+    assert on_disk["input"] == {
+        "name": "input",
+        "shape": [None, 1, 28, 28],
+        "dtype": "float32",
+        "pixel_scale": 1 / 255,
+        "mean": [0.286],
+        "std": [0.353],
+    }
     assert {"size_ratio", "speedup", "accuracy_drop"} <= on_disk["summary"].keys()
     assert on_disk["recipe"]["stages"][0]["train"]["optimizer"] == "adamw"  # defaults filled in
     assert on_disk["status"] == "complete"
@@ -56,6 +63,7 @@ def test_training_stage_improved_accuracy_and_kept_history(tiny_run):
 def test_artifact_is_usable_from_the_report_alone(tiny_run):
     """Feed raw test pixels as the report's `input` block says and recompute the accuracy."""
     from torchslim.data import fashion_mnist
+
     out, report = tiny_run
     spec = report["input"]
     raw = fashion_mnist.load_arrays()
@@ -72,12 +80,13 @@ def test_html_report_is_self_contained(tiny_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3  # size/latency trade-offs and training curves
     assert "<table>" in html and "baseline" in html and "export" in html
-    assert "src=\"http" not in html
+    assert 'src="http' not in html
 
 
 def test_finished_run_is_not_overwritten_by_accident(tiny_run):
     out, _ = tiny_run
     from conftest import TINY
+
     before = (out / "report.json").read_text()
     with pytest.raises(RunDirError, match="--overwrite"):
         run(parse_recipe(TINY), out)
@@ -100,6 +109,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_recipe):
     def interrupt(epoch, record):
         if epoch == 2:
             raise KeyboardInterrupt  # what Ctrl-C does mid-stage
+
     with pytest.raises(KeyboardInterrupt):
         run(recipe, tmp_path / "cut", on_epoch_end=interrupt)
     state = json.loads((tmp_path / "cut" / "state.json").read_text())
@@ -108,6 +118,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_recipe):
         run(recipe, tmp_path / "cut")
     resumed = run(recipe, tmp_path / "cut", resume=True)
     from safetensors.torch import load_file
+
     a = load_file(str(tmp_path / "full" / "stages" / "02-export" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "stages" / "02-export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -117,6 +128,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_recipe):
 
 def test_model_data_shape_mismatch_is_named(tmp_path, tiny_recipe):
     from torchslim.errors import DataError
+
     tiny_recipe["model"] = {"builtin": "mlp_student", "kwargs": {"num_classes": 7}}
     with pytest.raises(DataError, match=r"returns shape \[2, 7\] but the data has 10 classes"):
         run(parse_recipe(tiny_recipe), tmp_path / "x")
@@ -129,10 +141,12 @@ def test_user_model_entrypoint_with_checkpoint(tmp_path, tiny_recipe):
     (tmp_path / "mymodel.py").write_text(
         "from torch import nn\n"
         "def build(hidden=16):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import mymodel
+
         torch.manual_seed(3)
         source = mymodel.build(16)
         torch.save(source.state_dict(), tmp_path / "w.pt")
@@ -146,16 +160,28 @@ def test_user_model_entrypoint_with_checkpoint(tmp_path, tiny_recipe):
 
 
 def test_cli_smoke_recipe_and_analyze(tmp_path, cli_env):
-    result = subprocess.run([sys.executable, "-m", "torchslim", "run", "smoke", "--out", str(tmp_path / "s")],
-                            capture_output=True, text=True, env=cli_env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "torchslim", "run", "smoke", "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["baseline", "train", "export"]
     assert report["stages"][-1]["metrics"]["onnx_max_abs_diff"] <= 1e-4
-    assert {"model.onnx", "model.safetensors", "input.json"} <= {p.name for p in (tmp_path / "s/stages/02-export").iterdir()}
+    assert {"model.onnx", "model.safetensors", "input.json"} <= {
+        p.name for p in (tmp_path / "s/stages/02-export").iterdir()
+    }
     assert "no compressing stage" in result.stdout and "report.json" in result.stdout
-    analyze = subprocess.run([sys.executable, "-m", "torchslim", "analyze", "smoke", "--model", "cnn_student"],
-                             capture_output=True, text=True, env=cli_env, timeout=600)
+    analyze = subprocess.run(
+        [sys.executable, "-m", "torchslim", "analyze", "smoke", "--model", "cnn_student"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=600,
+    )
     assert analyze.returncode == 0, analyze.stderr[-2000:]
     assert "features.0" in analyze.stdout and "147,754" in analyze.stdout and "onnxruntime" in analyze.stdout
 
@@ -164,6 +190,7 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, tiny_recipe, cli_env):
     """A real SIGINT to the CLI mid-training: exit 130 with the resume command, then --resume finishes."""
     import signal
     import time
+
     tiny_recipe.update(model={"builtin": "cnn_teacher"})
     tiny_recipe["data"].update(train_subset=512, eval_subset=128)
     tiny_recipe["stages"][0]["train"]["epochs"] = 4
@@ -172,8 +199,14 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, tiny_recipe, cli_env):
     cmd = [sys.executable, "-m", "torchslim", "run", str(path), "--out", str(out)]
     # a shell that starts jobs in the background sets SIGINT to "ignore", and Python keeps that; give
     # the CLI the default disposition, as an interactive terminal would
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = out / "stages" / "01-train" / "checkpoint" / "last.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -206,10 +239,17 @@ def test_a_preset_runs_after_the_recipes_own_stages(tmp_path, tiny_recipe):
 def test_control_row_trains_the_reference_as_long_as_the_compressed_model(tmp_path, tiny_recipe):
     """summary.control: the reference model fine-tuned for the epochs the final model had after it, with
     the same settings, measured like a stage; the summary compares the final model with it."""
-    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}},
-                             {"prune": {"method": "structured", "ratio": 0.5,
-                                        "schedule": {"kind": "steps", "steps": 2},
-                                        "finetune": {"epochs": 1, "lr": 0.002}}}]
+    tiny_recipe["stages"] = [
+        {"train": {"epochs": 1, "lr": 0.003}},
+        {
+            "prune": {
+                "method": "structured",
+                "ratio": 0.5,
+                "schedule": {"kind": "steps", "steps": 2},
+                "finetune": {"epochs": 1, "lr": 0.002},
+            }
+        },
+    ]
     tiny_recipe["summary"] = {"control": True}
     report = run(parse_recipe(tiny_recipe), tmp_path)
     control, summary = report["control"], report["summary"]
@@ -218,5 +258,6 @@ def test_control_row_trains_the_reference_as_long_as_the_compressed_model(tmp_pa
     reference = report["stages"][1]["metrics"]
     assert control["metrics"]["params"] == reference["params"] > report["stages"][2]["metrics"]["params"]
     assert summary["accuracy_vs_control"] == pytest.approx(
-        report["stages"][-1]["metrics"]["accuracy"] - control["metrics"]["accuracy"])
+        report["stages"][-1]["metrics"]["accuracy"] - control["metrics"]["accuracy"]
+    )
     assert (tmp_path / control["artifact"]).exists() and control["artifact"].startswith("control/")

@@ -15,8 +15,12 @@ def test_steps_log_the_time_left_and_the_one_fallback_loop_stops_when_good_enoug
     assert any("4 step(s) in" in s for s in said)
     order = sorted(costs, key=lambda n: -costs[n])
     built = []
-    excluded, value = fallback(order, lambda ex: built.append(list(ex)) or ex,
-                               lambda ex: 1 - sum(costs[n] for n in "abcd" if n not in ex), lambda v: v >= 0.85)
+    excluded, value = fallback(
+        order,
+        lambda ex: built.append(list(ex)) or ex,
+        lambda ex: 1 - sum(costs[n] for n in "abcd" if n not in ex),
+        lambda v: v >= 0.85,
+    )
     assert excluded == ["b", "d"] and abs(value - 0.9) < 1e-9  # the costliest nodes went back to float, no more
     assert built == [[], ["b"], ["b", "d"]]
     excluded, _ = fallback(order, lambda ex: ex, lambda ex: 0.0, lambda v: False, start=["c"])

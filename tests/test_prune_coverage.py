@@ -71,8 +71,9 @@ def test_every_pruned_zoo_model_reloads_in_a_fresh_process(pruned):
 
 
 def _widths(model):
-    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] + \
-        [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] + [
+        m.out_features for m in model.modules() if isinstance(m, nn.Linear)
+    ]
 
 
 def test_se_resnet_prunes_to_the_same_widths_whatever_the_spelling():

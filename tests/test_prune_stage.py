@@ -1,5 +1,6 @@
-
+import copy
 import json
+
 import pytest
 
 from conftest import assert_resume_matches
@@ -15,19 +16,35 @@ def _recipe(tiny_recipe, *stages):
     return parse_recipe(tiny_recipe)
 
 
-STRUCTURED = {"prune": {"method": "structured", "ratio": 0.5, "schedule": {"kind": "gradual", "steps": 2},
-                        "finetune": {"epochs": 1, "lr": 0.001}}}
+STRUCTURED = {
+    "prune": {
+        "method": "structured",
+        "ratio": 0.5,
+        "schedule": {"kind": "gradual", "steps": 2},
+        "finetune": {"epochs": 1, "lr": 0.001},
+    }
+}
 
 
-def test_structured_gradual_stage_shrinks_and_reports(tmp_path, tiny_recipe):
-    report = run(_recipe(tiny_recipe, STRUCTURED), tmp_path)
+@pytest.fixture(scope="module")
+def structured_run(tmp_path_factory):
+    """One uninterrupted run of the structured gradual recipe: the report test and the resume test's
+    reference."""
+    from conftest import TINY
+
+    out = tmp_path_factory.mktemp("structured")
+    return run(_recipe(copy.deepcopy(TINY), STRUCTURED), out), out
+
+
+def test_structured_gradual_stage_shrinks_and_reports(structured_run):
+    report, tmp_path = structured_run
     trained, pruned = report["stages"][1]["metrics"], report["stages"][2]["metrics"]
     assert pruned["params"] < 0.35 * trained["params"]
     assert pruned["size_bytes"] < 0.4 * trained["size_bytes"]
     assert pruned["flops"] < 0.4 * trained["flops"]
     stage = report["stages"][2]
     assert [s["step"] for s in stage["steps"]] == [1, 2]
-    assert stage["steps"][0]["target"] == pytest.approx(0.5 - 0.5 * 0.5 ** 3)
+    assert stage["steps"][0]["target"] == pytest.approx(0.5 - 0.5 * 0.5**3)
     assert {"layer": "features.0", "before": 32, "after": 16, "sparsity": 0.5} in stage["layers"]
     assert report["summary"]["reference_stage"] == "train" and report["summary"]["param_ratio"] > 2.8
     html = (tmp_path / "report.html").read_text()
@@ -43,10 +60,10 @@ def test_unstructured_stage_stores_sparsely(tmp_path, tiny_recipe):
     assert report["summary"]["storage_ratio"] > 4
 
 
-def test_prune_stage_resumes_to_the_same_weights(tmp_path, tiny_recipe):
+def test_prune_stage_resumes_to_the_same_weights(tmp_path, tiny_recipe, structured_run):
     recipe = _recipe(tiny_recipe, STRUCTURED)
     # train epochs 1, 2, then the first prune step's fine-tuning epoch
-    assert_resume_matches(recipe, tmp_path, 3, "stages/03-export/model.safetensors")
+    assert_resume_matches(recipe, tmp_path, 3, "stages/03-export/model.safetensors", full=structured_run[1])
 
 
 def test_prune_config_errors(tiny_recipe):
@@ -84,7 +101,7 @@ def test_unstructured_stage_leaves_no_gradient_hooks(tmp_path, tiny_recipe):
     assert retrained["nonzero_params"] > 0.95 * retrained["params"]  # zeros were free to move again
 
 
-ODD_MODEL = '''import torch
+ODD_MODEL = """import torch
 from torch import nn
 
 
@@ -101,7 +118,7 @@ class Odd(nn.Module):
 
 def build():
     return Odd()
-'''
+"""
 
 
 def test_cli_and_html_say_which_op_and_line_kept_a_group(tmp_path, tiny_recipe, capsys, monkeypatch):
@@ -110,12 +127,12 @@ def test_cli_and_html_say_which_op_and_line_kept_a_group(tmp_path, tiny_recipe, 
     import yaml
 
     from torchslim import cli
+
     (tmp_path / "odd_model.py").write_text(ODD_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     tiny_recipe["model"] = {"entrypoint": "odd_model:build"}
     tiny_recipe["data"].update(train_subset=256, eval_subset=100)
-    tiny_recipe["stages"] = [{"train": {"epochs": 1}}, {"prune": {"method": "structured", "ratio": 0.5,
-                                                                  "round_to": 1}}]
+    tiny_recipe["stages"] = [{"train": {"epochs": 1}}, {"prune": {"method": "structured", "ratio": 0.5, "round_to": 1}}]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
     monkeypatch.setattr(sys, "argv", ["torchslim", "run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as info:

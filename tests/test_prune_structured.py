@@ -17,6 +17,7 @@ def n_params(m):
 @pytest.fixture
 def images():
     from torchslim.data import fashion_mnist
+
     return fashion_mnist.load(eval_subset=16).test.tensors[0]
 
 
@@ -90,7 +91,9 @@ def test_attention_heads_and_attributes_are_updated(images):
     assert isinstance(attn, Attention) and attn.num_heads == 2 and attn.head_dim == 8
     assert attn.q_proj.out_features == 16 and attn.out_proj.in_features == 16
     assert model.layers[0].ffn[0].out_features == 32
-    assert attn.embed_dim == model.norm.normalized_shape[0] == model.pos.shape[-1]  # residual stream kept: pos is a raw parameter
+    assert (
+        attn.embed_dim == model.norm.normalized_shape[0] == model.pos.shape[-1]
+    )  # residual stream kept: pos is a raw parameter
 
 
 def test_ignore_minimum_and_rounding(images):
@@ -128,13 +131,21 @@ def test_criteria_choose_lowest_scores(criterion, images):
 
 def test_taylor_needs_data_and_uses_gradients(images):
     from torch.utils.data import DataLoader, TensorDataset
+
     from torchslim.train import cross_entropy_loss
+
     with pytest.raises(TorchslimError, match="taylor"):
         structured(cnn_teacher(), images[:2], importance="taylor")
     labels = torch.arange(16) % 10
     model = cnn_teacher()
-    structured(model, images[:2], ratio=0.5, importance="taylor",
-               data=DataLoader(TensorDataset(images, labels), batch_size=8), loss_fn=cross_entropy_loss())
+    structured(
+        model,
+        images[:2],
+        ratio=0.5,
+        importance="taylor",
+        data=DataLoader(TensorDataset(images, labels), batch_size=8),
+        loss_fn=cross_entropy_loss(),
+    )
     assert model.features[0].out_channels == 32 and all(p.grad is None for p in model.parameters())
 
 
@@ -148,5 +159,6 @@ def test_untraceable_model_names_the_construct(images):
             if x.sum() > 0:  # data-dependent control flow
                 return self.fc(x.flatten(1))
             return -self.fc(x.flatten(1))
+
     with pytest.raises(TorchslimError, match=r"cannot capture Branchy .*test_prune_structured.py:\d+.*data-dependent"):
         structured(Branchy(), images[:2])

@@ -4,8 +4,8 @@ from torch import nn
 
 from torchslim.errors import TorchslimError
 from torchslim.models import cnn_teacher, load_weights, mlp_teacher, save_weights
-from torchslim.prune import schedule, unstructured
-from torchslim.prune.sparse import save_sparse
+from torchslim.models.sparse import save_sparse
+from torchslim.prune.sparsity import schedule, unstructured
 from torchslim.train import TrainConfig, cross_entropy_loss, fit
 
 

@@ -5,10 +5,11 @@ import torch
 
 from torchslim.export import export_onnx, onnx_outputs
 from torchslim.measure.latency import ort_session
+from torchslim.measure.predict import sqnr_db
 from torchslim.models import mlp_teacher
 from torchslim.pipeline import run
 from torchslim.quantize import lower
-from torchslim.quantize.observers import OBSERVERS, MinMax, sqnr_db
+from torchslim.quantize.observers import OBSERVERS, MinMax
 from torchslim.recipe import parse_recipe
 from torchslim.train import TrainConfig, cross_entropy_loss, fit
 
@@ -33,7 +34,7 @@ def _ops(path):
 
 def _calibration(data, n=4, bs=64):
     x = data.train.tensors[0][: n * bs].numpy()
-    return [x[i:i + bs] for i in range(0, len(x), bs)]
+    return [x[i : i + bs] for i in range(0, len(x), bs)]
 
 
 def test_observers_on_known_data():
@@ -49,11 +50,13 @@ def test_observers_on_known_data():
     assert ranges["minmax"] == (pytest.approx(float(values.min())), 40.0)
     for name in ("percentile", "entropy"):
         assert ranges[name][1] < 10, (name, ranges[name])  # outliers clipped
+
     # the MSE observer's range has lower quantization error on the data than min-max's
     def err(lo, hi):
         scale = (hi - lo) / 255
         q = np.clip(np.round((values - lo) / scale), 0, 255) * scale + lo
         return float(np.mean((q - values) ** 2))
+
     assert err(*ranges["mse"]) <= err(*ranges["minmax"])
     assert err(*ranges["mse"]) <= min(err(*ranges[n]) for n in ("percentile", "entropy", "moving_average"))
 
@@ -83,10 +86,10 @@ def test_static_int8_is_real_and_accurate(trained, small_data, tmp_path, observe
 def test_lowered_agreement_metrics(trained, small_data, tmp_path):
     from torchslim.measure import lowered_agreement
     from torchslim.tasks.classification import top1_agreement
+
     model, path = trained
     out = lower.static_int8(path, tmp_path / "q.onnx", _calibration(small_data))
-    agree = lowered_agreement(model, ort_session(out), out, small_data.test.tensors[0][:256],
-                              agreement=top1_agreement)
+    agree = lowered_agreement(model, ort_session(out), out, small_data.test.tensors[0][:256], agreement=top1_agreement)
     assert agree["fake_quant_sqnr_db"] > 30  # int8 kernels reproduce the QDQ simulation
     assert agree["float_sqnr_db"] > 20 and agree["float_top1_agreement"] > 0.95
 
@@ -110,14 +113,26 @@ def test_dynamic_weight_only_and_fp16(trained, small_data, tmp_path):
 def _student_recipe(tiny_recipe, *stages):
     tiny_recipe["model"] = {"builtin": "cnn_student"}
     tiny_recipe["data"].update(train_subset=1024, eval_subset=300)
-    tiny_recipe["stages"] = [{"train": {"epochs": 2, "lr": 0.003}}, *stages]
+    # the same training in every test here: the first trains, the others take its weights (and random
+    # state) from the session's private cache (conftest), so what follows is what a fresh training gives
+    tiny_recipe["stages"] = [{"train": {"epochs": 2, "lr": 0.003, "cache": True}}, *stages]
     return parse_recipe(tiny_recipe)
 
 
 def test_quantize_stage_with_fallback_and_resume(tmp_path, tiny_recipe):
-    recipe = _student_recipe(tiny_recipe, {"quantize": {"method": "static", "weight_bits": 2, "max_accuracy_drop": 0.005,
-                                                        "calibration_batches": 2, "sensitivity_samples": 300}},
-                             {"export": {"format": "all"}})
+    recipe = _student_recipe(
+        tiny_recipe,
+        {
+            "quantize": {
+                "method": "static",
+                "weight_bits": 2,
+                "max_accuracy_drop": 0.005,
+                "calibration_batches": 2,
+                "sensitivity_samples": 300,
+            }
+        },
+        {"export": {"format": "all"}},
+    )
     report = run(recipe, tmp_path / "a")
     q = report["stages"][2]
     info = q["quantization"]
@@ -130,6 +145,7 @@ def test_quantize_stage_with_fallback_and_resume(tmp_path, tiny_recipe):
     # a run that stopped after the quantize stage resumes with the int8 artifact, not a float re-export
     state = tmp_path / "a" / "state.json"
     import json
+
     saved = json.loads(state.read_text())
     saved["stages"] = saved["stages"][:3]
     saved["status"] = "running"
@@ -140,9 +156,11 @@ def test_quantize_stage_with_fallback_and_resume(tmp_path, tiny_recipe):
 
 def test_narrow_weights_stay_consistent_with_int8_kernels(trained, small_data, tmp_path):
     from torchslim.measure import lowered_agreement
+
     model, path = trained
     out = lower.static_int8(path, tmp_path / "w4.onnx", _calibration(small_data), weight_bits=4)
     from onnx import numpy_helper
+
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer]
     int8 = [w for w in weights if w.dtype == np.int8 and w.size > 100]
     assert int8 and all(np.abs(w).max() <= 7 for w in int8)
@@ -153,12 +171,21 @@ def test_narrow_weights_stay_consistent_with_int8_kernels(trained, small_data, t
 def test_qat_bakes_weights_on_the_grid_and_learns(small_data):
     from torchslim.models import cnn_student
     from torchslim.quantize.qat import prepare_qat
+
     torch.manual_seed(0)
     model = cnn_student()
     handle = prepare_qat(model, weight_bits=4, learnable_scales=True)
     assert any("scale" in n for n, _ in model.named_parameters())  # LSQ scales are trained
-    result = fit(model, small_data.train, TrainConfig(epochs=2, lr=2e-3), loss_fn=cross_entropy_loss(),
-                 batch_size=64, epoch_setup=lambda m, e: handle.freeze_observers() if e >= 1 else None)
+    images, labels = small_data.train.tensors  # a third of the session's images: the claims are about the grid
+    train = torch.utils.data.TensorDataset(images[:1024], labels[:1024])
+    result = fit(
+        model,
+        train,
+        TrainConfig(epochs=2, lr=2e-3),
+        loss_fn=cross_entropy_loss(),
+        batch_size=64,
+        epoch_setup=lambda m, e: handle.freeze_observers() if e >= 1 else None,
+    )
     assert result.history[1]["loss"] < result.history[0]["loss"]
     frozen = {n: float(o.hi) for n, o in model.torchslim_qat.items()}
     ranges = handle.finish()
@@ -171,9 +198,18 @@ def test_qat_bakes_weights_on_the_grid_and_learns(small_data):
 
 
 def test_qat_stage_lowers_to_int8_kernels(tmp_path, tiny_recipe):
-    recipe = _student_recipe(tiny_recipe, {"quantize": {
-        "method": "qat", "weight_bits": 4, "calibration_batches": 2, "finetune": {"epochs": 1, "lr": 0.001},
-        "freeze_observers_epoch": 1}})
+    recipe = _student_recipe(
+        tiny_recipe,
+        {
+            "quantize": {
+                "method": "qat",
+                "weight_bits": 4,
+                "calibration_batches": 2,
+                "finetune": {"epochs": 1, "lr": 0.001},
+                "freeze_observers_epoch": 1,
+            }
+        },
+    )
     report = run(recipe, tmp_path)
     q = report["stages"][2]
     assert q["quantization"]["method"] == "qat" and len(q["quantization"]["qat"]["layers"]) == 7
@@ -185,6 +221,7 @@ def test_qat_stage_lowers_to_int8_kernels(tmp_path, tiny_recipe):
 def _dq_scale(model, node_name, input_index):
     """The scale of the DequantizeLinear feeding input `input_index` of the named node."""
     from onnx import numpy_helper
+
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     node = next(n for n in model.graph.node if n.name == node_name)
@@ -195,9 +232,19 @@ def _dq_scale(model, node_name, input_index):
 
 def test_qat_ships_the_ranges_and_weight_scales_it_trained(tmp_path, tiny_recipe):
     from safetensors.torch import load_file
-    recipe = _student_recipe(tiny_recipe, {"quantize": {
-        "method": "qat", "weight_bits": 4, "learnable_scales": True, "calibration_batches": 2,
-        "finetune": {"epochs": 1, "lr": 0.001}}})
+
+    recipe = _student_recipe(
+        tiny_recipe,
+        {
+            "quantize": {
+                "method": "qat",
+                "weight_bits": 4,
+                "learnable_scales": True,
+                "calibration_batches": 2,
+                "finetune": {"epochs": 1, "lr": 0.001},
+            }
+        },
+    )
     report = run(recipe, tmp_path)
     q = report["stages"][2]["quantization"]
     artifact = onnx.load(str(tmp_path / report["stages"][2]["artifact"]))
@@ -223,8 +270,10 @@ def test_default_scheme_runs_every_conv_and_gemm_on_integer_kernels(tmp_path, ti
     ONNX Runtime's optimised graph, and the report lists the schemes tried with their node counts."""
     tiny_recipe.update(model={"entrypoint": "zoo:SEResNet", "kwargs": {"width": 16}})  # tests/zoo.py
     tiny_recipe["data"].update(train_subset=512, eval_subset=200)
-    tiny_recipe["stages"] = [{"train": {"epochs": 1, "lr": 0.003}},
-                             {"quantize": {"calibration_batches": 2, "sensitivity_samples": 200}}]
+    tiny_recipe["stages"] = [
+        {"train": {"epochs": 1, "lr": 0.003}},
+        {"quantize": {"calibration_batches": 2, "sensitivity_samples": 200}},
+    ]
     report = run(parse_recipe(tiny_recipe), tmp_path)
     q = report["stages"][2]
     kernels = q["metrics"]["kernels"]

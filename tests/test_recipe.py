@@ -29,18 +29,27 @@ def test_defaults_are_filled_in(tiny_recipe):
     assert recipe.stages[0].config.optimizer == "adamw" and recipe.stages[0].config.epochs == 2
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r["stages"][0]["train"].update(lrr=0.1), ["stages[0].train.lrr", "unknown key", "Did you mean 'lr'"]),
-    (lambda r: r["stages"][0]["train"].update(lr=-0.1), ["stages[0].train.lr", "greater than 0", "-0.1"]),
-    (lambda r: r["stages"].append({"prune_everything": {}}), ["stages[2]", "unknown stage 'prune_everything'", "train"]),
-    (lambda r: r["data"].update(batchsize=3), ["data.batchsize", "Did you mean 'batch_size'", "eval_batch_size"]),
-    (lambda r: r["measure"].update(runtime="tensorrt"), ["measure.runtime", "'onnxruntime' or 'pytorch'"]),
-    (lambda r: r["data"].update(batch_size="big"), ["data.batch_size", "valid integer"]),
-    (lambda r: r.update(model={"builtin": "resnet9000"}), ["model", "resnet9000", "cnn_teacher"]),
-    (lambda r: r.update(model={"builtin": "cnn_teacher", "entrypoint": "a:b"}), ["exactly one"]),
-    (lambda r: r.update(stages="train"), ["stages", "list"]),
-    (lambda r: r["stages"][0]["train"].update(precision="fp8"), ["precision", "'fp32', 'bf16', 'fp16' or 'auto'"]),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda r: r["stages"][0]["train"].update(lrr=0.1),
+            ["stages[0].train.lrr", "unknown key", "Did you mean 'lr'"],
+        ),
+        (lambda r: r["stages"][0]["train"].update(lr=-0.1), ["stages[0].train.lr", "greater than 0", "-0.1"]),
+        (
+            lambda r: r["stages"].append({"prune_everything": {}}),
+            ["stages[2]", "unknown stage 'prune_everything'", "train"],
+        ),
+        (lambda r: r["data"].update(batchsize=3), ["data.batchsize", "Did you mean 'batch_size'", "eval_batch_size"]),
+        (lambda r: r["measure"].update(runtime="tensorrt"), ["measure.runtime", "'onnxruntime' or 'pytorch'"]),
+        (lambda r: r["data"].update(batch_size="big"), ["data.batch_size", "valid integer"]),
+        (lambda r: r.update(model={"builtin": "resnet9000"}), ["model", "resnet9000", "cnn_teacher"]),
+        (lambda r: r.update(model={"builtin": "cnn_teacher", "entrypoint": "a:b"}), ["exactly one"]),
+        (lambda r: r.update(stages="train"), ["stages", "list"]),
+        (lambda r: r["stages"][0]["train"].update(precision="fp8"), ["precision", "'fp32', 'bf16', 'fp16' or 'auto'"]),
+    ],
+)
 def test_bad_recipes_name_the_problem(tiny_recipe, mutate, expected):
     mutate(tiny_recipe)
     with pytest.raises(RecipeError) as info:
@@ -61,8 +70,9 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def _cli(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torchslim", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 @pytest.mark.parametrize("case", ["misspelled_key", "negative_lr", "unknown_stage", "missing_data"])
@@ -93,8 +103,8 @@ def test_cli_recipes_lists_names_first(cli_env, tmp_path):
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     names = sorted(builtin_recipes())
-    assert lines[:len(names)] == names
-    assert any(line.startswith("smoke: ") for line in lines[len(names):])
+    assert lines[: len(names)] == names
+    assert any(line.startswith("smoke: ") for line in lines[len(names) :])
 
 
 def test_cli_help_everywhere(cli_env, tmp_path):
@@ -111,8 +121,13 @@ def test_presets_expand_into_stages_and_measure_settings():
         assert "quantize" in [s.name for s in recipe.stages]
     assert load_recipe("realtime")[0].measure.batch_size == 1 and load_recipe("realtime")[0].measure.threads == 1
     assert load_recipe("cloud")[0].measure.batch_size == 256
-    own = {"name": "mine", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
-           "preset": "edge", "measure": {"batch_size": 4}}
+    own = {
+        "name": "mine",
+        "model": {"builtin": "mlp_student"},
+        "data": {"builtin": "fashion_mnist"},
+        "preset": "edge",
+        "measure": {"batch_size": 4},
+    }
     parsed = parse_recipe(own)
     assert [s.name for s in parsed.stages] == ["prune", "quantize", "export"]
     assert parsed.measure.batch_size == 4 and parsed.measure.repeats == 100  # the recipe's own value wins
@@ -121,13 +136,20 @@ def test_presets_expand_into_stages_and_measure_settings():
         parse_recipe({**own, "preset": "mobil"})
 
 
-@pytest.mark.parametrize("stages, later, lowering", [
-    ([{"train": {"epochs": 1}}, {"quantize": {}}, {"lowrank": {"rank_ratio": 0.5}}], "lowrank", "quantize"),
-    ([{"quantize": {}}, {"prune": {"ratio": 0.5}}], "prune", "quantize"),
-    ([{"quantize": {}}, {"train": {"epochs": 1}}], "train", "quantize"),
-    ([{"quantize": {}}, {"quantize": {"method": "dynamic"}}], "quantize", "quantize"),
-    ([{"auto": {}}, {"distill": {"student": {"builtin": "mlp_student"}, "train": {"epochs": 1}}}], "distill", "auto"),
-])
+@pytest.mark.parametrize(
+    "stages, later, lowering",
+    [
+        ([{"train": {"epochs": 1}}, {"quantize": {}}, {"lowrank": {"rank_ratio": 0.5}}], "lowrank", "quantize"),
+        ([{"quantize": {}}, {"prune": {"ratio": 0.5}}], "prune", "quantize"),
+        ([{"quantize": {}}, {"train": {"epochs": 1}}], "train", "quantize"),
+        ([{"quantize": {}}, {"quantize": {"method": "dynamic"}}], "quantize", "quantize"),
+        (
+            [{"auto": {}}, {"distill": {"student": {"builtin": "mlp_student"}, "train": {"epochs": 1}}}],
+            "distill",
+            "auto",
+        ),
+    ],
+)
 def test_a_stage_that_changes_the_model_after_lowering_is_refused(tiny_recipe, stages, later, lowering):
     tiny_recipe["stages"] = stages + [{"export": {}}]
     with pytest.raises(RecipeError) as info:
@@ -152,25 +174,45 @@ def test_embedding_distill_after_quantize_is_refused_and_old_names_still_work(ca
 def test_export_after_lowering_is_allowed_and_every_preset_lowers_last():
     for name in [*builtin_recipes(), *presets()]:
         load_recipe(name)  # every built-in recipe and preset passes the lowering-order check
-    own = {"name": "mine", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
-           "stages": [{"quantize": {}}], "preset": "edge"}
+    own = {
+        "name": "mine",
+        "model": {"builtin": "mlp_student"},
+        "data": {"builtin": "fashion_mnist"},
+        "stages": [{"quantize": {}}],
+        "preset": "edge",
+    }
     with pytest.raises(RecipeError, match="'prune' changes the model, but stages.0. 'quantize'"):
         parse_recipe(own)  # the preset's prune would follow the recipe's own quantize
 
 
-@pytest.mark.parametrize("where, config, message", [
-    ("quantize", {"method": "static", "bits": 8}, "'bits' applies to method weight_only, not method 'static'"),
-    ("quantize", {"method": "dynamic", "observer": "mse"}, "'observer' applies to method static or qat, not method "
-                                                           "'dynamic'"),
-    ("quantize", {"method": "weight_only", "finetune": {"epochs": 1}}, "'finetune' applies to method qat"),
-    ("prune", {"method": "magnitude", "sparsity": 0.5, "ratio": 0.3}, "'ratio' applies to method structured or "
-                                                                        "blocks, not method 'magnitude'"),
-    ("prune", {"method": "structured", "ratio": 0.3, "n": 3}, "'n' applies to method nm or wanda or sparsegpt, not "
-                                                              "method 'structured'"),
-    ("data", {"builtin": "fashion_mnist", "sources": ["fortunes"]}, "'sources' applies to builtin text, not builtin "
-                                                                     "'fashion_mnist'"),
-    ("data", {"builtin": "text", "val_size": 10}, "'val_size' applies to builtin fashion_mnist or entrypoint"),
-])
+@pytest.mark.parametrize(
+    "where, config, message",
+    [
+        ("quantize", {"method": "static", "bits": 8}, "'bits' applies to method weight_only, not method 'static'"),
+        (
+            "quantize",
+            {"method": "dynamic", "observer": "mse"},
+            "'observer' applies to method static or qat, not method 'dynamic'",
+        ),
+        ("quantize", {"method": "weight_only", "finetune": {"epochs": 1}}, "'finetune' applies to method qat"),
+        (
+            "prune",
+            {"method": "magnitude", "sparsity": 0.5, "ratio": 0.3},
+            "'ratio' applies to method structured or blocks, not method 'magnitude'",
+        ),
+        (
+            "prune",
+            {"method": "structured", "ratio": 0.3, "n": 3},
+            "'n' applies to method nm or wanda or sparsegpt, not method 'structured'",
+        ),
+        (
+            "data",
+            {"builtin": "fashion_mnist", "sources": ["fortunes"]},
+            "'sources' applies to builtin text, not builtin 'fashion_mnist'",
+        ),
+        ("data", {"builtin": "text", "val_size": 10}, "'val_size' applies to builtin fashion_mnist or entrypoint"),
+    ],
+)
 def test_a_key_of_another_method_is_an_error_naming_the_methods_that_take_it(where, config, message):
     recipe = {"name": "x", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"}}
     if where == "data":
@@ -183,11 +225,18 @@ def test_a_key_of_another_method_is_an_error_naming_the_methods_that_take_it(whe
 
 def test_ignore_is_one_name_for_layers_left_alone_with_exclude_accepted():
     from torchslim.paths import matches
-    recipe = {"name": "x", "model": {"builtin": "mlp_student"}, "data": {"builtin": "fashion_mnist"},
-              "stages": [{"quantize": {"exclude": ["fc1"]}}, {"export": {}}]}
+
+    recipe = {
+        "name": "x",
+        "model": {"builtin": "mlp_student"},
+        "data": {"builtin": "fashion_mnist"},
+        "stages": [{"quantize": {"exclude": ["fc1"]}}, {"export": {}}],
+    }
     assert parse_recipe(recipe).stages[0].config.ignore == ["fc1"]
-    recipe["stages"] = [{"prune": {"ratio": 0.5, "ignore": ["head*"]}}, {"lowrank": {"energy": 0.9,
-                                                                                    "ignore": ["features.0"]}}]
+    recipe["stages"] = [
+        {"prune": {"ratio": 0.5, "ignore": ["head*"]}},
+        {"lowrank": {"energy": 0.9, "ignore": ["features.0"]}},
+    ]
     parsed = parse_recipe(recipe)
     assert parsed.stages[0].config.ignore == ["head*"] and parsed.stages[1].config.ignore == ["features.0"]
     assert matches("features.0.conv", ["features.0"]) and not matches("features.01", ["features.0"])

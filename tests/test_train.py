@@ -10,8 +10,15 @@ from torchslim.train import TrainConfig, activation_checkpointing, cross_entropy
 
 def _fit(model, data, **overrides):
     cfg = TrainConfig(**{"epochs": 2, "lr": 3e-3, **overrides})
-    return fit(model, data.train, cfg, loss_fn=cross_entropy_loss(), batch_size=64,
-               validate=lambda m: evaluate_accuracy(m, data.val), seed=0)
+    return fit(
+        model,
+        data.train,
+        cfg,
+        loss_fn=cross_entropy_loss(),
+        batch_size=64,
+        validate=lambda m: evaluate_accuracy(m, data.val),
+        seed=0,
+    )
 
 
 def test_training_learns_real_data(small_data):
@@ -31,8 +38,9 @@ def test_resume_gives_the_same_weights(small_data, tmp_path):
     torch.manual_seed(1)
     init = mlp_student().state_dict()
     cfg = TrainConfig(epochs=3, lr=3e-3)
-    kwargs = dict(loss_fn=cross_entropy_loss(), batch_size=64, seed=5,
-                  validate=lambda m: evaluate_accuracy(m, small_data.val))
+    kwargs = dict(
+        loss_fn=cross_entropy_loss(), batch_size=64, seed=5, validate=lambda m: evaluate_accuracy(m, small_data.val)
+    )
 
     full = mlp_student()
     full.load_state_dict(init)
@@ -98,9 +106,9 @@ def test_early_stopping_and_restore_best(small_data):
     def validate(m):
         snapshots.append(m.network[1].weight.detach().clone())
         return next(scores)
+
     cfg = TrainConfig(epochs=5, lr=1e-3, early_stopping={"patience": 2})
-    result = fit(model, small_data.train, cfg, loss_fn=cross_entropy_loss(), batch_size=256,
-                 validate=validate, seed=0)
+    result = fit(model, small_data.train, cfg, loss_fn=cross_entropy_loss(), batch_size=256, validate=validate, seed=0)
     assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 2
     assert torch.equal(model.network[1].weight, snapshots[1])
 
@@ -109,6 +117,7 @@ def test_nan_loss_stops_with_a_message(small_data):
     def bad_loss(model, batch):
         loss = model(batch[0]).sum() * float("nan")
         return loss, {}
+
     with pytest.raises(TorchslimError, match="loss became nan at step 1"):
         fit(mlp_student(), small_data.train, TrainConfig(), loss_fn=bad_loss, batch_size=64)
 
@@ -118,7 +127,8 @@ def test_grad_clip_bounds_the_update():
     data = TensorDataset(torch.randn(32, 5) * 100, torch.randint(0, 3, (32,)))
     model = nn.Linear(5, 3)
     before = model.weight.detach().clone()
-    cfg = TrainConfig(epochs=1, lr=1.0, optimizer="sgd", momentum=0, weight_decay=0, schedule="constant",
-                      grad_clip=0.01)
+    cfg = TrainConfig(
+        epochs=1, lr=1.0, optimizer="sgd", momentum=0, weight_decay=0, schedule="constant", grad_clip=0.01
+    )
     fit(model, data, cfg, loss_fn=cross_entropy_loss(), batch_size=32)
     assert (model.weight - before).norm() <= 0.01 + 1e-6

@@ -22,15 +22,20 @@ def minilm():
 @pytest.fixture(scope="module")
 def serving(minilm, tmp_path_factory):
     model, tok = minilm
-    return export_encoder(model, tok, tmp_path_factory.mktemp("serving") / "serving.onnx",
-                          text.sentences("fortunes")[:8], fuse=True)
+    return export_encoder(
+        model, tok, tmp_path_factory.mktemp("serving") / "serving.onnx", text.sentences("fortunes")[:8], fuse=True
+    )
 
 
 def _batches():
     fortunes, phrases = text.sentences("fortunes"), text.sentences("descriptions")
     long = " ".join(fortunes[:40])  # truncated at 128 tokens: a row without padding next to short ones
-    return {"fortunes": fortunes[200:216], "phrases": phrases[200:205], "one": fortunes[7:8],
-            "mixed": [long, phrases[0], "Hi.", fortunes[3]]}
+    return {
+        "fortunes": fortunes[200:216],
+        "phrases": phrases[200:205],
+        "one": fortunes[7:8],
+        "mixed": [long, phrases[0], "Hi.", fortunes[3]],
+    }
 
 
 def test_serving_graph_matches_pytorch_for_every_padding_pattern(minilm, serving):
@@ -62,8 +67,9 @@ def test_linear_layers_see_only_the_real_tokens(minilm, serving, tmp_path):
     onnx.save(graph, str(tmp_path / "probe.onnx"))
     ids, mask = tokenize(tok, _batches()["fortunes"])
     assert mask.float().mean() < 0.6  # the batch is mostly padding
-    outputs = ort_session(tmp_path / "probe.onnx", 1).run(None, {"input_ids": ids.numpy(),
-                                                                  "attention_mask": mask.numpy()})
+    outputs = ort_session(tmp_path / "probe.onnx", 1).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )
     assert outputs[1].shape == (int(mask.sum()), model.encoder.config.intermediate_size)
 
 

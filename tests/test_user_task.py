@@ -31,6 +31,7 @@ def example(tmp_path):
 
 def _cli(args):
     from typer.testing import CliRunner
+
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.output
 
@@ -46,9 +47,11 @@ def test_user_task_runs_prune_quantize_export_with_its_own_metric(example, tmp_p
     m = {s["name"]: s["metrics"] for s in stages}
     # the metric is the task's own, from the served ONNX artifact: far below a constant predictor's
     import sys
+
     sys.path.insert(0, str(example))
     try:
         import boxes
+
         targets = boxes.data(1500, 400)["test"].tensors[1].numpy()
     finally:
         sys.path.remove(str(example))

@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.quantize.weights import (Grid, collect_hessians, dequantized, gptq, output_error, quantize_layer,
-                                        quantize_weights, rtn)
+from torchslim.quantize.weights import (
+    Grid,
+    collect_hessians,
+    dequantized,
+    gptq,
+    output_error,
+    quantize_layer,
+    quantize_weights,
+    rtn,
+)
 
 
 def correlated_inputs(n=2048, d=64, seed=0):
@@ -29,8 +37,10 @@ def test_round_to_nearest_puts_every_group_on_its_grid(grid):
     assert ((new - w).abs() <= step / 2 + 1e-6).all()  # within half a step (nothing clipped)
 
 
-@pytest.mark.parametrize("grid,act_order", [(Grid(4, 32, True), False), (Grid(4, 32, False), False),
-                                            (Grid(4, 32, True), True), (Grid(3, 0, True), False)])
+@pytest.mark.parametrize(
+    "grid,act_order",
+    [(Grid(4, 32, True), False), (Grid(4, 32, False), False), (Grid(4, 32, True), True), (Grid(3, 0, True), False)],
+)
 def test_gptq_moves_the_outputs_less_than_round_to_nearest(grid, act_order):
     torch.manual_seed(0)
     w, x = torch.randn(48, 64), correlated_inputs()
@@ -81,15 +91,30 @@ def _tiny_llama_logits():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from torchslim.models.lm import Logits
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return Logits(LlamaForCausalLM(config).eval()).eval()
 
 
-@pytest.mark.parametrize("grid,method", [(Grid(4, 32, True), "gptq"), (Grid(4, 32, False), "gptq"),
-                                         (Grid(8, 64, True), "rtn"), (Grid(4, 16, False), "rtn"),
-                                         (Grid(4, 128, False), "gptq")])  # 64-wide layers: one short group
+@pytest.mark.parametrize(
+    "grid,method",
+    [
+        (Grid(4, 32, True), "gptq"),
+        (Grid(4, 32, False), "gptq"),
+        (Grid(8, 64, True), "rtn"),
+        (Grid(4, 16, False), "rtn"),
+        (Grid(4, 128, False), "gptq"),
+    ],
+)  # 64-wide layers: one short group
 def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tmp_path, grid, method):
     import onnx
 
@@ -97,6 +122,7 @@ def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tm
     from torchslim.measure.latency import ort_session
     from torchslim.quantize.nbits import lower_quantized_weights
     from torchslim.quantize.weights import linear_layers
+
     model = _tiny_llama_logits()
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randint(0, 97, (2, 32), generator=g),) for _ in range(4)]
@@ -105,12 +131,16 @@ def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tm
     quantize_weights(model, grid, method, hessians=collect_hessians(model, batches, layers), layers=layers)
     if grid.bits == 4 and method == "rtn":  # bits per layer mixed, as a validation budget leaves them
         for name in list(layers)[::3]:
-            quantize_layer(layers[name], Grid(8, grid.group, grid.symmetric), weight=torch.randn(
-                layers[name].weight.shape, generator=g) * 0.02)
+            quantize_layer(
+                layers[name],
+                Grid(8, grid.group, grid.symmetric),
+                weight=torch.randn(layers[name].weight.shape, generator=g) * 0.02,
+            )
     ids = torch.randint(0, 97, (3, 20), generator=g)
     mask = torch.ones_like(ids)
-    float_path = export_inputs(model, tmp_path / "float.onnx", (ids, mask), ["input_ids", "attention_mask"],
-                               [{0: "batch", 1: "sequence"}] * 2)
+    float_path = export_inputs(
+        model, tmp_path / "float.onnx", (ids, mask), ["input_ids", "attention_mask"], [{0: "batch", 1: "sequence"}] * 2
+    )
     path = lower_quantized_weights(float_path, tmp_path / "nbits.onnx", model)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("MatMulNBits") == 14
@@ -123,6 +153,7 @@ def test_quantized_weights_lower_to_matmul_nbits_that_compute_the_same_logits(tm
 
 def test_gptq_block_after_block_on_a_llama_beats_round_to_nearest_at_the_logits():
     from torchslim.quantize.weights import gptq_sequential, linear_layers, repeated_blocks
+
     g = torch.Generator().manual_seed(5)
     batches = [(torch.randint(0, 97, (2, 32), generator=g),) for _ in range(8)]
     held_out = torch.randint(0, 97, (4, 32), generator=g)
@@ -146,6 +177,7 @@ def test_gptq_block_after_block_on_a_llama_beats_round_to_nearest_at_the_logits(
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_the_clipping_search_never_rounds_worse_and_helps_heavy_tails(symmetric):
     from torchslim.quantize.weights import Grid, dequantized, rtn
+
     torch.manual_seed(0)
     w = torch.distributions.Laplace(0.0, 1.0).sample((64, 256))  # heavier tails than Gaussian, like LLM weights
     importance = torch.rand(256) + 0.1
@@ -162,9 +194,11 @@ def test_the_clipping_search_never_rounds_worse_and_helps_heavy_tails(symmetric)
 def test_a_validation_budget_keeps_the_most_sensitive_layers_at_more_bits_and_no_more():
     from torchslim.quantize.budget import mixed_bits, relative_drop
     from torchslim.quantize.weights import quantize_layer
+
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64),
-                          nn.Tanh(), nn.Linear(64, 8)).eval()
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8)
+    ).eval()
     x = correlated_inputs(512, 32, seed=3)
     with torch.no_grad():
         target = model(x)
@@ -175,14 +209,17 @@ def test_a_validation_budget_keeps_the_most_sensitive_layers_at_more_bits_and_no
         quantize_layer(layer, Grid(2, 16, True))
     all_low = score()
     budget = 0.5 * relative_drop(-1.0, all_low)
-    chosen = mixed_bits(layers, floats, lambda n: quantize_layer(layers[n], Grid(8, 16, True), weight=floats[n]),
-                        score, score, budget)
+    chosen = mixed_bits(
+        layers, floats, lambda n: quantize_layer(layers[n], Grid(8, 16, True), weight=floats[n]), score, score, budget
+    )
     k = len(chosen["high_layers"])
     costs = [r["drop"] for r in chosen["sensitivity"]]
     assert 0 < k < 4 and costs == sorted(costs, reverse=True) and costs[-1] > 0
     assert chosen["high_layers"] == [r["layer"] for r in chosen["sensitivity"][:k]]
     assert chosen["validation_drop"] <= budget and relative_drop(-1.0, score()) == pytest.approx(
-        chosen["validation_drop"])
+        chosen["validation_drop"]
+    )
     assert [layers[n].torchslim_weight_grid[0].bits for n in layers] == [
-        8 if n in chosen["high_layers"] else 2 for n in layers]
+        8 if n in chosen["high_layers"] else 2 for n in layers
+    ]
     assert chosen["evaluated"][str(k - 1)] > budget  # one layer fewer at 8 bits misses the budget

@@ -41,9 +41,15 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
 
     def forward(self, x):
         return x + self.block(x) if self.use_res else self.block(x)
@@ -53,8 +59,13 @@ class MobileNetV2ish(nn.Module):
     def __init__(self, num_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
-            InvertedResidual(16, 16, 1, 2), InvertedResidual(16, 24, 2, 4), InvertedResidual(24, 24, 1, 4))
+            nn.Conv2d(1, 16, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU6(),
+            InvertedResidual(16, 16, 1, 2),
+            InvertedResidual(16, 24, 2, 4),
+            InvertedResidual(24, 24, 1, 4),
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(24, num_classes))
 
@@ -66,8 +77,11 @@ class DenseBlock(nn.Module):
     def __init__(self, cin, growth, layers):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(cin + i * growth), nn.ReLU(), nn.Conv2d(cin + i * growth, growth, 3, padding=1))
-            for i in range(layers))
+            nn.Sequential(
+                nn.BatchNorm2d(cin + i * growth), nn.ReLU(), nn.Conv2d(cin + i * growth, growth, 3, padding=1)
+            )
+            for i in range(layers)
+        )
 
     def forward(self, x):
         for layer in self.layers:
@@ -135,8 +149,11 @@ class SEBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.fc1 = nn.Conv2d(cout, cout // reduction, 1)
         self.fc2 = nn.Conv2d(cout // reduction, cout, 1)
-        self.short = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.short = (
+            nn.Sequential()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -149,8 +166,9 @@ class SEResNet(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.blocks = nn.Sequential(SEBlock(width, width), SEBlock(width, 2 * width, 2),
-                                    SEBlock(2 * width, 4 * width, 2))
+        self.blocks = nn.Sequential(
+            SEBlock(width, width), SEBlock(width, 2 * width, 2), SEBlock(2 * width, 4 * width, 2)
+        )
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x):

@@ -28,8 +28,12 @@ def _boxes(n: int, seed: int) -> TensorDataset:
     y0 = (torch.rand(n, generator=gen) * (32 - side)).long()
     images = 0.3 * torch.randn(n, 1, 32, 32, generator=gen)
     rows, cols = torch.arange(32)[None, :, None], torch.arange(32)[None, None, :]
-    inside = (rows >= y0[:, None, None]) & (rows < (y0 + side)[:, None, None]) & \
-             (cols >= x0[:, None, None]) & (cols < (x0 + side)[:, None, None])
+    inside = (
+        (rows >= y0[:, None, None])
+        & (rows < (y0 + side)[:, None, None])
+        & (cols >= x0[:, None, None])
+        & (cols < (x0 + side)[:, None, None])
+    )
     images[:, 0] += inside.float()
     target = torch.stack([(x0 + side / 2) / 32, (y0 + side / 2) / 32, side / 32], 1).float()
     return TensorDataset(images, target)
@@ -37,17 +41,29 @@ def _boxes(n: int, seed: int) -> TensorDataset:
 
 def data(train: int = 4000, test: int = 1000):
     """The data entry point: train / val / test splits of synthetic box images (seeded)."""
-    return {"train": _boxes(train, 0), "val": _boxes(test, 1), "test": _boxes(test, 2),
-            "description": "synthetic 32x32 images of one bright box in noise; targets: centre x, centre y, side"}
+    return {
+        "train": _boxes(train, 0),
+        "val": _boxes(test, 1),
+        "test": _boxes(test, 2),
+        "description": "synthetic 32x32 images of one bright box in noise; targets: centre x, centre y, side",
+    }
 
 
 def build(width: int = 32) -> nn.Module:
     """The model entry point: a small CNN with three outputs."""
+
     def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                             nn.MaxPool2d(2))
-    return nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 2 * width), nn.Flatten(),
-                         nn.Linear(2 * width * 16, 3))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+        )
+
+    return nn.Sequential(
+        block(1, width),
+        block(width, 2 * width),
+        block(2 * width, 2 * width),
+        nn.Flatten(),
+        nn.Linear(2 * width * 16, 3),
+    )
 
 
 class BoxRegression(LabelledTask):
@@ -62,6 +78,7 @@ class BoxRegression(LabelledTask):
             x, y = batch
             value = F.smooth_l1_loss(model(x), y, beta=0.05)
             return value, {"smooth_l1": value}
+
         return loss_fn
 
     def score(self, predict, samples=None) -> float:
@@ -70,14 +87,20 @@ class BoxRegression(LabelledTask):
 
     def evaluate(self, predict) -> dict:
         out, y = self.outputs(predict, "test")
-        return {"mae": float(np.abs(out - y).mean()), "rmse": float(np.sqrt(((out - y) ** 2).mean())),
-                "eval_examples": len(y)}
+        return {
+            "mae": float(np.abs(out - y).mean()),
+            "rmse": float(np.sqrt(((out - y) ** 2).mean())),
+            "eval_examples": len(y),
+        }
 
 
 class ClipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sigmas: float = Field(4.0, gt=0, description="weights beyond this many standard deviations of their layer are "
-                          "clipped (narrower int8 ranges)")
+    sigmas: float = Field(
+        4.0,
+        gt=0,
+        description="weights beyond this many standard deviations of their layer are clipped (narrower int8 ranges)",
+    )
 
 
 @register_stage("clip_outliers", ClipConfig)

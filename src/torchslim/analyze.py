@@ -13,13 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torchslim.context import RunContext
 from torchslim.measure import measure
+from torchslim.tasks import make_task
 
 
 def layer_table(model: nn.Module, example: torch.Tensor | tuple) -> list[dict]:
     """One row per leaf module: type, parameters, non-zero parameters, output shape, FLOPs."""
     shapes: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: shapes.__setitem__(n, list(getattr(o, "shape", []))))
-             for name, m in model.named_modules() if not list(m.children())]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=name: shapes.__setitem__(n, list(getattr(o, "shape", []))))
+        for name, m in model.named_modules()
+        if not list(m.children())
+    ]
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         model.eval()(*(example if isinstance(example, tuple) else (example,)))
@@ -31,15 +35,21 @@ def layer_table(model: nn.Module, example: torch.Tensor | tuple) -> list[dict]:
         if list(module.children()):
             continue
         params = list(module.parameters(recurse=False))
-        rows.append({"name": name, "type": type(module).__name__, "params": sum(p.numel() for p in params),
-                     "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
-                     "output_shape": shapes.get(name), "flops": int(flops.get(name, 0))})
+        rows.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "params": sum(p.numel() for p in params),
+                "nonzero": sum(int(torch.count_nonzero(p)) for p in params),
+                "output_shape": shapes.get(name),
+                "flops": int(flops.get(name, 0)),
+            }
+        )
     return rows
 
 
 def analyze_model(recipe, folder: Path | None, console: Console) -> dict:
     """The recipe's model as its task builds it, measured like a run's baseline, and a per-layer table."""
-    from torchslim.tasks import make_task
     task = make_task(recipe, folder)
     model = task.setup()
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,18 +60,25 @@ def analyze_model(recipe, folder: Path | None, console: Console) -> dict:
     for col in ("layer", "type", "params", "non-zero", "output", "FLOPs"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for r in rows:
-        table.add_row(r["name"], r["type"], f"{r['params']:,}", f"{r['nonzero']:,}", str(r["output_shape"]),
-                      f"{r['flops']:,}")
+        table.add_row(
+            r["name"], r["type"], f"{r['params']:,}", f"{r['nonzero']:,}", str(r["output_shape"]), f"{r['flops']:,}"
+        )
     console.print(table)
     lat = metrics["latency"]
-    console.print(f"parameters {metrics['params']:,} (trainable {metrics['trainable_params']:,}, non-zero "
-                  f"{metrics['nonzero_params']:,}); weights {metrics['weights_bytes']:,} bytes; artifact "
-                  f"{metrics['size_bytes']:,} bytes; FLOPs {metrics.get('flops', 0):,} per input")
-    for runtime, l in lat.items():
-        console.print(f"latency {runtime}: p50 {l['p50']:.2f} ms, p95 {l['p95']:.2f} ms "
-                      f"(batch {l['batch_size']}, {l['threads']} threads)")
+    console.print(
+        f"parameters {metrics['params']:,} (trainable {metrics['trainable_params']:,}, non-zero "
+        f"{metrics['nonzero_params']:,}); weights {metrics['weights_bytes']:,} bytes; artifact "
+        f"{metrics['size_bytes']:,} bytes; FLOPs {metrics.get('flops', 0):,} per input"
+    )
+    for runtime, timing in lat.items():
+        console.print(
+            f"latency {runtime}: p50 {timing['p50']:.2f} ms, p95 {timing['p95']:.2f} ms "
+            f"(batch {timing['batch_size']}, {timing['threads']} threads)"
+        )
     value = metrics.get(task.metric)
     if isinstance(value, float):
-        console.print(f"{task.metric.replace('_', ' ')} {value:.4f} on {metrics.get('eval_examples', '?')} held-out "
-                      "examples (served runtime)")
+        console.print(
+            f"{task.metric.replace('_', ' ')} {value:.4f} on {metrics.get('eval_examples', '?')} held-out "
+            "examples (served runtime)"
+        )
     return {"metrics": metrics, "layers": rows}

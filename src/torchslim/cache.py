@@ -56,8 +56,12 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def training_key(model: nn.Module, settings: dict) -> str:
     """The cache key of training `model` (as it is now) with `settings` (plain JSON-able data)."""
-    payload = {"weights": weights_fingerprint(model), "settings": settings, "torch": torch.__version__,
-               "code": code_fingerprint()}
+    payload = {
+        "weights": weights_fingerprint(model),
+        "settings": settings,
+        "torch": torch.__version__,
+        "code": code_fingerprint(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -38,13 +38,25 @@ class ByVariant(Strict):
             return data
         chosen = cls.chosen_variant(data)
         for key, value in data.items():
-            name, field = next(((n, f) for n, f in cls.model_fields.items() if key == n or key == f.alias or
-                                (f.validation_alias and key in getattr(f.validation_alias, "choices", ()))),
-                               (None, None))
-            variants = (field.json_schema_extra or {}).get("variants") if field is not None and \
-                isinstance(field.json_schema_extra, dict) else None
+            name, field = next(
+                (
+                    (n, f)
+                    for n, f in cls.model_fields.items()
+                    if key == n
+                    or key == f.alias
+                    or (f.validation_alias and key in getattr(f.validation_alias, "choices", ()))
+                ),
+                (None, None),
+            )
+            variants = (
+                (field.json_schema_extra or {}).get("variants")
+                if field is not None and isinstance(field.json_schema_extra, dict)
+                else None
+            )
             if variants and chosen not in variants and value != field.get_default(call_default_factory=True):
                 what = cls.variant_key
-                raise ValueError(f"'{key}' applies to {what} {' or '.join(variants)}, not {what} {chosen!r}; remove "
-                                 f"it, or choose {what}: {variants[0]}")
+                raise ValueError(
+                    f"'{key}' applies to {what} {' or '.join(variants)}, not {what} {chosen!r}; remove "
+                    f"it, or choose {what}: {variants[0]}"
+                )
         return data

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from torchslim.train import fit
+
 
 @dataclass
 class RunContext:
@@ -19,7 +21,6 @@ class RunContext:
     resume: bool = False
     search_dir: Path | None = None  # the recipe's folder, for entry points and relative paths
     stage_dir: Path | None = None  # set by the pipeline before each stage
-    stage_info: dict = field(default_factory=dict)  # extra fields a stage adds to its report entry
     architecture: dict = field(default_factory=dict)  # how to rebuild the current model: {"model": spec, "ops": [...]}
     artifact: Path | None = None  # the lowered artifact served since a `Lowered` result (read-only for stages)
     on_epoch_end: Callable[[int, dict], None] | None = None  # hook for callers (progress, tests)
@@ -30,20 +31,39 @@ class RunContext:
         """The task's DataBundle (tasks on labelled data)."""
         return self.task.data
 
-    def fit(self, model, cfg, loss_fn=None, *, checkpoint_dir: Path, description: str, train_set=None,
-            seed_offset: int = 0, epoch_setup: Callable | None = None, stop: Callable[[], bool] | None = None):
+    def fit(
+        self,
+        model,
+        cfg,
+        loss_fn=None,
+        *,
+        checkpoint_dir: Path,
+        description: str,
+        train_set=None,
+        seed_offset: int = 0,
+        epoch_setup: Callable | None = None,
+        stop: Callable[[], bool] | None = None,
+    ):
         """The one training loop as every stage runs it: the task's training set and loss unless given,
         validation with the task's metric, epoch checkpoints in `checkpoint_dir` (resumed when the run
         resumes), the recipe's seed, device and batch size."""
-        from torchslim.train import fit
         task = self.task
-        return fit(model, task.train_set() if train_set is None else train_set, cfg,
-                   loss_fn=loss_fn or task.loss(getattr(cfg, "label_smoothing", 0.0)),
-                   batch_size=cfg.batch_size or self.recipe.data.batch_size,
-                   validate=task.validate,
-                   checkpoint_dir=checkpoint_dir, resume=self.resume, seed=self.recipe.seed + seed_offset,
-                   device=self.device, on_epoch_end=self.on_epoch_end, epoch_setup=epoch_setup, stop=stop,
-                   description=description)
+        return fit(
+            model,
+            task.train_set() if train_set is None else train_set,
+            cfg,
+            loss_fn=loss_fn or task.loss(getattr(cfg, "label_smoothing", 0.0)),
+            batch_size=cfg.batch_size or self.recipe.data.batch_size,
+            validate=task.validate,
+            checkpoint_dir=checkpoint_dir,
+            resume=self.resume,
+            seed=self.recipe.seed + seed_offset,
+            device=self.device,
+            on_epoch_end=self.on_epoch_end,
+            epoch_setup=epoch_setup,
+            stop=stop,
+            description=description,
+        )
 
     @property
     def exporter(self) -> str:

@@ -114,6 +114,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if world() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
+
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
@@ -121,6 +122,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (module paths and attributes are its)."""
     from torch.nn.parallel import DistributedDataParallel
+
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -149,8 +151,10 @@ def rank_dir(run_dir: Path, prepare: Callable[[], T]) -> Iterator[tuple[Path, T]
         barrier()
         return
     if not run_dir.is_dir():
-        raise TorchslimError(f"rank {rank()} cannot see the run directory {run_dir} that rank 0 prepared: on "
-                             "several machines, put --out on storage every machine mounts at the same path.")
+        raise TorchslimError(
+            f"rank {rank()} cannot see the run directory {run_dir} that rank 0 prepared: on "
+            "several machines, put --out on storage every machine mounts at the same path."
+        )
     scratch = Path(tempfile.mkdtemp(prefix=f"torchslim-rank{rank()}-"))
     try:
         shutil.copytree(run_dir, scratch, dirs_exist_ok=True)
@@ -160,5 +164,18 @@ def rank_dir(run_dir: Path, prepare: Callable[[], T]) -> Iterator[tuple[Path, T]
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-__all__ = ["init", "finish", "world", "rank", "is_main", "barrier", "broadcast", "on_main", "all_reduce_sum",
-           "wrap", "unwrap", "rank_batches", "rank_dir"]
+__all__ = [
+    "init",
+    "finish",
+    "world",
+    "rank",
+    "is_main",
+    "barrier",
+    "broadcast",
+    "on_main",
+    "all_reduce_sum",
+    "wrap",
+    "unwrap",
+    "rank_batches",
+    "rank_dir",
+]

@@ -28,6 +28,7 @@ WARNINGS: list[str] = []  # what warn() said since the pipeline last collected i
 def warn(message: str) -> None:
     """A problem the run can go on with: said on the console, and recorded in the stage's report entry."""
     from rich.text import Text
+
     WARNINGS.append(message)
     console.log(Text("warning: ", style="bold yellow") + Text(message))
 
@@ -41,6 +42,7 @@ def collect_warnings() -> list[str]:
 class _Bar(Progress):
     """A progress bar on a terminal; one at a time (a phase inside another phase logs lines instead,
     whatever rich version is installed)."""
+
     active = 0
 
     def __enter__(self):
@@ -53,9 +55,15 @@ class _Bar(Progress):
 
 
 def progress_bar() -> Progress:
-    return _Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(), console=console, transient=True,
-                disable=not console.is_terminal or _Bar.active > 0)
+    return _Bar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal or _Bar.active > 0,
+    )
 
 
 class _Steps:

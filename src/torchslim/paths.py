@@ -9,5 +9,6 @@ from typing import Iterable
 
 
 def matches(path: str, patterns: Iterable[str]) -> bool:
-    return any(path == p or path.startswith(p + ".") or (any(c in p for c in "*?[") and fnmatchcase(path, p))
-               for p in patterns)
+    return any(
+        path == p or path.startswith(p + ".") or (any(c in p for c in "*?[") and fnmatchcase(path, p)) for p in patterns
+    )

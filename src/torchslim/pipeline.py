@@ -24,11 +24,12 @@ from torchslim.log import collect_warnings, console, warn
 from torchslim.measure import measure
 from torchslim.measure.compare import compare_stages
 from torchslim.models.io import load_weights
-from torchslim.recipe import Recipe
+from torchslim.recipe import Recipe, parse_recipe
 from torchslim.registry import get_stage
 from torchslim.report.json import build_report, environment
 from torchslim.results import Exported, Lowered, Restructured, StageResult, as_result
 from torchslim.tasks import make_task
+from torchslim.train import TrainConfig
 
 STATE = "state.json"
 OWNED = ("stages", STATE, "report.json", "report.html")
@@ -51,23 +52,29 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
         if state is None:
             raise RunDirError(f"Nothing to resume in {run_dir}: it has no {STATE}. Run without --resume.")
         if state["recipe_hash"] != recipe_hash(recipe):
-            raise RunDirError(f"{run_dir} holds a run of a different recipe (or the recipe changed since); "
-                              "resume with the same recipe, or pass --overwrite to start again.")
+            raise RunDirError(
+                f"{run_dir} holds a run of a different recipe (or the recipe changed since); "
+                "resume with the same recipe, or pass --overwrite to start again."
+            )
     elif state is not None:
         what = "a finished run" if state["status"] == "complete" else "an unfinished run (resume it with --resume)"
-        raise RunDirError(f"{run_dir} already holds {what}. Pass --overwrite to replace it, or choose "
-                          "another directory with --out.")
+        raise RunDirError(
+            f"{run_dir} already holds {what}. Pass --overwrite to replace it, or choose another directory with --out."
+        )
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} is not empty and is not a torchslim run directory; choose an empty or "
-                          "new directory with --out so nothing of yours is overwritten.")
+        raise RunDirError(
+            f"{run_dir} is not empty and is not a torchslim run directory; choose an empty or "
+            "new directory with --out so nothing of yours is overwritten."
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise RunDirError(f"Cannot write to the output directory {run_dir}: {exc.strerror}. "
-                          "Choose another with --out.") from None
+        raise RunDirError(
+            f"Cannot write to the output directory {run_dir}: {exc.strerror}. Choose another with --out."
+        ) from None
     return state
 
 
@@ -87,8 +94,15 @@ def _reference_index(recipe: Recipe, task) -> int:
     return len(recipe.stages)
 
 
-def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False,
-        search_dir: Path | None = None, on_epoch_end: Callable | None = None) -> dict:
+def run(
+    recipe: Recipe,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    search_dir: Path | None = None,
+    on_epoch_end: Callable | None = None,
+) -> dict:
     """Run a validated recipe of any task. Returns the report (also written to run_dir/report.json).
     Under torchrun every rank runs it; rank 0 alone writes `run_dir` (see `torchslim.distributed`)."""
     run_dir = Path(run_dir or recipe.output or Path("runs") / recipe.name)
@@ -97,28 +111,34 @@ def run(recipe: Recipe, run_dir: Path | None = None, *, resume: bool = False, ov
         task = make_task(recipe, search_dir)
         model = task.setup()
         task.check(model)
-        ctx = RunContext(recipe, task, where, device=_device(recipe.device), resume=resume, search_dir=search_dir,
-                         on_epoch_end=on_epoch_end, architecture=task.architecture(),
-                         run_recipe=partial(run_plain, search_dir=search_dir))
+        ctx = RunContext(
+            recipe,
+            task,
+            where,
+            device=_device(recipe.device),
+            resume=resume,
+            search_dir=search_dir,
+            on_epoch_end=on_epoch_end,
+            architecture=task.architecture(),
+            run_recipe=partial(run_plain, search_dir=search_dir),
+        )
         entries: list[dict] = list(state["stages"]) if state else []
         if entries:
             model = _restore(ctx, entries)
         return run_stages(ctx, model, entries)
 
 
-def run_plain(data: dict, run_dir: Path, *, resume: bool = False, source: Path | str = "recipe",
-              search_dir: Path | None = None) -> dict:
+def run_plain(
+    data: dict, run_dir: Path, *, resume: bool = False, source: Path | str = "recipe", search_dir: Path | None = None
+) -> dict:
     """Parse plain recipe data (a plan the planner wrote) and run it: how stages run other recipes."""
-    from torchslim.recipe import parse_recipe
     return run(parse_recipe(data, source, search_dir), run_dir, resume=resume, search_dir=search_dir)
 
 
-def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: Path | None = None
-               ) -> torch.nn.Module:
+def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: Path | None = None) -> torch.nn.Module:
     """The PyTorch model a finished stage of a run left (the last by default; a stage index, or its
     name), rebuilt in this process from the run's own records: its recipe, the structure the stages
     recorded (kept blocks, pruned widths, students) and the stage's saved weights."""
-    from torchslim.recipe import parse_recipe
     run_dir = Path(run_dir)
     state_path, report_path = run_dir / STATE, run_dir / "report.json"
     if not state_path.exists() or not report_path.exists():
@@ -132,8 +152,10 @@ def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: 
     elif isinstance(stage, str) and stage in names:
         index = len(names) - 1 - names[::-1].index(stage)
     else:
-        raise TorchslimError(f"{run_dir} has no finished stage {stage!r}; its stages: {', '.join(names)} "
-                             f"(indices 0 to {len(names) - 1}).")
+        raise TorchslimError(
+            f"{run_dir} has no finished stage {stage!r}; its stages: {', '.join(names)} "
+            f"(indices 0 to {len(names) - 1})."
+        )
     recipe = parse_recipe(json.loads(report_path.read_text())["recipe"], report_path, search_dir)
     task = make_task(recipe, search_dir)
     task.setup()
@@ -143,8 +165,7 @@ def load_model(run_dir: Path | str, stage: int | str | None = None, search_dir: 
 def _model_at(task, run_dir: Path, entries: list[dict], index: int) -> tuple[torch.nn.Module, dict]:
     """(the model stage `index` left, its architecture record): the last structure recorded up to it,
     rebuilt by the task, with the stage's saved weights."""
-    arch = next((e["architecture"] for e in reversed(entries[:index + 1]) if "architecture" in e),
-                task.architecture())
+    arch = next((e["architecture"] for e in reversed(entries[: index + 1]) if "architecture" in e), task.architecture())
     model = task.rebuild(arch)
     load_weights(model, run_dir / entries[index]["dir"] / "model.safetensors")
     return model, arch
@@ -191,7 +212,6 @@ def run_stages(ctx: RunContext, model: torch.nn.Module, entries: list[dict]) -> 
             continue
         ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        ctx.stage_info = {}
         collect_warnings()
         console.log(f"stage {index}: {name}")
         start = time.perf_counter()
@@ -200,27 +220,43 @@ def run_stages(ctx: RunContext, model: torch.nn.Module, entries: list[dict]) -> 
         seconds = time.perf_counter() - start
         metrics, artifact = distributed.on_main(lambda: _measured(model, ctx, onnx))
         said = collect_warnings()
-        entries.append({"name": name, "seconds": seconds, "metrics": metrics, "artifact": artifact,
-                        "dir": str(ctx.stage_dir.relative_to(run_dir)), "result": result.kind,
-                        "config": spec.config.model_dump(mode="json") if spec else {}, **ctx.stage_info,
-                        **result.info, **({"architecture": ctx.architecture} if isinstance(result, Restructured)
-                                          else {}), **({"warnings": said} if said else {})})
+        entries.append(
+            {
+                "name": name,
+                "seconds": seconds,
+                "metrics": metrics,
+                "artifact": artifact,
+                "dir": str(ctx.stage_dir.relative_to(run_dir)),
+                "result": result.kind,
+                "config": spec.config.model_dump(mode="json") if spec else {},
+                **result.info,
+                **({"architecture": ctx.architecture} if isinstance(result, Restructured) else {}),
+                **({"warnings": said} if said else {}),
+            }
+        )
         console.log(f"{name}: {task.describe(metrics)}{_cost(metrics)}")
         write_json(run_dir / STATE, {**base_state, "stages": entries})
-        write_json(run_dir / "report.json", build_report(recipe.to_dict(), env, entries,
-                                                         reference=min(ref, len(entries) - 1), status="running",
-                                                         **report_args))
+        write_json(
+            run_dir / "report.json",
+            build_report(
+                recipe.to_dict(), env, entries, reference=min(ref, len(entries) - 1), status="running", **report_args
+            ),
+        )
     comparison = distributed.on_main(lambda: _compare(ctx, entries, ref))
-    report = build_report(recipe.to_dict(), env, entries, reference=ref, status="complete", comparison=comparison,
-                          **report_args)
+    report = build_report(
+        recipe.to_dict(), env, entries, reference=ref, status="complete", comparison=comparison, **report_args
+    )
     if recipe.summary.control:
         report["control"] = control_run(ctx, entries, ref)
         metric = task.metric
         if "metrics" in report["control"] and metric in report["control"]["metrics"]:
-            report["summary"][f"{metric}_vs_control"] = entries[-1]["metrics"][metric] - \
-                report["control"]["metrics"][metric]
+            report["summary"][f"{metric}_vs_control"] = (
+                entries[-1]["metrics"][metric] - report["control"]["metrics"][metric]
+            )
     write_json(run_dir / "report.json", report)
+    # lazy: start-up time; report.html needs matplotlib and jinja2 (0.38 s of the 2.45 s `import torchslim`)
     from torchslim.report.html import write_html
+
     write_html(report, run_dir / "report.html")
     write_json(run_dir / STATE, {**base_state, "status": "complete", "stages": entries})
     return report
@@ -228,7 +264,6 @@ def run_stages(ctx: RunContext, model: torch.nn.Module, entries: list[dict]) -> 
 
 def _training_settings(recipe: Recipe, ref: int):
     """The first training settings used after the reference stage (a fine-tune, distillation or QAT)."""
-    from torchslim.train import TrainConfig
     for spec in recipe.stages[ref:]:
         config = spec.config
         if isinstance(config, TrainConfig):
@@ -243,7 +278,7 @@ def control_run(ctx: RunContext, entries: list[dict], ref: int) -> dict:
     """The reference model fine-tuned for the epochs the final model trained after it, with the same
     settings, measured like every stage (folder `control/`)."""
     recipe, run_dir, task = ctx.recipe, ctx.run_dir, ctx.task
-    epochs = sum(len(e.get("history") or []) for e in entries[ref + 1:])
+    epochs = sum(len(e.get("history") or []) for e in entries[ref + 1 :])
     settings = _training_settings(recipe, ref)
     if "labels" not in task.provides:
         return {"skipped": f"the control run fine-tunes on labelled data, which task {task.name} has not"}
@@ -251,16 +286,24 @@ def control_run(ctx: RunContext, entries: list[dict], ref: int) -> dict:
         return {"skipped": "the final model had no training after the reference stage"}
     cfg = settings.model_copy(update={"epochs": epochs, "early_stopping": None})
     model, _ = _model_at(task, run_dir, entries, ref)
-    console.log(f"control: the reference '{entries[ref]['name']}' fine-tuned for {epochs} epoch(s) with the same "
-                "settings as the compressed model's training")
+    console.log(
+        f"control: the reference '{entries[ref]['name']}' fine-tuned for {epochs} epoch(s) with the same "
+        "settings as the compressed model's training"
+    )
     ctx.stage_dir = run_dir / "control"
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     ctx.artifact, saved = None, ctx.artifact
     result = ctx.fit(model, cfg, checkpoint_dir=ctx.stage_dir / "checkpoint", description="control")
     metrics, artifact = distributed.on_main(lambda: _measured(model.cpu(), ctx, None))
     ctx.artifact = saved
-    return {"reference_stage": entries[ref]["name"], "epochs": epochs, "train": cfg.model_dump(mode="json"),
-            "metrics": metrics, "artifact": artifact, "history": result.history}
+    return {
+        "reference_stage": entries[ref]["name"],
+        "epochs": epochs,
+        "train": cfg.model_dump(mode="json"),
+        "metrics": metrics,
+        "artifact": artifact,
+        "history": result.history,
+    }
 
 
 def _compare(ctx: RunContext, entries: list[dict], ref: int) -> dict | None:
@@ -269,15 +312,26 @@ def _compare(ctx: RunContext, entries: list[dict], ref: int) -> dict | None:
     if recipe.measure.compare_seconds <= 0 or ref == len(entries) - 1:
         return None
     console.log("timing every stage's artifact side by side (interleaved) for the summary")
-    record = compare_stages(entries, run_dir, ref, ctx.task.comparison_feeds, recipe.measure.threads,
-                            recipe.measure.compare_seconds, recipe.measure.repeats)
+    record = compare_stages(
+        entries,
+        run_dir,
+        ref,
+        ctx.task.comparison_feeds,
+        recipe.measure.threads,
+        recipe.measure.compare_seconds,
+        recipe.measure.repeats,
+    )
     for label, shape in record.get("shapes", {}).items():
         s = shape["speedup"]
-        console.log(f"{label}: final vs reference {s['median']:.2f}x faster (per-round ratio, quartiles "
-                    f"{s['q25']:.2f}-{s['q75']:.2f}, {shape['rounds']} rounds)")
+        console.log(
+            f"{label}: final vs reference {s['median']:.2f}x faster (per-round ratio, quartiles "
+            f"{s['q25']:.2f}-{s['q75']:.2f}, {shape['rounds']} rounds)"
+        )
         for slow in shape["slowdowns"]:
-            warn(f"{label}: stage '{slow['stage']}' made the model SLOWER: {slow['from_ms']:.2f} -> "
-                 f"{slow['to_ms']:.2f} ms ({slow['ratio']:.2f}x the time of '{slow['after']}', interleaved)")
+            warn(
+                f"{label}: stage '{slow['stage']}' made the model SLOWER: {slow['from_ms']:.2f} -> "
+                f"{slow['to_ms']:.2f} ms ({slow['ratio']:.2f}x the time of '{slow['after']}', interleaved)"
+            )
     for note in record.get("noise", []):
         warn(f"noisy timing: {note}; re-run on an idle machine before trusting the speedups")
     record["warnings"] = collect_warnings()
@@ -291,5 +345,7 @@ def _measured(model: torch.nn.Module, ctx: RunContext, onnx: Path | None) -> tup
 
 def _cost(m: dict) -> str:
     lat = m["latency_ms"]
-    return (f"size {m['size_bytes'] / 1e6:.2f} MB, params {m['params']:,}, latency p50 {lat['p50']:.2f} ms "
-            f"({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)")
+    return (
+        f"size {m['size_bytes'] / 1e6:.2f} MB, params {m['params']:,}, latency p50 {lat['p50']:.2f} ms "
+        f"({lat['runtime']}, batch {lat['batch_size']}, {lat['threads']} threads)"
+    )

@@ -13,48 +13,97 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from torchslim.config import ByVariant, Strict, only
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
-from torchslim.models.spec import ModelSpec  # noqa: F401  (part of the recipe schema)
 from torchslim.errors import RecipeError
 from torchslim.log import warn
+from torchslim.models.spec import ModelSpec  # noqa: F401  (part of the recipe schema)
 from torchslim.registry import get_stage, lowering_conflict, resolve_alias
+from torchslim.tasks import task_class, task_names
 
 
 class DataSpec(ByVariant):
     variant_key = "builtin"
     builtin: Optional[Literal["fashion_mnist", "text"]] = Field(
-        None, description="fashion_mnist (images) or text (real English sentences, for task: embedding)")
-    entrypoint: Optional[str] = Field(None, pattern=ENTRYPOINT_PATTERN,
-                                      description="'module:function' returning train/val/test datasets")
-    batch_size: int = Field(128, ge=1, le=65536)
-    eval_batch_size: int = Field(256, ge=1, le=65536)
-    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training examples (text: "
-                                        "sentences of the training corpus for fine-tuning, default 48,000)")
-    eval_subset: Optional[int] = Field(None, ge=1, description="use only the first N val/test examples",
-                                       json_schema_extra=only("fashion_mnist", "entrypoint"))
-    val_size: int = Field(5000, ge=1, description="examples held out of the training set for validation",
-                          json_schema_extra=only("fashion_mnist", "entrypoint"))
-    split_seed: int = Field(0, ge=0)
+        None, description="fashion_mnist (images) or text (real English sentences, for task: embedding)"
+    )
+    entrypoint: Optional[str] = Field(
+        None, pattern=ENTRYPOINT_PATTERN, description="'module:function' returning train/val/test datasets"
+    )
+    batch_size: int = Field(128, ge=1, le=65536, description="training batch size")
+    eval_batch_size: int = Field(256, ge=1, le=65536, description="evaluation batch size")
+    train_subset: Optional[int] = Field(
+        None,
+        ge=1,
+        description="use only the first N training examples (text: "
+        "sentences of the training corpus for fine-tuning, default 48,000)",
+    )
+    eval_subset: Optional[int] = Field(
+        None,
+        ge=1,
+        description="use only the first N val/test examples",
+        json_schema_extra=only("fashion_mnist", "entrypoint"),
+    )
+    val_size: int = Field(
+        5000,
+        ge=1,
+        description="examples held out of the training set for validation",
+        json_schema_extra=only("fashion_mnist", "entrypoint"),
+    )
+    split_seed: int = Field(0, ge=0, description="seed of the permutation that splits validation from training")
     sources: list[str] = Field(
-        ["fortunes", "descriptions"], min_length=1, description="text: the evaluation sources, each reported: "
+        ["fortunes", "descriptions"],
+        min_length=1,
+        description="text: the evaluation sources, each reported: "
         "fortunes, descriptions (task embedding: sentences); for task causal_lm also licenses or the path of a "
-        "UTF-8 text file of your own", json_schema_extra=only("text"))
-    eval_tokens: int = Field(20000, ge=16, le=10_000_000, description="causal_lm: held-out tokens per source",
-                             json_schema_extra=only("text"))
-    window: int = Field(512, ge=8, le=131072, description="causal_lm: tokens per perplexity window (and per "
-                        "training or calibration sequence)", json_schema_extra=only("text"))
-    stride: int = Field(512, ge=1, le=131072, description="causal_lm: a window starts every `stride` tokens; below "
-                        "`window` every scored token keeps window - stride tokens of context",
-                        json_schema_extra=only("text"))
-    calibration_tokens: int = Field(16384, ge=16, le=10_000_000, description="causal_lm: calibration tokens of the "
-                                    "training text", json_schema_extra=only("text"))
-    validation_tokens: int = Field(4096, ge=16, le=10_000_000, description="causal_lm: validation tokens of the "
-                                   "training text (early stopping, fallback)", json_schema_extra=only("text"))
-    calibration: int = Field(128, ge=1, le=100000, description="text: calibration sentences per source",
-                             json_schema_extra=only("text"))
-    evaluation: int = Field(512, ge=1, le=100000, description="text: held-out evaluation sentences per source",
-                            json_schema_extra=only("text"))
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the data builder",
-                                   json_schema_extra=only("fashion_mnist", "entrypoint"))
+        "UTF-8 text file of your own",
+        json_schema_extra=only("text"),
+    )
+    eval_tokens: int = Field(
+        20000, ge=16, le=10_000_000, description="causal_lm: held-out tokens per source", json_schema_extra=only("text")
+    )
+    window: int = Field(
+        512,
+        ge=8,
+        le=131072,
+        description="causal_lm: tokens per perplexity window (and per training or calibration sequence)",
+        json_schema_extra=only("text"),
+    )
+    stride: int = Field(
+        512,
+        ge=1,
+        le=131072,
+        description="causal_lm: a window starts every `stride` tokens; below "
+        "`window` every scored token keeps window - stride tokens of context",
+        json_schema_extra=only("text"),
+    )
+    calibration_tokens: int = Field(
+        16384,
+        ge=16,
+        le=10_000_000,
+        description="causal_lm: calibration tokens of the training text",
+        json_schema_extra=only("text"),
+    )
+    validation_tokens: int = Field(
+        4096,
+        ge=16,
+        le=10_000_000,
+        description="causal_lm: validation tokens of the training text (early stopping, fallback)",
+        json_schema_extra=only("text"),
+    )
+    calibration: int = Field(
+        128, ge=1, le=100000, description="text: calibration sentences per source", json_schema_extra=only("text")
+    )
+    evaluation: int = Field(
+        512,
+        ge=1,
+        le=100000,
+        description="text: held-out evaluation sentences per source",
+        json_schema_extra=only("text"),
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the data builder",
+        json_schema_extra=only("fashion_mnist", "entrypoint"),
+    )
 
     @classmethod
     def chosen_variant(cls, data: dict) -> str:
@@ -68,27 +117,48 @@ class DataSpec(ByVariant):
 
 
 class MeasureSpec(Strict):
-    runtime: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    batch_size: int = Field(32, ge=1, le=4096)
-    threads: int = Field(2, ge=1, le=512)
-    warmup: int = Field(10, ge=0, le=10000)
-    repeats: int = Field(50, ge=3, le=100000)
-    flops: bool = True
-    memory: bool = True
+    runtime: Literal["onnxruntime", "pytorch"] = Field(
+        "onnxruntime",
+        description="the serving runtime: its artifact's bytes are size_bytes, its outputs give the "
+        "task metric, its latency is latency_ms (both runtimes are always timed)",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="latency batch size")
+    threads: int = Field(2, ge=1, le=512, description="threads of both runtimes while timing")
+    warmup: int = Field(10, ge=0, le=10000, description="untimed runs before timing")
+    repeats: int = Field(50, ge=3, le=100000, description="timed runs; latency is their median and p95")
+    flops: bool = Field(True, description="count FLOPs (torch.utils.flop_counter; a multiply-add is two)")
+    memory: bool = Field(True, description="measure peak inference memory")
     verify_samples: int = Field(256, ge=1, description="real test inputs used to check ONNX against PyTorch")
-    tolerance: float = Field(1e-4, gt=0, description="max abs difference allowed between ONNX and PyTorch "
-                             "(task causal_lm: times the largest absolute logit)")
-    compare_batch_sizes: list[int] = Field(default_factory=list, description="batch sizes of the end-of-run "
-                                           "interleaved comparison of every stage's artifact (default: batch_size; "
-                                           "task embedding: 1 and batch_size, the latter padded in random order and "
-                                           "length-sorted)")
-    prompt_tokens: int = Field(256, ge=1, le=131072, description="causal_lm: prompt length of the prefill timing "
-                               "(batch 1, key/value cache)")
-    new_tokens: int = Field(32, ge=1, le=100000, description="causal_lm: tokens decoded one by one after the prompt "
-                            "for the decoding speed (tokens/s)")
-    compare_seconds: float = Field(20.0, ge=0, le=3600, description="time spent per input shape on the "
-                                   "interleaved comparison; 0 turns it off (the speedup then comes from the "
-                                   "per-stage measurements, minutes apart)")
+    tolerance: float = Field(
+        1e-4,
+        gt=0,
+        description="max abs difference allowed between ONNX and PyTorch "
+        "(task causal_lm: times the largest absolute logit)",
+    )
+    compare_batch_sizes: list[int] = Field(
+        default_factory=list,
+        description="batch sizes of the end-of-run "
+        "interleaved comparison of every stage's artifact (default: batch_size; "
+        "task embedding: 1 and batch_size, the latter padded in random order and "
+        "length-sorted)",
+    )
+    prompt_tokens: int = Field(
+        256, ge=1, le=131072, description="causal_lm: prompt length of the prefill timing (batch 1, key/value cache)"
+    )
+    new_tokens: int = Field(
+        32,
+        ge=1,
+        le=100000,
+        description="causal_lm: tokens decoded one by one after the prompt for the decoding speed (tokens/s)",
+    )
+    compare_seconds: float = Field(
+        20.0,
+        ge=0,
+        le=3600,
+        description="time spent per input shape on the "
+        "interleaved comparison; 0 turns it off (the speedup then comes from the "
+        "per-stage measurements, minutes apart)",
+    )
 
     @field_validator("compare_batch_sizes")
     @classmethod
@@ -99,14 +169,21 @@ class MeasureSpec(Strict):
 
 
 class SummarySpec(Strict):
-    control: bool = Field(False, description="also fine-tune the reference model for as many epochs as the final "
-                          "model trained after it, with the same settings, and measure it the same way: the "
-                          "control row that tells extra training apart from compression")
+    control: bool = Field(
+        False,
+        description="also fine-tune the reference model for as many epochs as the final "
+        "model trained after it, with the same settings, and measure it the same way: the "
+        "control row that tells extra training apart from compression",
+    )
 
 
 class TaskSpec(Strict):
-    entrypoint: str = Field(..., pattern=ENTRYPOINT_PATTERN, description="'module:Class' of a torchslim.tasks.Task "
-                            "subclass: a kind of model of your own (a regressor, a detector, a ranker)")
+    entrypoint: str = Field(
+        ...,
+        pattern=ENTRYPOINT_PATTERN,
+        description="'module:Class' of a torchslim.tasks.Task "
+        "subclass: a kind of model of your own (a regressor, a detector, a ranker)",
+    )
 
 
 class StageSpec(BaseModel):
@@ -115,45 +192,68 @@ class StageSpec(BaseModel):
 
 
 class Recipe(Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[\w.-]+$")
-    description: str = ""
-    seed: int = Field(0, ge=0)
-    model: ModelSpec
-    data: DataSpec
-    plugins: list[str] = Field(default_factory=list, description="Python modules imported before the recipe is "
-                               "checked, which register stages and tasks of your own (@register_stage, "
-                               "@register_task); found next to the recipe file or installed")
-    task: Union[str, TaskSpec] = Field("classification", description="classification, embedding, a task a "
-                                       "plugin registered, or {entrypoint: 'module:Class'}")
-    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where training runs; auto picks CUDA "
-                                                   "when present. Measurement always runs on the CPU.")
-    measure: MeasureSpec = Field(default_factory=MeasureSpec)
-    preset: Optional[str] = Field(None, description="a scenario preset (mobile, edge, cloud, realtime): its "
-                                  "stages run after the recipe's own, its measure settings apply unless set here")
-    stages: list[StageSpec] = Field(default_factory=list)
-    summary: SummarySpec = Field(default_factory=SummarySpec)
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[\w.-]+$",
+        description="the run goes to runs/<name> unless --out or output says otherwise",
+    )
+    description: str = Field("", description="one line for `torchslim recipes` and the report")
+    seed: int = Field(0, ge=0, description="random seed: initial weights, shuffling and every training run")
+    model: ModelSpec = Field(
+        ..., description="where the model comes from: builtin, entrypoint or hf, and optionally a checkpoint"
+    )
+    data: DataSpec = Field(..., description="the data: builtin (fashion_mnist, text) or an entrypoint")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules imported before the recipe is "
+        "checked, which register stages and tasks of your own (@register_stage, "
+        "@register_task); found next to the recipe file or installed",
+    )
+    task: Union[str, TaskSpec] = Field(
+        "classification",
+        description="classification, embedding, a task a plugin registered, or {entrypoint: 'module:Class'}",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="where training runs; auto picks CUDA when present. Measurement always runs on the CPU."
+    )
+    measure: MeasureSpec = Field(default_factory=MeasureSpec, description="how every stage is measured")
+    preset: Optional[str] = Field(
+        None,
+        description="a scenario preset (mobile, edge, cloud, realtime): its "
+        "stages run after the recipe's own, its measure settings apply unless set here",
+    )
+    stages: list[StageSpec] = Field(
+        default_factory=list,
+        description="run in order after the baseline measurement, each a one-key mapping: - NAME: {settings}",
+    )
+    summary: SummarySpec = Field(default_factory=SummarySpec, description="what the end-of-run summary adds")
     output: Optional[Path] = Field(None, description="run directory; default runs/<name>")
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, value, info: ValidationInfo):
-        from torchslim.tasks import task_class
         task_class(value, (info.context or {}).get("search_dir"))  # an unknown name or a bad class is an error
         return value
 
     @model_validator(mode="after")
     def _task_fits(self, info: ValidationInfo):
-        from torchslim.tasks import task_class
         task = task_class(self.task, (info.context or {}).get("search_dir"))
-        text = task.name in TEXT_TASKS
+        text = task.text_model
+        text_tasks = " or ".join(n for n in task_names() if task_class(n).text_model)
         if text != (self.model.hf is not None):
-            raise ValueError(f"task: {task.name if text else 'embedding or causal_lm'} needs model: {{hf: DIR, a .gguf "
-                             "file or package:NAME}, and a model given by 'hf' needs task: embedding or causal_lm")
+            raise ValueError(
+                f"task: {task.name if text else text_tasks} needs model: {{hf: DIR, a .gguf "
+                f"file or package:NAME}}, and a model given by 'hf' needs task: {text_tasks}"
+            )
         if text != (self.data.builtin == "text"):
-            raise ValueError(f"task: {task.name if text else 'embedding or causal_lm'} needs data: {{builtin: text}}, "
-                             "and text data needs task: embedding or causal_lm")
-        if text:
-            _check_sources(task.name, self.data.sources, self.data.stride, self.data.window)
+            raise ValueError(
+                f"task: {task.name if text else text_tasks} needs data: {{builtin: text}}, "
+                f"and text data needs task: {text_tasks}"
+            )
+        problem = task.check_data(self.data)
+        if problem:
+            raise ValueError(problem)
         for i, stage in enumerate(self.stages):
             try:
                 handler = get_stage(stage.name, f"stages[{i}]", task)
@@ -162,7 +262,7 @@ class Recipe(Strict):
             if not isinstance(stage.config, handler.config):  # parsed before the task was known
                 raise ValueError(f"stages[{i}]: the settings of '{stage.name}' were read for another task")
             check = getattr(stage.config, "check_task", None)  # settings that only some tasks accept
-            problem = check(task.name) if check else None
+            problem = check(task) if check else None
             if problem:
                 raise ValueError(f"stages[{i}] ({stage.name}): {problem}")
         conflict = lowering_conflict([s.name for s in self.stages], task)
@@ -170,15 +270,16 @@ class Recipe(Strict):
             raise ValueError(conflict)
         lowering = [s.name for s in self.stages if get_stage(s.name, task=task).lowers]
         if lowering and self.measure.runtime != "onnxruntime":
-            raise ValueError(f"stage '{lowering[0]}' delivers an ONNX Runtime artifact, so the served model is "
-                             f"measured in ONNX Runtime: set measure.runtime: onnxruntime (got "
-                             f"'{self.measure.runtime}').")
+            raise ValueError(
+                f"stage '{lowering[0]}' delivers an ONNX Runtime artifact, so the served model is "
+                f"measured in ONNX Runtime: set measure.runtime: onnxruntime (got "
+                f"'{self.measure.runtime}')."
+            )
         return self
 
     @field_validator("stages", mode="before")
     @classmethod
     def _parse_stages(cls, value, info: ValidationInfo):
-        from torchslim.tasks import task_class
         if not isinstance(value, list):
             raise ValueError("must be a list of one-key mappings, e.g. '- train: {epochs: 3}'")
         try:
@@ -194,26 +295,6 @@ class Recipe(Strict):
         return data
 
 
-TEXT_TASKS = ("embedding", "causal_lm")
-
-
-def _check_sources(task: str, sources: list[str], stride: int, window: int) -> None:
-    from torchslim.data import corpus, text
-    if task == "embedding":
-        unknown = [s for s in sources if s not in text.SOURCES]
-        if unknown:
-            raise ValueError(f"data.sources: {unknown[0]!r} is not a sentence source of task embedding; choose from "
-                             f"{', '.join(text.SOURCES)}")
-        return
-    for s in sources:
-        if s not in corpus.EVALUATION and not Path(s).expanduser().is_file():
-            why = " (the training text is never an evaluation source)" if s == "train" else ""
-            raise ValueError(f"data.sources: {s!r} is neither a built-in source ({', '.join(corpus.EVALUATION)}) nor an "
-                             f"existing text file{why}")
-    if stride > window:
-        raise ValueError(f"data.stride ({stride}) must not exceed data.window ({window})")
-
-
 def _parse_stage(index: int, item: Any, task=None) -> StageSpec:
     if isinstance(item, StageSpec):
         return item
@@ -222,7 +303,7 @@ def _parse_stage(index: int, item: Any, task=None) -> StageSpec:
         item = {item: {}}
     if not isinstance(item, dict) or len(item) != 1:
         raise RecipeError(f"{where}: each stage is a one-key mapping such as '- train: {{epochs: 3}}', got {item!r}.")
-    (name, config), = item.items()
+    ((name, config),) = item.items()
     name, deprecated = resolve_alias(str(name))
     if deprecated:
         warn(f"{where}: {deprecated}")
@@ -240,6 +321,7 @@ def _parse_stage(index: int, item: Any, task=None) -> StageSpec:
 
 # ----------------------------------------------------------------------------------- errors
 
+
 def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at `loc`, for listing allowed keys."""
     current: Any = root
@@ -249,7 +331,7 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return None
         current = current.model_fields[part].annotation
-        for arg in (typing.get_args(current) or ()):
+        for arg in typing.get_args(current) or ():
             if isinstance(arg, type) and issubclass(arg, BaseModel):
                 current = arg
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
@@ -275,6 +357,7 @@ def _format(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> st
 
 
 # ---------------------------------------------------------------------------------- loading
+
 
 def builtin_recipes() -> dict[str, Path]:
     folder = resources.files("torchslim") / "recipes"
@@ -307,8 +390,10 @@ def _expand_preset(data: dict) -> dict:
         return data
     found = presets()
     if not isinstance(name, str):
-        raise RecipeError(f"preset: must be one preset name, got {name!r}. Presets: {', '.join(sorted(found))} "
-                          "(e.g. 'preset: mobile'); one preset per recipe.")
+        raise RecipeError(
+            f"preset: must be one preset name, got {name!r}. Presets: {', '.join(sorted(found))} "
+            "(e.g. 'preset: mobile'); one preset per recipe."
+        )
     if name not in found:
         near = difflib.get_close_matches(str(name), found, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
@@ -318,8 +403,11 @@ def _expand_preset(data: dict) -> dict:
     if not isinstance(stages, list):
         return data  # the stages validator reports the type error
     measure = data.get("measure") or {}
-    return {**data, "stages": [*stages, *template["stages"]],
-            "measure": {**template.get("measure", {}), **(measure if isinstance(measure, dict) else {})}}
+    return {
+        **data,
+        "stages": [*stages, *template["stages"]],
+        "measure": {**template.get("measure", {}), **(measure if isinstance(measure, dict) else {})},
+    }
 
 
 def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
@@ -327,6 +415,7 @@ def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
     folder is searched first, like entry points."""
     import importlib
     import sys
+
     if not modules:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -339,8 +428,10 @@ def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
             try:
                 importlib.import_module(name)
             except ImportError as exc:
-                raise RecipeError(f"plugins: cannot import '{name}' ({exc}). Install it, or put "
-                                  f"{name.replace('.', '/')}.py next to the recipe file.") from None
+                raise RecipeError(
+                    f"plugins: cannot import '{name}' ({exc}). Install it, or put "
+                    f"{name.replace('.', '/')}.py next to the recipe file."
+                ) from None
     finally:
         if added:
             sys.path.remove(str(search_dir))
@@ -371,6 +462,8 @@ def _read(name_or_path: str) -> tuple[str, Path]:
     if name_or_path not in recipes:
         near = difflib.get_close_matches(name_or_path, recipes, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise RecipeError(f"'{name_or_path}' is neither a recipe file nor a built-in recipe.{hint} "
-                          f"Built-in recipes: {', '.join(sorted(recipes))}.")
+        raise RecipeError(
+            f"'{name_or_path}' is neither a recipe file nor a built-in recipe.{hint} "
+            f"Built-in recipes: {', '.join(sorted(recipes))}."
+        )
     return recipes[name_or_path].read_text(), recipes[name_or_path]

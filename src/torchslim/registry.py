@@ -35,9 +35,15 @@ _STAGES: dict[str, list[StageHandler]] = {}
 _ALIASES: dict[str, tuple[str, str]] = {}  # old name -> (name, message)
 
 
-def register_stage(name: str, config: type[BaseModel], compresses: bool = False,
-                   tasks: tuple[str, ...] | None = None, changes_model: bool = True, lowers: bool = False,
-                   needs: tuple[str, ...] = ()):
+def register_stage(
+    name: str,
+    config: type[BaseModel],
+    compresses: bool = False,
+    tasks: tuple[str, ...] | None = None,
+    changes_model: bool = True,
+    lowers: bool = False,
+    needs: tuple[str, ...] = (),
+):
     """Decorator placed next to a handler: `@register_stage("prune", PruneConfig, compresses=True)`.
 
     `tasks`: the tasks this handler is for (None: any task providing `needs`). `lowers=True`: the
@@ -50,8 +56,19 @@ def register_stage(name: str, config: type[BaseModel], compresses: bool = False,
         if any(v.tasks == (tuple(tasks) if tasks else None) for v in variants):
             raise ValueError(f"stage '{name}' is registered twice for {'every task' if tasks is None else tasks}")
         doc = (fn.__doc__ or "").strip().splitlines()
-        variants.append(StageHandler(name, config, fn, doc[0] if doc else "", compresses,
-                                     tuple(tasks) if tasks else None, changes_model, lowers, tuple(needs)))
+        variants.append(
+            StageHandler(
+                name,
+                config,
+                fn,
+                doc[0] if doc else "",
+                compresses,
+                tuple(tasks) if tasks else None,
+                changes_model,
+                lowers,
+                tuple(needs),
+            )
+        )
         return fn
 
     return wrap
@@ -63,27 +80,27 @@ def register_alias(old: str, name: str, message: str) -> None:
 
 
 def stage_names() -> list[str]:
-    _load_builtin_stages()
     return sorted(_STAGES)
 
 
 def resolve_alias(name: str) -> tuple[str, str | None]:
     """(the current name, a deprecation message or None)."""
-    _load_builtin_stages()
     return _ALIASES.get(name, (name, None))
 
 
 def get_stage(name: str, where: str = "stages", task=None) -> StageHandler:
     """The handler of stage `name` for `task` (a Task class or instance; None: the first variant)."""
-    _load_builtin_stages()
     name = _ALIASES.get(name, (name, None))[0]
     if name not in _STAGES:
         import difflib
+
         near = difflib.get_close_matches(name, list(_STAGES) + list(_ALIASES), n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise RecipeError(f"{where}: unknown stage '{name}'.{hint} Available stages: {', '.join(sorted(_STAGES))}. "
-                          "A stage of your own is registered with @register_stage in a module the recipe names "
-                          "under `plugins:`.")
+        raise RecipeError(
+            f"{where}: unknown stage '{name}'.{hint} Available stages: {', '.join(sorted(_STAGES))}. "
+            "A stage of your own is registered with @register_stage in a module the recipe names "
+            "under `plugins:`."
+        )
     variants = _STAGES[name]
     if task is None:
         return variants[0]
@@ -95,25 +112,27 @@ def get_stage(name: str, where: str = "stages", task=None) -> StageHandler:
         missing = [n for n in generic[0].needs if n not in task.provides]
         if not missing:
             return generic[0]
-        raise RecipeError(f"{where}: stage '{name}' needs {' and '.join(missing)}, which task '{task.name}' does not "
-                          f"provide; stages for {task.name}: {', '.join(names_for(task))}.")
+        raise RecipeError(
+            f"{where}: stage '{name}' needs {' and '.join(missing)}, which task '{task.name}' does not "
+            f"provide; stages for {task.name}: {', '.join(names_for(task))}."
+        )
     tasks = sorted({t for v in variants for t in v.tasks or ()})
-    raise RecipeError(f"{where}: stage '{name}' works on task {' or '.join(tasks)}, not {task.name}; stages for "
-                      f"{task.name}: {', '.join(names_for(task))}.")
+    raise RecipeError(
+        f"{where}: stage '{name}' works on task {' or '.join(tasks)}, not {task.name}; stages for "
+        f"{task.name}: {', '.join(names_for(task))}."
+    )
 
 
 def names_for(task) -> list[str]:
     """The stages a task can use."""
     out = []
     for name, variants in sorted(_STAGES.items()):
-        if any((v.tasks and task.name in v.tasks) or (v.tasks is None and set(v.needs) <= set(task.provides))
-               for v in variants):
+        if any(
+            (v.tasks and task.name in v.tasks) or (v.tasks is None and set(v.needs) <= set(task.provides))
+            for v in variants
+        ):
             out.append(name)
     return out
-
-
-def _load_builtin_stages() -> None:
-    import torchslim.stages  # noqa: F401  (explicit imports there fill the registry)
 
 
 def lowering_conflict(names: list[str], task=None) -> str | None:
@@ -123,10 +142,12 @@ def lowering_conflict(names: list[str], task=None) -> str | None:
         handler = get_stage(name, task=task)
         if lowered is not None and handler.changes_model:
             j, first = lowered
-            return (f"stages[{i}] '{name}' changes the model, but stages[{j}] '{first}' already lowered it to the "
-                    f"runtime artifact that is served from then on, so '{name}' would change a model nobody "
-                    f"serves and every later number would describe the artifact of '{first}'. Put '{name}' before "
-                    f"'{first}' (lowering comes last; 'export' may follow it).")
+            return (
+                f"stages[{i}] '{name}' changes the model, but stages[{j}] '{first}' already lowered it to the "
+                f"runtime artifact that is served from then on, so '{name}' would change a model nobody "
+                f"serves and every later number would describe the artifact of '{first}'. Put '{name}' before "
+                f"'{first}' (lowering comes last; 'export' may follow it)."
+            )
         if handler.lowers and lowered is None:
             lowered = (i, name)
     return None

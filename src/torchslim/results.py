@@ -23,6 +23,7 @@ class StageResult:
 @dataclass
 class Restructured(StageResult):
     """A model of another structure (a student, kept layers, pruned heads): `architecture` rebuilds it."""
+
     architecture: dict = field(default_factory=dict)
     kind: ClassVar[str] = "restructured"
 
@@ -31,6 +32,7 @@ class Restructured(StageResult):
 class Lowered(StageResult):
     """The model lowered to a runtime artifact, served (and measured) from now on; `model` is the
     float model it came from."""
+
     artifact: Path | None = None
     kind: ClassVar[str] = "lowered"
 
@@ -38,6 +40,7 @@ class Lowered(StageResult):
 @dataclass
 class Exported(StageResult):
     """Deliverable files written; `onnx` (verified against PyTorch by the measurement) is reused."""
+
     onnx: Path | None = None
     kind: ClassVar[str] = "exported"
 

@@ -27,33 +27,40 @@ from torchslim.log import WARNINGS, collect_warnings, console, progress_bar, war
 
 LossFn = Callable[[nn.Module, tuple], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
+
 class EarlyStopping(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patience: int = Field(2, ge=1, description="epochs without improvement before stopping")
-    min_delta: float = Field(0.0, ge=0)
+    min_delta: float = Field(
+        0.0, ge=0, description="smallest rise of the validation metric that counts as an improvement"
+    )
 
 
 class TrainConfig(BaseModel):
     """Settings of one training run; the `train` stage's recipe keys."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(1, ge=1, le=10000)
-    lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    epochs: int = Field(1, ge=1, le=10000, description="passes over the training split")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate (the schedule decays it)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with `momentum`")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW) or L2 (SGD)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine", description="cosine: per step, down to zero; step: times `gamma` every `step_size` epochs"
+    )
     step_size: int = Field(1, ge=1, description="epochs between decays for the step schedule")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor for the step schedule")
-    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="an optimiser step every this many batches")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
-        "fp32", description="auto: bf16 where the hardware computes it natively, else fp32")
+        "fp32", description="auto: bf16 where the hardware computes it natively, else fp32"
+    )
     activation_checkpointing: Union[bool, list[str]] = Field(
-        False, description="true for every top-level child, or a list of module paths")
+        False, description="true for every top-level child, or a list of module paths"
+    )
     grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm")
-    early_stopping: Optional[EarlyStopping] = None
+    early_stopping: Optional[EarlyStopping] = Field(None, description="stop when the validation metric stops improving")
     restore_best: bool = Field(True, description="end with the weights of the best validation epoch")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (tasks with labels)")
     batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size for this stage")
 
 
@@ -71,6 +78,7 @@ def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
         x, y = batch
         loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         return loss, {"ce": loss}
+
     return loss_fn
 
 
@@ -81,8 +89,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
     """The epoch's global batches in one process, shuffled by `epoch_generator`."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch),
-                      drop_last=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=epoch_generator(seed, epoch), drop_last=False
+    )
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -144,8 +153,10 @@ def activation_checkpointing(model: nn.Module, paths: bool | list[str]):
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise TorchslimError(f"activation_checkpointing: no module named {missing}; "
-                             f"top-level modules are {[n for n, _ in model.named_children()]}.")
+        raise TorchslimError(
+            f"activation_checkpointing: no module named {missing}; "
+            f"top-level modules are {[n for n, _ in model.named_children()]}."
+        )
     patched = []
     for name in names:
         module = modules[name]
@@ -169,12 +180,23 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state()}
 
 
-def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: LossFn,
-        batch_size: int, validate: Callable[[nn.Module], float] | None = None,
-        checkpoint_dir: Path | None = None, resume: bool = False, seed: int = 0,
-        device: torch.device | str = "cpu", on_epoch_end: Callable[[int, dict], None] | None = None,
-        epoch_setup: Callable[[nn.Module, int], None] | None = None, stop: Callable[[], bool] | None = None,
-        description: str = "train") -> TrainResult:
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    *,
+    loss_fn: LossFn,
+    batch_size: int,
+    validate: Callable[[nn.Module], float] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    epoch_setup: Callable[[nn.Module, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    description: str = "train",
+) -> TrainResult:
     """Train `model` in place. With `checkpoint_dir`, a checkpoint is written after every epoch and
     `resume=True` continues from it, giving the same weights as an uninterrupted run. `epoch_setup(model,
     epoch)` runs after the model is put in training mode each epoch (e.g. to freeze batch norm); `stop()`
@@ -216,13 +238,24 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             trained.train()
             if epoch_setup is not None:
                 epoch_setup(model, epoch)
-            parts = _train_epoch(trained, loader, [w for _, w in batches], opt, sched, scaler, cfg, loss_fn, device,
-                                 lambda: progress.advance(task))
+            parts = _train_epoch(
+                trained,
+                loader,
+                [w for _, w in batches],
+                opt,
+                sched,
+                scaler,
+                cfg,
+                loss_fn,
+                device,
+                lambda: progress.advance(task),
+            )
             record = {"epoch": epoch + 1, "lr": lr, **parts}
             if validate is not None:
                 record["val_metric"] = float(validate(model))
                 improved = result.best_metric is None or record["val_metric"] > result.best_metric + (
-                    cfg.early_stopping.min_delta if cfg.early_stopping else 0.0)
+                    cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+                )
                 if improved:
                     result.best_metric, result.best_epoch, bad_epochs = record["val_metric"], epoch + 1, 0
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -233,30 +266,46 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, loss_fn: Loss
             if stop is not None and epoch + 1 < cfg.epochs and stop():
                 result.stopped_early = record["stopped"] = True
             result.history.append(record)
-            console.log(f"{description} epoch {epoch + 1}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            console.log(
+                f"{description} epoch {epoch + 1}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+            )
             if ckpt_path and main:
                 ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                              "history": result.history,
-                              "best_epoch": result.best_epoch, "best_metric": result.best_metric,
-                              "stopped_early": result.stopped_early, "best_state": best_state,
-                              "bad_epochs": bad_epochs}, ckpt_path)
+                _atomic_save(
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "history": result.history,
+                        "best_epoch": result.best_epoch,
+                        "best_metric": result.best_metric,
+                        "stopped_early": result.stopped_early,
+                        "best_state": best_state,
+                        "bad_epochs": bad_epochs,
+                    },
+                    ckpt_path,
+                )
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
             if result.stopped_early:
                 why = "the time budget is spent" if record.get("stopped") else "early stop"
-                console.log(f"{description}: {why} after epoch {epoch + 1} "
-                            f"(best val {result.best_metric:.4f} at epoch {result.best_epoch})")
+                console.log(
+                    f"{description}: {why} after epoch {epoch + 1} "
+                    f"(best val {result.best_metric:.4f} at epoch {result.best_epoch})"
+                )
                 break
     if cfg.restore_best and best_state is not None:
         model.load_state_dict(best_state)
     return result
 
 
-def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device,
-                 advance) -> dict:
+def _train_epoch(
+    model, loader, weights: list[float], opt, sched, scaler, cfg: TrainConfig, loss_fn: LossFn, device, advance
+) -> dict:
     """One epoch; `weights[i]` scales batch i's loss (1 in one process; this rank's share of the global
     batch under torchrun, where the logged values are reduced across ranks)."""
     sums: dict[str, float] = {}
@@ -267,12 +316,18 @@ def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: T
         with _autocast(cfg.precision, device):
             loss, parts = loss_fn(model, batch)
         names = list(parts)
-        logged = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k]).detach().float().to(loss.device)
-                                                        for k in names]) * weights[i]
+        logged = (
+            torch.stack(
+                [loss.detach().float()] + [torch.as_tensor(parts[k]).detach().float().to(loss.device) for k in names]
+            )
+            * weights[i]
+        )
         logged = distributed.all_reduce_sum(logged).cpu() / world  # on the loss device: gloo CPU, nccl CUDA
         if not torch.isfinite(logged[0]):
-            raise TorchslimError(f"The loss became {logged[0].item()} at step {i + 1} of this epoch; lower the "
-                                 "learning rate or enable grad_clip. The last epoch checkpoint is kept.")
+            raise TorchslimError(
+                f"The loss became {logged[0].item()} at step {i + 1} of this epoch; lower the "
+                "learning rate or enable grad_clip. The last epoch checkpoint is kept."
+            )
         scaler.scale(loss * weights[i] / cfg.grad_accum_steps).backward()
         if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == len(loader):
             if cfg.grad_clip:
@@ -289,8 +344,9 @@ def _train_epoch(model, loader, weights: list[float], opt, sched, scaler, cfg: T
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
-def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
-                      device: torch.device | str = "cpu") -> float:
+def evaluate_accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> float:
     """Top-1 accuracy of a PyTorch model (used for validation inside training)."""
     model.eval()
     correct = total = 0
@@ -301,5 +357,13 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
     return correct / max(total, 1)
 
 
-__all__ = ["TrainConfig", "TrainResult", "EarlyStopping", "fit", "cross_entropy_loss", "epoch_loader",
-           "evaluate_accuracy", "activation_checkpointing"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "EarlyStopping",
+    "fit",
+    "cross_entropy_loss",
+    "epoch_loader",
+    "evaluate_accuracy",
+    "activation_checkpointing",
+]

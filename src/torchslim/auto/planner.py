@@ -28,47 +28,67 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from torchslim.cpu import vector_channels
 from torchslim.export.onnx import export_onnx, onnx_outputs
+from torchslim.io import atomic_write_text
+from torchslim.log import console, steps, warn
 from torchslim.lowrank.factorize import apply as apply_ranks
 from torchslim.lowrank.factorize import choose_ranks, find_layers
 from torchslim.measure.latency import onnxruntime_latency, ort_session
+from torchslim.models.io import save_weights
 from torchslim.paths import matches
-from torchslim.prune.structured import apply as apply_plan
-from torchslim.prune.structured import convert_attention, plan as prune_plan
+from torchslim.prune.graph.structured import apply as apply_plan
+from torchslim.prune.graph.structured import convert_attention
+from torchslim.prune.graph.structured import plan as prune_plan
 from torchslim.quantize import lower
 from torchslim.quantize.fallback import sensitivity as node_sensitivity
-from torchslim.quantize.stage import calibration_batches
-from torchslim.io import atomic_write_text
 from torchslim.quantize.scheme import choose_scheme
+from torchslim.quantize.stage import calibration_batches
 from torchslim.train import TrainConfig
-from torchslim.log import console, steps, warn
 
 
 class AutoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_accuracy_drop: float = Field(0.01, gt=0, lt=1, description="validation accuracy the plan may lose")
-    objective: Literal["latency", "size"] = "latency"
+    objective: Literal["latency", "size"] = Field(
+        "latency",
+        description="what the plan minimises: latency (p50 at the recipe's batch and threads) or size (artifact bytes)",
+    )
     time_budget_s: float = Field(1800, ge=10, description="bound on the whole search (sensitivity, screening, trials)")
     prune_ratios: list[float] = Field([0.3, 0.5, 0.65, 0.75, 0.85], description="structured ratios screened (0 added)")
     energies: list[float] = Field([0.9], description="low-rank energies screened (none added)")
-    quantize: list[Literal["none", "static"]] = Field(["none", "static"])
+    quantize: list[Literal["none", "static"]] = Field(
+        ["none", "static"], description="precisions screened: float (none) and static int8"
+    )
     prune_steps: int = Field(3, ge=1, le=10, description="gradual steps of the plan's pruning")
     round_to: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = Field(
-        "auto", description="kept channel counts are multiples of this; auto: the CPU's float32 vector width "
-        "(ONNX Runtime's blocked convolution kernels need multiples of 8 with AVX2, 16 with AVX-512)")
+        "auto",
+        description="kept channel counts are multiples of this; auto: the CPU's float32 vector width "
+        "(ONNX Runtime's blocked convolution kernels need multiples of 8 with AVX2, 16 with AVX-512)",
+    )
 
     @property
     def channel_multiple(self) -> int:
-        from torchslim.cpu import vector_channels
         return vector_channels() if self.round_to == "auto" else self.round_to
-    recalibration_batches: int = Field(20, ge=0, description="training batches that re-estimate batch-norm "
-                                       "statistics of a one-shot candidate before it is measured")
-    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.001, precision="auto"),
-                                  description="fine-tuning after each pruning step and after factorisation")
+
+    recalibration_batches: int = Field(
+        20,
+        ge=0,
+        description="training batches that re-estimate batch-norm "
+        "statistics of a one-shot candidate before it is measured",
+    )
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1, lr=0.001, precision="auto"),
+        description="fine-tuning after each pruning step and after factorisation",
+    )
     margin: float = Field(0.2, ge=0, lt=1, description="share of the budget held back on validation")
     max_trials: int = Field(4, ge=1, le=20, description="fine-tuned trials at most")
-    sensitivity_samples: int = Field(1000, ge=100)
-    calibration_batches: int = Field(8, ge=1)
+    sensitivity_samples: int = Field(
+        1000,
+        ge=100,
+        description="validation examples the per-layer sensitivity and the one-shot candidates are measured on",
+    )
+    calibration_batches: int = Field(8, ge=1, description="training batches that calibrate the int8 candidates")
 
 
 class Clock:
@@ -96,13 +116,14 @@ def _val(ctx, n: int | None = None):
 def _accuracy(session_or_model, x: torch.Tensor, y: np.ndarray) -> float:
     if isinstance(session_or_model, torch.nn.Module):
         with torch.inference_mode():
-            out = torch.cat([session_or_model.eval()(x[i:i + 512]) for i in range(0, len(x), 512)]).numpy()
+            out = torch.cat([session_or_model.eval()(x[i : i + 512]) for i in range(0, len(x), 512)]).numpy()
     else:
         out = onnx_outputs(session_or_model, x.numpy())
     return float((out.argmax(1) == y).mean())
 
 
 # --------------------------------------------------------------------------------- sensitivity
+
 
 def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
     """Per-layer accuracy drop for pruning half of one group, factorising one layer at the lowest
@@ -127,22 +148,25 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
             need = (time.perf_counter() - start) * items
             out["estimated_sensitivity_s"] = need
             if need > 0.5 * cfg.time_budget_s:
-                warn(f"auto: the sensitivity pass alone needs about {need:.0f} s ({items} one-layer trials), "
-                     f"{'more than' if need > cfg.time_budget_s else 'over half of'} the {cfg.time_budget_s:.0f} s "
-                     f"time budget, leaving little or nothing for screening and fine-tuned trials; give "
-                     f"--time-budget {max(3 * need, 600):.0f} or more (time_budget_s in a recipe).")
+                warn(
+                    f"auto: the sensitivity pass alone needs about {need:.0f} s ({items} one-layer trials), "
+                    f"{'more than' if need > cfg.time_budget_s else 'over half of'} the {cfg.time_budget_s:.0f} s "
+                    f"time budget, leaving little or nothing for screening and fine-tuned trials; give "
+                    f"--time-budget {max(3 * need, 600):.0f} or more (time_budget_s in a recipe)."
+                )
     energy = min(cfg.energies) if cfg.energies else None
     for layer in find_layers(model, example) if energy else []:
         if not clock.allows(f"lowrank sensitivity {layer.path}"):
             break
         trial = copy.deepcopy(model)
-        found = [l for l in find_layers(trial, example) if l.path == layer.path]
+        found = [f for f in find_layers(trial, example) if f.path == layer.path]
         choose_ranks(found, trial, energy=energy)
         if not found[0].ranks:
             continue
         apply_ranks(trial, found)
-        out["lowrank"].append({"layer": layer.path, "energy": energy, "rank": list(found[0].ranks),
-                               "drop": base - _accuracy(trial, x, y)})
+        out["lowrank"].append(
+            {"layer": layer.path, "energy": energy, "rank": list(found[0].ranks), "drop": base - _accuracy(trial, x, y)}
+        )
     if "static" in cfg.quantize:
         float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input, ctx.exporter)
         pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
@@ -151,22 +175,41 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
         base_onnx = _accuracy(ort_session(float_onnx, threads), x, y)
         if clock.allows("int8 scheme choice"):  # the quantize stage's own choice, made on this CPU
             chosen, record = choose_scheme(
-                lambda sc, path: lower.static_int8(pre, path, ranges=ranges, preprocessed=True,
-                                                   activation_type=sc.activation_type, reduce_range=sc.reduce_range),
-                lambda path: _accuracy(ort_session(path, threads), x, y), float_onnx,
-                ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)), threads, 0.002)
-            out["scheme"] = {"activation_type": chosen.activation_type, "reduce_range": chosen.reduce_range,
-                             "choice": record}
+                lambda sc, path: lower.static_int8(
+                    pre,
+                    path,
+                    ranges=ranges,
+                    preprocessed=True,
+                    activation_type=sc.activation_type,
+                    reduce_range=sc.reduce_range,
+                ),
+                lambda path: _accuracy(ort_session(path, threads), x, y),
+                float_onnx,
+                ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)),
+                threads,
+                0.002,
+            )
+            out["scheme"] = {
+                "activation_type": chosen.activation_type,
+                "reduce_range": chosen.reduce_range,
+                "choice": record,
+            }
         scheme = {k: out["scheme"][k] for k in ("activation_type", "reduce_range")} if out["scheme"] else {}
         nodes = lower.quantizable_nodes(pre)
         modules = {name: (op, module) for name, op, module in nodes}
 
         def alone(name: str) -> float:  # the quantize stage's own sensitivity loop (quantize.fallback)
-            lower.static_int8(pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True,
-                              **scheme)
+            lower.static_int8(
+                pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True, **scheme
+            )
             return base_onnx - _accuracy(ort_session(work / "sens.q.onnx", threads), x, y)
-        costs = node_sensitivity([n for n, _, _ in nodes], alone, "auto: int8",
-                                 lambda name: clock.allows(f"int8 sensitivity {modules[name][1]}"))
+
+        costs = node_sensitivity(
+            [n for n, _, _ in nodes],
+            alone,
+            "auto: int8",
+            lambda name: clock.allows(f"int8 sensitivity {modules[name][1]}"),
+        )
         out["int8"] = [{"layer": modules[n][1], "node": n, "op": modules[n][0], "drop": c} for n, c in costs.items()]
     for key in ("prune", "lowrank", "int8"):
         out[key].sort(key=lambda r: -r["drop"])
@@ -183,6 +226,7 @@ def _sensitive(rows: list[dict], threshold: float) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- screening
+
 
 def candidates(cfg: AutoConfig) -> list[dict]:
     ratios = sorted({0.0, *cfg.prune_ratios})
@@ -201,13 +245,13 @@ def recalibrate_batch_norm(model, ctx, batches: int) -> None:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches
     gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    idx = torch.randperm(len(ctx.data.train), generator=gen)[:batches * 128].tolist()
+    idx = torch.randperm(len(ctx.data.train), generator=gen)[: batches * 128].tolist()
     model.eval()
     for m in norms:
         m.train()
     with torch.no_grad():
         for i in range(0, len(idx), 128):
-            model(torch.stack([ctx.data.train[j][0] for j in idx[i:i + 128]]))
+            model(torch.stack([ctx.data.train[j][0] for j in idx[i : i + 128]]))
     for m, momentum in saved:
         m.momentum = momentum
     model.eval()
@@ -239,12 +283,15 @@ def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path, sch
         ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
         nodes = lower.quantizable_nodes(pre)
         exclude = [n for n, _, m in nodes if matches(m, avoid["int8"])]
-        path = lower.static_int8(pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges,
-                                 preprocessed=True, **(scheme or {}))
+        path = lower.static_int8(
+            pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges, preprocessed=True, **(scheme or {})
+        )
     return path
 
 
-def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, scheme: dict | None = None) -> list[dict]:
+def screen(
+    model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, scheme: dict | None = None
+) -> list[dict]:
     x, y = _val(ctx, cfg.sensitivity_samples)
     m = ctx.recipe.measure
     batch = ctx.real_batch(m.batch_size).numpy()
@@ -257,8 +304,18 @@ def screen(model, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, s
     return rows
 
 
-def _screen_one(model, cand: dict, ctx, cfg: AutoConfig, avoid: dict, clock: Clock, work: Path, scheme,
-                data: tuple, rows: list[dict]) -> None:
+def _screen_one(
+    model,
+    cand: dict,
+    ctx,
+    cfg: AutoConfig,
+    avoid: dict,
+    clock: Clock,
+    work: Path,
+    scheme,
+    data: tuple,
+    rows: list[dict],
+) -> None:
     """Apply one candidate one-shot to a copy, lower it, measure it; a row in `rows` (an error too)."""
     x, y, batch, example = data
     m = ctx.recipe.measure
@@ -271,24 +328,42 @@ def _screen_one(model, cand: dict, ctx, cfg: AutoConfig, avoid: dict, clock: Clo
             return
         session = ort_session(path, m.threads)
         latency = onnxruntime_latency(path, batch, m.threads, m.warmup, m.repeats, session=session)
-        rows.append({**cand, "latency_ms": latency["p50"], "p95_ms": latency["p95"],
-                     "size_bytes": path.stat().st_size, "params": sum(p.numel() for p in trial.parameters()),
-                     "val_accuracy": _accuracy(session, x, y)})
-        console.log(f"auto: candidate prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
-                    f"{rows[-1]['latency_ms']:.3f} ms, {rows[-1]['size_bytes']:,} B, "
-                    f"one-shot val {rows[-1]['val_accuracy']:.4f} ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s "
-                    "of the time budget used)")
+        rows.append(
+            {
+                **cand,
+                "latency_ms": latency["p50"],
+                "p95_ms": latency["p95"],
+                "size_bytes": path.stat().st_size,
+                "params": sum(p.numel() for p in trial.parameters()),
+                "val_accuracy": _accuracy(session, x, y),
+            }
+        )
+        console.log(
+            f"auto: candidate prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
+            f"{rows[-1]['latency_ms']:.3f} ms, {rows[-1]['size_bytes']:,} B, "
+            f"one-shot val {rows[-1]['val_accuracy']:.4f} ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s "
+            "of the time budget used)"
+        )
 
 
 def pareto(rows: list[dict], key: str) -> list[dict]:
     """Candidates no other candidate beats on both the objective (lower) and one-shot accuracy (higher)."""
     ok = [r for r in rows if "error" not in r]
-    front = [r for r in ok if not any(o[key] <= r[key] and o["val_accuracy"] >= r["val_accuracy"] and
-                                      (o[key] < r[key] or o["val_accuracy"] > r["val_accuracy"]) for o in ok)]
+    front = [
+        r
+        for r in ok
+        if not any(
+            o[key] <= r[key]
+            and o["val_accuracy"] >= r["val_accuracy"]
+            and (o[key] < r[key] or o["val_accuracy"] > r["val_accuracy"])
+            for o in ok
+        )
+    ]
     return sorted(front, key=lambda r: r[key])
 
 
 # ------------------------------------------------------------------------------------- plans
+
 
 def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path, name: str) -> dict:
     """The plain recipe that applies `cand` to the weights in `checkpoint`."""
@@ -296,24 +371,47 @@ def plan_recipe(ctx, cand: dict, avoid: dict, cfg: AutoConfig, checkpoint: Path,
     tune = cfg.finetune.model_dump(mode="json", exclude_defaults=True)
     stages: list[dict] = []
     if cand["prune"]:
-        stages.append({"prune": {"method": "structured", "ratio": cand["prune"], "importance": "l1",
-                                 "layer_ratios": _gentle(avoid, cand["prune"]), "round_to": cfg.channel_multiple,
-                                 "schedule": {"kind": "gradual" if cfg.prune_steps > 1 else "one_shot",
-                                              "steps": cfg.prune_steps},
-                                 "finetune": tune}})
+        stages.append(
+            {
+                "prune": {
+                    "method": "structured",
+                    "ratio": cand["prune"],
+                    "importance": "l1",
+                    "layer_ratios": _gentle(avoid, cand["prune"]),
+                    "round_to": cfg.channel_multiple,
+                    "schedule": {"kind": "gradual" if cfg.prune_steps > 1 else "one_shot", "steps": cfg.prune_steps},
+                    "finetune": tune,
+                }
+            }
+        )
     if cand["energy"]:
         stages.append({"lowrank": {"energy": cand["energy"], "ignore": avoid["lowrank"], "finetune": tune}})
     if cand["quantize"] == "static":
-        stages.append({"quantize": {"method": "static", "per_channel": True,
-                                    "calibration_batches": cfg.calibration_batches, "ignore": avoid["int8"],
-                                    "max_accuracy_drop": round(0.3 * cfg.max_accuracy_drop, 6)}})
+        stages.append(
+            {
+                "quantize": {
+                    "method": "static",
+                    "per_channel": True,
+                    "calibration_batches": cfg.calibration_batches,
+                    "ignore": avoid["int8"],
+                    "max_accuracy_drop": round(0.3 * cfg.max_accuracy_drop, 6),
+                }
+            }
+        )
     stages.append({"export": {"format": "all"}})
     model = {**ctx.architecture["model"], "checkpoint": str(checkpoint)}
-    return {"name": name, "description": f"Plan chosen by torchslim auto (objective {cfg.objective}, "
-                                         f"max accuracy drop {cfg.max_accuracy_drop}) for {recipe.name}.",
-            "seed": recipe.seed, "model": model, "data": recipe.data.model_dump(mode="json"),
-            "task": recipe.task, "device": recipe.device, "measure": recipe.measure.model_dump(mode="json"),
-            "stages": stages}
+    return {
+        "name": name,
+        "description": f"Plan chosen by torchslim auto (objective {cfg.objective}, "
+        f"max accuracy drop {cfg.max_accuracy_drop}) for {recipe.name}.",
+        "seed": recipe.seed,
+        "model": model,
+        "data": recipe.data.model_dump(mode="json"),
+        "task": recipe.task,
+        "device": recipe.device,
+        "measure": recipe.measure.model_dump(mode="json"),
+        "stages": stages,
+    }
 
 
 def run_trial(plan: dict, trial_dir: Path, ctx) -> dict:
@@ -322,21 +420,26 @@ def run_trial(plan: dict, trial_dir: Path, ctx) -> dict:
     if state.exists() and json.loads(state.read_text()).get("status") == "complete":
         report = json.loads((trial_dir / "report.json").read_text())
     else:
-        report = ctx.run_recipe(plan, trial_dir, resume=state.exists(),
-                                source=trial_dir.parent / f"{trial_dir.name}.yaml")
+        report = ctx.run_recipe(
+            plan, trial_dir, resume=state.exists(), source=trial_dir.parent / f"{trial_dir.name}.yaml"
+        )
     final = report["stages"][-1]
     x, y = _val(ctx)
     artifact = trial_dir / final["artifact"]
     session = ort_session(artifact, ctx.recipe.measure.threads) if artifact.suffix == ".onnx" else None
-    return {"report": report, "artifact": artifact, "final_dir": trial_dir / final["dir"],
-            "val_accuracy": _accuracy(session, x, y) if session else None,
-            "latency_ms": final["metrics"]["latency_ms"]["p50"], "size_bytes": final["metrics"]["size_bytes"],
-            "test_accuracy": final["metrics"].get("accuracy")}
+    return {
+        "report": report,
+        "artifact": artifact,
+        "final_dir": trial_dir / final["dir"],
+        "val_accuracy": _accuracy(session, x, y) if session else None,
+        "latency_ms": final["metrics"]["latency_ms"]["p50"],
+        "size_bytes": final["metrics"]["size_bytes"],
+        "test_accuracy": final["metrics"].get("accuracy"),
+    }
 
 
 def search(model, ctx, cfg: AutoConfig) -> dict:
     """The whole planner on the current model; returns the record the `auto` stage reports."""
-    from torchslim.models.io import save_weights
     clock = Clock(cfg.time_budget_s)
     stage_dir = ctx.stage_dir
     checkpoint = save_weights(model, stage_dir / "input.safetensors")
@@ -353,10 +456,18 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
             threshold = cfg.max_accuracy_drop / 2
             avoid = {k: _sensitive(sens[k], threshold) for k in ("prune", "lowrank", "int8")}
             chosen = sens.get("scheme") or {}
-            rows = screen(model, ctx, cfg, avoid, clock, work,
-                          {k: chosen[k] for k in ("activation_type", "reduce_range") if k in chosen})
-        atomic_write_text(screened, json.dumps({"sensitivity": sens, "avoid": avoid, "candidates": rows,
-                                                "seconds": clock.elapsed}))
+            rows = screen(
+                model,
+                ctx,
+                cfg,
+                avoid,
+                clock,
+                work,
+                {k: chosen[k] for k in ("activation_type", "reduce_range") if k in chosen},
+            )
+        atomic_write_text(
+            screened, json.dumps({"sensitivity": sens, "avoid": avoid, "candidates": rows, "seconds": clock.elapsed})
+        )
     front = pareto(rows, key)
     x, y = _val(ctx)
     onnx_base = _accuracy(model, x, y)
@@ -374,21 +485,40 @@ def search(model, ctx, cfg: AutoConfig) -> dict:
         atomic_write_text(trial_dir.parent / f"{trial_dir.name}.yaml", yaml.safe_dump(plan, sort_keys=False))
         result = run_trial(plan, trial_dir, ctx)
         drop = onnx_base - result["val_accuracy"]
-        record = {**cand, "dir": str(trial_dir.relative_to(ctx.run_dir)), "val_accuracy": result["val_accuracy"],
-                  "val_drop": drop, "latency_ms": result["latency_ms"], "size_bytes": result["size_bytes"],
-                  "meets_budget": drop <= allowed}
+        record = {
+            **cand,
+            "dir": str(trial_dir.relative_to(ctx.run_dir)),
+            "val_accuracy": result["val_accuracy"],
+            "val_drop": drop,
+            "latency_ms": result["latency_ms"],
+            "size_bytes": result["size_bytes"],
+            "meets_budget": drop <= allowed,
+        }
         trials.append(record)
-        console.log(f"auto: trial {len(trials)} prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
-                    f"val drop {100 * drop:.2f} pt (allowed {100 * allowed:.2f}), {result['latency_ms']:.3f} ms, "
-                    f"{result['size_bytes']:,} B ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s of the time "
-                    "budget used)")
+        console.log(
+            f"auto: trial {len(trials)} prune {cand['prune']}, energy {cand['energy']}, {cand['quantize']}: "
+            f"val drop {100 * drop:.2f} pt (allowed {100 * allowed:.2f}), {result['latency_ms']:.3f} ms, "
+            f"{result['size_bytes']:,} B ({clock.elapsed:.0f} of {cfg.time_budget_s:.0f} s of the time "
+            "budget used)"
+        )
         if record["meets_budget"]:
             if best is None or record[key] < best[0][key]:
                 best = (record, plan, result)
             hi = mid - 1
         else:
             lo = mid + 1
-    return {"objective": cfg.objective, "max_accuracy_drop": cfg.max_accuracy_drop, "allowed_val_drop": allowed,
-            "val_accuracy": onnx_base, "sensitivity": sens, "avoid": avoid, "candidates": rows, "front": front,
-            "trials": trials, "chosen": best, "search_seconds": clock.elapsed, "time_budget_s": cfg.time_budget_s,
-            "skipped": clock.skipped}
+    return {
+        "objective": cfg.objective,
+        "max_accuracy_drop": cfg.max_accuracy_drop,
+        "allowed_val_drop": allowed,
+        "val_accuracy": onnx_base,
+        "sensitivity": sens,
+        "avoid": avoid,
+        "candidates": rows,
+        "front": front,
+        "trials": trials,
+        "chosen": best,
+        "search_seconds": clock.elapsed,
+        "time_budget_s": cfg.time_budget_s,
+        "skipped": clock.skipped,
+    }

@@ -46,7 +46,7 @@ def package_descriptions(control: str) -> list[str]:
     docs, current = [], None
     for line in control.splitlines():
         if line.startswith("Description:"):
-            current = [line[len("Description:"):].strip()]
+            current = [line[len("Description:") :].strip()]
             docs.append(current)
         elif current is not None and line.startswith(" "):
             current.append("" if line.strip() == "." else line.strip())
@@ -70,8 +70,15 @@ def licenses() -> list[str]:
 
 def train() -> list[str]:
     """Calibration and training text, disjoint from every evaluation source."""
-    files = sorted(p.name for p in FORTUNES.glob("*") if p.is_file() and "." not in p.name
-                   and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT) if FORTUNES.exists() else []
+    files = (
+        sorted(
+            p.name
+            for p in FORTUNES.glob("*")
+            if p.is_file() and "." not in p.name and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT
+        )
+        if FORTUNES.exists()
+        else []
+    )
     docs = _fortune_entries(files)
     if shutil.which("apt-cache"):
         try:
@@ -102,8 +109,9 @@ def documents(source: str | Path, seed: int = 0) -> list[str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise DataError(f"Text source '{source}' is neither a built-in source ({', '.join(SOURCES)}) nor a "
-                            "text file.")
+            raise DataError(
+                f"Text source '{source}' is neither a built-in source ({', '.join(SOURCES)}) nor a text file."
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

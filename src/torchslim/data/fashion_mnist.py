@@ -23,8 +23,7 @@ FILES = {
 }
 # Statistics of the full 60k training images in [0, 1]; fixed so every subset is fed alike.
 MEAN, STD = 0.2860, 0.3530
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def data_dir() -> Path:
@@ -32,8 +31,10 @@ def data_dir() -> Path:
 
 
 def _hint(root: Path) -> str:
-    return (f"Install the data with `sudo apt-get install dataset-fashion-mnist` (files go to {DEFAULT_DIR}), "
-            f"or set {ENV_VAR} to a folder holding {', '.join(FILES.values())}. Looked in {root}.")
+    return (
+        f"Install the data with `sudo apt-get install dataset-fashion-mnist` (files go to {DEFAULT_DIR}), "
+        f"or set {ENV_VAR} to a folder holding {', '.join(FILES.values())}. Looked in {root}."
+    )
 
 
 def load_arrays(root: Path | None = None) -> dict[str, np.ndarray]:
@@ -43,8 +44,10 @@ def load_arrays(root: Path | None = None) -> dict[str, np.ndarray]:
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-            raise DataError(f"Fashion-MNIST {split} files in {root} do not fit together: images "
-                            f"{list(images.shape)}, labels {list(labels.shape)}. {hint}")
+            raise DataError(
+                f"Fashion-MNIST {split} files in {root} do not fit together: images "
+                f"{list(images.shape)}, labels {list(labels.shape)}. {hint}"
+            )
         if labels.max(initial=0) > 9:
             raise DataError(f"Fashion-MNIST {split} labels in {root} go up to {labels.max()}, expected 0..9. {hint}")
     return arrays
@@ -55,8 +58,13 @@ def _tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
     return TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-def load(val_size: int = 5000, split_seed: int = 0, train_subset: int | None = None,
-         eval_subset: int | None = None, root: Path | None = None) -> DataBundle:
+def load(
+    val_size: int = 5000,
+    split_seed: int = 0,
+    train_subset: int | None = None,
+    eval_subset: int | None = None,
+    root: Path | None = None,
+) -> DataBundle:
     """Deterministic splits: a seeded permutation of the 60k training images gives train and
     validation; the official 10k test set is the held-out set. Subsets take the first N."""
     arrays = load_arrays(root)

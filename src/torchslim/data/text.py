@@ -30,8 +30,9 @@ def fortunes(root: Path = FORTUNES, files=("fortunes", "literature", "riddles"))
     out = []
     for path in paths:
         for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            text = " ".join(line.strip() for line in entry.splitlines() if line.strip() and
-                            not line.strip().startswith("--"))
+            text = " ".join(
+                line.strip() for line in entry.splitlines() if line.strip() and not line.strip().startswith("--")
+            )
             for sentence in _SENTENCE_END.split(text):
                 if 3 <= len(sentence.split()) <= 60:
                     out.append(" ".join(sentence.split()))
@@ -43,8 +44,11 @@ def descriptions(status: Path = DPKG_STATUS) -> list[str]:
     if not Path(status).exists():
         raise DataError(f"{status} does not exist; the 'descriptions' text source needs a Debian system.")
     lines = Path(status).read_text(encoding="utf-8", errors="replace").splitlines()
-    return [line[len("Description:"):].strip() for line in lines
-            if line.startswith("Description:") and len(line.split()) >= 3]
+    return [
+        line[len("Description:") :].strip()
+        for line in lines
+        if line.startswith("Description:") and len(line.split()) >= 3
+    ]
 
 
 SOURCES = {"fortunes": fortunes, "descriptions": descriptions}
@@ -58,6 +62,7 @@ def available_descriptions() -> list[str]:
     its lists are missing."""
     import shutil
     import subprocess
+
     if shutil.which("apt-cache") is None:
         return []
     try:
@@ -65,26 +70,38 @@ def available_descriptions() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     installed = set(descriptions()) if DPKG_STATUS.exists() else set()
-    found = {line[len("Description:"):].strip() for line in out.splitlines()
-             if line.startswith("Description:") and len(line.split()) >= 3}
+    found = {
+        line[len("Description:") :].strip()
+        for line in out.splitlines()
+        if line.startswith("Description:") and len(line.split()) >= 3
+    }
     return sorted(found - installed)
 
 
-def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int = 0,
-                    phrases: bool = True) -> list[str]:
+def training_corpus(root: Path = FORTUNES, limit: int | None = None, seed: int = 0, phrases: bool = True) -> list[str]:
     """Sentences for training (distillation): the fortune files of the Debian package `fortunes` that
     the evaluation sources do not use and, with `phrases`, the descriptions of packages that are not
     installed (`available_descriptions`), interleaved — disjoint from `fortunes` and `descriptions`
     by file and, to be sure, by sentence."""
     root = Path(root)
-    files = sorted(p.name for p in root.glob("*") if p.is_file() and "." not in p.name
-                   and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT) if root.exists() else []
+    files = (
+        sorted(
+            p.name
+            for p in root.glob("*")
+            if p.is_file() and "." not in p.name and p.name not in EVAL_FORTUNE_FILES + NOT_TEXT
+        )
+        if root.exists()
+        else []
+    )
     if not files:
-        raise DataError(f"No training text in {root}: the fortune files beyond fortunes-min are missing. "
-                        "Install them with `apt-get install fortunes`.")
+        raise DataError(
+            f"No training text in {root}: the fortune files beyond fortunes-min are missing. "
+            "Install them with `apt-get install fortunes`."
+        )
     held = set(fortunes(root)) | (set(descriptions()) if DPKG_STATUS.exists() else set())
-    parts = [sorted(set(fortunes(root, files)) - held)] + ([sorted(set(available_descriptions()) - held)]
-                                                          if phrases else [])
+    parts = [sorted(set(fortunes(root, files)) - held)] + (
+        [sorted(set(available_descriptions()) - held)] if phrases else []
+    )
     for i, part in enumerate(parts):
         random.Random(seed + i).shuffle(part)
     mixed = [s for group in zip(*parts) for s in group] if all(parts) else parts[0]
@@ -104,6 +121,8 @@ def split(source: str, calibration: int, evaluation: int, seed: int = 0) -> tupl
     """Disjoint calibration and evaluation sentences (the first `calibration`, then the next `evaluation`)."""
     found = sentences(source, seed)
     if len(found) < calibration + evaluation:
-        raise DataError(f"The '{source}' source has {len(found)} distinct sentences; {calibration} calibration "
-                        f"+ {evaluation} evaluation were asked for.")
-    return found[:calibration], found[calibration:calibration + evaluation]
+        raise DataError(
+            f"The '{source}' source has {len(found)} distinct sentences; {calibration} calibration "
+            f"+ {evaluation} evaluation were asked for."
+        )
+    return found[:calibration], found[calibration : calibration + evaluation]

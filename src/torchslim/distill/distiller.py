@@ -4,9 +4,8 @@ the teacher's logits for a fixed dataset."""
 
 from __future__ import annotations
 
-import os
-
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim.distill.hooks import capture
 from torchslim.distill.losses import FEATURE_LOSSES, kd_loss
 from torchslim.distributed import unwrap
+from torchslim.log import steps
 
 ADAPTERS = "torchslim_adapters"
 
@@ -62,7 +62,6 @@ def teacher_cache(teacher: nn.Module, dataset: Dataset, path: Path, batch_size: 
             cached = {}
         if key in cached:
             return cached[key]
-    from torchslim.log import steps
     teacher.eval()
     loader, out = DataLoader(dataset, batch_size=batch_size), []
     with torch.no_grad(), steps("distill: caching the teacher's logits", len(loader)) as progress:
@@ -85,9 +84,17 @@ class Distiller:
     """`loss(student, batch) -> (total, parts)` with `soft_weight * soft + hard_weight * hard +
     sum(weight_i * feature_i)`; parts are logged separately by the training loop."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, example: torch.Tensor, temperature: float = 4.0,
-                 soft_weight: float = 0.7, hard_weight: float = 0.3, features: list[FeatureTerm] = (),
-                 cached_logits: torch.Tensor | None = None):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        example: torch.Tensor,
+        temperature: float = 4.0,
+        soft_weight: float = 0.7,
+        hard_weight: float = 0.3,
+        features: list[FeatureTerm] = (),
+        cached_logits: torch.Tensor | None = None,
+    ):
         self.teacher, self.temperature = teacher.eval(), temperature
         self.soft_weight, self.hard_weight = soft_weight, hard_weight
         self.features, self.cached = list(features), cached_logits
@@ -99,8 +106,11 @@ class Distiller:
         adapters = nn.ModuleDict()
         hints = [(i, f) for i, f in enumerate(self.features) if f.kind == "hint"]
         if hints:
-            with torch.no_grad(), capture(student, [f.student for _, f in hints], "student") as s, \
-                    capture(self.teacher, [f.teacher for _, f in hints], "teacher") as t:
+            with (
+                torch.no_grad(),
+                capture(student, [f.student for _, f in hints], "student") as s,
+                capture(self.teacher, [f.teacher for _, f in hints], "teacher") as t,
+            ):
                 was = student.training
                 student.eval()(example)
                 student.train(was)
@@ -123,8 +133,7 @@ class Distiller:
                 teacher_logits = self.teacher(x)
         with capture(student, s_paths, "student") as student_feats:
             logits = student(x)
-        total, parts = kd_loss(logits, teacher_logits.float(), y, self.temperature, self.soft_weight,
-                               self.hard_weight)
+        total, parts = kd_loss(logits, teacher_logits.float(), y, self.temperature, self.soft_weight, self.hard_weight)
         adapters = getattr(unwrap(student), ADAPTERS)
         for i, f in enumerate(self.features):
             feat = student_feats[f.student]

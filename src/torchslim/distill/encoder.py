@@ -23,7 +23,7 @@ from torchslim.distill.hooks import capture
 from torchslim.distill.students import apply_keep_blocks, keep_indices
 from torchslim.errors import TorchslimError
 from torchslim.models.hf import tokenize
-from torchslim.prune.encoder import encoder_layers
+from torchslim.prune.transformer.encoder import encoder_layers
 
 
 def layer_path(model: nn.Module, i: int) -> str:
@@ -32,8 +32,7 @@ def layer_path(model: nn.Module, i: int) -> str:
     return f"{prefix}.{i}"
 
 
-def drop_layers(model: nn.Module, keep_every: int = 2, indices: list[int] | None = None
-                ) -> tuple[nn.Module, list[int]]:
+def drop_layers(model: nn.Module, keep_every: int = 2, indices: list[int] | None = None) -> tuple[nn.Module, list[int]]:
     """Keep every k-th transformer layer (always the last), or the layers at `indices`, weights
     copied. Returns (model, kept indices); layer i of the result is layer kept[i] of `model`."""
     student = copy.deepcopy(model)
@@ -60,8 +59,14 @@ def trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 class EncoderDistiller:
-    def __init__(self, teacher: nn.Module, student: nn.Module, layer_map: dict[int, int],
-                 embedding_weight: float = 1.0, hidden_weight: float = 1.0):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        layer_map: dict[int, int],
+        embedding_weight: float = 1.0,
+        hidden_weight: float = 1.0,
+    ):
         self.teacher = teacher.eval().requires_grad_(False)
         self.layer_map = dict(layer_map)
         self.s_paths = {i: layer_path(student, i) for i in self.layer_map}

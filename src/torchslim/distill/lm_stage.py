@@ -23,26 +23,46 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from torchslim.config import Strict
+from torchslim.errors import RecipeError
 from torchslim.log import console
+from torchslim.models.transformer import hidden_states, transformer_blocks
 from torchslim.registry import register_stage
+from torchslim.results import StageResult
 from torchslim.train import TrainConfig
 
 
 class LMDistillConfig(Strict):
-    train_tokens: int = Field(65536, ge=16, le=1_000_000_000, description="healing budget: tokens of training "
-                              "text (after the calibration and validation slices), cut into train.epochs slices")
-    max_minutes: Optional[float] = Field(None, gt=0, description="time budget: no slice starts after this many "
-                                         "minutes of healing (the last one finishes)")
-    temperature: float = Field(1.0, gt=0, le=100)
-    kl_weight: float = Field(1.0, ge=0, description="weight of the KL divergence to the reference's next-token "
-                             "distribution")
+    train_tokens: int = Field(
+        65536,
+        ge=16,
+        le=1_000_000_000,
+        description="healing budget: tokens of training "
+        "text (after the calibration and validation slices), cut into train.epochs slices",
+    )
+    max_minutes: Optional[float] = Field(
+        None,
+        gt=0,
+        description="time budget: no slice starts after this many minutes of healing (the last one finishes)",
+    )
+    temperature: float = Field(1.0, gt=0, le=100, description="softens both next-token distributions of the KL term")
+    kl_weight: float = Field(
+        1.0, ge=0, description="weight of the KL divergence to the reference's next-token distribution"
+    )
     ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy on the training text")
-    hidden_weight: float = Field(0.0, ge=0, description="weight of the hidden-state term: each block's output "
-                                 "against the reference block it came from (normalised MSE)")
-    window: Optional[int] = Field(None, ge=8, le=32768, description="tokens per training sequence "
-                                  "(default data.window)")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
-        epochs=4, lr=1e-4, weight_decay=0.0, batch_size=4, precision="auto", grad_clip=1.0))
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the hidden-state term: each block's output "
+        "against the reference block it came from (normalised MSE)",
+    )
+    window: Optional[int] = Field(
+        None, ge=8, le=32768, description="tokens per training sequence (default data.window)"
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=4, lr=1e-4, weight_decay=0.0, batch_size=4, precision="auto", grad_clip=1.0
+        )
+    )
 
     @model_validator(mode="after")
     def _weights(self):
@@ -73,22 +93,28 @@ def block_map(architecture: dict, teacher_blocks: int) -> list[int]:
     return current
 
 
-class _Hidden:
+class BlockOutputs:
     """Forward hooks that keep the outputs of chosen blocks (with their graph, for the student)."""
 
     def __init__(self, blocks: nn.ModuleList, indices: list[int]):
-        from torchslim.quantize.weights import _hidden
         self.out: dict[int, torch.Tensor] = {}
-        self.handles = [blocks[i].register_forward_hook(
-            lambda m, a, o, i=i: self.out.__setitem__(i, _hidden(o))) for i in indices]
+        self.handles = [
+            blocks[i].register_forward_hook(lambda m, a, o, i=i: self.out.__setitem__(i, hidden_states(o)))
+            for i in indices
+        ]
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
 
-def distillation_loss(teacher: nn.Module, cfg: LMDistillConfig, student_hidden: _Hidden | None = None,
-                      teacher_hidden: _Hidden | None = None, pairs: list[tuple[int, int]] = ()):
+def distillation_loss(
+    teacher: nn.Module,
+    cfg: LMDistillConfig,
+    student_hidden: BlockOutputs | None = None,
+    teacher_hidden: BlockOutputs | None = None,
+    pairs: list[tuple[int, int]] = (),
+):
     """loss_fn(model, (ids, mask)) for the one training loop."""
     t = cfg.temperature
 
@@ -97,48 +123,64 @@ def distillation_loss(teacher: nn.Module, cfg: LMDistillConfig, student_hidden: 
         with torch.no_grad():
             target = teacher(ids, mask).float()
         logits = model(ids, mask).float()
-        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True,
-                      reduction="none").sum(-1).mean() * t * t
+        kl = (
+            F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
+            .sum(-1)
+            .mean()
+            * t
+            * t
+        )
         total, parts = cfg.kl_weight * kl, {"kl": kl}
         if cfg.ce_weight:
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             total, parts["ce"] = total + cfg.ce_weight * ce, ce
         if cfg.hidden_weight and pairs:
-            hidden = sum(F.mse_loss(student_hidden.out[s].float(), teacher_hidden.out[r].float()) /
-                         teacher_hidden.out[r].float().pow(2).mean().clamp_min(1e-12) for s, r in pairs) / len(pairs)
+            hidden = sum(
+                F.mse_loss(student_hidden.out[s].float(), teacher_hidden.out[r].float())
+                / teacher_hidden.out[r].float().pow(2).mean().clamp_min(1e-12)
+                for s, r in pairs
+            ) / len(pairs)
             total, parts["hidden"] = total + cfg.hidden_weight * hidden, hidden
         return total, parts
+
     return loss_fn
 
 
 @register_stage("distill", LMDistillConfig, compresses=True, tasks=("causal_lm",))
 def heal(model, cfg: LMDistillConfig, ctx):
     """Heal the current language model by distillation from the float reference on training text."""
-    from torchslim.prune.depth import _blocks
     task = ctx.task
     teacher = task.reference
     window = cfg.window or ctx.recipe.data.window
     windows = task.healing_windows(cfg.train_tokens, window)
     slices = Slices(windows, cfg.train.epochs)
     if slices.per_slice == 0:
-        from torchslim.errors import RecipeError
-        raise RecipeError(f"distill: train_tokens {cfg.train_tokens:,} make {len(windows)} windows of {window} "
-                          f"tokens, fewer than train.epochs ({cfg.train.epochs}) slices; raise train_tokens to at "
-                          f"least {cfg.train.epochs * window:,} or lower train.epochs.")
+        raise RecipeError(
+            f"distill: train_tokens {cfg.train_tokens:,} make {len(windows)} windows of {window} "
+            f"tokens, fewer than train.epochs ({cfg.train.epochs}) slices; raise train_tokens to at "
+            f"least {cfg.train.epochs * window:,} or lower train.epochs."
+        )
     pairs: list[tuple[int, int]] = []
     student_hidden = teacher_hidden = None
     if cfg.hidden_weight:
-        student_blocks, teacher_blocks = _blocks(model), _blocks(teacher)
+        student_blocks, teacher_blocks = transformer_blocks(model), transformer_blocks(teacher)
         pairs = list(enumerate(block_map(ctx.architecture, len(teacher_blocks))))
-        student_hidden = _Hidden(student_blocks, [s for s, _ in pairs])
-        teacher_hidden = _Hidden(teacher_blocks, [r for _, r in pairs])
+        student_hidden = BlockOutputs(student_blocks, [s for s, _ in pairs])
+        teacher_hidden = BlockOutputs(teacher_blocks, [r for _, r in pairs])
     before = -task.validate(model)
     start = time.perf_counter()
     stop = (lambda: time.perf_counter() - start > cfg.max_minutes * 60) if cfg.max_minutes else None
     try:  # a resumed run continues from the last slice's checkpoint (or returns its history if done)
-        result = ctx.fit(model, cfg.train, distillation_loss(teacher, cfg, student_hidden, teacher_hidden, pairs),
-                         train_set=slices, checkpoint_dir=ctx.stage_dir / "ckpt", description="heal",
-                         epoch_setup=lambda m, epoch: setattr(slices, "epoch", epoch), stop=stop)
+        result = ctx.fit(
+            model,
+            cfg.train,
+            distillation_loss(teacher, cfg, student_hidden, teacher_hidden, pairs),
+            train_set=slices,
+            checkpoint_dir=ctx.stage_dir / "ckpt",
+            description="heal",
+            epoch_setup=lambda m, epoch: setattr(slices, "epoch", epoch),
+            stop=stop,
+        )
     finally:
         for hooks in (student_hidden, teacher_hidden):
             if hooks is not None:
@@ -146,14 +188,24 @@ def heal(model, cfg: LMDistillConfig, ctx):
     model.cpu().eval()
     tokens = slices.per_slice * window
     curve = [{"tokens": 0, "val_perplexity": before}] + [
-        {"tokens": tokens * h["epoch"], "val_perplexity": -h["val_metric"]} for h in result.history if "val_metric" in h]
+        {"tokens": tokens * h["epoch"], "val_perplexity": -h["val_metric"]} for h in result.history if "val_metric" in h
+    ]
     # fit validated every slice: the weights it ends with are the best slice's (or the last's)
     after = -(result.best_metric if cfg.train.restore_best else result.history[-1]["val_metric"])
     console.log(f"heal: validation perplexity {before:.2f} -> {after:.2f} after {curve[-1]['tokens']:,} tokens")
-    ctx.stage_info.update(history=result.history, healing={
-        "tokens_per_slice": tokens, "slices": cfg.train.epochs, "window": window, "curve": curve,
-        "val_perplexity_before": before, "val_perplexity_after": after,
-        "seconds": time.perf_counter() - start,
-        **({"block_map": [r for _, r in pairs]} if pairs else {})})
-    return model
-
+    return StageResult(
+        model,
+        {
+            "history": result.history,
+            "healing": {
+                "tokens_per_slice": tokens,
+                "slices": cfg.train.epochs,
+                "window": window,
+                "curve": curve,
+                "val_perplexity_before": before,
+                "val_perplexity_after": after,
+                "seconds": time.perf_counter() - start,
+                **({"block_map": [r for _, r in pairs]} if pairs else {}),
+            },
+        },
+    )

@@ -10,12 +10,21 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     """KL(teacher_T || student_T) on temperature-softened distributions, scaled by T^2 so its gradients
     keep the same magnitude as the hard loss's whatever the temperature (Hinton et al. 2015)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                    reduction="batchmean", log_target=True) * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / t, dim=-1),
+            F.log_softmax(teacher_logits / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * t
+        * t
+    )
 
 
-def kd_loss(student_logits, teacher_logits, labels, temperature: float = 4.0, soft_weight: float = 0.7,
-            hard_weight: float = 0.3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def kd_loss(
+    student_logits, teacher_logits, labels, temperature: float = 4.0, soft_weight: float = 0.7, hard_weight: float = 0.3
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """soft_weight * soft + hard_weight * cross-entropy(labels). Returns (total, {"soft", "hard"})."""
     soft = soft_loss(student_logits, teacher_logits, temperature)
     hard = F.cross_entropy(student_logits, labels)
@@ -46,7 +55,9 @@ def attention_probs_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     averaged over heads first when the head counts differ."""
     if student.shape[1] != teacher.shape[1]:
         student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
-    return F.kl_div(student.clamp_min(1e-9).log(), teacher, reduction="batchmean") / (student.shape[1] * student.shape[2])
+    return F.kl_div(student.clamp_min(1e-9).log(), teacher, reduction="batchmean") / (
+        student.shape[1] * student.shape[2]
+    )
 
 
 FEATURE_LOSSES = {"hint": hint_loss, "attention": attention_transfer, "attention_probs": attention_probs_loss}

@@ -10,22 +10,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
 from torchslim.distill.students import derive_depth, derive_width
+from torchslim.log import console
 from torchslim.models.io import build_model
 from torchslim.models.spec import ModelSpec
 from torchslim.registry import register_stage
 from torchslim.results import Restructured
 from torchslim.train import TrainConfig, evaluate_accuracy
-from torchslim.log import console
 
 
 class StudentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    builtin: Optional[str] = None
-    entrypoint: Optional[str] = None
-    kwargs: dict = Field(default_factory=dict)
+    builtin: Optional[str] = Field(None, description="a model of the built-in zoo, e.g. cnn_student")
+    entrypoint: Optional[str] = Field(None, description="'module:function' returning the student")
+    kwargs: dict = Field(default_factory=dict, description="keyword arguments for the builder")
     derive: Optional[Literal["width", "depth"]] = Field(None, description="derive the student from the teacher")
     ratio: float = Field(0.5, gt=0, lt=1, description="derive width: share of channels removed")
-    importance: Literal["l1", "l2", "bn_scale", "random"] = "l1"
+    importance: Literal["l1", "l2", "bn_scale", "random"] = Field(
+        "l1", description="derive width: how the teacher's channels are ranked"
+    )
     blocks: Optional[str] = Field(None, description="derive depth: module path of the Sequential/ModuleList")
     keep_every: int = Field(2, ge=2, description="derive depth: keep every k-th block (and the last)")
 
@@ -43,22 +45,26 @@ class StudentSpec(BaseModel):
 
 class Feature(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    student: str
-    teacher: str
-    kind: Literal["hint", "attention", "attention_probs"] = "hint"
-    weight: float = Field(1.0, ge=0)
+    student: str = Field(..., description="module path in the student ('layers.0.attn[1]' for a tuple output)")
+    teacher: str = Field(..., description="module path in the teacher")
+    kind: Literal["hint", "attention", "attention_probs"] = Field(
+        "hint",
+        description="hint: FitNets (an adapter where widths differ); attention: attention transfer; "
+        "attention_probs: a transformer's attention maps",
+    )
+    weight: float = Field(1.0, ge=0, description="weight of this term in the loss")
 
 
 class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    student: StudentSpec
+    student: StudentSpec = Field(..., description="built-in, an entry point, or derived from the teacher")
     teacher: Optional[ModelSpec] = Field(None, description="default: the current model of the recipe")
-    temperature: float = Field(4.0, gt=0, le=100)
+    temperature: float = Field(4.0, gt=0, le=100, description="softens both distributions of the KL term")
     soft_weight: float = Field(0.7, ge=0, description="weight of the temperature-softened KL term")
     hard_weight: float = Field(0.3, ge=0, description="weight of cross-entropy with the labels")
-    features: list[Feature] = Field(default_factory=list)
+    features: list[Feature] = Field(default_factory=list, description="feature terms by module path")
     cache_teacher: bool = Field(True, description="keep the teacher's logits on disk (logit-only distillation)")
-    train: TrainConfig
+    train: TrainConfig = Field(..., description="the training settings (the one loop)")
 
     @model_validator(mode="after")
     def _weights(self):
@@ -94,23 +100,56 @@ def distill(model, cfg: DistillConfig, ctx):
     features = [FeatureTerm(**f.model_dump()) for f in cfg.features]
     cached, train_set = None, ctx.data.train
     if cfg.cache_teacher and not features:
-        cached = teacher_cache(teacher, ctx.data.train, ctx.stage_dir / "teacher_logits.safetensors",
-                               ctx.recipe.data.eval_batch_size)
+        cached = teacher_cache(
+            teacher, ctx.data.train, ctx.stage_dir / "teacher_logits.safetensors", ctx.recipe.data.eval_batch_size
+        )
         train_set = Indexed(ctx.data.train)
-    distiller = Distiller(teacher.to(ctx.device), student, ctx.real_batch(2).to(ctx.device), cfg.temperature,
-                          cfg.soft_weight, cfg.hard_weight, features, cached)
-    result = ctx.fit(student, cfg.train, distiller.loss, train_set=train_set,
-                     checkpoint_dir=ctx.stage_dir / "checkpoint", description="distill")
+    distiller = Distiller(
+        teacher.to(ctx.device),
+        student,
+        ctx.real_batch(2).to(ctx.device),
+        cfg.temperature,
+        cfg.soft_weight,
+        cfg.hard_weight,
+        features,
+        cached,
+    )
+    result = ctx.fit(
+        student,
+        cfg.train,
+        distiller.loss,
+        train_set=train_set,
+        checkpoint_dir=ctx.stage_dir / "checkpoint",
+        description="distill",
+    )
     Distiller.finish(student)
     student.cpu()
     t_acc = evaluate_accuracy(teacher.cpu(), ctx.data.test, ctx.recipe.data.eval_batch_size)
     s_acc = evaluate_accuracy(student, ctx.data.test, ctx.recipe.data.eval_batch_size)
-    comparison = {"teacher_params": _params(teacher), "student_params": _params(student),
-                  "compression": _params(teacher) / _params(student), "teacher_accuracy": t_acc,
-                  "student_accuracy": s_acc, "retention": s_acc / t_acc if t_acc else None}
-    console.log("distill: teacher {teacher_params:,} params, acc {teacher_accuracy:.4f}; student {student_params:,} "
-                "params, acc {student_accuracy:.4f}; {compression:.1f}x fewer parameters, "
-                "{retention:.1%} of the teacher's accuracy".format(**comparison))
-    return Restructured(student, dict(history=result.history, comparison=comparison, weights={
-        "soft": cfg.soft_weight, "hard": cfg.hard_weight, **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)}},
-        teacher_cached=cached is not None), architecture=arch)
+    comparison = {
+        "teacher_params": _params(teacher),
+        "student_params": _params(student),
+        "compression": _params(teacher) / _params(student),
+        "teacher_accuracy": t_acc,
+        "student_accuracy": s_acc,
+        "retention": s_acc / t_acc if t_acc else None,
+    }
+    console.log(
+        "distill: teacher {teacher_params:,} params, acc {teacher_accuracy:.4f}; student {student_params:,} "
+        "params, acc {student_accuracy:.4f}; {compression:.1f}x fewer parameters, "
+        "{retention:.1%} of the teacher's accuracy".format(**comparison)
+    )
+    return Restructured(
+        student,
+        dict(
+            history=result.history,
+            comparison=comparison,
+            weights={
+                "soft": cfg.soft_weight,
+                "hard": cfg.hard_weight,
+                **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)},
+            },
+            teacher_cached=cached is not None,
+        ),
+        architecture=arch,
+    )

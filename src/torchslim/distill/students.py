@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.prune import structured
 
 
 def derive_width(teacher: nn.Module, example: torch.Tensor, ratio: float, importance: str = "l1") -> nn.Module:
     """The teacher with `ratio` of its channels, neurons and heads removed (structured pruning), so the
     student starts from the teacher's most important weights."""
-    from torchslim.prune import structured
     student = structured(copy.deepcopy(teacher).eval(), example, ratio=ratio, importance=importance)
     return student.requires_grad_(True)  # trainable even when the teacher is frozen
 
@@ -31,10 +31,15 @@ def apply_keep_blocks(model: nn.Module, path: str, indices: list[int]) -> nn.Mod
     except AttributeError:
         raise TorchslimError(f"student.blocks: the teacher has no module '{path}'.") from None
     if not isinstance(container, (nn.Sequential, nn.ModuleList)):
-        raise TorchslimError(f"student.blocks: '{path}' is a {type(container).__name__}; depth reduction needs "
-                             "an nn.Sequential or nn.ModuleList of blocks.")
-    new = type(container)(*[container[i] for i in indices]) if isinstance(container, nn.Sequential) \
+        raise TorchslimError(
+            f"student.blocks: '{path}' is a {type(container).__name__}; depth reduction needs "
+            "an nn.Sequential or nn.ModuleList of blocks."
+        )
+    new = (
+        type(container)(*[container[i] for i in indices])
+        if isinstance(container, nn.Sequential)
         else nn.ModuleList([container[i] for i in indices])
+    )
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return model

@@ -23,19 +23,29 @@ from torch import nn
 NAME = "torchslim_grouped"
 
 
-def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def grouped_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """query (batch, heads, sequence, size), key/value (batch, kv heads, total, size), mask additive
     (batch, 1, sequence, total) → (batch, sequence, heads, size), as Hugging Face's attention functions."""
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, length, size = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    scaling = size ** -0.5 if scaling is None else scaling
+    scaling = size**-0.5 if scaling is None else scaling
     folded = (query * scaling).reshape(batch, kv_heads, group * length, size)
     weights = torch.matmul(folded, key.transpose(2, 3))
     if softcap is not None:
@@ -44,7 +54,8 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
         weights = (weights.reshape(batch, kv_heads, group, length, total) + attention_mask[:, :, None]).reshape(
-            batch, kv_heads, group * length, total)
+            batch, kv_heads, group * length, total
+        )
     weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).reshape(batch, heads, length, value.shape[-1])
@@ -65,8 +76,12 @@ def _register() -> bool:
 @contextmanager
 def exporting_attention(lm: nn.Module):
     """`lm` (and every sub-model's config) set to `grouped_attention` inside the block, restored after."""
-    configs = {id(c): c for m in lm.modules() if (c := getattr(m, "config", None)) is not None
-               and getattr(c, "_attn_implementation", None) in ("sdpa", "eager")}
+    configs = {
+        id(c): c
+        for m in lm.modules()
+        if (c := getattr(m, "config", None)) is not None
+        and getattr(c, "_attn_implementation", None) in ("sdpa", "eager")
+    }
     if not configs or not _register():
         yield lm
         return

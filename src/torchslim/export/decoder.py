@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from torchslim.errors import ExportError
-
-PAST_AXIS = "past_sequence"
+from torchslim.export.attention import exporting_attention
+from torchslim.export.common import PAST_AXIS, complete_feed, no_fused_encoder, quiet
 
 
 def past_name(layer: int, part: str) -> str:
@@ -48,10 +48,16 @@ class CachedDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
         from transformers import DynamicCache
+
         cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
         present = []
         for layer in _cache_layers(out.past_key_values):
             present += [layer.keys, layer.values]
@@ -65,8 +71,9 @@ def cache_layout(lm: nn.Module) -> list[tuple[int, int]]:
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     if out.past_key_values is None:
-        raise ExportError(f"{type(lm).__name__} returned no key/value cache with use_cache=True; it cannot be "
-                          "served with a cache.")
+        raise ExportError(
+            f"{type(lm).__name__} returned no key/value cache with use_cache=True; it cannot be served with a cache."
+        )
     return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in _cache_layers(out.past_key_values)]
 
 
@@ -85,8 +92,6 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = Fal
     keeps the graph as exported (a fallback, and the comparison in `bench/llm_export.py`)."""
     from contextlib import nullcontext
 
-    from torchslim.export.attention import exporting_attention
-    from torchslim.export.onnx import _no_fused_encoder, _quiet
     lm = lm.eval()
     layout = cache_layout(lm)
     names = ["input_ids", "attention_mask"] + [past_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
@@ -100,22 +105,33 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = Fal
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with _quiet(), torch.no_grad(), _no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
-            program = torch.onnx.export(CachedDecoder(lm), _example(layout, 2, 5, 3), None, input_names=names,
-                                        output_names=outputs, dynamo=True, dynamic_shapes=shapes,
-                                        opset_version=opset, verbose=False, optimize=True)
+        with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
+            program = torch.onnx.export(
+                CachedDecoder(lm),
+                _example(layout, 2, 5, 3),
+                None,
+                input_names=names,
+                output_names=outputs,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                verbose=False,
+                optimize=True,
+            )
         if plain:
             program.save(str(tmp), external_data=False)
         else:
             import onnx
+
             graph_model = program.model_proto
             divide_by_root(graph_model.graph)
             onnx.save(graph_model, str(tmp))
     except Exception as exc:  # the exporter raises many types; one message names the model and the cause
         tmp.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"Could not export {type(lm).__name__} with its key/value cache to ONNX: "
-                          f"{type(exc).__name__}: {first}") from None
+        raise ExportError(
+            f"Could not export {type(lm).__name__} with its key/value cache to ONNX: {type(exc).__name__}: {first}"
+        ) from None
     os.replace(tmp, path)
     return path
 
@@ -125,6 +141,7 @@ def divide_by_root(graph) -> int:
     Reciprocal feeds nothing else (torch.export writes RMS norms' rsqrt that way; ONNX Runtime fuses
     only the Div form). The same arithmetic up to one rounding. Returns how many were rewritten."""
     from onnx import helper
+
     made = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {}
     for n in graph.node:
@@ -141,8 +158,9 @@ def divide_by_root(graph) -> int:
             root = made.get(inverse.input[0])
             if root is None or root.op_type != "Sqrt":
                 continue
-            replaced[id(n)] = helper.make_node("Div", [n.input[1 - side], inverse.input[0]], list(n.output),
-                                               name=(n.name or name) + "_div")
+            replaced[id(n)] = helper.make_node(
+                "Div", [n.input[1 - side], inverse.input[0]], list(n.output), name=(n.name or name) + "_div"
+            )
             dropped.add(id(inverse))
             break
     if replaced:
@@ -150,24 +168,6 @@ def divide_by_root(graph) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return len(replaced)
-
-
-def complete_feed(session, feed: dict) -> dict:
-    """`feed` plus every cache input the graph declares and the feed lacks: zeros of length
-    attention_mask width - input_ids width (0 when they agree: the prompt), batch from input_ids."""
-    missing = [i for i in session.get_inputs() if i.name not in feed]
-    if not missing:
-        return feed
-    ids = feed["input_ids"]
-    mask = feed.get("attention_mask")
-    past = 0 if mask is None else mask.shape[1] - ids.shape[1]
-    out = dict(feed)
-    for spec in missing:
-        if PAST_AXIS not in spec.shape:
-            raise ExportError(f"the ONNX artifact needs input '{spec.name}' {spec.shape}, which the feed lacks.")
-        shape = [ids.shape[0] if d == "batch" else past if d == PAST_AXIS else d for d in spec.shape]
-        out[spec.name] = np.zeros(shape, np.float16 if "float16" in spec.type else np.float32)
-    return out
 
 
 class Generator:
@@ -187,8 +187,17 @@ class Generator:
         logits, *present = self.session.run(None, feed)
         return logits[:, -1], present
 
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, eos: int | set[int] | None = None, on_token=None) -> list[int]:
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos: int | set[int] | None = None,
+        on_token=None,
+    ) -> list[int]:
         """New token ids after `prompt` (greedy when temperature is 0); stops at `eos`."""
         rng = np.random.default_rng(seed)
         stops = {eos} if isinstance(eos, int) else set(eos or ())
@@ -227,9 +236,14 @@ class Generator:
         runs = [self.serve(prompt, new_tokens) for _ in range(repeats + 1)][1:]
         prefill_ms = 1000.0 * float(np.median([r[0] for r in runs]))
         seconds = float(np.median([r[1] for r in runs]))
-        return {"prompt_tokens": len(prompt), "prefill_ms": prefill_ms, "decode_tokens": new_tokens,
-                "decode_tokens_per_s": new_tokens / seconds, "decode_ms_per_token": 1000.0 * seconds / new_tokens,
-                "repeats": repeats}
+        return {
+            "prompt_tokens": len(prompt),
+            "prefill_ms": prefill_ms,
+            "decode_tokens": new_tokens,
+            "decode_tokens_per_s": new_tokens / seconds,
+            "decode_ms_per_token": 1000.0 * seconds / new_tokens,
+            "repeats": repeats,
+        }
 
 
 def pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> int:
@@ -267,7 +281,11 @@ def verify_decoder(lm: nn.Module, session, prompt: torch.Tensor, steps: int = 10
             same &= token == int(got[0].argmax())
             mask = np.ones((1, mask.shape[1] + 1), np.int64)
             got, past = generator.step(np.asarray([[token]], np.int64), mask, past)
-            out = lm(input_ids=torch.tensor([[token]]), attention_mask=torch.from_numpy(mask), past_key_values=cache,
-                     use_cache=True)
+            out = lm(
+                input_ids=torch.tensor([[token]]),
+                attention_mask=torch.from_numpy(mask),
+                past_key_values=cache,
+                use_cache=True,
+            )
             want, cache = out.logits[:, -1].float().numpy(), out.past_key_values
     return {"steps": steps, "max_abs_diff": max(diffs), "same_tokens": bool(same)}

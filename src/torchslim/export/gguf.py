@@ -8,7 +8,8 @@ Mapping (blocks of 32 input columns, the one block size of these types): symmetr
 -> Q8_0. A scale is stored as float16 there (a relative change below 1e-3 of each weight); every
 other tensor (norms, a layer left float) is written float32. The metadata (architecture, sizes,
 tokenizer, chat template) is the source GGUF's, so the model must come from a GGUF file, with the
-sizes (blocks, widths, heads) the model's own; tensors are named as llama.cpp names them, with the transforms llama.cpp's converter applies undone by
+sizes (blocks, widths, heads) the model's own; tensors are named as llama.cpp names them, with the
+transforms llama.cpp's converter applies undone by
 transformers' loader applied again (query/key rows permuted for rotary embeddings in `llama`
 files, `1 +` norm weights in Gemma 2/3 files)."""
 
@@ -39,11 +40,15 @@ def gguf_type(grid) -> str | None:
 def why_not(grid, source: Path | None) -> str | None:
     """Why no GGUF can be written for this scheme and source, or None when one can."""
     if source is None:
-        return ("the model did not come from a GGUF file (the writer takes the architecture and tokenizer "
-                "metadata from one)")
+        return (
+            "the model did not come from a GGUF file (the writer takes the architecture and tokenizer "
+            "metadata from one)"
+        )
     if gguf_type(grid) is None:
-        return (f"{grid.bits}-bit {'symmetric' if grid.symmetric else 'asymmetric'} groups of {grid.group} map onto "
-                "no GGUF type (Q4_0, Q4_1 and Q8_0 take blocks of 32; Q8_0 is symmetric)")
+        return (
+            f"{grid.bits}-bit {'symmetric' if grid.symmetric else 'asymmetric'} groups of {grid.group} map onto "
+            "no GGUF type (Q4_0, Q4_1 and Q8_0 take blocks of 32; Q8_0 is symmetric)"
+        )
     return None
 
 
@@ -76,36 +81,46 @@ def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
     to `out`, metadata and tensor names from `source`. Returns {path, bytes, types: {type: tensors}}."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
     lm = getattr(model, "lm", model)
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
     if arch not in ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "smollm3"):
-        raise TorchslimError(f"GGUF writer: architecture '{arch}' is not supported yet (llama, mistral, qwen2/3, "
-                             "phi3, gemma2/3 are).")
+        raise TorchslimError(
+            f"GGUF writer: architecture '{arch}' is not supported yet (llama, mistral, qwen2/3, phi3, gemma2/3 are)."
+        )
     names = get_gguf_hf_weights_map(lm, TensorProcessor())  # gguf name -> Hugging Face parameter name
     state = dict(lm.named_parameters(remove_duplicate=False))
-    grids = {id(m.weight): m.torchslim_weight_grid for m in lm.modules()
-             if isinstance(m, nn.Linear) and hasattr(m, "torchslim_weight_grid")}
+    grids = {
+        id(m.weight): m.torchslim_weight_grid
+        for m in lm.modules()
+        if isinstance(m, nn.Linear) and hasattr(m, "torchslim_weight_grid")
+    }
     config = lm.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    sizes = {"block_count": config.num_hidden_layers, "embedding_length": config.hidden_size,
-             "feed_forward_length": getattr(config, "intermediate_size", None),
-             "attention.head_count": config.num_attention_heads,
-             "attention.head_count_kv": getattr(config, "num_key_value_heads", None),
-             "attention.key_length": head_dim, "attention.value_length": head_dim,
-             "rope.dimension_count": int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
-             "context_length": getattr(config, "max_position_embeddings", None)}
+    sizes = {
+        "block_count": config.num_hidden_layers,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": getattr(config, "intermediate_size", None),
+        "attention.head_count": config.num_attention_heads,
+        "attention.head_count_kv": getattr(config, "num_key_value_heads", None),
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
+        "context_length": getattr(config, "max_position_embeddings", None),
+    }
     writer = gguf.GGUFWriter(str(out), arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
         vtype = field.types[0]
         value = field.contents()
-        key = name[len(arch) + 1:] if name.startswith(arch + ".") else None
+        key = name[len(arch) + 1 :] if name.startswith(arch + ".") else None
         if sizes.get(key) is not None:  # the model's own sizes (a pruned model's differ from the source's)
             value = type(value)(sizes[key])
-        writer.add_key_value(name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY
-                             else None)
+        writer.add_key_value(
+            name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        )
     types: dict[str, int] = {}
     written: set[int] = set()
     for tensor_name, hf in names.items():
@@ -130,12 +145,17 @@ def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
             q, scale, zero = q.to(torch.int16), scale.float(), zero.float()
             if order is not None:
                 q, scale, zero = q[order], scale[order], zero[order]
-            writer.add_tensor(tensor_name, _pack(q, scale, zero, kind),
-                              raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            writer.add_tensor(
+                tensor_name, _pack(q, scale, zero, kind), raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
+            )
         types[kind] = types.get(kind, 0) + 1
     main = max((k for k in types if k != "F32"), key=types.get, default="F32")
-    file_type = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                 "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "F32": gguf.LlamaFileType.ALL_F32}[main]
+    file_type = {
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "F32": gguf.LlamaFileType.ALL_F32,
+    }[main]
     writer.add_file_type(int(file_type))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -3,9 +3,6 @@ on real inputs."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -16,26 +13,10 @@ from torch import nn
 
 from torchslim.data.spec import InputSpec
 from torchslim.errors import ExportError
+from torchslim.export.common import complete_feed, no_fused_encoder, quiet
+from torchslim.log import warn
 
 OUTPUT_NAME = "output"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporters narrate every step; keep the user's terminal for our own messages."""
-    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo",
-                                                    "torch.fx.experimental.symbolic_shapes")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 def _export_dynamo(model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict], opset: int) -> None:
@@ -44,25 +25,42 @@ def _export_dynamo(model: nn.Module, args: tuple, path: Path, names: list[str], 
         for label in ax.values():  # min 2: a size-1 example would specialise the axis
             dims.setdefault(label, torch.export.Dim(label, min=1 if label == "batch" else 2, max=65536))
     shapes = tuple({i: dims[label] for i, label in ax.items()} for ax in axes)
-    program = torch.onnx.export(model, args, None, input_names=names, output_names=[OUTPUT_NAME],
-                                dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                verbose=False, optimize=True)
+    program = torch.onnx.export(
+        model,
+        args,
+        None,
+        input_names=names,
+        output_names=[OUTPUT_NAME],
+        dynamo=True,
+        dynamic_shapes=shapes,
+        opset_version=opset,
+        verbose=False,
+        optimize=True,
+    )
     program.save(str(path), external_data=False)
 
 
-def _export_torchscript(model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict],
-                        opset: int) -> None:
+def _export_torchscript(
+    model: nn.Module, args: tuple, path: Path, names: list[str], axes: list[dict], opset: int
+) -> None:
     dynamic = {name: ax for name, ax in zip(names, axes)}
     dynamic[OUTPUT_NAME] = {0: "batch"}
-    torch.onnx.export(model, args, str(path), input_names=names, output_names=[OUTPUT_NAME],
-                      dynamo=False, opset_version=opset, dynamic_axes=dynamic)
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        input_names=names,
+        output_names=[OUTPUT_NAME],
+        dynamo=False,
+        opset_version=opset,
+        dynamic_axes=dynamic,
+    )
 
 
 EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
-def export_onnx(model: nn.Module, path: Path, spec: InputSpec, exporter: str = "dynamo",
-                opset: int = 18) -> Path:
+def export_onnx(model: nn.Module, path: Path, spec: InputSpec, exporter: str = "dynamo", opset: int = 18) -> Path:
     """Write `model` to `path` (atomically) with a dynamic batch axis. The dynamo exporter is tried
     first; if it cannot handle the model, the TorchScript exporter is tried, and if both fail the
     error names the cause."""
@@ -73,17 +71,21 @@ def _data_dependent(exc: BaseException) -> str | None:
     """Where a dynamo export failed on Python control flow that depends on tensor values, as
     'File "...", line N: <code>', or None when it failed for another reason."""
     text = f"{exc}\n{exc.__cause__ or ''}"
-    if "GuardOnDataDependentSymNode" not in text and "data-dependent" not in text and \
-            "Dynamic control flow" not in text:
+    if (
+        "GuardOnDataDependentSymNode" not in text
+        and "data-dependent" not in text
+        and "Dynamic control flow" not in text
+    ):
         return None
     import re
+
     _, _, tail = text.partition("The following call raised this error:")
     found = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n(\s+\S.*)?', tail)
     if not found:
         return "a line torch.export did not name"
     file, line, func, code = found.groups()
     code = code.strip() if code and not code.strip().startswith("The error above") else ""
-    return f'{file}, line {line}, in {func}' + (f": `{code}`" if code else "")
+    return f"{file}, line {line}, in {func}" + (f": `{code}`" if code else "")
 
 
 def _frozen_branches(caught: list) -> str | None:
@@ -96,20 +98,15 @@ def _frozen_branches(caught: list) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _no_fused_encoder():
-    """PyTorch's `nn.TransformerEncoderLayer` / `nn.MultiheadAttention` run one fused kernel at
-    inference that neither exporter can translate; the layer-by-layer path computes the same."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], axes: list[dict[int, str]],
-                  exporter: str = "dynamo", opset: int = 18) -> Path:
+def export_inputs(
+    model: nn.Module,
+    path: Path,
+    args: tuple,
+    names: list[str],
+    axes: list[dict[int, str]],
+    exporter: str = "dynamo",
+    opset: int = 18,
+) -> Path:
     """Export a model of several inputs (`names`), each with its dynamic axes ({axis: label}, labels
     shared between inputs, e.g. {0: "batch", 1: "sequence"}).
 
@@ -119,7 +116,6 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
     TorchScript exporter, with a warning that says why. The tracer (as fallback, or asked for with
     `exporter="torchscript"`) warns where it fixed a traced value; it cannot tell a branch on values
     from one on sizes, so the export check's several batch sizes are the safeguard there."""
-    from torchslim.log import warn
     model = model.eval()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -129,7 +125,7 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
     for which in order:
         caught: list = []
         try:
-            with _quiet(), torch.no_grad(), _no_fused_encoder(), warnings.catch_warnings(record=True) as caught:
+            with quiet(), torch.no_grad(), no_fused_encoder(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 EXPORTERS[which](model, args, tmp, names, axes, opset)
         except Exception as exc:  # each exporter raises its own error types; report them together
@@ -140,37 +136,46 @@ def export_inputs(model: nn.Module, path: Path, args: tuple, names: list[str], a
                     f"{name}'s forward has control flow that depends on the input's values ({where}). An ONNX "
                     "export would keep only the branch the example input took, for every input. Rewrite it with "
                     "torch.where or torch.cond, or, if one branch is right for all inputs, export with the "
-                    "TorchScript tracer explicitly (export stage: {exporter: torchscript}), which freezes it.") from None
+                    "TorchScript tracer explicitly (export stage: {exporter: torchscript}), which freezes it."
+                ) from None
             errors.append(f"{which} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
             continue
         frozen = _frozen_branches(caught) if which == "torchscript" else None
         if frozen:  # the tracer cannot tell a branch on values from one on sizes: said, then checked
-            warn(f"export: the TorchScript tracer turned a traced tensor of {name} into a Python value at {frozen} "
-                 "(a branch or a number fixed to the example input's); the ONNX graph keeps the example's choice "
-                 "for every input, and the export check compares it with PyTorch on batches of several sizes.")
+            warn(
+                f"export: the TorchScript tracer turned a traced tensor of {name} into a Python value at {frozen} "
+                "(a branch or a number fixed to the example input's); the ONNX graph keeps the example's choice "
+                "for every input, and the export check compares it with PyTorch on batches of several sizes."
+            )
         if which != exporter:
-            warn(f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
-                 "instead, and the artifact is checked against PyTorch as always.")
+            warn(
+                f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
+                "instead, and the artifact is checked against PyTorch as always."
+            )
         os.replace(tmp, path)
         return path
-    raise ExportError(f"Could not export {name} to ONNX. " + " | ".join(errors) +
-                      " Replace or ignore the module named there, or use measure.runtime: pytorch.")
+    raise ExportError(
+        f"Could not export {name} to ONNX. "
+        + " | ".join(errors)
+        + " Replace or ignore the module named there, or use measure.runtime: pytorch."
+    )
 
 
 def onnx_outputs(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: inputs[i:i + batch_size]})[0]
-                           for i in range(0, len(inputs), batch_size)])
+    return np.concatenate(
+        [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    )
 
 
-def verify_onnx(model: nn.Module, session, inputs: torch.Tensor | tuple, tolerance: float = 1e-4,
-                relative: bool = False) -> float:
+def verify_onnx(
+    model: nn.Module, session, inputs: torch.Tensor | tuple, tolerance: float = 1e-4, relative: bool = False
+) -> float:
     """Max abs difference between PyTorch and the ONNX artifact on `inputs` (a tensor, or a tuple of
     the model's inputs with the batch first), fed as several batches of different sizes (1, 3, 16,
     then 64 at a time), so a graph that is right for one batch only shows; an ExportError above
     tolerance (`relative`: tolerance times the largest absolute PyTorch output, at least 1 — for
     outputs as large as a language model's logits, where float32 rounding alone exceeds 1e-4)."""
-    from torchslim.export.decoder import complete_feed
     model.eval()
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     names = [i.name for i in session.get_inputs()]
@@ -179,18 +184,22 @@ def verify_onnx(model: nn.Module, session, inputs: torch.Tensor | tuple, toleran
     with torch.inference_mode():
         while start < total:
             step = sizes.pop(0) if sizes else 64
-            chunk = tuple(a[start:start + step] for a in args)
+            chunk = tuple(a[start : start + step] for a in args)
             start += step
             reference = model(*chunk).float().numpy()
             got = session.run(None, complete_feed(session, {n: a.numpy() for n, a in zip(names, chunk)}))[0]
             if got.shape != reference.shape:
-                raise ExportError(f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}.")
+                raise ExportError(
+                    f"The ONNX artifact returns shape {list(got.shape)}, PyTorch {list(reference.shape)}."
+                )
             diff = max(diff, float(np.abs(got - reference).max()))
             if relative:
                 scale = max(scale, float(np.abs(reference).max()))
     tolerance *= scale
     if not diff <= tolerance:
-        raise ExportError(f"The ONNX artifact disagrees with PyTorch: max abs difference {diff:.3g} on "
-                          f"{total} real inputs exceeds the tolerance {tolerance:g} "
-                          "(measure.tolerance). The export is not trustworthy; report this model.")
+        raise ExportError(
+            f"The ONNX artifact disagrees with PyTorch: max abs difference {diff:.3g} on "
+            f"{total} real inputs exceeds the tolerance {tolerance:g} "
+            "(measure.tolerance). The export is not trustworthy; report this model."
+        )
     return diff

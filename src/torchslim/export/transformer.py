@@ -44,8 +44,16 @@ def split_skip_layernorm(model: onnx.ModelProto) -> int:
         out.append(helper.make_node("Add", list(node.input[:2]), [first], name=f"{node.name}_add"))
         if bias:
             out.append(helper.make_node("Add", [first, bias], [total], name=f"{node.name}_add_bias"))
-        out.append(helper.make_node("LayerNormalization", [total, node.input[2], node.input[3]], [node.output[0]],
-                                    name=f"{node.name}_norm", axis=-1, epsilon=eps))
+        out.append(
+            helper.make_node(
+                "LayerNormalization",
+                [total, node.input[2], node.input[3]],
+                [node.output[0]],
+                name=f"{node.name}_norm",
+                axis=-1,
+                epsilon=eps,
+            )
+        )
     del model.graph.node[:]
     model.graph.node.extend(out)
     return count
@@ -64,31 +72,43 @@ def soften_attention_mask(model: onnx.ModelProto, value: float = MASK_FILTER_VAL
 def _index_nodes(mask: str, embeddings: str, hidden: int) -> tuple[list, list]:
     """Nodes computing the real tokens' row indices, a zero [batch * sequence, hidden] buffer, the
     padded shape and the gathered embeddings (`pad_free_embeddings`); plus their constants."""
-    consts = [numpy_helper.from_array(np.array(v, dtype=np.int64), name) for name, v in
-              (("pf_flat", [-1]), ("pf_hidden", [hidden]), ("pf_axis1", [1]))]
-    nodes = [helper.make_node("Reshape", [mask, "pf_flat"], ["pf_mask"], name="pf_mask"),
-             helper.make_node("NonZero", ["pf_mask"], ["pf_nonzero"], name="pf_nonzero"),
-             helper.make_node("Reshape", ["pf_nonzero", "pf_flat"], ["pf_index"], name="pf_index"),
-             helper.make_node("Unsqueeze", ["pf_index", "pf_axis1"], ["pf_index_2d"], name="pf_index_2d"),
-             helper.make_node("Shape", ["pf_mask"], ["pf_positions"], name="pf_positions"),
-             helper.make_node("Concat", ["pf_positions", "pf_hidden"], ["pf_zeros_shape"], name="pf_zeros_shape",
-                              axis=0),
-             helper.make_node("ConstantOfShape", ["pf_zeros_shape"], ["pf_zeros"], name="pf_zeros",
-                              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
-             helper.make_node("Shape", [embeddings], ["pf_padded_shape"], name="pf_padded_shape"),
-             *_gather(embeddings, "pad_free_embeddings", "pf_embeddings")]
+    consts = [
+        numpy_helper.from_array(np.array(v, dtype=np.int64), name)
+        for name, v in (("pf_flat", [-1]), ("pf_hidden", [hidden]), ("pf_axis1", [1]))
+    ]
+    nodes = [
+        helper.make_node("Reshape", [mask, "pf_flat"], ["pf_mask"], name="pf_mask"),
+        helper.make_node("NonZero", ["pf_mask"], ["pf_nonzero"], name="pf_nonzero"),
+        helper.make_node("Reshape", ["pf_nonzero", "pf_flat"], ["pf_index"], name="pf_index"),
+        helper.make_node("Unsqueeze", ["pf_index", "pf_axis1"], ["pf_index_2d"], name="pf_index_2d"),
+        helper.make_node("Shape", ["pf_mask"], ["pf_positions"], name="pf_positions"),
+        helper.make_node("Concat", ["pf_positions", "pf_hidden"], ["pf_zeros_shape"], name="pf_zeros_shape", axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            ["pf_zeros_shape"],
+            ["pf_zeros"],
+            name="pf_zeros",
+            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        ),
+        helper.make_node("Shape", [embeddings], ["pf_padded_shape"], name="pf_padded_shape"),
+        *_gather(embeddings, "pad_free_embeddings", "pf_embeddings"),
+    ]
     return nodes, consts
 
 
 def _gather(padded: str, packed: str, tag: str) -> list:
     # Flatten, not a reshape to the hidden width: with pruned heads Attention's output is narrower
-    return [helper.make_node("Flatten", [padded], [f"{tag}_rows"], name=f"{tag}_rows", axis=2),
-            helper.make_node("Gather", [f"{tag}_rows", "pf_index"], [packed], name=f"{tag}_gather", axis=0)]
+    return [
+        helper.make_node("Flatten", [padded], [f"{tag}_rows"], name=f"{tag}_rows", axis=2),
+        helper.make_node("Gather", [f"{tag}_rows", "pf_index"], [packed], name=f"{tag}_gather", axis=0),
+    ]
 
 
 def _scatter(packed: str, padded: str, tag: str) -> list:
-    return [helper.make_node("ScatterND", ["pf_zeros", "pf_index_2d", packed], [f"{tag}_rows"], name=f"{tag}_scatter"),
-            helper.make_node("Reshape", [f"{tag}_rows", "pf_padded_shape"], [padded], name=f"{tag}_padded")]
+    return [
+        helper.make_node("ScatterND", ["pf_zeros", "pf_index_2d", packed], [f"{tag}_rows"], name=f"{tag}_scatter"),
+        helper.make_node("Reshape", [f"{tag}_rows", "pf_padded_shape"], [padded], name=f"{tag}_padded"),
+    ]
 
 
 def remove_padding(model: onnx.ModelProto, mask_input: str = "attention_mask") -> int:

@@ -24,13 +24,16 @@ from torch import nn
 
 from torchslim.errors import TorchslimError
 from torchslim.lowrank.layers import FACTORED, LowRankConv2d, LowRankLinear, TuckerConv2d
-from torchslim.models.shapes import _replace
+from torchslim.models.attention import Attention
+from torchslim.models.shapes import replace_module
 from torchslim.paths import matches
+from torchslim.quantize.weights import collect_hessians
 
 
 @dataclass
 class Layer:
     """One factorisable layer and the spectra its ranks are chosen from."""
+
     path: str
     module: nn.Module
     kind: str  # "svd" (Linear or conv as a matrix) or "tucker"
@@ -71,11 +74,11 @@ class Layer:
         return p < dp and f < df
 
 
-def input_transforms(model: nn.Module, layers: dict[str, nn.Linear], batches, kind: str, alpha: float = 0.5,
-                     damp: float = 0.01) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def input_transforms(
+    model: nn.Module, layers: dict[str, nn.Linear], batches, kind: str, alpha: float = 0.5, damp: float = 0.01
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(S, S⁻¹) per Linear layer from its inputs on the calibration batches: diag(mean|x|^alpha)
     (`scale`) or the lower Cholesky factor of XᵀX/n, damped by `damp` of its mean diagonal (`whiten`)."""
-    from torchslim.quantize.weights import collect_hessians
     magnitudes: dict = {}
     hessians = collect_hessians(model, batches, layers, magnitudes)
     out = {}
@@ -97,7 +100,6 @@ def candidates(model: nn.Module, layers: str = "all", ignore=()) -> dict[str, nn
     """Every Linear / groups=1 Conv2d that may be replaced: not inside attention modules (which read
     their projections' weights directly), not already factorised, not in `ignore`, and not holding a
     weight used twice (a head tied to the embedding stays whole)."""
-    from torchslim.prune.attention import Attention
     skip_parents = (nn.MultiheadAttention, Attention, *FACTORED)
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -110,14 +112,21 @@ def candidates(model: nn.Module, layers: str = "all", ignore=()) -> dict[str, nn
             path = f"{name}.{child_name}" if name else child_name
             if matches(path, ignore) or uses.get(id(getattr(m, "weight", None)), 0) > 1:
                 continue
-            if (type(m) is nn.Linear and layers in ("all", "linear")) or \
-                    (type(m) is nn.Conv2d and m.groups == 1 and layers in ("all", "conv")):
+            if (type(m) is nn.Linear and layers in ("all", "linear")) or (
+                type(m) is nn.Conv2d and m.groups == 1 and layers in ("all", "conv")
+            ):
                 found[path] = m
     return found
 
 
-def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", conv: str = "tucker",
-                ignore=(), transforms: dict | None = None) -> list[Layer]:
+def find_layers(
+    model: nn.Module,
+    example: torch.Tensor,
+    layers: str = "all",
+    conv: str = "tucker",
+    ignore=(),
+    transforms: dict | None = None,
+) -> list[Layer]:
     """The `candidates` on the forward path, with their spectra and positions."""
     found = candidates(model, layers, ignore)
     positions: dict[str, tuple[int, int]] = {}
@@ -128,6 +137,7 @@ def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", co
             channels_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
             channels_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             positions[path] = (args[0].numel() // (b * channels_in), out.numel() // (b * channels_out))
+
         return fn
 
     handles = [m.register_forward_hook(hook(p)) for p, m in found.items()]
@@ -148,7 +158,7 @@ def find_layers(model: nn.Module, example: torch.Tensor, layers: str = "all", co
         if isinstance(m, nn.Conv2d) and conv == "tucker" and w[0, 0].numel() > 1:
             s_out = torch.linalg.svdvals(w.flatten(1))
             s_in = torch.linalg.svdvals(w.transpose(0, 1).flatten(1))
-            out.append(Layer(path, m, "tucker", [s_in ** 2, s_out ** 2], *positions[path]))
+            out.append(Layer(path, m, "tucker", [s_in**2, s_out**2], *positions[path]))
         else:
             pair = (transforms or {}).get(path) if isinstance(m, nn.Linear) else None
             matrix = w.flatten(1) @ pair[0] if pair is not None else w.flatten(1)
@@ -173,15 +183,26 @@ def _fix(layer: Layer, ranks, min_rank: int, round_to: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def choose_ranks(found: list[Layer], model: nn.Module, *, rank_ratio: float | None = None,
-                 energy: float | None = None, budget: float | None = None, budget_on: str = "params",
-                 ranks: dict | None = None, min_rank: int = 1, round_to: int = 1) -> None:
+def choose_ranks(
+    found: list[Layer],
+    model: nn.Module,
+    *,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    budget_on: str = "params",
+    ranks: dict | None = None,
+    min_rank: int = 1,
+    round_to: int = 1,
+) -> None:
     """Set `layer.ranks` on each layer (empty: stays dense) and add a note for every skipped layer."""
     if ranks:
-        unknown = sorted(set(ranks) - {l.path for l in found})
+        unknown = sorted(set(ranks) - {f.path for f in found})
         if unknown:
-            raise TorchslimError(f"lowrank.ranks names layers that cannot be factorised here: {', '.join(unknown)}. "
-                                 f"Factorisable layers: {', '.join(l.path for l in found)}.")
+            raise TorchslimError(
+                f"lowrank.ranks names layers that cannot be factorised here: {', '.join(unknown)}. "
+                f"Factorisable layers: {', '.join(f.path for f in found)}."
+            )
 
     def at_energy(layer, e):
         return _fix(layer, [_rank_for_energy(s, e) for s in layer.spectra], min_rank, round_to)
@@ -196,8 +217,9 @@ def choose_ranks(found: list[Layer], model: nn.Module, *, rank_ratio: float | No
             value = ranks[layer.path]
             want = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(layer.full)
             if len(want) != len(layer.full):
-                raise TorchslimError(f"lowrank.ranks['{layer.path}'] needs {len(layer.full)} ranks "
-                                     f"({layer.kind}), got {list(want)}.")
+                raise TorchslimError(
+                    f"lowrank.ranks['{layer.path}'] needs {len(layer.full)} ranks ({layer.kind}), got {list(want)}."
+                )
         elif rank_ratio is not None:
             want = tuple(rank_ratio * f for f in layer.full)
         else:
@@ -207,14 +229,16 @@ def choose_ranks(found: list[Layer], model: nn.Module, *, rank_ratio: float | No
             layer.ranks = choice
         else:
             (p, f), (dp, df) = layer.cost(choice), layer.dense_cost()
-            layer.notes.append(f"{layer.path}: rank {list(choice)} of {list(layer.full)} would need {p:,} parameters "
-                               f"and {f:,} multiply-adds vs {dp:,} and {df:,} dense; kept dense")
+            layer.notes.append(
+                f"{layer.path}: rank {list(choice)} of {list(layer.full)} would need {p:,} parameters "
+                f"and {f:,} multiply-adds vs {dp:,} and {df:,} dense; kept dense"
+            )
 
 
 def _fit_budget(found, model, budget, budget_on, at_energy) -> None:
     """The highest common energy level whose ranks keep the model within `budget` of its size or MACs."""
     pick = 0 if budget_on == "params" else 1
-    dense_total = {l.path: l.dense_cost()[pick] for l in found}
+    dense_total = {f.path: f.dense_cost()[pick] for f in found}
     if budget_on == "params":
         total = sum(p.numel() for p in model.parameters())
     else:
@@ -226,16 +250,19 @@ def _fit_budget(found, model, budget, budget_on, at_energy) -> None:
         for layer in found:
             r = at_energy(layer, e)
             choices[layer.path] = r if layer.cheaper(r) else ()
-        spent = fixed + sum(layer.cost(choices[layer.path])[pick] if choices[layer.path] else dense_total[layer.path]
-                            for layer in found)
+        spent = fixed + sum(
+            layer.cost(choices[layer.path])[pick] if choices[layer.path] else dense_total[layer.path] for layer in found
+        )
         return spent, choices
 
     target = budget * total
     spent, choices = cost_at(0.0)
     if spent > target:
-        raise TorchslimError(f"lowrank.budget {budget} cannot be met: even the smallest ranks leave "
-                             f"{spent:,} {budget_on} of {total:,} ({spent / total:.1%}). Raise the budget, lower "
-                             "min_rank or combine with pruning.")
+        raise TorchslimError(
+            f"lowrank.budget {budget} cannot be met: even the smallest ranks leave "
+            f"{spent:,} {budget_on} of {total:,} ({spent / total:.1%}). Raise the budget, lower "
+            "min_rank or combine with pruning."
+        )
     lo, hi = 0.0, 1.0
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -247,8 +274,9 @@ def _fit_budget(found, model, budget, budget_on, at_energy) -> None:
     for layer in found:
         layer.ranks = choices[layer.path]
         if not layer.ranks:
-            layer.notes.append(f"{layer.path}: at the budget's energy level ({lo:.4f}) the factorised form is not "
-                               "cheaper; kept dense")
+            layer.notes.append(
+                f"{layer.path}: at the budget's energy level ({lo:.4f}) the factorised form is not cheaper; kept dense"
+            )
 
 
 def _build(layer: Layer) -> nn.Module:
@@ -293,14 +321,20 @@ def apply(model: nn.Module, found: list[Layer]) -> list[dict]:
     records = []
     for layer in found:
         (dp, df) = layer.dense_cost()
-        record = {"layer": layer.path, "kind": layer.kind if layer.ranks else "dense",
-                  "shape": list(layer.module.weight.shape), "full_rank": list(layer.full),
-                  "rank": list(layer.ranks), "params_before": dp, "macs_before": df}
+        record = {
+            "layer": layer.path,
+            "kind": layer.kind if layer.ranks else "dense",
+            "shape": list(layer.module.weight.shape),
+            "full_rank": list(layer.full),
+            "rank": list(layer.ranks),
+            "params_before": dp,
+            "macs_before": df,
+        }
         if layer.ranks:
             new = _build(layer)
             dense = layer.module.weight.detach().float()
             record["rel_error"] = float(torch.linalg.norm(_dense_weight(new) - dense) / torch.linalg.norm(dense))
-            _replace(model, layer.path, new)
+            replace_module(model, layer.path, new)
             record["params_after"], record["macs_after"] = layer.cost(layer.ranks)
         else:
             record["params_after"], record["macs_after"] = dp, df
@@ -317,9 +351,18 @@ def _dense_weight(new: nn.Module) -> torch.Tensor:
     return (second.flatten(1) @ first.flatten(1)).reshape(second.shape[0], *first.shape[1:])
 
 
-def factorize(model: nn.Module, example: torch.Tensor, *, layers: str = "all", conv: str = "tucker", ignore=(),
-              activation_aware: str = "none", calibration=None, alpha: float = 0.5,
-              **rank_options) -> tuple[list[dict], list[str]]:
+def factorize(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    layers: str = "all",
+    conv: str = "tucker",
+    ignore=(),
+    activation_aware: str = "none",
+    calibration=None,
+    alpha: float = 0.5,
+    **rank_options,
+) -> tuple[list[dict], list[str]]:
     """Factorise `model` in place. Returns (a record per factorisable layer, notes). With
     `activation_aware` `scale` or `whiten`, `calibration` (batches of model inputs) weighs the Linear
     layers' factorisation by their inputs."""
@@ -331,8 +374,9 @@ def factorize(model: nn.Module, example: torch.Tensor, *, layers: str = "all", c
         transforms = input_transforms(model, linears, calibration, activation_aware, alpha)
     found = find_layers(model, example, layers, conv, ignore, transforms)
     if not found:
-        raise TorchslimError("lowrank: the model has no Linear or groups=1 Conv2d layer to factorise "
-                             "(check `layers` and `ignore`).")
+        raise TorchslimError(
+            "lowrank: the model has no Linear or groups=1 Conv2d layer to factorise (check `layers` and `ignore`)."
+        )
     choose_ranks(found, model, **rank_options)
     notes = [n for layer in found for n in layer.notes]
     return apply(model, found), notes

@@ -36,8 +36,9 @@ def _conv(src: nn.Conv2d, cin: int, cout: int, spatial: bool, bias: bool) -> nn.
     """A groups=1 convolution with `src`'s kernel, stride, padding and dilation (spatial) or a 1x1."""
     if not spatial:
         return nn.Conv2d(cin, cout, 1, bias=bias)
-    return nn.Conv2d(cin, cout, src.kernel_size, src.stride, src.padding, src.dilation, bias=bias,
-                     padding_mode=src.padding_mode)
+    return nn.Conv2d(
+        cin, cout, src.kernel_size, src.stride, src.padding, src.dilation, bias=bias, padding_mode=src.padding_mode
+    )
 
 
 class LowRankConv2d(nn.Module):

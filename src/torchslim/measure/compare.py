@@ -32,14 +32,23 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def compare_stages(entries: list[dict], run_dir: Path, reference: int, feeds: Callable[[], dict[str, dict]],
-                   threads: int, seconds: float = 20.0, max_rounds: int = 50) -> dict:
+def compare_stages(
+    entries: list[dict],
+    run_dir: Path,
+    reference: int,
+    feeds: Callable[[], dict[str, dict]],
+    threads: int,
+    seconds: float = 20.0,
+    max_rounds: int = 50,
+) -> dict:
     """Time every ONNX artifact in `entries` interleaved; `feeds()` gives {shape label: input feed}.
     Returns the record that goes to report.json under "comparison"."""
     onnx = {i: run_dir / e["artifact"] for i, e in enumerate(entries) if str(e["artifact"]).endswith(".onnx")}
     if reference not in onnx or len(entries) - 1 not in onnx:
-        return {"skipped": "the reference or the final artifact is not an ONNX file (measure.runtime: pytorch); "
-                           "the summary's speedup comes from the per-stage measurements"}
+        return {
+            "skipped": "the reference or the final artifact is not an ONNX file (measure.runtime: pytorch); "
+            "the summary's speedup comes from the per-stage measurements"
+        }
     files: dict[str, Path] = {}
     key_of = {}
     for i, path in onnx.items():  # an export stage's copy of the artifact before it is timed once
@@ -54,25 +63,41 @@ def compare_stages(entries: list[dict], run_dir: Path, reference: int, feeds: Ca
         per_round = sum(t["p50"] for t in probe.values()) / 1000.0
         rounds = int(max(10, min(max_rounds, seconds / max(per_round, 1e-6))))
         timing = interleaved(calls, rounds=rounds, warmup=2)
-        stages = [{"index": i, "name": entries[i]["name"], "p50": timing[key_of[i]]["p50"],
-                   "p95": timing[key_of[i]]["p95"]} for i in sorted(onnx)]
+        stages = [
+            {"index": i, "name": entries[i]["name"], "p50": timing[key_of[i]]["p50"], "p95": timing[key_of[i]]["p95"]}
+            for i in sorted(onnx)
+        ]
         ref, fin = timing[key_of[reference]], timing[key_of[len(entries) - 1]]
-        shape = {"batch_size": int(next(iter(feed.values())).shape[0]), "rounds": rounds, "stages": stages,
-                 "reference_ms": ref["p50"], "final_ms": fin["p50"],
-                 "speedup": ratio_spread(ref["samples_ms"], fin["samples_ms"]), "slowdowns": []}
+        shape = {
+            "batch_size": int(next(iter(feed.values())).shape[0]),
+            "rounds": rounds,
+            "stages": stages,
+            "reference_ms": ref["p50"],
+            "final_ms": fin["p50"],
+            "speedup": ratio_spread(ref["samples_ms"], fin["samples_ms"]),
+            "slowdowns": [],
+        }
         indices = sorted(onnx)
         for prev, cur in zip(indices, indices[1:]):
             if key_of[prev] == key_of[cur]:
                 continue
             r = ratio_spread(timing[key_of[cur]]["samples_ms"], timing[key_of[prev]]["samples_ms"])
             if r["median"] > SLOWER and r["q25"] > 1.0:
-                shape["slowdowns"].append({"stage": entries[cur]["name"], "index": cur, "after": entries[prev]["name"],
-                                           "ratio": r["median"], "from_ms": timing[key_of[prev]]["p50"],
-                                           "to_ms": timing[key_of[cur]]["p50"]})
+                shape["slowdowns"].append(
+                    {
+                        "stage": entries[cur]["name"],
+                        "index": cur,
+                        "after": entries[prev]["name"],
+                        "ratio": r["median"],
+                        "from_ms": timing[key_of[prev]]["p50"],
+                        "to_ms": timing[key_of[cur]]["p50"],
+                    }
+                )
         s = shape["speedup"]
         if s["iqr"] > NOISY_IQR * s["median"]:
-            noise.append(f"{label}: the per-round speedup spread (IQR {s['iqr']:.2f} around {s['median']:.2f}x) "
-                         "is wide")
+            noise.append(
+                f"{label}: the per-round speedup spread (IQR {s['iqr']:.2f} around {s['median']:.2f}x) is wide"
+            )
         tails = [st for st in stages if st["p95"] > NOISY_TAIL * st["p50"]]
         if tails:
             noise.append(f"{label}: p95 above {NOISY_TAIL}x p50 for {', '.join(st['name'] for st in tails)}")

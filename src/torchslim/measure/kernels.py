@@ -17,12 +17,40 @@ from pathlib import Path
 import onnx
 
 # nodes that carry a model's arithmetic; everything else moves, reshapes or normalises data
-INTEGER = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "QAttention",
-                     "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM",
-                     "QLinearConvTranspose", "NhwcQLinearConv"})
+INTEGER = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "QAttention",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLSTM",
+        "QLinearConvTranspose",
+        "NhwcQLinearConv",
+    }
+)
 WEIGHT_ONLY = frozenset({"MatMulNBits", "MatMulBnb4"})  # low-bit weights, dequantized inside the kernel
-FLOAT = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul",
-                   "NhwcFusedConv", "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN", "Einsum"})
+FLOAT = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "FusedConv",
+        "FusedGemm",
+        "FusedMatMul",
+        "NhwcFusedConv",
+        "Attention",
+        "MultiHeadAttention",
+        "LSTM",
+        "GRU",
+        "RNN",
+        "Einsum",
+    }
+)
 
 
 def optimized_graph(path: Path, threads: int = 1) -> onnx.ModelProto:
@@ -52,8 +80,14 @@ def _counts(path: str, size: int, mtime_ns: int, threads: int) -> dict:
     try:
         graph = optimized_graph(path, threads).graph
     except Exception as exc:  # e.g. a graph over 2 GB cannot be written back as one file
-        return {"integer": 0, "weight_only": 0, "float": 0, "by_op": {}, "float_nodes": [],
-                "error": f"could not read ONNX Runtime's optimised graph: {type(exc).__name__}: {exc}"[:400]}
+        return {
+            "integer": 0,
+            "weight_only": 0,
+            "float": 0,
+            "by_op": {},
+            "float_nodes": [],
+            "error": f"could not read ONNX Runtime's optimised graph: {type(exc).__name__}: {exc}"[:400],
+        }
     by_op: Counter = Counter()
     float_nodes = []
     for node in graph.node:
@@ -62,8 +96,13 @@ def _counts(path: str, size: int, mtime_ns: int, threads: int) -> dict:
             if node.op_type in FLOAT:
                 float_nodes.append(node.name or node.op_type)
     count = lambda ops: sum(n for op, n in by_op.items() if op in ops)  # noqa: E731
-    return {"integer": count(INTEGER), "weight_only": count(WEIGHT_ONLY), "float": count(FLOAT),
-            "by_op": dict(sorted(by_op.items())), "float_nodes": float_nodes}
+    return {
+        "integer": count(INTEGER),
+        "weight_only": count(WEIGHT_ONLY),
+        "float": count(FLOAT),
+        "by_op": dict(sorted(by_op.items())),
+        "float_nodes": float_nodes,
+    }
 
 
 def describe(counts: dict) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.export.decoder import complete_feed
+
 
 @contextmanager
 def torch_threads(n: int):
@@ -25,11 +27,19 @@ def torch_threads(n: int):
 
 def _summarise(samples: list[float], runtime: str, batch_size: int, threads: int, warmup: int) -> dict:
     ms = np.asarray(samples) * 1000.0
-    return {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
-            "mean": float(ms.mean()), "min": float(ms.min()),
-            "throughput": float(batch_size * 1000.0 / np.median(ms)),  # items per second at the median
-            "batch_size": batch_size, "runtime": runtime, "threads": threads,
-            "warmup": warmup, "repeats": len(samples)}
+    return {
+        "p50": float(np.median(ms)),
+        "p95": float(np.percentile(ms, 95)),
+        "p99": float(np.percentile(ms, 99)),
+        "mean": float(ms.mean()),
+        "min": float(ms.min()),
+        "throughput": float(batch_size * 1000.0 / np.median(ms)),  # items per second at the median
+        "batch_size": batch_size,
+        "runtime": runtime,
+        "threads": threads,
+        "warmup": warmup,
+        "repeats": len(samples),
+    }
 
 
 def _time(call, warmup: int, repeats: int) -> list[float]:
@@ -43,8 +53,9 @@ def _time(call, warmup: int, repeats: int) -> list[float]:
     return samples
 
 
-def pytorch_latency(model: nn.Module, example: torch.Tensor | tuple, threads: int = 2, warmup: int = 10,
-                    repeats: int = 50) -> dict:
+def pytorch_latency(
+    model: nn.Module, example: torch.Tensor | tuple, threads: int = 2, warmup: int = 10, repeats: int = 50
+) -> dict:
     """`example`: one input tensor, or a tuple of them (e.g. input_ids, attention_mask)."""
     model.eval()
     args = example if isinstance(example, tuple) else (example,)
@@ -74,11 +85,11 @@ def ort_session(path: Path, threads: int = 2, denormal_as_zero: bool = False, sp
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def onnxruntime_latency(path: Path, example: np.ndarray | dict, threads: int = 2, warmup: int = 10,
-                        repeats: int = 50, session=None) -> dict:
+def onnxruntime_latency(
+    path: Path, example: np.ndarray | dict, threads: int = 2, warmup: int = 10, repeats: int = 50, session=None
+) -> dict:
     """`example`: the one input array, or a feed {input name: array} for a model of several inputs."""
     session = session or ort_session(path, threads)
-    from torchslim.export.decoder import complete_feed
     feed = example if isinstance(example, dict) else {session.get_inputs()[0].name: example}
     feed = complete_feed(session, feed)  # a language model's empty key/value cache
     samples = _time(lambda: session.run(None, feed), warmup, repeats)
@@ -95,12 +106,14 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int = 30, warmup
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             calls[name]()
             samples[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "samples_ms": ms}
-            for name, ms in samples.items()}
+    return {
+        name: {"p50": float(np.median(ms)), "p95": float(np.percentile(ms, 95)), "samples_ms": ms}
+        for name, ms in samples.items()
+    }
 
 
 def ratio_spread(slow_ms: list[float], fast_ms: list[float]) -> dict:

@@ -15,7 +15,8 @@ tokens whose most likely next token agrees are computed on the same windows.
 
 A model whose tokenizer starts every text with a BOS token (Gemma) was trained to see it first, and
 the first position of a window without it draws attention it cannot use (Gemma 3 270M in
-`bench/recipes/gemma3-int4.yaml`: float perplexity 81.2 on package descriptions without, 31.7 with). With `bos`, every window's first token, which is
+`bench/recipes/gemma3-int4.yaml`: float perplexity 81.2 on package descriptions without, 31.7 with).
+With `bos`, every window's first token, which is
 context only (every window scores from its second token on), is replaced by it, as llama.cpp's
 perplexity tool does; `bos_token(tokenizer)` says whether a tokenizer asks for it."""
 
@@ -61,8 +62,15 @@ def bos_token(tokenizer) -> int | None:
     return int(bos) if ids and ids[0] == bos else None
 
 
-def score(logits: Logits, ids: torch.Tensor, n_bytes: int | None = None, length: int = 512, stride: int = 512,
-          reference: Logits | None = None, bos: int | None = None) -> dict:
+def score(
+    logits: Logits,
+    ids: torch.Tensor,
+    n_bytes: int | None = None,
+    length: int = 512,
+    stride: int = 512,
+    reference: Logits | None = None,
+    bos: int | None = None,
+) -> dict:
     """Perplexity, bits per byte (when `n_bytes` is given: the UTF-8 bytes of the scored text) and,
     against a `reference`, mean KL and top-1 agreement, of a 1-D token stream `ids`; with `bos`,
     every window starts with that token in place of its first (unscored) one."""
@@ -74,13 +82,13 @@ def score(logits: Logits, ids: torch.Tensor, n_bytes: int | None = None, length:
             chunk = chunk.clone()
             chunk[0, 0] = bos
         with torch.no_grad():
-            logp = F.log_softmax(_as_tensor(logits(chunk)).float()[0, first - 1:end - start - 1], dim=-1)
+            logp = F.log_softmax(_as_tensor(logits(chunk)).float()[0, first - 1 : end - start - 1], dim=-1)
         targets = chunk[0, first:]
         nll -= float(logp.gather(1, targets.unsqueeze(1)).sum())
         count += len(targets)
         if reference is not None:
             with torch.no_grad():
-                ref = F.log_softmax(_as_tensor(reference(chunk)).float()[0, first - 1:end - start - 1], dim=-1)
+                ref = F.log_softmax(_as_tensor(reference(chunk)).float()[0, first - 1 : end - start - 1], dim=-1)
             kl += float((ref.exp() * (ref - logp)).sum())
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}

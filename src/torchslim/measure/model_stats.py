@@ -13,9 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 def count_params(model: nn.Module) -> dict:
     params = list(model.parameters())
-    return {"params": sum(p.numel() for p in params),
-            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-            "nonzero_params": sum(int(torch.count_nonzero(p)) for p in params)}
+    return {
+        "params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in params),
+    }
 
 
 def _args(example) -> tuple:
@@ -42,8 +44,9 @@ def peak_inference_bytes(model: nn.Module, example: torch.Tensor | tuple) -> int
         model(*_args(example))  # first call allocates lazily-built caches; keep them out of the peak
         with _silence_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(*_args(example))
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     current = peak = 0
     for event in events:
         current += event.nbytes()

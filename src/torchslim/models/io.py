@@ -13,7 +13,9 @@ from torch import nn
 
 from torchslim.entrypoint import call_builder, resolve
 from torchslim.errors import RecipeError, TorchslimError
+from torchslim.log import warn
 from torchslim.models.shapes import SHAPES_KEY, apply_shapes, module_shapes
+from torchslim.models.sparse import TIED_KEY, read, untied_state
 from torchslim.models.zoo import MODELS
 
 
@@ -27,35 +29,22 @@ def build_model(spec, num_classes: int | None = None, search_dir: Path | None = 
     else:
         model = call_builder(resolve(spec.entrypoint, "model.entrypoint", search_dir), spec.kwargs, "model.kwargs")
         if not isinstance(model, nn.Module):
-            raise RecipeError(f"model.entrypoint '{spec.entrypoint}' returned {type(model).__name__}, "
-                              "expected a torch.nn.Module.")
+            raise RecipeError(
+                f"model.entrypoint '{spec.entrypoint}' returned {type(model).__name__}, expected a torch.nn.Module."
+            )
     if spec.checkpoint is not None:
-        path = spec.checkpoint if spec.checkpoint.is_absolute() or search_dir is None \
-            else (search_dir / spec.checkpoint)
+        path = (
+            spec.checkpoint if spec.checkpoint.is_absolute() or search_dir is None else (search_dir / spec.checkpoint)
+        )
         changes: list[str] = []
         load_weights(model, path if path.exists() else spec.checkpoint, changes)
         if changes:
-            from torchslim.log import warn
-            warn(f"model.checkpoint {spec.checkpoint} has other layer shapes than the model built from the recipe "
-                 f"(model.kwargs {spec.kwargs or {}}); the checkpoint's shapes are used: {'; '.join(changes[:5])}"
-                 f"{' …' if len(changes) > 5 else ''}")
+            warn(
+                f"model.checkpoint {spec.checkpoint} has other layer shapes than the model built from the recipe "
+                f"(model.kwargs {spec.kwargs or {}}); the checkpoint's shapes are used: {'; '.join(changes[:5])}"
+                f"{' …' if len(changes) > 5 else ''}"
+            )
     return model
-
-
-TIED_KEY = "torchslim.tied"
-
-
-def untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict with every tensor once, {key: the key it is tied to}): a tied weight (input and
-    output embeddings) is stored once and re-tied on load."""
-    state, tied, seen = {}, {}, {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if id(v) in seen:
-            tied[k] = seen[id(v)]
-            continue
-        seen[id(v)] = k
-        state[k] = v.detach().contiguous().cpu()
-    return state, tied
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
@@ -86,7 +75,6 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
         raise TorchslimError(f"Checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
         try:
-            from torchslim.prune.sparse import read
             state, meta = read(path)
             shapes = json.loads(meta.get(SHAPES_KEY, "{}"))
         except Exception as exc:  # safetensors raises its own error types for damaged headers
@@ -103,7 +91,8 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
             raise TorchslimError(
                 f"Checkpoint {path} was refused: loading it would need to execute code from the pickle "
                 f"({str(exc).splitlines()[0]}). Save a plain state dict (`torch.save(model.state_dict(), ...)`) "
-                "or a .safetensors file instead.") from None
+                "or a .safetensors file instead."
+            ) from None
         except Exception as exc:
             raise TorchslimError(f"Checkpoint {path} cannot be read: {exc}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

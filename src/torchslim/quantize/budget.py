@@ -25,9 +25,14 @@ def relative_drop(base: float, value: float) -> float:
     return (base - value) / max(abs(base), 1e-12)
 
 
-def mixed_bits(layers: dict[str, nn.Linear], floats: dict[str, torch.Tensor],
-               requantize: Callable[[str], None], score: Callable[[], float], quick_score: Callable[[], float],
-               budget: float) -> dict:
+def mixed_bits(
+    layers: dict[str, nn.Linear],
+    floats: dict[str, torch.Tensor],
+    requantize: Callable[[str], None],
+    score: Callable[[], float],
+    quick_score: Callable[[], float],
+    budget: float,
+) -> dict:
     """`layers` come quantized at the low bits; `floats` holds their float weights; `requantize(name)`
     puts a layer on the high-bit grid (in place, its integers kept for lowering). Leaves the layers at
     the chosen bits and returns what was measured."""
@@ -57,6 +62,7 @@ def mixed_bits(layers: dict[str, nn.Linear], floats: dict[str, torch.Tensor],
         value = quick_score()
         put(name, None)
         return relative_drop(base_quick, value)
+
     costs = sensitivity(list(layers), alone, "weight_only")
     order = sorted(layers, key=lambda n: -costs[n])
     measured: dict[int, float] = {}
@@ -65,8 +71,9 @@ def mixed_bits(layers: dict[str, nn.Linear], floats: dict[str, torch.Tensor],
         for i, name in enumerate(order):
             put(name, at_high(name) if i < k else low[name])
         measured[k] = relative_drop(base, score())
-        console.log(f"weight_only: {k} layer(s) at the high bits, validation metric {100 * measured[k]:.2f}% "
-                    f"below float")
+        console.log(
+            f"weight_only: {k} layer(s) at the high bits, validation metric {100 * measured[k]:.2f}% below float"
+        )
         return measured[k]
 
     lo, hi = 0, len(order)
@@ -82,6 +89,11 @@ def mixed_bits(layers: dict[str, nn.Linear], floats: dict[str, torch.Tensor],
         k = 0
     if list(measured)[-1] != k:  # leave the layers as chosen
         drop_with(k)
-    return {"budget": budget, "float_validation": base, "validation_drop": measured[k], "high_layers": order[:k],
-            "evaluated": {str(n): d for n, d in sorted(measured.items())},
-            "sensitivity": [{"layer": n, "drop": costs[n]} for n in order]}
+    return {
+        "budget": budget,
+        "float_validation": base,
+        "validation_drop": measured[k],
+        "high_layers": order[:k],
+        "evaluated": {str(n): d for n, d in sorted(measured.items())},
+        "sensitivity": [{"layer": n, "drop": costs[n]} for n in order],
+    }

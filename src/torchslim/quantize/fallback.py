@@ -12,8 +12,12 @@ from typing import Callable, Sequence
 from torchslim.log import console, steps
 
 
-def sensitivity(nodes: Sequence[str], cost_alone: Callable[[str], float], what: str,
-                allows: Callable[[str], bool] = lambda node: True) -> dict[str, float]:
+def sensitivity(
+    nodes: Sequence[str],
+    cost_alone: Callable[[str], float],
+    what: str,
+    allows: Callable[[str], bool] = lambda node: True,
+) -> dict[str, float]:
     """{node: cost of quantizing it alone}, with progress and the time left; `allows(node)` may stop
     early (a time budget), leaving the rest unmeasured."""
     costs: dict[str, float] = {}
@@ -26,9 +30,15 @@ def sensitivity(nodes: Sequence[str], cost_alone: Callable[[str], float], what: 
     return costs
 
 
-def fallback(order: Sequence[str], quantize: Callable[[list[str]], object], score: Callable[[object], float],
-             good_enough: Callable[[float], bool], start: Sequence[str] = (), what: str = "quantize",
-             scored: float | None = None) -> tuple[list[str], float]:
+def fallback(
+    order: Sequence[str],
+    quantize: Callable[[list[str]], object],
+    score: Callable[[object], float],
+    good_enough: Callable[[float], bool],
+    start: Sequence[str] = (),
+    what: str = "quantize",
+    scored: float | None = None,
+) -> tuple[list[str], float]:
     """Quantize with `start` excluded (unless `scored` says that graph is already built and what it
     scored); while `good_enough(score)` fails, exclude the next node of `order` (costliest first) and
     quantize again. Returns (excluded nodes, last score)."""

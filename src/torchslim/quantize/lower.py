@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from torchslim.errors import TorchslimError
+from torchslim.log import steps
 from torchslim.quantize.observers import OBSERVERS
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")
@@ -28,6 +29,7 @@ QUANTIZABLE = ("Conv", "Gemm", "MatMul")
 def atomic_output(fn):
     """`fn(src, dst, ...)` writes a temporary file beside `dst`, renamed to `dst` once complete: a crash
     never leaves a half-written artifact that a resume or a later stage would read as finished."""
+
     @functools.wraps(fn)
     def wrapper(src, dst, *args, **kwargs):
         dst = Path(dst)
@@ -38,6 +40,7 @@ def atomic_output(fn):
         finally:
             tmp.unlink(missing_ok=True)
         return dst
+
     return wrapper
 
 
@@ -59,8 +62,9 @@ def module_path(node: onnx.NodeProto) -> str:
     convolution with batch norm folded in, that is the batch-norm module); else the node's name."""
     meta = {p.key: p.value for p in node.metadata_props}
     segments = [seg.split(": ", 1) for seg in meta.get("namespace", "").split("/")]
-    modules = [seg[0].strip() for seg in segments if len(seg) == 2 and seg[0].strip()
-               and not seg[1].startswith("aten.")]
+    modules = [
+        seg[0].strip() for seg in segments if len(seg) == 2 and seg[0].strip() and not seg[1].startswith("aten.")
+    ]
     return modules[-1] if modules else node.name
 
 
@@ -68,8 +72,7 @@ def node_modules(node: onnx.NodeProto) -> list[str]:
     """Every PyTorch module path in a node's `namespace` metadata, outermost first."""
     meta = {p.key: p.value for p in node.metadata_props}
     segments = [seg.split(": ", 1) for seg in meta.get("namespace", "").split("/")]
-    return [seg[0].strip() for seg in segments if len(seg) == 2 and seg[0].strip()
-            and not seg[1].startswith("aten.")]
+    return [seg[0].strip() for seg in segments if len(seg) == 2 and seg[0].strip() and not seg[1].startswith("aten.")]
 
 
 def layer_tensors(model_path: Path, layers: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -102,12 +105,16 @@ def float_weights(model_path: Path) -> dict[str, np.ndarray]:
     """{node name: float weight} of the quantizable nodes of a float graph."""
     model = onnx.load(str(model_path))
     inits = {i.name: i for i in model.graph.initializer}
-    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node
-            if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits}
+    return {
+        n.name: numpy_helper.to_array(inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in inits
+    }
 
 
-def set_weight_scales(model: onnx.ModelProto, scales: dict[str, Sequence[float]], weights: dict[str, np.ndarray],
-                      qmax: int = 127) -> list[str]:
+def set_weight_scales(
+    model: onnx.ModelProto, scales: dict[str, Sequence[float]], weights: dict[str, np.ndarray], qmax: int = 127
+) -> list[str]:
     """Give the int8 weights of the named quantizable nodes the per-channel `scales` they were trained
     with (QAT): each float weight (`weights`, from the float graph) re-quantized on that grid, the
     int32 bias rescaled to match. A weight that is not on the trained grid (batch norm folded into it
@@ -149,20 +156,26 @@ def quantizable_nodes(model_path: Path) -> list[tuple[str, str, str]]:
 
 def preprocess(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import quant_pre_process
+
     with quiet():
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
 
-def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minmax", bits: int = 8,
-                      tensors: Sequence[str] | None = None) -> dict[str, tuple[float, float]]:
+def activation_ranges(
+    model_path: Path, batches: Iterable, observer: str = "minmax", bits: int = 8, tensors: Sequence[str] | None = None
+) -> dict[str, tuple[float, float]]:
     """Run real batches through the float model and observe every float tensor (or the named
     `tensors`). A batch is an array for the first input, or a dict of arrays by input name."""
     import onnxruntime as ort
+
     model = onnx.load(str(model_path))
     inits = {i.name for i in model.graph.initializer}
-    names = list(tensors) if tensors is not None else [model.graph.input[0].name] + [
-        o for n in model.graph.node for o in n.output if o and o not in inits]
+    names = (
+        list(tensors)
+        if tensors is not None
+        else [model.graph.input[0].name] + [o for n in model.graph.node for o in n.output if o and o not in inits]
+    )
     known = {o.name for o in model.graph.output}
     for name in names:
         if name not in known:
@@ -175,7 +188,6 @@ def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minm
     floats = [o for o in outputs if o in set(names)]
     observers = {name: OBSERVERS[observer](bits) for name in floats}
     input_name = session.get_inputs()[0].name
-    from torchslim.log import steps
     seen, batches = 0, list(batches)
     with steps("calibration", len(batches)) as progress:
         for batch in batches:
@@ -191,33 +203,69 @@ def activation_ranges(model_path: Path, batches: Iterable, observer: str = "minm
 
 
 @atomic_output
-def static_int8(src: Path, dst: Path, batches: Iterable[np.ndarray] | None = None, observer: str = "minmax",
-                per_channel: bool = True, symmetric_activations: bool = False, reduce_range: bool = False,
-                activation_type: str = "int8", nodes_to_exclude: Sequence[str] = (),
-                nodes_to_quantize: Sequence[str] | None = None, weight_bits: int = 8,
-                ranges: dict | None = None, preprocessed: bool = False) -> Path:
+def static_int8(
+    src: Path,
+    dst: Path,
+    batches: Iterable[np.ndarray] | None = None,
+    observer: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool = False,
+    reduce_range: bool = False,
+    activation_type: str = "int8",
+    nodes_to_exclude: Sequence[str] = (),
+    nodes_to_quantize: Sequence[str] | None = None,
+    weight_bits: int = 8,
+    ranges: dict | None = None,
+    preprocessed: bool = False,
+) -> Path:
     """Static post-training quantization in QDQ format (S8S8 by default, the recommended CPU setting).
     To quantize one model several ways, run `preprocess` and `activation_ranges` once and pass
     `preprocessed=True` and `ranges`."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, TensorData, TensorsData,
-                                          quantize_static, save_tensors_data)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        TensorData,
+        TensorsData,
+        quantize_static,
+        save_tensors_data,
+    )
+
     with tempfile.TemporaryDirectory() as tmp:
         pre = src if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
         ranges = ranges if ranges is not None else activation_ranges(pre, batches, observer)
         cache = Path(tmp) / "ranges.json"
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-            for name, (lo, hi) in ranges.items()}), cache)
+        save_tensors_data(
+            TensorsData(
+                CalibrationMethod.MinMax,
+                {
+                    name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+                    for name, (lo, hi) in ranges.items()
+                },
+            ),
+            cache,
+        )
         # DefaultTensorType: ONNX shape inference does not type the outputs of fused contrib ops
-        extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
-                 "DefaultTensorType": TensorProto.FLOAT}
+        extra = {
+            "ActivationSymmetric": symmetric_activations,
+            "WeightSymmetric": True,
+            "DefaultTensorType": TensorProto.FLOAT,
+        }
         with quiet():
-            quantize_static(str(pre), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            reduce_range=reduce_range,
-                            activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_quantize=list(nodes_to_quantize or []) or None,
-                            nodes_to_exclude=list(nodes_to_exclude) or None, calibration_cache_path=str(cache),
-                            extra_options=extra)
+            quantize_static(
+                str(pre),
+                str(dst),
+                None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=list(nodes_to_quantize or []) or None,
+                nodes_to_exclude=list(nodes_to_exclude) or None,
+                calibration_cache_path=str(cache),
+                extra_options=extra,
+            )
     if weight_bits < 8:  # narrower weights in int8 containers: the same int8 kernels, fewer levels
         onnx.save(narrow_weights(onnx.load(str(dst)), weight_bits), str(dst))
     return dst
@@ -266,10 +314,13 @@ def _rescale_biases(model: onnx.ModelProto, inits: dict) -> None:
         if b_q.dtype != np.int32:
             continue
         bias = b_q.astype(np.float64) * numpy_helper.to_array(inits[b_dq.input[1]]).astype(np.float64)
-        new_scale = (numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float32) *
-                     numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)).reshape(-1)
-        new_q = np.clip(np.round(bias / (new_scale if new_scale.size > 1 else new_scale[0])),
-                        -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        new_scale = (
+            numpy_helper.to_array(inits[x_dq.input[1]]).astype(np.float32)
+            * numpy_helper.to_array(inits[w_dq.input[1]]).astype(np.float32)
+        ).reshape(-1)
+        new_q = np.clip(
+            np.round(bias / (new_scale if new_scale.size > 1 else new_scale[0])), -(2**31), 2**31 - 1
+        ).astype(np.int32)
         old_shape = numpy_helper.to_array(inits[b_dq.input[1]]).shape
         inits[b_dq.input[0]].CopyFrom(numpy_helper.from_array(new_q, b_dq.input[0]))
         inits[b_dq.input[1]].CopyFrom(numpy_helper.from_array(new_scale.reshape(old_shape), b_dq.input[1]))
@@ -281,8 +332,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for n in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0) or \
-                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        if (
+            n.op_type != "Gemm"
+            or n.input[1] not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             nodes.append(n)
             continue
         w = numpy_helper.to_array(inits[n.input[1]])
@@ -308,22 +364,35 @@ DYNAMIC_OPS = ("MatMul", "Attention", "LSTM")
 
 
 @atomic_output
-def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclude: Sequence[str] = (),
-                 op_types: Sequence[str] = DYNAMIC_OPS, reduce_range: bool = False) -> Path:
+def dynamic_int8(
+    src: Path,
+    dst: Path,
+    per_channel: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
+    op_types: Sequence[str] = DYNAMIC_OPS,
+    reduce_range: bool = False,
+) -> Path:
     """Weights int8 ahead of time, activations quantized at run time (Linear/MatMul layers, and the
     fused Attention of an optimised transformer graph); `nodes_to_exclude` stay in float.
     `reduce_range`: 7-bit weights, so AVX2's u8 x s8 pair sums cannot saturate (see
     `cpu.has_int8_dot_product`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     with tempfile.TemporaryDirectory() as tmp:
         mm = Path(tmp) / "mm.onnx"
         onnx.save(gemm_to_matmul(onnx.load(str(src))), str(mm))
         with quiet():
-            quantize_dynamic(str(mm), str(dst), per_channel=per_channel, reduce_range=reduce_range,
-                             weight_type=QuantType.QInt8,
-                             op_types_to_quantize=list(op_types), nodes_to_exclude=list(nodes_to_exclude),
-                             # ONNX shape inference does not type the outputs of fused contrib ops
-                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
+            quantize_dynamic(
+                str(mm),
+                str(dst),
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(op_types),
+                nodes_to_exclude=list(nodes_to_exclude),
+                # ONNX shape inference does not type the outputs of fused contrib ops
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            )
     return dst
 
 
@@ -331,6 +400,7 @@ def dynamic_int8(src: Path, dst: Path, per_channel: bool = True, nodes_to_exclud
 def weight_only(src: Path, dst: Path, bits: int = 4, group_size: int = 32, symmetric: bool = True) -> Path:
     """Group-wise int4/int8 weights packed into MatMulNBits nodes (dequantized inside the kernel)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     model = gemm_to_matmul(onnx.load(str(src)))
     with quiet():
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=group_size, is_symmetric=symmetric)
@@ -343,6 +413,7 @@ def weight_only(src: Path, dst: Path, bits: int = 4, group_size: int = 32, symme
 def half(src: Path, dst: Path) -> Path:
     """fp16 weights and arithmetic, float32 inputs and outputs."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
     with quiet():
         onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
     return dst

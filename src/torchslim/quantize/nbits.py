@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.log import warn
 from torchslim.quantize.lower import atomic_output, gemm_to_matmul
 
 
@@ -95,8 +96,9 @@ def _reshaped(graph, nodes: list, source: str, shape: tuple) -> str:
     """The name of `source` reshaped to `shape` by a new Reshape node (one copy of the bytes on disk)."""
     target = numpy_helper.from_array(np.array(shape, np.int64), f"{source}_shape")
     graph.initializer.append(target)
-    nodes.append(helper.make_node("Reshape", [source, target.name], [f"{source}_as{len(shape)}d"],
-                                  name=f"{source}_reshape"))
+    nodes.append(
+        helper.make_node("Reshape", [source, target.name], [f"{source}_as{len(shape)}d"], name=f"{source}_reshape")
+    )
     return nodes[-1].output[0]
 
 
@@ -125,8 +127,11 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
     graph_model = gemm_to_matmul(onnx.load(str(src)))
     graph = graph_model.graph
     inits = {i.name: i for i in graph.initializer}
-    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
-                  and len(inits[n.input[0]].dims) == 2}
+    transposed = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+    }
 
     def weight_of(node):
         """(the quantized layer whose weight a MatMul or Gather node reads, K, N) or None."""
@@ -146,6 +151,7 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
             arrays = matmul_nbits_inputs(*record[1:], record[0])
             nbits[name] = _add(graph, arrays, prefix), arrays
         return nbits[name]
+
     matches = {i: match for i, node in enumerate(graph.node) if (match := weight_of(node)) and match[0] is not None}
     as_matmul = {match[0][0] for match in matches.values()}
     done, nodes = set(), []
@@ -155,9 +161,19 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
             found, k, n = matches[index]
             name, (grid, q, scale, zero) = found
             inputs, _ = matmul_inputs(name, (grid, q, scale, zero), found_init_name(node, inits, transposed))
-            nodes.append(helper.make_node("MatMulNBits", [node.input[0], *inputs], list(node.output),
-                                          name=f"{node.name or name}_nbits", domain="com.microsoft", K=k, N=n,
-                                          bits=grid.bits, block_size=grid.width(k)))
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], *inputs],
+                    list(node.output),
+                    name=f"{node.name or name}_nbits",
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=grid.bits,
+                    block_size=grid.width(k),
+                )
+            )
         elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
             init = inits[node.input[0]]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -170,20 +186,32 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
                     names, theirs = matmul_inputs(name, (grid, q, scale, zero), init.name)
                     pairs = list(zip(arrays.values(), theirs.values(), names))
                     if len(arrays) == len(theirs) and all(
-                            a.size == b.size and np.array_equal(a.reshape(-1), b.reshape(-1)) for a, b, _ in pairs):
+                        a.size == b.size and np.array_equal(a.reshape(-1), b.reshape(-1)) for a, b, _ in pairs
+                    ):
                         shared = [_reshaped(graph, nodes, source, a.shape) for a, _, source in pairs]
                 data, *rest = shared or _add(graph, arrays, init.name + "_gather")
-                nodes.append(helper.make_node("GatherBlockQuantized", [data, node.input[1], *rest], list(node.output),
-                                              name=f"{node.name or name}_nbits", domain="com.microsoft",
-                                              gather_axis=0, quantize_axis=1, block_size=grid.width(init.dims[1]),
-                                              bits=grid.bits))
+                nodes.append(
+                    helper.make_node(
+                        "GatherBlockQuantized",
+                        [data, node.input[1], *rest],
+                        list(node.output),
+                        name=f"{node.name or name}_nbits",
+                        domain="com.microsoft",
+                        gather_axis=0,
+                        quantize_axis=1,
+                        block_size=grid.width(init.dims[1]),
+                        bits=grid.bits,
+                    )
+                )
         if found is None:
             nodes.append(node)
         else:
             done.add(found[0])
     if not done:
-        raise TorchslimError("no MatMul of the exported graph carries a quantized layer's weight; quantize the "
-                             "model with torchslim.quantize.weights before exporting it.")
+        raise TorchslimError(
+            "no MatMul of the exported graph carries a quantized layer's weight; quantize the "
+            "model with torchslim.quantize.weights before exporting it."
+        )
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     used = {i for node in graph.node for i in node.input}
@@ -195,9 +223,10 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
     onnx.save(graph_model, str(dst))
     missing = sorted(set(n for n, _ in layers.values()) - done)
     if missing:
-        from torchslim.log import warn
-        warn(f"weight-only lowering: {len(missing)} quantized layer(s) found no MatMul in the graph and stay float "
-             f"there ({', '.join(missing[:5])})")
+        warn(
+            f"weight-only lowering: {len(missing)} quantized layer(s) found no MatMul in the graph and stay float "
+            f"there ({', '.join(missing[:5])})"
+        )
     return dst
 
 

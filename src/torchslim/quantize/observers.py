@@ -69,7 +69,7 @@ class Percentile(Observer):
 
 
 def _quant_error(s: np.ndarray, lo: float, hi: float, bits: int) -> float:
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     scale = max(hi - lo, 1e-12) / levels
     q = np.clip(np.round((s - lo) / scale), 0, levels)
     return float(np.mean((q * scale + lo - s) ** 2))
@@ -101,7 +101,7 @@ class Entropy(Observer):
         amax = max(abs(self.lo), abs(self.hi), 1e-12)
         hist, edges = np.histogram(np.abs(s), bins=self.bins, range=(0, amax))
         hist = hist.astype(np.float64)
-        levels = 2 ** (self.bits - 1) if signed else 2 ** self.bits
+        levels = 2 ** (self.bits - 1) if signed else 2**self.bits
         best, best_kl = self.bins, np.inf
         for i in range(levels, self.bins + 1, max(1, self.bins // 256)):
             p = hist[:i].copy()
@@ -122,11 +122,10 @@ class Entropy(Observer):
         return (-t if signed else 0.0), t
 
 
-OBSERVERS = {"minmax": MinMax, "moving_average": MovingAverageMinMax, "percentile": Percentile,
-             "mse": MSE, "entropy": Entropy}
-
-
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - q(x)|^2)."""
-    noise = float(np.sum((np.asarray(reference, np.float64) - approx) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(np.asarray(reference, np.float64) ** 2)) / noise)
+OBSERVERS = {
+    "minmax": MinMax,
+    "moving_average": MovingAverageMinMax,
+    "percentile": Percentile,
+    "mse": MSE,
+    "entropy": Entropy,
+}

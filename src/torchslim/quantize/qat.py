@@ -36,8 +36,9 @@ class WeightFakeQuant(nn.Module):
             scale = self.scale if self.per_channel else self.scale.expand(w.shape[0])
             zero = torch.zeros_like(scale)
             grad_factor = 1.0 / (w[0].numel() * self.qmax) ** 0.5
-            return torch._fake_quantize_learnable_per_channel_affine(w, scale, zero, 0, -self.qmax, self.qmax,
-                                                                     grad_factor)
+            return torch._fake_quantize_learnable_per_channel_affine(
+                w, scale, zero, 0, -self.qmax, self.qmax, grad_factor
+            )
         scale = self._scale(w.detach())
         if not self.per_channel:
             scale = scale.expand(w.shape[0])
@@ -66,8 +67,9 @@ class ActivationFakeQuant(nn.Module):
         lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
         scale = max((hi - lo) / (self.qmax - self.qmin), 1e-8)
         zero = int(round(self.qmin - lo / scale))
-        return torch.fake_quantize_per_tensor_affine(x, scale, max(self.qmin, min(self.qmax, zero)),
-                                                     self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale, max(self.qmin, min(self.qmax, zero)), self.qmin, self.qmax
+        )
 
 
 @dataclass
@@ -107,19 +109,25 @@ class QATHandle:
         return ranges
 
 
-def prepare_qat(model: nn.Module, weight_bits: int = 8, activation_bits: int = 8, per_channel: bool = True,
-                learnable_scales: bool = False, exclude: tuple[str, ...] = ()) -> QATHandle:
+def prepare_qat(
+    model: nn.Module,
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    per_channel: bool = True,
+    learnable_scales: bool = False,
+    exclude: tuple[str, ...] = (),
+) -> QATHandle:
     """Insert fake quantization into every Conv/Linear of `model` (in place)."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, TARGETS)
-              and not matches(n, exclude)]
+    layers = [n for n, m in model.named_modules() if isinstance(m, TARGETS) and not matches(n, exclude)]
     observers = nn.ModuleDict({n.replace(".", "__"): ActivationFakeQuant(activation_bits) for n in layers})
     setattr(model, ATTR, observers)
     handle = QATHandle(model, layers)
     modules = dict(model.named_modules())
     for name in layers:
         m = modules[name]
-        parametrize.register_parametrization(m, "weight", WeightFakeQuant(m.weight, weight_bits, per_channel,
-                                                                          learnable_scales))
+        parametrize.register_parametrization(
+            m, "weight", WeightFakeQuant(m.weight, weight_bits, per_channel, learnable_scales)
+        )
         obs = observers[name.replace(".", "__")]
         handle.hooks.append(m.register_forward_pre_hook(lambda mod, args, obs=obs: (obs(args[0]), *args[1:])))
     return handle

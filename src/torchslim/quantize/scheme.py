@@ -30,8 +30,7 @@ class Scheme:
     reduce_range: bool
 
 
-CANDIDATES = (Scheme("S8S8", "int8", False), Scheme("U8S8 reduce_range", "uint8", True),
-              Scheme("U8S8", "uint8", False))
+CANDIDATES = (Scheme("S8S8", "int8", False), Scheme("U8S8 reduce_range", "uint8", True), Scheme("U8S8", "uint8", False))
 
 
 def scheme_for(activation_type: str, reduce_range: bool) -> Scheme:
@@ -39,8 +38,15 @@ def scheme_for(activation_type: str, reduce_range: bool) -> Scheme:
     return Scheme(name + (" reduce_range" if reduce_range else ""), activation_type, reduce_range)
 
 
-def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Path], float], float_onnx: Path,
-                  batch: np.ndarray | dict, threads: int, tolerance: float, rounds: int = 30) -> tuple[Scheme, dict]:
+def choose_scheme(
+    build: Callable[[Scheme, Path], Path],
+    accuracy: Callable[[Path], float],
+    float_onnx: Path,
+    batch: np.ndarray | dict,
+    threads: int,
+    tolerance: float,
+    rounds: int = 30,
+) -> tuple[Scheme, dict]:
     """Build every candidate with `build(scheme, path)`, then keep the fastest of those whose validation
     `accuracy(path)` is within `tolerance` of the most accurate candidate's and that run the most
     compute nodes on integer kernels. Returns the scheme and a
@@ -53,8 +59,10 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
             except Exception as exc:  # ONNX Runtime's quantizer rejects some graphs in some schemes
                 failed[scheme.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if not paths:
-            raise TorchslimError("static int8: no activation scheme could be built for this model: " +
-                                 "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            raise TorchslimError(
+                "static int8: no activation scheme could be built for this model: "
+                + "; ".join(f"{k}: {v}" for k, v in failed.items())
+            )
         sessions = {"float": ort_session(float_onnx, threads, spinning=False)}
         sessions.update({s.name: ort_session(p, threads, spinning=False) for s, p in paths.items()})
         feed = batch if isinstance(batch, dict) else {sessions["float"].get_inputs()[0].name: batch}
@@ -62,15 +70,28 @@ def choose_scheme(build: Callable[[Scheme, Path], Path], accuracy: Callable[[Pat
         rows = []
         for scheme, path in paths.items():
             counts = kernel_counts(path, threads)
-            rows.append({**asdict(scheme), "latency_ms": timing[scheme.name]["p50"],
-                         "speedup_vs_float": timing["float"]["p50"] / timing[scheme.name]["p50"],
-                         "integer_nodes": counts["integer"], "float_nodes": counts["float"],
-                         "val_accuracy": accuracy(path)})
+            rows.append(
+                {
+                    **asdict(scheme),
+                    "latency_ms": timing[scheme.name]["p50"],
+                    "speedup_vs_float": timing["float"]["p50"] / timing[scheme.name]["p50"],
+                    "integer_nodes": counts["integer"],
+                    "float_nodes": counts["float"],
+                    "val_accuracy": accuracy(path),
+                }
+            )
     best = max(r["val_accuracy"] for r in rows)
     eligible = [r for r in rows if r["val_accuracy"] >= best - tolerance]
     covered = max(r["integer_nodes"] for r in eligible)  # a scheme that leaves nodes in float between Q/DQ
     eligible = [r for r in eligible if r["integer_nodes"] == covered]  # pairs is not int8, whatever its speed
     chosen = min(eligible, key=lambda r: r["latency_ms"])
-    record = {"chosen": chosen["name"], "tolerance": tolerance, "float_latency_ms": timing["float"]["p50"],
-              "batch_size": int(next(iter(feed.values())).shape[0]), "threads": threads, "candidates": rows, "failed": failed}
+    record = {
+        "chosen": chosen["name"],
+        "tolerance": tolerance,
+        "float_latency_ms": timing["float"]["p50"],
+        "batch_size": int(next(iter(feed.values())).shape[0]),
+        "threads": threads,
+        "candidates": rows,
+        "failed": failed,
+    }
     return next(s for s in CANDIDATES if s.name == chosen["name"]), record

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
-
+from torchslim.models.transformer import Replay, block_inputs, hidden_states, repeated_blocks, run_hooked
+from torchslim.paths import matches
 
 CLIP_LOW = 0.5  # the smallest share of a group's range the clipping search tries
 
@@ -39,7 +40,7 @@ class Grid:
 
     @property
     def levels(self) -> tuple[int, int]:
-        return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.symmetric else (0, 2 ** self.bits - 1)
+        return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.symmetric else (0, 2**self.bits - 1)
 
     def params(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) per row of `w` (rows x columns of one group): the full range, or with
@@ -88,8 +89,9 @@ def _padded(w: torch.Tensor, g: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, extra)) if extra else w
 
 
-def rtn(w: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn(
+    w: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (integers, scales (rows x groups), zero points) of a (rows x columns) weight;
     `importance` (per column) weights the clipping search's error."""
     g = grid.width(w.shape[1])
@@ -97,15 +99,15 @@ def rtn(w: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None
     scale, zero = torch.empty(w.shape[0], blocks.shape[1]), torch.empty(w.shape[0], blocks.shape[1])
     weight = None if importance is None else _padded(importance.float()[None], g)[0]
     for b in range(blocks.shape[1]):
-        scale[:, b], zero[:, b] = grid.params(blocks[:, b], None if weight is None else weight[b * g:(b + 1) * g])
-    q = grid.quantize(blocks, scale, zero).reshape(w.shape[0], -1)[:, :w.shape[1]]
+        scale[:, b], zero[:, b] = grid.params(blocks[:, b], None if weight is None else weight[b * g : (b + 1) * g])
+    q = grid.quantize(blocks, scale, zero).reshape(w.shape[0], -1)[:, : w.shape[1]]
     return q, scale, zero
 
 
 def dequantized(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
     g = grid.width(q.shape[1])
     blocks = _padded(q.float(), g).reshape(q.shape[0], -1, g)
-    return grid.dequantize(blocks, scale, zero).reshape(q.shape[0], -1)[:, :q.shape[1]]
+    return grid.dequantize(blocks, scale, zero).reshape(q.shape[0], -1)[:, : q.shape[1]]
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, method: str) -> torch.Tensor:
@@ -114,12 +116,14 @@ def inverse_cholesky(H: torch.Tensor, damp: float, method: str) -> torch.Tensor:
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
-        raise TorchslimError(f"{method}: the layer's input Hessian is not positive definite; raise `damp` or give "
-                             "more calibration data.") from None
+        raise TorchslimError(
+            f"{method}: the layer's input Hessian is not positive definite; raise `damp` or give more calibration data."
+        ) from None
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False,
-         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq(
+    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
     inputs (columns x columns)."""
     W = w.detach().float().clone()
@@ -145,9 +149,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01,
             column = int(order[start + i])
             group = column // g
             if not act_order and column % g == 0:  # scales from the weights as GPTQ has updated them
-                part = W1[:, i:i + g] if i + g <= end - start else torch.cat([W1[:, i:], W[:, end:start + i + g]], 1)
-                scale[:, group], zero[:, group] = grid.params(part, diag[column:column + part.shape[1]])
-            q = grid.quantize(W1[:, i:i + 1], scale[:, group], zero[:, group])[:, 0]
+                part = (
+                    W1[:, i : i + g] if i + g <= end - start else torch.cat([W1[:, i:], W[:, end : start + i + g]], 1)
+                )
+                scale[:, group], zero[:, group] = grid.params(part, diag[column : column + part.shape[1]])
+            q = grid.quantize(W1[:, i : i + 1], scale[:, group], zero[:, group])[:, 0]
             Q[:, start + i] = q
             err = (W1[:, i] - grid.dequantize(q.unsqueeze(1), scale[:, group], zero[:, group])[:, 0]) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -171,8 +177,7 @@ def output_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
         head = getter() if callable(getter) else None
         if isinstance(head, nn.Linear):
             return next(f"{path}.{n}" if path else n for n, m in module.named_modules() if m is head), head
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("lm_head")),
-                None)
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("lm_head")), None)
 
 
 def tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
@@ -180,20 +185,9 @@ def tied_to_input(model: nn.Module, head: nn.Linear) -> bool:
     return any(isinstance(m, nn.Embedding) and m.weight is head.weight for m in model.modules())
 
 
-def run_hooked(model: nn.Module, batches: Iterable[tuple], handles: list) -> None:
-    """Run `model` on every batch without gradients (for what its hooks record), then remove the
-    hook `handles`, also when a batch fails."""
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear],
-                     magnitudes: dict | None = None) -> dict[str, torch.Tensor]:
+def collect_hessians(
+    model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear], magnitudes: dict | None = None
+) -> dict[str, torch.Tensor]:
     """H = 2/n * sum x x^T over every input row x each layer sees on the calibration batches; with a
     `magnitudes` dict, also each input channel's mean |x| into it (one pass for both)."""
     sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
@@ -207,7 +201,9 @@ def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[st
             if magnitudes is not None:
                 absolute[name] += x.abs().sum(0)
             counts[name] += x.shape[0]
+
         return record
+
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     run_hooked(model, batches, handles)
     if magnitudes is not None:
@@ -215,19 +211,36 @@ def collect_hessians(model: nn.Module, batches: Iterable[tuple], layers: dict[st
     return {n: 2 * sums[n] / max(counts[n], 1) for n in layers}
 
 
-def quantize_weights(model: nn.Module, grid: Grid, method: str = "rtn", hessians: dict | None = None,
-                     layers: dict[str, nn.Linear] | None = None, **gptq_options) -> list[dict]:
+def quantize_weights(
+    model: nn.Module,
+    grid: Grid,
+    method: str = "rtn",
+    hessians: dict | None = None,
+    layers: dict[str, nn.Linear] | None = None,
+    **gptq_options,
+) -> list[dict]:
     """Quantize the layers' weights in place (float values on the integer grid); returns one record
     per layer (name, shape, and for GPTQ the output error on the calibration data vs round-to-nearest's)."""
     layers = layers if layers is not None else linear_layers(model)
     if method == "gptq" and hessians is None:
         raise TorchslimError("GPTQ needs the layers' input Hessians: collect_hessians(model, batches, layers).")
-    return [{"layer": name, **quantize_layer(layer, grid, method, None if hessians is None else hessians[name],
-                                              **gptq_options)} for name, layer in layers.items()]
+    return [
+        {
+            "layer": name,
+            **quantize_layer(layer, grid, method, None if hessians is None else hessians[name], **gptq_options),
+        }
+        for name, layer in layers.items()
+    ]
 
 
-def quantize_layer(layer: nn.Linear, grid: Grid, method: str = "rtn", hessian: torch.Tensor | None = None,
-                   weight: torch.Tensor | None = None, **gptq_options) -> dict:
+def quantize_layer(
+    layer: nn.Linear,
+    grid: Grid,
+    method: str = "rtn",
+    hessian: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    **gptq_options,
+) -> dict:
     """One layer's weight (its own, or `weight`: the float original) on `grid`, in place, its integers
     and scales kept for lowering; returns its record (shape, bits, and with a Hessian the output error)."""
     w = (layer.weight if weight is None else weight).detach().float()
@@ -251,55 +264,33 @@ def output_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> f
     return float(torch.einsum("ij,jk,ik->", d, hessian, d) / 2 / w.shape[0])
 
 
-class _Captured(Exception):
-    pass
-
-
-def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The longest list of blocks holding Linear layers (a transformer's decoder layers), or None."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
-             and all(any(isinstance(x, nn.Linear) for x in b.modules()) for b in m)]
-    return max(lists, key=len) if lists else None
-
-
-def _block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[tuple]) -> list[tuple[tuple, dict]]:
-    """What the first block receives for each batch (hidden states and everything else it is passed)."""
-    seen: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Captured
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(*batch)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
-    return seen
-
-
-def gptq_sequential(model: nn.Module, batches: Iterable[tuple], grid: Grid, skip: Sequence[str] = ("lm_head",),
-                    **options) -> list[dict]:
+def gptq_sequential(
+    model: nn.Module, batches: Iterable[tuple], grid: Grid, skip: Sequence[str] = ("lm_head",), **options
+) -> list[dict]:
     """GPTQ block after block, as the method is meant to run: each block's layers see the outputs of
     the blocks before it *as quantized*, so later layers correct for earlier rounding. Layers outside
     the repeated blocks are quantized from the float model's inputs. Returns one record per layer."""
-    return blockwise(model, batches, lambda module, layers, hessians: quantize_weights(
-        module, grid, "gptq", hessians, layers, **options), skip)
+    return blockwise(
+        model,
+        batches,
+        lambda module, layers, hessians: quantize_weights(module, grid, "gptq", hessians, layers, **options),
+        skip,
+    )
 
 
-def blockwise(model: nn.Module, batches: Iterable[tuple], change: Callable[[nn.Module, dict, dict], list[dict]],
-              skip: Sequence[str] = ("lm_head",), ignore: Sequence[str] = ()) -> list[dict]:
+def blockwise(
+    model: nn.Module,
+    batches: Iterable[tuple],
+    change: Callable[[nn.Module, dict, dict], list[dict]],
+    skip: Sequence[str] = ("lm_head",),
+    ignore: Sequence[str] = (),
+) -> list[dict]:
     """Run `change(module, layers, hessians)` (which rewrites the layers' weights in place and returns one
     record per layer, keyed "layer") block after block of a transformer: each block's Hessians come from
     the outputs of the blocks before it *as changed*, so later layers compensate for earlier changes, and
     only one block's inputs are held at a time. Linear layers outside the repeated blocks (but not `skip`)
     are changed first, from the unchanged model's inputs; a model without repeated blocks in one pass.
     `ignore`: module paths or globs (from the model's root) left unchanged."""
-    from torchslim.paths import matches
     batches = list(batches)
     blocks = repeated_blocks(model)
     if blocks is None:
@@ -309,26 +300,11 @@ def blockwise(model: nn.Module, batches: Iterable[tuple], change: Callable[[nn.M
     outside = {n: m for n, m in linear_layers(model, skip).items() if id(m) not in inside and not matches(n, ignore)}
     records = change(model, outside, collect_hessians(model, batches, outside)) if outside else []
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    inputs = _block_inputs(model, blocks[0], batches)
+    inputs = block_inputs(model, blocks[0], batches)
     for index, block in enumerate(blocks):
         layers = {n: m for n, m in linear_layers(block, skip).items() if not matches(f"{prefix}.{index}.{n}", ignore)}
-        done = change(block, layers, collect_hessians(_Replay(block), inputs, layers)) if layers else []
+        done = change(block, layers, collect_hessians(Replay(block), inputs, layers)) if layers else []
         records += [{**r, "layer": f"{prefix}.{index}.{r['layer']}"} for r in done]
         with torch.no_grad():  # the next block's inputs: this block's outputs, changed
-            inputs = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            inputs = [((hidden_states(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     return records
-
-
-class _Replay(nn.Module):
-    """Calls a block with recorded (args, kwargs) pairs, so collect_hessians can feed it."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, args, kwargs):
-        return self.block(*args, **kwargs)
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -45,8 +45,7 @@ def training_curves(name: str, history: list[dict]) -> bytes:
 def tradeoff(stages: list[dict], x_key: str, x_label: str, metric: str = "accuracy") -> bytes:
     """One point per stage: a cost (size or latency) against the task metric."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    xs = [s["metrics"]["latency_ms"]["p50"] if x_key == "latency" else s["metrics"]["size_bytes"] / 1e6
-          for s in stages]
+    xs = [s["metrics"]["latency_ms"]["p50"] if x_key == "latency" else s["metrics"]["size_bytes"] / 1e6 for s in stages]
     ys = [s["metrics"].get(metric, 0.0) for s in stages]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     labels: dict[tuple, list[str]] = {}
@@ -77,8 +76,15 @@ def layer_sparsity_bars(name: str, rows: list[dict]) -> bytes:
     bars = ax.bar(range(len(rows)), values, color="tab:red", alpha=0.75)
     for bar, r, v in zip(bars, rows, values):
         text = f"{v:.0f}%" if "before" not in r else f"{r['before']}→{r['after']}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            text,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("removed (%)")
     ax.set_ylim(0, 110)
@@ -113,8 +119,15 @@ def sensitivity_bars(name: str, rows: list[dict]) -> bytes:
     values = [100 * r["drop"] for r in rows]
     bars = ax.bar(range(len(rows)), values, color="tab:orange")
     for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, max(v, 0)), ha="center", va="bottom",
-                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            f"{v:.2f}",
+            (bar.get_x() + bar.get_width() / 2, max(v, 0)),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("accuracy drop (points)")
     ax.set_title(f"{name}: per-layer quantization sensitivity")
@@ -126,7 +139,7 @@ def distillation_curves(name: str, history: list[dict], weights: dict[str, float
     """The four distillation plots: total loss; hard vs soft loss; validation accuracy; the share of
     each weighted loss part in the total."""
     epochs = [h["epoch"] for h in history]
-    parts = [k[len("loss_"):] for k in history[0] if k.startswith("loss_")]
+    parts = [k[len("loss_") :] for k in history[0] if k.startswith("loss_")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     axes[0].plot(epochs, [h["loss"] for h in history], marker="o")
     axes[0].set_title(f"{name}: total loss")
@@ -140,8 +153,9 @@ def distillation_curves(name: str, history: list[dict], weights: dict[str, float
     axes[2].set_title("validation accuracy")
     weighted = {p: [weights.get(p, 1.0) * h[f"loss_{p}"] for h in history] for p in parts}
     totals = [sum(v[i] for v in weighted.values()) or 1.0 for i in range(len(epochs))]
-    axes[3].stackplot(epochs, *[[v / t for v, t in zip(vals, totals)] for vals in weighted.values()],
-                      labels=list(weighted))
+    axes[3].stackplot(
+        epochs, *[[v / t for v, t in zip(vals, totals)] for vals in weighted.values()], labels=list(weighted)
+    )
     axes[3].set_title("share of each loss part")
     axes[3].set_ylim(0, 1)
     axes[3].legend(fontsize=7, loc="lower right")
@@ -158,21 +172,45 @@ def pareto(info: dict) -> bytes:
     key = "latency_ms" if info["objective"] == "latency" else "size_bytes"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ok = [c for c in info["candidates"] if key in c]
-    ax.scatter([c[key] for c in ok], [c["val_accuracy"] for c in ok], s=18, color="lightgrey",
-               label="candidate (one-shot)")
+    ax.scatter(
+        [c[key] for c in ok], [c["val_accuracy"] for c in ok], s=18, color="lightgrey", label="candidate (one-shot)"
+    )
     front = info["front"]
-    ax.plot([c[key] for c in front], [c["val_accuracy"] for c in front], marker="o", color="tab:blue",
-            label="Pareto front (one-shot)")
+    ax.plot(
+        [c[key] for c in front],
+        [c["val_accuracy"] for c in front],
+        marker="o",
+        color="tab:blue",
+        label="Pareto front (one-shot)",
+    )
     trials = info["trials"]
-    ax.scatter([t[key] for t in trials], [t["val_accuracy"] for t in trials], marker="s", s=40,
-               color=["tab:green" if t["meets_budget"] else "tab:red" for t in trials],
-               label="fine-tuned trial (green: within budget)", zorder=3)
+    ax.scatter(
+        [t[key] for t in trials],
+        [t["val_accuracy"] for t in trials],
+        marker="s",
+        s=40,
+        color=["tab:green" if t["meets_budget"] else "tab:red" for t in trials],
+        label="fine-tuned trial (green: within budget)",
+        zorder=3,
+    )
     if info.get("chosen_trial") is not None:
         t = trials[info["chosen_trial"]]
-        ax.scatter([t[key]], [t["val_accuracy"]], marker="*", s=220, color="gold", edgecolor="black",
-                   label="chosen plan", zorder=4)
-    ax.axhline(info["val_accuracy"] - info["allowed_val_drop"], color="grey", linestyle=":",
-               label="accuracy floor (budget minus margin)")
+        ax.scatter(
+            [t[key]],
+            [t["val_accuracy"]],
+            marker="*",
+            s=220,
+            color="gold",
+            edgecolor="black",
+            label="chosen plan",
+            zorder=4,
+        )
+    ax.axhline(
+        info["val_accuracy"] - info["allowed_val_drop"],
+        color="grey",
+        linestyle=":",
+        label="accuracy floor (budget minus margin)",
+    )
     ax.set_xlabel("latency p50 (ms)" if key == "latency_ms" else "artifact size (bytes)")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)

@@ -16,9 +16,11 @@ from torchslim.results import Exported
 
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: Literal["onnx", "safetensors", "all"] = "onnx"
+    format: Literal["onnx", "safetensors", "all"] = Field(
+        "onnx", description="model.onnx (verified against PyTorch), model.safetensors, or both"
+    )
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="tried first; the other is the fallback")
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset of the export")
 
 
 @register_stage("export", ExportConfig, changes_model=False)

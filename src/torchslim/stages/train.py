@@ -16,16 +16,25 @@ from torchslim.train import TrainConfig
 class TrainStageConfig(TrainConfig):
     """Settings of one training run; the `train` stage's recipe keys."""
 
-    cache: bool = Field(False, description="reuse the weights of an identical earlier training (same starting "
-                        "weights, data, settings, seed, torch and torchslim code) from the cache folder "
-                        "($TORCHSLIM_CACHE, default ~/.cache/torchslim), and store this one there; the report "
-                        "records when weights were reused")
+    cache: bool = Field(
+        False,
+        description="reuse the weights of an identical earlier training (same starting "
+        "weights, data, settings, seed, torch and torchslim code) from the cache folder "
+        "($TORCHSLIM_CACHE, default ~/.cache/torchslim), and store this one there; the report "
+        "records when weights were reused",
+    )
 
 
 def _cache_settings(cfg: TrainStageConfig, ctx) -> dict:
     recipe = ctx.recipe
-    return {"train": cfg.model_dump(mode="json", exclude={"cache"}), "data": recipe.data.model_dump(mode="json"),
-            "task": str(recipe.task), "seed": recipe.seed, "device": ctx.device.type, "world": distributed.world()}
+    return {
+        "train": cfg.model_dump(mode="json", exclude={"cache"}),
+        "data": recipe.data.model_dump(mode="json"),
+        "task": str(recipe.task),
+        "seed": recipe.seed,
+        "device": ctx.device.type,
+        "world": distributed.world(),
+    }
 
 
 @register_stage("train", TrainStageConfig, needs=("labels",))
@@ -34,15 +43,23 @@ def train(model, cfg: TrainStageConfig, ctx):
     key = cache.training_key(model, _cache_settings(cfg, ctx)) if cfg.cache else None
     hit = cache.lookup(key, model) if key else None
     if hit is not None:
-        console.log(f"{ctx.stage_dir.name}: reused the weights of an identical training from {hit['path']} "
-                    f"(trained there in {hit['seconds']:.0f} s; delete that folder to train again)")
+        console.log(
+            f"{ctx.stage_dir.name}: reused the weights of an identical training from {hit['path']} "
+            f"(trained there in {hit['seconds']:.0f} s; delete that folder to train again)"
+        )
         info = {k: hit[k] for k in ("history", "best_epoch", "best_val_metric", "stopped_early", "precision")}
-        return StageResult(model, {**info, "cached": {"key": key, "path": hit["path"],
-                                                      "trained_seconds": hit["seconds"]}})
+        return StageResult(
+            model, {**info, "cached": {"key": key, "path": hit["path"], "trained_seconds": hit["seconds"]}}
+        )
     start = time.perf_counter()
     result = ctx.fit(model, cfg, checkpoint_dir=ctx.stage_dir / "checkpoint", description=ctx.stage_dir.name)
-    info = dict(history=result.history, best_epoch=result.best_epoch, best_val_metric=result.best_metric,
-                stopped_early=result.stopped_early, precision=result.precision)
+    info = dict(
+        history=result.history,
+        best_epoch=result.best_epoch,
+        best_val_metric=result.best_metric,
+        stopped_early=result.stopped_early,
+        precision=result.precision,
+    )
     if key and distributed.is_main():
         cache.store(key, model, {**info, "seconds": time.perf_counter() - start})
     return StageResult(model, info)

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from torchslim.errors import RecipeError, TorchslimError
-
-Inputs = tuple  # a tuple of tensors, batch first
-Predictor = Callable[..., np.ndarray]
+from torchslim.entrypoint import resolve
+from torchslim.errors import DataError, RecipeError, TorchslimError
+from torchslim.export.onnx import export_inputs
+from torchslim.measure import lowered_agreement
+from torchslim.measure.predict import Inputs, Predictor, torch_predictor
 
 
 class Task:
@@ -42,9 +43,17 @@ class Task:
     # measure.tolerance of the export check scaled by the largest output (large outputs such as a
     # language model's logits, where float32 rounding alone exceeds an absolute 1e-4)
     relative_tolerance: ClassVar[bool] = False
+    # the task reads a Hugging Face model (`model: {hf: ...}`) and text (`data: {builtin: text}`)
+    text_model: ClassVar[bool] = False
 
     def __init__(self, recipe, search_dir: Path | None = None):
         self.recipe, self.search_dir = recipe, search_dir
+
+    @classmethod
+    def check_data(cls, data) -> str | None:
+        """What the recipe's `data` block asks that this task cannot do (None: nothing); the recipe
+        validator reports it."""
+        return None
 
     # ------------------------------------------------------------------ model and data
     def setup(self) -> nn.Module:
@@ -90,16 +99,17 @@ class Task:
 
     def check(self, model: nn.Module) -> None:
         """Raise a DataError when model and data do not fit together."""
-        from torchslim.errors import DataError
         x = self.example(2)
         try:
             with torch.inference_mode():
                 model.eval()(*x)
         except Exception as exc:  # any failure here means model and data do not fit together
             shapes = list(x[0].shape) if len(x) == 1 else [list(t.shape) for t in x]
-            raise DataError(f"The model cannot take the data's input of shape {shapes}: "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check model and data in the "
-                            "recipe.") from None
+            raise DataError(
+                f"The model cannot take the data's input of shape {shapes}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check model and data in the "
+                "recipe."
+            ) from None
 
     # ------------------------------------------------------------------ the served artifact
     @property
@@ -111,9 +121,9 @@ class Task:
 
     def export(self, model: nn.Module, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
         """The ONNX artifact of `model` (dynamic batch axis), checked to run."""
-        from torchslim.export.onnx import export_inputs
-        return export_inputs(model.eval(), path, self.example(2), self.input_names, self.dynamic_axes(), exporter,
-                             opset)
+        return export_inputs(
+            model.eval(), path, self.example(2), self.input_names, self.dynamic_axes(), exporter, opset
+        )
 
     def verify_inputs(self, n: int) -> Inputs:
         """The real inputs the ONNX export is checked on against PyTorch (`measure.verify_samples`)."""
@@ -135,8 +145,11 @@ class Task:
     def input_spec(self) -> dict:
         """The report's `input` block: how to feed the artifact."""
         x = self.example(1)
-        return {"names": self.input_names, "shapes": [[None, *t.shape[1:]] for t in x],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for t in x]}
+        return {
+            "names": self.input_names,
+            "shapes": [[None, *t.shape[1:]] for t in x],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for t in x],
+        }
 
     def comparison_feeds(self) -> dict[str, dict]:
         """{label: ONNX Runtime feed} for the end-of-run interleaved comparison: real inputs."""
@@ -146,9 +159,14 @@ class Task:
     def lowered_agreement(self, model: nn.Module, session, path: Path) -> dict:
         """How the lowered artifact's outputs relate to its fake-quant simulation and to the float model
         (`torchslim.measure.lowered_agreement`), on `measure.verify_samples` real inputs."""
-        from torchslim.measure import lowered_agreement
-        return lowered_agreement(model, session, path, self.example(self.recipe.measure.verify_samples),
-                                 self.recipe.data.eval_batch_size, self.agreement)
+        return lowered_agreement(
+            model,
+            session,
+            path,
+            self.example(self.recipe.measure.verify_samples),
+            self.recipe.data.eval_batch_size,
+            self.agreement,
+        )
 
     def agreement(self, reference: np.ndarray, lowered: np.ndarray) -> dict:
         """Task-specific agreement of lowered outputs with the float model's (classification: top-1)."""
@@ -160,36 +178,6 @@ class Task:
         return f"{self.metric.replace('_', ' ')} {value:.4f}, " if isinstance(value, float) else ""
 
 
-def torch_predictor(model: nn.Module, threads: int | None = None) -> Predictor:
-    """`predict(*inputs)` with the PyTorch model (eval mode, inference mode, float32 numpy out)."""
-    from torchslim.measure.latency import torch_threads
-    model.eval()
-
-    def predict(*inputs):
-        with torch.inference_mode():
-            if threads is None:
-                return model(*inputs).float().numpy()
-            with torch_threads(threads):
-                return model(*inputs).float().numpy()
-    return predict
-
-
-def onnx_predictor(session) -> Predictor:
-    """`predict(*inputs)` with an ONNX Runtime session (its first output)."""
-    names = [i.name for i in session.get_inputs()]
-
-    def predict(*inputs):
-        from torchslim.export.decoder import complete_feed
-        return session.run(None, complete_feed(session, {n: t.numpy() for n, t in zip(names, inputs)}))[0]
-    return predict
-
-
-def batched(predict: Predictor, inputs: Inputs, batch_size: int) -> np.ndarray:
-    """`predict` over `inputs` in batches, outputs concatenated."""
-    n = len(inputs[0])
-    return np.concatenate([predict(*(t[i:i + batch_size] for t in inputs)) for i in range(0, n, batch_size)])
-
-
 # ------------------------------------------------------------------------------ registry
 
 _TASKS: dict[str, type[Task]] = {}
@@ -197,52 +185,50 @@ _TASKS: dict[str, type[Task]] = {}
 
 def register_task(name: str):
     """Class decorator: `@register_task("regression")` makes `task: regression` usable in recipes."""
+
     def wrap(cls: type[Task]) -> type[Task]:
         if name in _TASKS and _TASKS[name] is not cls:
             raise ValueError(f"task '{name}' is registered twice")
         cls.name = name
         _TASKS[name] = cls
         return cls
+
     return wrap
 
 
 def task_names() -> list[str]:
-    _load_builtin_tasks()
     return sorted(_TASKS)
 
 
 def task_class(task, search_dir: Path | None = None) -> type[Task]:
     """The Task class a recipe's `task` names: a registered name, or {entrypoint: 'module:Class'}."""
-    _load_builtin_tasks()
     if isinstance(task, str):
         if task not in _TASKS:
             import difflib
+
             near = difflib.get_close_matches(task, _TASKS, n=1)
             hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise RecipeError(f"task: unknown task '{task}'.{hint} Tasks: {', '.join(sorted(_TASKS))}, or "
-                              "{entrypoint: 'module:Class'} for a Task subclass of your own (a recipe's `plugins:` "
-                              "may register more).")
+            raise RecipeError(
+                f"task: unknown task '{task}'.{hint} Tasks: {', '.join(sorted(_TASKS))}, or "
+                "{entrypoint: 'module:Class'} for a Task subclass of your own (a recipe's `plugins:` "
+                "may register more)."
+            )
         return _TASKS[task]
-    from torchslim.entrypoint import resolve
     cls = resolve(task.entrypoint, "task.entrypoint", search_dir)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise RecipeError(f"task.entrypoint '{task.entrypoint}' is {cls!r}, not a subclass of torchslim.tasks.Task.")
     if not cls.name:
         cls.name = cls.__name__
     if not cls.metric:
-        raise RecipeError(f"task.entrypoint '{task.entrypoint}': the class must set `metric` (the name of its "
-                          "task metric, e.g. 'mae').")
+        raise RecipeError(
+            f"task.entrypoint '{task.entrypoint}': the class must set `metric` (the name of its "
+            "task metric, e.g. 'mae')."
+        )
     return cls
 
 
 def make_task(recipe, search_dir: Path | None = None) -> Task:
     return task_class(recipe.task, search_dir)(recipe, search_dir)
-
-
-def _load_builtin_tasks() -> None:
-    import torchslim.tasks.classification  # noqa: F401
-    import torchslim.tasks.causal_lm  # noqa: F401
-    import torchslim.tasks.embedding  # noqa: F401
 
 
 def unsupported(task: Task, what: str) -> TorchslimError:

@@ -7,15 +7,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.tasks.base import Predictor, register_task
+from torchslim.errors import DataError
+from torchslim.measure.predict import Predictor
+from torchslim.tasks.base import register_task
 from torchslim.tasks.labelled import LabelledTask
+from torchslim.train import cross_entropy_loss, evaluate_accuracy
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     logits_t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    return {"accuracy": float((logits_t.argmax(1) == labels_t).float().mean()),
-            "loss": float(torch.nn.functional.cross_entropy(logits_t, labels_t))}
+    return {
+        "accuracy": float((logits_t.argmax(1) == labels_t).float().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(logits_t, labels_t)),
+    }
 
 
 @register_task("classification")
@@ -24,23 +29,23 @@ class Classification(LabelledTask):
     provides = frozenset({"labels", "classifier"})
 
     def check(self, model: nn.Module) -> None:
-        from torchslim.errors import DataError
         super().check(model)
         classes = self.data.num_classes
         with torch.inference_mode():
             out = model.eval()(*self.example(2))
         if classes and (out.dim() != 2 or out.shape[1] != classes):
-            raise DataError(f"The model returns shape {list(out.shape)} but the data has {classes} classes; "
-                            f"a classifier must return [batch, {classes}].")
+            raise DataError(
+                f"The model returns shape {list(out.shape)} but the data has {classes} classes; "
+                f"a classifier must return [batch, {classes}]."
+            )
 
     def loss(self, label_smoothing: float = 0.0):
-        from torchslim.train import cross_entropy_loss
         return cross_entropy_loss(label_smoothing)
 
     def validate(self, model: nn.Module) -> float:
-        from torchslim.train import evaluate_accuracy
-        return evaluate_accuracy(model, self.data.val, self.recipe.data.eval_batch_size,
-                                 next(model.parameters()).device)
+        return evaluate_accuracy(
+            model, self.data.val, self.recipe.data.eval_batch_size, next(model.parameters()).device
+        )
 
     def score(self, predict: Predictor, samples: int | None = None) -> float:
         out, y = self.outputs(predict, "val", samples)

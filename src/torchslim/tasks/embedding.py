@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.tasks.base import Inputs, Predictor, Task, register_task
+from torchslim.data import text
+from torchslim.distill.encoder import drop_layers, sentence_dataset, trim
+from torchslim.measure.predict import Inputs, Predictor
+from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, resolve_model_dir, tokenize
+from torchslim.prune.transformer.encoder import resize_encoder
+from torchslim.quantize.encoder import export_encoder
+from torchslim.tasks.base import Task, register_task
 
 NAMES = ["input_ids", "attention_mask"]
 AXES = [{0: "batch", 1: "sequence"}] * 2
@@ -32,10 +38,19 @@ class Embedding(Task):
     metric = "mean_cosine"
     provides = frozenset({"encoder"})
     default_train_sentences = 48000
+    text_model = True
+
+    @classmethod
+    def check_data(cls, data) -> str | None:
+        unknown = [s for s in data.sources if s not in text.SOURCES]
+        if unknown:
+            return (
+                f"data.sources: {unknown[0]!r} is not a sentence source of task embedding; choose from "
+                f"{', '.join(text.SOURCES)}"
+            )
+        return None
 
     def setup(self) -> nn.Module:
-        from torchslim.data import text
-        from torchslim.models.hf import embed, load_sentence_encoder
         r = self.recipe
         self.teacher, self.tokenizer = load_sentence_encoder(r.model.hf)
         self.teacher.requires_grad_(False)
@@ -53,8 +68,6 @@ class Embedding(Task):
     def rebuild(self, architecture: dict) -> nn.Module:
         """The current model's structure from its architecture record (layers kept by depth reduction,
         heads and FFN neurons left by pruning)."""
-        from torchslim.distill.encoder import drop_layers
-        from torchslim.prune.encoder import resize_encoder
         model = copy.deepcopy(self.teacher)
         for op in architecture.get("ops", []):
             if "keep_layers" in op:
@@ -66,8 +79,6 @@ class Embedding(Task):
     # ------------------------------------------------------------------ training and validation
     def train_set(self, sentences: int | None = None, max_length: int = 128):
         """Token ids and masks of the training corpus (data.train_subset sentences, default 48,000)."""
-        from torchslim.data import text
-        from torchslim.distill.encoder import sentence_dataset
         n = sentences or self.recipe.data.train_subset or self.default_train_sentences
         if self._train is None or self._train[0] != (n, max_length):
             self._train = ((n, max_length), sentence_dataset(self.tokenizer, text.training_corpus(limit=n), max_length))
@@ -75,7 +86,6 @@ class Embedding(Task):
 
     def loss(self, label_smoothing: float = 0.0):
         """Self-distillation: 1 - cosine between the model's embedding and the float model's."""
-        from torchslim.distill.encoder import trim
         teacher = self.teacher
 
         def loss_fn(model: nn.Module, batch: tuple):
@@ -84,29 +94,35 @@ class Embedding(Task):
                 target = teacher(ids, mask).float()
             value = (1 - F.cosine_similarity(model(ids, mask), target, dim=1)).mean()
             return value, {"embedding": value}
+
         return loss_fn
 
     def score(self, predict: Predictor, samples: int | None = None) -> float:
         """Worst source's mean cosine to the float model on the calibration sentences."""
-        from torchslim.models.hf import cosine_fidelity, embed
         if self._calibration_reference is None:
-            self._calibration_reference = {k: embed(self.teacher, self.tokenizer, s)
-                                           for k, s in self.calibration_sentences.items()}
-        return min(cosine_fidelity(self._calibration_reference[k], self._embed(predict, s[:samples]))["mean_cosine"]
-                   for k, s in self.calibration_sentences.items())
+            self._calibration_reference = {
+                k: embed(self.teacher, self.tokenizer, s) for k, s in self.calibration_sentences.items()
+            }
+        return min(
+            cosine_fidelity(self._calibration_reference[k], self._embed(predict, s[:samples]))["mean_cosine"]
+            for k, s in self.calibration_sentences.items()
+        )
 
     def evaluate(self, predict: Predictor) -> dict:
-        from torchslim.models.hf import cosine_fidelity
         served = {k: self._embed(predict, s) for k, s in self.evaluation.items()}
         fidelity = {k: cosine_fidelity(self.reference[k], served[k]) for k in served}
-        return {"fidelity": fidelity, "mean_cosine": min(f["mean_cosine"] for f in fidelity.values()),
-                "min_cosine": min(f["min_cosine"] for f in fidelity.values()),
-                "eval_examples": sum(len(s) for s in self.evaluation.values())}
+        return {
+            "fidelity": fidelity,
+            "mean_cosine": min(f["mean_cosine"] for f in fidelity.values()),
+            "min_cosine": min(f["min_cosine"] for f in fidelity.values()),
+            "eval_examples": sum(len(s) for s in self.evaluation.values()),
+        }
 
     def _embed(self, predict: Predictor, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-        from torchslim.models.hf import tokenize
-        out = [predict(*tokenize(self.tokenizer, sentences[i:i + batch_size]))
-               for i in range(0, len(sentences), batch_size)]
+        out = [
+            predict(*tokenize(self.tokenizer, sentences[i : i + batch_size]))
+            for i in range(0, len(sentences), batch_size)
+        ]
         return torch.from_numpy(np.concatenate(out)).float()
 
     # ------------------------------------------------------------------ inputs
@@ -114,7 +130,6 @@ class Embedding(Task):
         return self.evaluation[next(iter(self.evaluation))]
 
     def sentences_input(self, sentences: list[str]) -> Inputs:
-        from torchslim.models.hf import tokenize
         return tokenize(self.tokenizer, sentences)
 
     def example(self, n: int) -> Inputs:
@@ -124,8 +139,11 @@ class Embedding(Task):
 
     def calibration(self, batches: int, batch_size: int) -> list[Inputs]:
         """The calibration sentences of every source, in batches (at most `batches` per source)."""
-        return [self.sentences_input(s[i:i + batch_size]) for s in self.calibration_sentences.values()
-                for i in range(0, min(len(s), batches * batch_size), batch_size)]
+        return [
+            self.sentences_input(s[i : i + batch_size])
+            for s in self.calibration_sentences.values()
+            for i in range(0, min(len(s), batches * batch_size), batch_size)
+        ]
 
     # ------------------------------------------------------------------ the served artifact
     @property
@@ -135,18 +153,28 @@ class Embedding(Task):
     def dynamic_axes(self) -> list[dict[int, str]]:
         return AXES
 
-    def export(self, model: nn.Module, path: Path, exporter: str = "dynamo", opset: int = 18, fuse: bool = True,
-               pad_free: bool = True) -> Path:
+    def export(
+        self,
+        model: nn.Module,
+        path: Path,
+        exporter: str = "dynamo",
+        opset: int = 18,
+        fuse: bool = True,
+        pad_free: bool = True,
+    ) -> Path:
         """Fused for ONNX Runtime (the TorchScript exporter, whose graph its transformer optimizer
         recognises) with the CPU serving rewrites; `fuse=False`: the plain export."""
-        from torchslim.quantize.encoder import export_encoder
         return export_encoder(model.eval(), self.tokenizer, path, self._first(), fuse=fuse, pad_free=pad_free)
 
     def input_spec(self) -> dict:
-        from torchslim.models.hf import resolve_model_dir
-        return {"names": NAMES, "dynamic_axes": [{str(k): v for k, v in a.items()} for a in AXES], "dtype": "int64",
-                "tokenizer": str(resolve_model_dir(self.recipe.model.hf)), "max_length": 128,
-                "output": "sentence embedding: mean of the token vectors over the attention mask, L2-normalised"}
+        return {
+            "names": NAMES,
+            "dynamic_axes": [{str(k): v for k, v in a.items()} for a in AXES],
+            "dtype": "int64",
+            "tokenizer": str(resolve_model_dir(self.recipe.model.hf)),
+            "max_length": 128,
+            "output": "sentence embedding: mean of the token vectors over the attention mask, L2-normalised",
+        }
 
     def comparison_feeds(self) -> dict[str, dict]:
         """{label: ONNX Runtime feed}: one sentence, and for every larger batch size the same number of

@@ -10,7 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.tasks.base import Inputs, Predictor, Task, batched
+from torchslim.data import build_data
+from torchslim.distill.students import apply_keep_blocks
+from torchslim.export.onnx import export_onnx
+from torchslim.measure.predict import Inputs, Predictor, batched
+from torchslim.models.io import build_model
+from torchslim.models.spec import ModelSpec
+from torchslim.tasks.base import Task
 
 
 class LabelledTask(Task):
@@ -21,16 +27,11 @@ class LabelledTask(Task):
     provides = frozenset({"labels"})
 
     def setup(self) -> nn.Module:
-        from torchslim.data import build_data
-        from torchslim.models.io import build_model
         self.data = build_data(self.recipe.data, self.search_dir)
         self._cache: dict = {}
         return build_model(self.recipe.model, self.data.num_classes, self.search_dir)
 
     def rebuild(self, architecture: dict) -> nn.Module:
-        from torchslim.distill.students import apply_keep_blocks
-        from torchslim.models.io import build_model
-        from torchslim.models.spec import ModelSpec
         model = build_model(ModelSpec(**architecture["model"]), self.data.num_classes, self.search_dir)
         for op in architecture.get("ops", []):
             model = apply_keep_blocks(model, op["keep_blocks"], op["indices"])
@@ -47,7 +48,6 @@ class LabelledTask(Task):
         return self.data.input.to_dict()
 
     def export(self, model: nn.Module, path: Path, exporter: str = "dynamo", opset: int = 18) -> Path:
-        from torchslim.export.onnx import export_onnx
         return export_onnx(model.eval(), path, self.data.input, exporter, opset)
 
     def split(self, name: str, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,4 +76,4 @@ class LabelledTask(Task):
         n = min(len(train), batches * batch_size)
         idx = torch.randperm(len(train), generator=gen)[:n].tolist()
         x = torch.stack([train[i][0] for i in idx])
-        return [(x[i:i + batch_size],) for i in range(0, n, batch_size)]
+        return [(x[i : i + batch_size],) for i in range(0, n, batch_size)]

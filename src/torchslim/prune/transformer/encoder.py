@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.models.transformer import keep_cols, keep_rows
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -30,18 +31,6 @@ def is_encoder(model: nn.Module) -> bool:
         return True
     except TorchslimError:
         return False
-
-
-def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[rows].clone())
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data[rows].clone())
-    linear.out_features = len(rows)
-
-
-def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[:, cols].clone())
-    linear.in_features = len(cols)
 
 
 def head_scores(layer: nn.Module) -> torch.Tensor:
@@ -68,17 +57,19 @@ def _keep_layer(layer: nn.Module, heads: torch.Tensor, neurons: torch.Tensor) ->
     size = att.attention_head_size
     rows = (heads[:, None] * size + torch.arange(size)).reshape(-1)
     for lin in (att.query, att.key, att.value):
-        _keep_rows(lin, rows)
-    _keep_cols(layer.attention.output.dense, rows)
+        keep_rows(lin, rows)
+    keep_cols(layer.attention.output.dense, rows)
     att.num_attention_heads, att.all_head_size = len(heads), len(rows)
-    _keep_rows(layer.intermediate.dense, neurons)
-    _keep_cols(layer.output.dense, neurons)
+    keep_rows(layer.intermediate.dense, neurons)
+    keep_cols(layer.output.dense, neurons)
 
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Heads and FFN neurons of every layer: what `resize_encoder` needs to rebuild the structure."""
-    return [{"heads": layer.attention.self.num_attention_heads, "neurons": layer.intermediate.dense.out_features}
-            for layer in encoder_layers(model)]
+    return [
+        {"heads": layer.attention.self.num_attention_heads, "neurons": layer.intermediate.dense.out_features}
+        for layer in encoder_layers(model)
+    ]
 
 
 @torch.no_grad()
@@ -90,9 +81,16 @@ def prune_encoder(model: nn.Module, head_ratio: float = 0.0, ffn_ratio: float = 
     for i, (layer, shape) in enumerate(zip(encoder_layers(model), layer_shapes(model))):
         heads, neurons = _keep(head_scores(layer), head_ratio), _keep(neuron_scores(layer), ffn_ratio)
         _keep_layer(layer, heads, neurons)
-        records.append({"layer": i, "heads_before": shape["heads"], "heads_after": len(heads),
-                        "kept_heads": heads.tolist(), "neurons_before": shape["neurons"],
-                        "neurons_after": len(neurons)})
+        records.append(
+            {
+                "layer": i,
+                "heads_before": shape["heads"],
+                "heads_after": len(heads),
+                "kept_heads": heads.tolist(),
+                "neurons_before": shape["neurons"],
+                "neurons_after": len(neurons),
+            }
+        )
     return records
 
 

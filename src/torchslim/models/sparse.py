@@ -1,4 +1,5 @@
-"""Sparse storage: a weight tensor that is mostly zeros is written as a bitmask of its non-zeros plus
+"""Sparse storage, and the reader of every torchslim safetensors file (dense or sparse; a tied weight
+is stored once). A weight tensor that is mostly zeros is written as a bitmask of its non-zeros plus
 their values. A 90%-sparse float32 tensor takes 10% (values) + 3.1% (one bit per weight) of its
 dense bytes, and loads back to the identical dense tensor."""
 
@@ -18,6 +19,20 @@ from torchslim.models.shapes import SHAPES_KEY, module_shapes
 
 FORMAT_KEY = "torchslim.format"
 SPARSE_FORMAT = "bitmask-v1"
+TIED_KEY = "torchslim.tied"
+
+
+def untied_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with every tensor once, {key: the key it is tied to}): a tied weight (input and
+    output embeddings) is stored once and re-tied on load."""
+    state, tied, seen = {}, {}, {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            tied[k] = seen[id(v)]
+            continue
+        seen[id(v)] = k
+        state[k] = v.detach().contiguous().cpu()
+    return state, tied
 
 
 def _packs_smaller(t: torch.Tensor, nonzero: torch.Tensor) -> bool:
@@ -59,11 +74,14 @@ def decode(tensors: dict[str, torch.Tensor], layout: dict) -> dict[str, torch.Te
 
 
 def save_sparse(model: nn.Module, path: Path) -> Path:
-    from torchslim.models.io import TIED_KEY, untied_state
     state, tied = untied_state(model)
     tensors, layout = encode(state)
-    metadata = {FORMAT_KEY: SPARSE_FORMAT, "torchslim.sparse_layout": json.dumps(layout),
-                SHAPES_KEY: json.dumps(module_shapes(model)), TIED_KEY: json.dumps(tied)}
+    metadata = {
+        FORMAT_KEY: SPARSE_FORMAT,
+        "torchslim.sparse_layout": json.dumps(layout),
+        SHAPES_KEY: json.dumps(module_shapes(model)),
+        TIED_KEY: json.dumps(tied),
+    }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

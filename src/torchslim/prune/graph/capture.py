@@ -56,8 +56,13 @@ def _explain(model: nn.Module, exc: Exception) -> str:
             module = names[id(owner)] or "<model>"
             code = f"{frame.f_code.co_filename.rpartition('/')[2]}:{lineno}"
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    at = f" in module '{module}' ({type(model.get_submodule(module if module != '<model>' else '')).__name__}, " \
-         f"{code})" if module else ""
-    return (f"torch.export cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {first}. "
-            "Control flow that depends on tensor values cannot be followed: pass example inputs that take the "
-            "usual path, or rewrite the branch with torch.where / torch.cond.")
+    at = (
+        f" in module '{module}' ({type(model.get_submodule(module if module != '<model>' else '')).__name__}, {code})"
+        if module
+        else ""
+    )
+    return (
+        f"torch.export cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {first}. "
+        "Control flow that depends on tensor values cannot be followed: pass example inputs that take the "
+        "usual path, or rewrite the branch with torch.where / torch.cond."
+    )

@@ -14,8 +14,16 @@ from torchslim.models.shapes import register_shape_attrs
 
 
 class Attention(nn.Module):
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int | None = None, dropout: float = 0.0,
-                 bias: bool = True, batch_first: bool = False, out_dim: int | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        out_dim: int | None = None,
+    ):
         super().__init__()
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = head_dim or embed_dim // num_heads
@@ -30,10 +38,16 @@ class Attention(nn.Module):
     def from_mha(cls, mha: nn.MultiheadAttention) -> "Attention":
         """The same function as `mha`, with its weights."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only nn.MultiheadAttention with equal q/k/v widths and no bias_k/add_zero_attn "
-                             "can be converted")
-        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                  batch_first=mha.batch_first)
+            raise ValueError(
+                "only nn.MultiheadAttention with equal q/k/v widths and no bias_k/add_zero_attn can be converted"
+            )
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+        )
         with torch.no_grad():
             for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
                 rows = slice(i * mha.embed_dim, (i + 1) * mha.embed_dim)
@@ -55,8 +69,11 @@ class Attention(nn.Module):
     @property
     def _qkv_same_embed_dim(self) -> bool:
         e = self.embed_dim
-        return all(p.weight.shape == (e, e) for p in (self.q_proj, self.k_proj, self.v_proj)) \
-            and self.num_heads * self.head_dim == e and self.out_proj.weight.shape == (e, e)
+        return (
+            all(p.weight.shape == (e, e) for p in (self.q_proj, self.k_proj, self.v_proj))
+            and self.num_heads * self.head_dim == e
+            and self.out_proj.weight.shape == (e, e)
+        )
 
     @property
     def in_proj_weight(self) -> torch.Tensor:
@@ -78,15 +95,24 @@ class Attention(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._split(self.q_proj(query)), self._split(self.k_proj(key)), self._split(self.v_proj(value))
         mask = _merge_masks(attn_mask, key_padding_mask, q.dtype)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
@@ -94,8 +120,9 @@ class Attention(nn.Module):
             weights = F.dropout(scores.softmax(-1), p)
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
             weights = None
         b, _, length, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
@@ -110,8 +137,11 @@ def _merge_masks(attn_mask, key_padding_mask, dtype):
     """Additive float mask of shape broadcastable to (B, H, Lq, Lk), or None."""
     mask = None
     if attn_mask is not None:
-        mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill(attn_mask, float("-inf")) \
-            if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
+        mask = (
+            torch.zeros_like(attn_mask, dtype=dtype).masked_fill(attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else attn_mask.to(dtype)
+        )
     if key_padding_mask is not None:
         pad = torch.zeros_like(key_padding_mask, dtype=dtype).masked_fill(key_padding_mask.bool(), float("-inf"))
         pad = pad[:, None, None, :]

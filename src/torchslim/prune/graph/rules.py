@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import fx
 
-from torchslim.prune.graph import Graph, HeadSplit, Info, PInfo, Stack, _leaves, shape
+from torchslim.prune.graph.groups import Graph, HeadSplit, Info, PInfo, Stack, leaves, shape
 
 RULES: dict[str, Callable] = {}
 
@@ -20,18 +20,23 @@ RULES: dict[str, Callable] = {}
 def rule(*names: str):
     """Register `fn(g, node, args, kwargs)` as the rule for the ATen ops `names` (in-place variants
     such as `relu_` share the rule of `relu`)."""
+
     def register(fn):
         for name in names:
             RULES[name] = fn
         return fn
+
     return register
 
 
 def op_name(node) -> str:
     if node.target is operator.getitem:
         return "getitem"
-    name = node.target.name().split("::")[-1].split(".")[0] if hasattr(node.target, "name") else \
-        getattr(node.target, "__name__", str(node.target))
+    name = (
+        node.target.name().split("::")[-1].split(".")[0]
+        if hasattr(node.target, "name")
+        else getattr(node.target, "__name__", str(node.target))
+    )
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
@@ -54,7 +59,7 @@ def read_node(g: Graph, node, env):
         return None
     if fn is not None:
         return fn(g, node, args, kwargs)
-    tracked = [v for v in _leaves((args, kwargs)) if isinstance(v, (Info, PInfo))]
+    tracked = [v for v in leaves((args, kwargs)) if isinstance(v, (Info, PInfo))]
     if not tracked:
         return None
     why = f"`{name}` is not understood by the dependency analysis"
@@ -65,8 +70,22 @@ def read_node(g: Graph, node, env):
     return None
 
 
-STACK_AWARE = {"permute", "permute_copy", "transpose", "swapaxes", "swapdims", "movedim", "select", "unbind",
-               "getitem", "clone", "contiguous", "detach", "alias", "_assert_tensor_metadata"}
+STACK_AWARE = {
+    "permute",
+    "permute_copy",
+    "transpose",
+    "swapaxes",
+    "swapdims",
+    "movedim",
+    "select",
+    "unbind",
+    "getitem",
+    "clone",
+    "contiguous",
+    "detach",
+    "alias",
+    "_assert_tensor_metadata",
+}
 
 
 def _stacks(values):
@@ -89,11 +108,52 @@ def _in_shape(node, i: int = 0):
 
 # ----------------------------------------------------------------------------- no channels at all
 
-@rule("_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "arange", "zeros", "ones", "full",
-      "empty", "scalar_tensor", "new_ones", "new_zeros", "new_full", "new_empty", "eq", "ne", "lt", "le", "gt", "ge",
-      "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or",
-      "bitwise_not", "isnan", "isinf", "isfinite", "argmax", "argmin", "_local_scalar_dense", "item",
-      "lift_fresh_copy", "_assert_async", "triu", "tril", "ones_like_", "randint", "rand", "randn")
+
+@rule(
+    "_assert_tensor_metadata",
+    "_assert_scalar",
+    "sym_size",
+    "sym_numel",
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "scalar_tensor",
+    "new_ones",
+    "new_zeros",
+    "new_full",
+    "new_empty",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "__and__",
+    "__or__",
+    "logical_and",
+    "logical_or",
+    "logical_not",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_not",
+    "isnan",
+    "isinf",
+    "isfinite",
+    "argmax",
+    "argmin",
+    "_local_scalar_dense",
+    "item",
+    "lift_fresh_copy",
+    "_assert_async",
+    "triu",
+    "tril",
+    "ones_like_",
+    "randint",
+    "rand",
+    "randn",
+)
 def _nothing(g, node, args, kwargs):
     return None
 
@@ -106,12 +166,66 @@ def _like(g, node, args, kwargs):
 
 # ----------------------------------------------------------------------------- element-wise
 
-UNARY = ("relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "relu6", "leaky_relu",
-         "elu", "celu", "selu", "mish", "softplus", "logsigmoid", "dropout", "feature_dropout", "alpha_dropout",
-         "clone", "contiguous", "to", "_to_copy", "detach", "alias", "neg", "abs", "exp", "log", "sqrt", "rsqrt",
-         "erf", "square", "sin", "cos", "reciprocal", "clamp", "clamp_min", "clamp_max", "softmax", "_softmax",
-         "log_softmax", "_log_softmax", "sign", "round", "floor", "ceil", "trunc", "nan_to_num", "expm1", "log1p",
-         "type_as", "pow", "float", "half", "bfloat16", "cumsum", "_safe_softmax")
+UNARY = (
+    "relu",
+    "gelu",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "hardswish",
+    "hardsigmoid",
+    "hardtanh",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "celu",
+    "selu",
+    "mish",
+    "softplus",
+    "logsigmoid",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "clone",
+    "contiguous",
+    "to",
+    "_to_copy",
+    "detach",
+    "alias",
+    "neg",
+    "abs",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "erf",
+    "square",
+    "sin",
+    "cos",
+    "reciprocal",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+    "sign",
+    "round",
+    "floor",
+    "ceil",
+    "trunc",
+    "nan_to_num",
+    "expm1",
+    "log1p",
+    "type_as",
+    "pow",
+    "float",
+    "half",
+    "bfloat16",
+    "cumsum",
+    "_safe_softmax",
+)
 
 
 @rule(*UNARY)
@@ -133,8 +247,27 @@ def _native_dropout(g, node, args, kwargs):
     return [args[0], args[0]] if isinstance(args[0], Info) else [None, None]
 
 
-@rule("add", "sub", "mul", "div", "rsub", "maximum", "minimum", "fmod", "remainder", "atan2", "where", "masked_fill",
-      "addcmul", "addcdiv", "lerp", "copy", "fill", "max_other", "min_other")
+@rule(
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "rsub",
+    "maximum",
+    "minimum",
+    "fmod",
+    "remainder",
+    "atan2",
+    "where",
+    "masked_fill",
+    "addcmul",
+    "addcdiv",
+    "lerp",
+    "copy",
+    "fill",
+    "max_other",
+    "min_other",
+)
 def _binary(g, node, args, kwargs):
     """Broadcasting ops: the tracked operands' channel dimensions meet in the output and are unified
     (a residual connection couples both sides); a parameter broadcast along the channel dimension
@@ -183,9 +316,24 @@ def _param_arithmetic(g, operands, rank):
 
 # ----------------------------------------------------------------------------- reductions
 
-REDUCE = {"mean": (1, 2), "sum": (1, 2), "amax": (1, 2), "amin": (1, 2), "max": (1, 2), "min": (1, 2),
-          "var": (1, None), "std": (1, None), "logsumexp": (1, 2), "linalg_vector_norm": (2, 3), "norm": (2, 3),
-          "prod": (1, 2), "any": (1, 2), "all": (1, 2), "var_mean": (1, None), "std_mean": (1, None)}
+REDUCE = {
+    "mean": (1, 2),
+    "sum": (1, 2),
+    "amax": (1, 2),
+    "amin": (1, 2),
+    "max": (1, 2),
+    "min": (1, 2),
+    "var": (1, None),
+    "std": (1, None),
+    "logsumexp": (1, 2),
+    "linalg_vector_norm": (2, 3),
+    "norm": (2, 3),
+    "prod": (1, 2),
+    "any": (1, 2),
+    "all": (1, 2),
+    "var_mean": (1, None),
+    "std_mean": (1, None),
+}
 
 
 @rule(*REDUCE)
@@ -203,8 +351,9 @@ def _reduce(g, node, args, kwargs):
         return None
     dim_at, keep_at = REDUCE[name]
     dims = _arg(node, args, kwargs, dim_at, "dim")
-    keep = bool(_arg(node, args, kwargs, keep_at, "keepdim", False) if keep_at is not None else
-                kwargs.get("keepdim", False))
+    keep = bool(
+        _arg(node, args, kwargs, keep_at, "keepdim", False) if keep_at is not None else kwargs.get("keepdim", False)
+    )
     dims = list(range(len(s))) if dims is None else [dims] if isinstance(dims, int) else list(dims)
     dims = [d % len(s) for d in dims]
     result = None if x.dim in dims else Info(x.dim if keep else x.dim - sum(d < x.dim for d in dims), x.slots)
@@ -212,6 +361,7 @@ def _reduce(g, node, args, kwargs):
 
 
 # ----------------------------------------------------------------------------- shapes
+
 
 def _prefix(sizes, n: int) -> int:
     return math.prod(sizes[:n])
@@ -262,7 +412,7 @@ def reshape_info(g: Graph, x: Info, ins, out):
 def _split_heads(g: Graph, x: Info, heads: int, unit: int, dim: int):
     if not g.prune_heads:
         return _stop(g, x, "splits channels into heads, and prune_heads is off")
-    groups = [x.slots[h * unit:(h + 1) * unit] for h in range(heads)]
+    groups = [x.slots[h * unit : (h + 1) * unit] for h in range(heads)]
     for members in groups:
         g.union(members[:1] * (unit - 1), members[1:])
     reps = [m[0] for m in groups]
@@ -272,8 +422,13 @@ def _split_heads(g: Graph, x: Info, heads: int, unit: int, dim: int):
 
 def _stack_heads(g: Graph, x: Info, parts: int, heads: int, unit: int, dim: int):
     width = heads * unit
-    return Stack(dim, [_split_heads(g, Info(dim + 1, x.slots[i * width:(i + 1) * width]), heads, unit, dim + 1)
-                       for i in range(parts)])
+    return Stack(
+        dim,
+        [
+            _split_heads(g, Info(dim + 1, x.slots[i * width : (i + 1) * width]), heads, unit, dim + 1)
+            for i in range(parts)
+        ],
+    )
 
 
 def _stop(g, x, why: str):
@@ -293,8 +448,19 @@ def _reshape_param(g: Graph, p: PInfo, ins, out):
     return PInfo(p.key, tuple(dims))
 
 
-@rule("view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten", "squeeze", "unsqueeze",
-      "_reshape_alias", "view_as", "reshape_as")
+@rule(
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "view_copy",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "_reshape_alias",
+    "view_as",
+    "reshape_as",
+)
 def _reshape(g, node, args, kwargs):
     x, ins, out = args[0], _in_shape(node), shape(node)
     if ins is None or out is None:
@@ -311,8 +477,10 @@ def _expand(g, node, args, kwargs):
     if isinstance(x, Info):
         return Info(x.dim + extra, x.slots)
     if isinstance(x, PInfo):
-        return PInfo(x.key, (None,) * extra + tuple(None if ins[i] == 1 and out[i + extra] != 1 else d
-                                                     for i, d in enumerate(x.dims)))
+        return PInfo(
+            x.key,
+            (None,) * extra + tuple(None if ins[i] == 1 and out[i + extra] != 1 else d for i, d in enumerate(x.dims)),
+        )
     return None
 
 
@@ -407,15 +575,18 @@ def _split(g, node, args, kwargs):
     x = args[0]
     _, dim, sizes = _split_sizes(node, args)
     if not isinstance(x, Info) or not sizes:
-        return [_stop(g, x, "a weight split at run time")] * len(sizes) if isinstance(x, PInfo) else \
-            [None] * max(len(sizes), 1)
+        return (
+            [_stop(g, x, "a weight split at run time")] * len(sizes)
+            if isinstance(x, PInfo)
+            else [None] * max(len(sizes), 1)
+        )
     if dim != x.dim:
         return [x] * len(sizes)
     if len(set(sizes)) != 1:
         return [_stop(g, x, "splits the channels into unequal pieces")] * len(sizes)
     g.constraints.append((x.slots, len(sizes)))
     n = sizes[0]
-    return [Info(dim, x.slots[i * n:(i + 1) * n]) for i in range(len(sizes))]
+    return [Info(dim, x.slots[i * n : (i + 1) * n]) for i in range(len(sizes))]
 
 
 @rule("unbind")
@@ -494,14 +665,44 @@ def _repeat(g, node, args, kwargs):
 
 # ----------------------------------------------------------------------------- spatial ops
 
-SPATIAL = ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-           "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",
-           "adaptive_max_pool1d", "adaptive_max_pool2d", "upsample_nearest1d", "upsample_nearest2d",
-           "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
-           "upsample_trilinear3d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa", "reflection_pad1d",
-           "reflection_pad2d", "replication_pad1d", "replication_pad2d", "constant_pad_nd", "pad", "roll", "flip",
-           "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices", "lp_pool2d",
-           "fractional_max_pool2d", "im2col")
+SPATIAL = (
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "upsample_nearest1d",
+    "upsample_nearest2d",
+    "upsample_nearest3d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_linear1d",
+    "upsample_trilinear3d",
+    "_upsample_nearest_exact2d",
+    "_upsample_bilinear2d_aa",
+    "reflection_pad1d",
+    "reflection_pad2d",
+    "replication_pad1d",
+    "replication_pad2d",
+    "constant_pad_nd",
+    "pad",
+    "roll",
+    "flip",
+    "max_pool2d_with_indices",
+    "max_pool1d_with_indices",
+    "max_pool3d_with_indices",
+    "lp_pool2d",
+    "fractional_max_pool2d",
+    "im2col",
+)
 
 
 @rule(*SPATIAL)
@@ -509,8 +710,12 @@ def _spatial(g, node, args, kwargs):
     """Pooling, resampling and padding act on the positions, not the channels."""
     x, out = args[0], node.meta.get("val")
     first = out[0] if isinstance(out, (list, tuple)) else out
-    if isinstance(x, Info) and first is not None and tuple(first.shape)[x.dim] == len(x.slots) \
-            and x.dim < len(first.shape) - _spatial_rank(node):
+    if (
+        isinstance(x, Info)
+        and first is not None
+        and tuple(first.shape)[x.dim] == len(x.slots)
+        and x.dim < len(first.shape) - _spatial_rank(node)
+    ):
         return [x, x] if isinstance(out, (list, tuple)) else x
     if isinstance(x, (Info, PInfo)):
         g.block(x, "acts on the channel dimension")
@@ -527,6 +732,7 @@ def _spatial_rank(node) -> int:
 
 
 # ----------------------------------------------------------------------------- layers
+
 
 def _fresh(g: Graph, rank_or_dim: int, n: int, why: str | None = None) -> Info:
     info = Info(rank_or_dim, g.new(n))
@@ -675,8 +881,14 @@ def _convolution(g, node, x, w, b, groups: int, transposed: bool):
     return Info(1, new)
 
 
-@rule("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
-      "_native_batch_norm_legit_functional", "instance_norm")
+@rule(
+    "batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "native_batch_norm",
+    "_native_batch_norm_legit_functional",
+    "instance_norm",
+)
 def _batch_norm(g, node, args, kwargs):
     x, params = args[0], [a for a in args[1:5] if isinstance(a, PInfo)]
     multi = isinstance(node.meta.get("val"), (list, tuple))
@@ -729,8 +941,12 @@ def _embedding(g, node, args, kwargs):
     return Info(len(out) - 1, new)
 
 
-@rule("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-      "_scaled_dot_product_attention_math", "_scaled_dot_product_efficient_attention")
+@rule(
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_efficient_attention",
+)
 def _attention(g, node, args, kwargs):
     """Heads of q, k and v go together (a key/value head with its whole query group under grouped-query
     attention); without a head split, q and k pair up position by position and v passes."""
@@ -738,8 +954,11 @@ def _attention(g, node, args, kwargs):
     rank = len(_in_shape(node))
     multi = isinstance(node.meta.get("val"), (list, tuple))
     wrap = (lambda r: [r] + [None] * (len(node.meta["val"]) - 1)) if multi else (lambda r: r)
-    if all(isinstance(t, Info) and t.dim == rank - 3 for t in (q, k, v)) and len(k.slots) == len(v.slots) \
-            and len(q.slots) % len(k.slots) == 0:
+    if (
+        all(isinstance(t, Info) and t.dim == rank - 3 for t in (q, k, v))
+        and len(k.slots) == len(v.slots)
+        and len(q.slots) % len(k.slots) == 0
+    ):
         rep = len(q.slots) // len(k.slots)
         g.union(q.slots, [s for s in k.slots for _ in range(rep)])
         g.union(q.slots, [s for s in v.slots for _ in range(rep)])

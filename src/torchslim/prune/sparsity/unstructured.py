@@ -18,12 +18,17 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def prunable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Module]:
     ignore = list(ignore)
-    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)
-            and not matches(name, ignore)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE) and not matches(name, ignore)}
 
 
-def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "global", ignore: Iterable[str] = (),
-                    random: bool = False, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def magnitude_masks(
+    model: nn.Module,
+    sparsity: float,
+    scope: str = "global",
+    ignore: Iterable[str] = (),
+    random: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Keep-masks removing the `sparsity` share of weights with the smallest |w| (or random ones),
     ranked over all layers together (`global`) or within each layer (`layer`). Zeros stay zeros."""
     if not 0.0 <= sparsity < 1.0:

@@ -18,10 +18,10 @@ import torch
 from torch import fx, nn
 
 
-
 @dataclass
 class Info:
     """Channel tracking of an activation: its channel dimension and the slot at each position."""
+
     dim: int
     slots: list[int]
 
@@ -31,6 +31,7 @@ class Stack:
     """Channel sets stacked along `dim`: a fused q/k/v projection reshaped to (..., 3, heads, head
     size). Item i (an Info in the whole tensor's dimensions) is what index i of `dim` holds; picking
     one (`unbind`, `select`) gives it back as an ordinary activation."""
+
     dim: int
     items: list[Info]
 
@@ -39,6 +40,7 @@ class Stack:
 class PInfo:
     """A parameter or buffer (state-dict key), seen through view-like ops: for each dimension of the
     current tensor, the parameter's dimension it is (None for a dimension the ops added)."""
+
     key: str
     dims: tuple
 
@@ -47,6 +49,7 @@ class PInfo:
 class Use:
     """Positions along `dim` of the state tensor `key` follow `slots`; `role` says how (out: the op
     makes these channels; in, norm, param: it reads them; grouped_in: a grouped conv's columns)."""
+
     key: str
     dim: int
     slots: list[int]
@@ -61,6 +64,7 @@ class Use:
 @dataclass
 class Reason:
     """Why some channels are kept: the op that stopped the analysis and where it is in the code."""
+
     why: str
     module: str
     op: str
@@ -76,6 +80,7 @@ class Reason:
 class HeadSplit:
     """A reshape that split channels into (heads, head size) inside `module`; `slots` holds one slot per
     head (the plan holds them resolved to their roots) and `unit` the positions of one head."""
+
     module: str
     slots: list[int]
     unit: int
@@ -117,7 +122,7 @@ class Graph:
     def block(self, values, why: str) -> None:
         """Keep every channel in `values` (Info, PInfo or nested lists of them), saying why."""
         r = self.reason(why)
-        for v in _leaves(values):
+        for v in leaves(values):
             if isinstance(v, Info):
                 r.slots.extend(v.slots)
             elif isinstance(v, PInfo):
@@ -140,8 +145,10 @@ class Graph:
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_tensors"):
-            self._tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
-                             **dict(self.model.named_buffers(remove_duplicate=False))}
+            self._tensors = {
+                **dict(self.model.named_parameters(remove_duplicate=False)),
+                **dict(self.model.named_buffers(remove_duplicate=False)),
+            }
         return self._tensors
 
     def finish(self) -> None:
@@ -165,15 +172,15 @@ class Graph:
         return {self.find(s) for r in self.reasons for s in r.slots}
 
 
-def _leaves(values):
+def leaves(values):
     if isinstance(values, Stack):
         yield from values.items
     elif isinstance(values, (list, tuple)):
         for v in values:
-            yield from _leaves(v)
+            yield from leaves(v)
     elif isinstance(values, dict):
         for v in values.values():
-            yield from _leaves(v)
+            yield from leaves(v)
     elif values is not None:
         yield values
 
@@ -190,8 +197,11 @@ def where(node) -> tuple[str, str, str]:
     """(module path, op, source line) of a graph node, for saying why channels were kept."""
     stack = node.meta.get("nn_module_stack") or {}
     module = list(stack.values())[-1][0] if stack else ""
-    op = node.target.name().split("::")[-1] if hasattr(node.target, "name") else getattr(
-        node.target, "__name__", str(node.target))
+    op = (
+        node.target.name().split("::")[-1]
+        if hasattr(node.target, "name")
+        else getattr(node.target, "__name__", str(node.target))
+    )
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     frames = [(m.group(1), m.group(2)) for line in trace if (m := _FRAME.search(line))]
     line = ""

@@ -15,25 +15,25 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from rich.markup import escape
-
 from torchslim.log import console
+from torchslim.models import hf_config
+from torchslim.models.attention import convert_attention
 from torchslim.paths import matches
-from torchslim.prune import graph as graph_mod
-from torchslim.prune import hf_config
-from torchslim.prune.attention import convert_attention
-from torchslim.prune.dependency import build
-from torchslim.prune.importance import CRITERIA, PRODUCING
-from torchslim.prune.surgery import cut_grouped_columns, cut_tensor, resize, resize_heads
+from torchslim.prune.graph import groups as graph_mod
+from torchslim.prune.graph.dependency import build
+from torchslim.prune.graph.importance import CRITERIA, PRODUCING
+from torchslim.prune.graph.surgery import cut_grouped_columns, cut_tensor, resize, resize_heads
 
 
 @dataclass
 class Group:
     """Channels that must be removed together: one root per channel (or head), and where each root
     appears in every tensor it touches."""
+
     producers: tuple[str, ...]
     roots: list[int]
     members: list = field(default_factory=list)  # (use, tensor, [positions per root])
@@ -50,6 +50,7 @@ class Group:
 @dataclass
 class Kept:
     """Channels kept whole, with the first few reasons (module, op and source line)."""
+
     producers: tuple[str, ...]
     channels: int
     reasons: list[str]
@@ -85,7 +86,9 @@ def _root_reasons(g: graph_mod.Graph) -> dict[int, list]:
     return out
 
 
-def _groups(g: graph_mod.Graph, ignore: Sequence[str], keep: dict[str, graph_mod.Reason]) -> tuple[list[Group], list[Kept]]:
+def _groups(
+    g: graph_mod.Graph, ignore: Sequence[str], keep: dict[str, graph_mod.Reason]
+) -> tuple[list[Group], list[Kept]]:
     use_roots = [(u, [g.find(s) for s in u.slots]) for u in g.uses]
     blocked, reasons = g.blocked_roots(), _root_reasons(g)
     for use, roots in use_roots:
@@ -106,8 +109,13 @@ def _groups(g: graph_mod.Graph, ignore: Sequence[str], keep: dict[str, graph_mod
     for slots, _ in g.constraints:  # equal removal per block cannot be honoured across groups: keep those
         roots = {g.find(s) for s in slots}
         if len({frozenset(producers.get(r, ())) for r in roots}) > 1 or roots & blocked:
-            why = graph_mod.Reason("equal removal from every block of a grouped layer or an even split "
-                                   "cannot be kept across groups (or part of it is kept)", "", "grouped", "")
+            why = graph_mod.Reason(
+                "equal removal from every block of a grouped layer or an even split "
+                "cannot be kept across groups (or part of it is kept)",
+                "",
+                "grouped",
+                "",
+            )
             for r in roots - blocked:
                 reasons.setdefault(r, []).append(why)
             blocked |= roots
@@ -122,9 +130,10 @@ def _groups(g: graph_mod.Graph, ignore: Sequence[str], keep: dict[str, graph_mod
     _attach_members(g, families, use_roots)
     unbalanced = _attach_blocks(g, families)
     groups = [grp for grp in families.values() if grp not in unbalanced]
-    return groups, [Kept(key, len(roots), _reason_texts(roots, reasons)) for key, roots in kept.items()] + \
-        [Kept(grp.producers, len(grp.roots), ["grouped: channels span the blocks of an even split unevenly"])
-         for grp in unbalanced]
+    return groups, [Kept(key, len(roots), _reason_texts(roots, reasons)) for key, roots in kept.items()] + [
+        Kept(grp.producers, len(grp.roots), ["grouped: channels span the blocks of an even split unevenly"])
+        for grp in unbalanced
+    ]
 
 
 def _reason_texts(roots, reasons) -> list[str]:
@@ -210,18 +219,34 @@ def _ratio_for(group: Group, ratio: float | dict) -> float:
     return float(ratio)
 
 
-def plan(model: nn.Module, example_inputs, ratio: float | dict = 0.5, importance: str | Callable = "l1",
-         ignore: Sequence[str] | None = None, global_ranking: bool = False, min_channels: int = 1,
-         round_to: int = 1, prune_heads: bool = True) -> Plan:
+def plan(
+    model: nn.Module,
+    example_inputs,
+    ratio: float | dict = 0.5,
+    importance: str | Callable = "l1",
+    ignore: Sequence[str] | None = None,
+    global_ranking: bool = False,
+    min_channels: int = 1,
+    round_to: int = 1,
+    prune_heads: bool = True,
+) -> Plan:
     """Decide what to remove, without touching the model's tensors. `example_inputs` is a tensor, a
     tuple of positional arguments or a dict of keyword arguments (a Hugging Face model's inputs)."""
-    return decide(build(model, example_inputs, prune_heads), ratio, importance, ignore, global_ranking,
-                  min_channels, round_to)
+    return decide(
+        build(model, example_inputs, prune_heads), ratio, importance, ignore, global_ranking, min_channels, round_to
+    )
 
 
-def decide(g: graph_mod.Graph, ratio: float | dict = 0.5, importance: str | Callable = "l1",
-           ignore: Sequence[str] | None = None, global_ranking: bool = False, min_channels: int = 1,
-           round_to: int = 1, keep: dict[str, graph_mod.Reason] | None = None) -> Plan:
+def decide(
+    g: graph_mod.Graph,
+    ratio: float | dict = 0.5,
+    importance: str | Callable = "l1",
+    ignore: Sequence[str] | None = None,
+    global_ranking: bool = False,
+    min_channels: int = 1,
+    round_to: int = 1,
+    keep: dict[str, graph_mod.Reason] | None = None,
+) -> Plan:
     """The plan for a captured graph; every channel any tensor of a module in `keep` touches is kept."""
     criterion = CRITERIA[importance] if isinstance(importance, str) else importance
     groups, kept = _groups(g, list(ignore or []), keep or {})
@@ -243,8 +268,7 @@ def _global_shares(groups, scores, ratio: float) -> dict[int, float]:
         return {}
     normalised = torch.cat([scores[id(g)] / (scores[id(g)].mean() + 1e-12) for g in groups])
     threshold = torch.quantile(normalised, ratio)
-    return {id(g): float(((scores[id(g)] / (scores[id(g)].mean() + 1e-12)) < threshold).float().mean())
-            for g in groups}
+    return {id(g): float(((scores[id(g)] / (scores[id(g)].mean() + 1e-12)) < threshold).float().mean()) for g in groups}
 
 
 def apply(model: nn.Module, p: Plan) -> nn.Module:
@@ -260,10 +284,12 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
             else:
                 removed.setdefault((use.key, use.dim), set()).update(gone)
     tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    changed = {k.rpartition(".")[0] for (k, _), gone in removed.items() if gone} | \
-        {k.rpartition(".")[0] for k, (gone, _) in grouped.items() if gone}
-    before = {m: {n: tuple(t.shape) for n, t in model.get_submodule(m).named_parameters(recurse=False)}
-              for m in changed}
+    changed = {k.rpartition(".")[0] for (k, _), gone in removed.items() if gone} | {
+        k.rpartition(".")[0] for k, (gone, _) in grouped.items() if gone
+    }
+    before = {
+        m: {n: tuple(t.shape) for n, t in model.get_submodule(m).named_parameters(recurse=False)} for m in changed
+    }
     done: set[int] = set()
     for (key, dim), gone in sorted(removed.items()):
         if gone and (id(tensors[key]), dim) not in done:  # a tied weight is cut once
@@ -309,8 +335,9 @@ def _resize_heads(model: nn.Module, p: Plan) -> None:
         gone = sum(1 for s in split.slots if s in removed_roots)
         if gone and split.module:
             module = model.get_submodule(split.module)
-            changed = resize_heads(module, len(split.slots), len(split.slots) - gone, split.unit,
-                                   skip=done.setdefault(split.module, set()))
+            changed = resize_heads(
+                module, len(split.slots), len(split.slots) - gone, split.unit, skip=done.setdefault(split.module, set())
+            )
             done[split.module].update(changed)
 
 
@@ -326,10 +353,20 @@ def taylor_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable, max
     model.eval()
 
 
-def structured(model: nn.Module, example_inputs, ratio: float | dict = 0.5,
-               importance: str | Callable = "l1", ignore: Sequence[str] | None = None, global_ranking: bool = False,
-               min_channels: int = 1, round_to: int = 1, prune_heads: bool = True,
-               data: Iterable | None = None, loss_fn: Callable | None = None, verbose: bool = True) -> nn.Module:
+def structured(
+    model: nn.Module,
+    example_inputs,
+    ratio: float | dict = 0.5,
+    importance: str | Callable = "l1",
+    ignore: Sequence[str] | None = None,
+    global_ranking: bool = False,
+    min_channels: int = 1,
+    round_to: int = 1,
+    prune_heads: bool = True,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    verbose: bool = True,
+) -> nn.Module:
     """Remove `ratio` of the channels (and attention heads) of every prunable group, physically.
 
     `nn.MultiheadAttention` layers are first replaced by the equivalent `Attention` so heads can go.
@@ -376,12 +413,16 @@ def _plan_that_runs(model: nn.Module, example_inputs, decision: Callable[[dict],
         except Exception as exc:
             failed = _failing_layers(model, trial, exc)
             if not failed or set(failed) <= set(keep):
-                raise TorchslimError(f"the pruned {type(model).__name__} no longer runs ({_first_line(exc)}). A "
-                                     "layer's code probably uses a fixed width or head count; put that layer in "
-                                     "`ignore`.") from None
+                raise TorchslimError(
+                    f"the pruned {type(model).__name__} no longer runs ({_first_line(exc)}). A "
+                    "layer's code probably uses a fixed width or head count; put that layer in "
+                    "`ignore`."
+                ) from None
             keep.update(failed)
-    raise TorchslimError(f"the pruned {type(model).__name__} still fails after keeping {', '.join(keep)} whole; "
-                         "put the failing layers in `ignore`.")
+    raise TorchslimError(
+        f"the pruned {type(model).__name__} still fails after keeping {', '.join(keep)} whole; "
+        "put the failing layers in `ignore`."
+    )
 
 
 def _failing_layers(model: nn.Module, trial: nn.Module, exc: Exception) -> dict[str, graph_mod.Reason]:
@@ -395,8 +436,10 @@ def _failing_layers(model: nn.Module, trial: nn.Module, exc: Exception) -> dict[
     if where is None:
         return {}
     path, cls, line = where
-    why = (f"the pruned model failed in this {cls.__name__} ({_first_line(exc)}): its code fixes a width the "
-           f"graph does not show, so every {cls.__name__} keeps its channels")
+    why = (
+        f"the pruned model failed in this {cls.__name__} ({_first_line(exc)}): its code fixes a width the "
+        f"graph does not show, so every {cls.__name__} keeps its channels"
+    )
     return {n: graph_mod.Reason(why, n, "run check", line) for n, m in model.named_modules() if n and type(m) is cls}
 
 
@@ -414,9 +457,11 @@ def head_counts(p: Plan) -> dict[int, set[int]]:
 
 
 def _call(model: nn.Module, example_inputs):
-    args, kwargs = (((), example_inputs) if isinstance(example_inputs, dict) else
-                    ((tuple(example_inputs), {}) if isinstance(example_inputs, (list, tuple))
-                     else ((example_inputs,), {})))
+    args, kwargs = (
+        ((), example_inputs)
+        if isinstance(example_inputs, dict)
+        else ((tuple(example_inputs), {}) if isinstance(example_inputs, (list, tuple)) else ((example_inputs,), {}))
+    )
     with torch.no_grad():
         return model(*args, **kwargs)
 

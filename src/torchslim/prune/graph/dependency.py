@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from torchslim.prune.capture import capture
-from torchslim.prune.graph import Graph, Info, PInfo, shape, where
-from torchslim.prune.rules import read_node
+from torchslim.prune.graph.capture import capture
+from torchslim.prune.graph.groups import Graph, Info, PInfo, shape, where
+from torchslim.prune.graph.rules import read_node
 
 
 def build(model: nn.Module, example, prune_heads: bool = True) -> Graph:
@@ -37,9 +37,17 @@ def build(model: nn.Module, example, prune_heads: bool = True) -> Graph:
 def _live(graph: fx.Graph) -> set:
     """Nodes the outputs depend on (in-place ops count as used: they change a tensor that is)."""
     live: set = set()
-    stack = [n for n in graph.nodes if n.op == "output" or
-             (n.op == "call_function" and hasattr(n.target, "name") and n.target.name().split(".")[0].endswith("_")
-              and not n.target.name().split(".")[0].endswith("__"))]
+    stack = [
+        n
+        for n in graph.nodes
+        if n.op == "output"
+        or (
+            n.op == "call_function"
+            and hasattr(n.target, "name")
+            and n.target.name().split(".")[0].endswith("_")
+            and not n.target.name().split(".")[0].endswith("__")
+        )
+    ]
     while stack:
         node = stack.pop()
         if node not in live:

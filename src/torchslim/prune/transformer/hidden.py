@@ -26,6 +26,15 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.models.transformer import (
+    decoder_blocks,
+    keep_cols,
+    keep_rows,
+    kept_count,
+    model_configs,
+    run_hooked,
+    sync_decoder_config,
+)
 
 READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITES = ("self_attn.o_proj", "mlp.down_proj")
@@ -36,8 +45,10 @@ def causal_lm(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if hasattr(m, "get_input_embeddings") and hasattr(getattr(m, "config", None), "hidden_size"):
             return m
-    raise TorchslimError(f"{type(model).__name__} holds no Hugging Face language model (get_input_embeddings and "
-                         "a config with hidden_size) whose hidden size could be pruned.")
+    raise TorchslimError(
+        f"{type(model).__name__} holds no Hugging Face language model (get_input_embeddings and "
+        "a config with hidden_size) whose hidden size could be pruned."
+    )
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -58,7 +69,6 @@ def _norms(lm: nn.Module, d: int) -> dict[str, nn.Module]:
 
 def _final_norm(lm: nn.Module, norms: dict[str, nn.Module]) -> nn.Module | None:
     """The norm the output head reads (the hidden-size norm outside the decoder layers)."""
-    from torchslim.prune.decoder import decoder_blocks
     blocks = decoder_blocks(lm)
     inside = {id(m) for b in blocks for m in b.modules()}
     outside = [m for m in norms.values() if id(m) not in inside]
@@ -70,11 +80,16 @@ def _projections(block: nn.Module, d: int) -> tuple[list[nn.Linear], list[nn.Lin
     reads = [block.get_submodule(p) for p in READS if isinstance(_get(block, p), nn.Linear)]
     writes = [block.get_submodule(p) for p in WRITES]
     known = {id(m) for m in reads + writes}
-    other = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in known
-             and (m.in_features == d or m.out_features == d)]
+    other = [
+        n
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and id(m) not in known and (m.in_features == d or m.out_features == d)
+    ]
     if other:
-        raise TorchslimError(f"hidden-size pruning knows q/k/v/o_proj and gate/up/down_proj; {type(block).__name__} "
-                             f"also has {', '.join(other)} on the hidden size. Prune heads and FFN neurons instead.")
+        raise TorchslimError(
+            f"hidden-size pruning knows q/k/v/o_proj and gate/up/down_proj; {type(block).__name__} "
+            f"also has {', '.join(other)} on the hidden size. Prune heads and FFN neurons instead."
+        )
     return reads, writes
 
 
@@ -106,7 +121,6 @@ def scale_norm_output(norm: nn.Module, factor: float) -> None:
 @torch.no_grad()
 def _statistics(model: nn.Module, norms: dict[str, nn.Module], batches: Iterable[tuple]) -> dict[str, tuple]:
     """Per norm: (mean square of its input per channel, mean square of its output per channel)."""
-    from torchslim.quantize.weights import run_hooked
     sums: dict[str, list] = {n: [0, 0, 0] for n in norms}
 
     def pre(name):
@@ -114,15 +128,19 @@ def _statistics(model: nn.Module, norms: dict[str, nn.Module], batches: Iterable
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name][0] = sums[name][0] + (x * x).sum(0)
             sums[name][2] += len(x)
+
         return hook
 
     def post(name):
         def hook(module, args, out):
             y = out.detach().float().reshape(-1, out.shape[-1])
             sums[name][1] = sums[name][1] + (y * y).sum(0)
+
         return hook
-    handles = [h for n, m in norms.items() for h in (m.register_forward_pre_hook(pre(n)),
-                                                       m.register_forward_hook(post(n)))]
+
+    handles = [
+        h for n, m in norms.items() for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))
+    ]
     run_hooked(model, batches, handles)
     if any(s[2] == 0 for s in sums.values()):
         raise TorchslimError("hidden-size pruning saw no calibration tokens through every norm.")
@@ -138,9 +156,6 @@ def channel_scores(stats: dict[str, tuple]) -> torch.Tensor:
 def keep_channels(model: nn.Module, keep: torch.Tensor, norm_factors: dict[str, float] | None = None) -> None:
     """Keep the residual channels `keep` (sorted indices) everywhere, in place; `norm_factors` scale
     norms' outputs (the RMS correction); the config says the new hidden size."""
-    from torchslim.prune.decoder import _sync_config, decoder_blocks
-    from torchslim.prune.depth import _configs
-    from torchslim.prune.encoder import _keep_cols, _keep_rows
     lm = causal_lm(model)
     embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     d, new = embed.weight.shape[1], len(keep)
@@ -159,8 +174,10 @@ def keep_channels(model: nn.Module, keep: torch.Tensor, norm_factors: dict[str, 
             embed.scalar_embed_scale = math.sqrt(new)
         if tied:
             if final is None:
-                raise TorchslimError("hidden-size pruning: the output head shares the scaled embedding table, but "
-                                     "the norm before the head could not be identified.")
+                raise TorchslimError(
+                    "hidden-size pruning: the output head shares the scaled embedding table, but "
+                    "the norm before the head could not be identified."
+                )
             norm_factors = dict(norm_factors or {})
             name = next(n for n, m in norms.items() if m is final)
             norm_factors[name] = norm_factors.get(name, 1.0) / ratio
@@ -170,7 +187,7 @@ def keep_channels(model: nn.Module, keep: torch.Tensor, norm_factors: dict[str, 
         if tied:
             head.weight = embed.weight
         else:
-            _keep_cols(head, keep)
+            keep_cols(head, keep)
         head.in_features = new
     for name, norm in norms.items():
         norm.weight = nn.Parameter(norm.weight.data[keep].clone())
@@ -183,26 +200,25 @@ def keep_channels(model: nn.Module, keep: torch.Tensor, norm_factors: dict[str, 
             scale_norm_output(norm, norm_factors[name])
     for block, (reads, writes) in zip(decoder_blocks(lm), projections):
         for lin in reads:
-            _keep_cols(lin, keep)
+            keep_cols(lin, keep)
         for lin in writes:
-            _keep_rows(lin, keep)
+            keep_rows(lin, keep)
         for m in block.modules():
             if isinstance(getattr(m, "hidden_size", None), int) and m.hidden_size == d:
                 m.hidden_size = new
-    for config in _configs(model):
+    for config in model_configs(model):
         config.hidden_size = new
-    _sync_config(model)
+    sync_decoder_config(model)
 
 
 @torch.no_grad()
 def prune_hidden(model: nn.Module, ratio: float, batches: Iterable[tuple], multiple: int = 32) -> dict:
     """Remove `ratio` of the residual stream's channels, the least important on the calibration
     `batches` first (kept count a multiple of `multiple` where the size is), with the RMS correction."""
-    from torchslim.prune.decoder import _kept_count
     if not 0 <= ratio < 1:
         raise TorchslimError(f"hidden_ratio must be in [0, 1), got {ratio}.")
     d = hidden_size(model)
-    count = _kept_count(d, ratio, multiple)
+    count = kept_count(d, ratio, multiple)
     if count == d:
         return {"hidden_before": d, "hidden_after": d}
     keep, factors = choose_channels(model, count, batches)
@@ -218,8 +234,10 @@ def choose_channels(model: nn.Module, count: int, batches: Iterable[tuple]) -> t
     d = hidden_size(model)
     norms = _norms(lm, d)
     if not norms:
-        raise TorchslimError(f"{type(lm).__name__} has no norm over the hidden size; hidden-size pruning needs the "
-                             "Llama layout (RMS norms before attention and MLP).")
+        raise TorchslimError(
+            f"{type(lm).__name__} has no norm over the hidden size; hidden-size pruning needs the "
+            "Llama layout (RMS norms before attention and MLP)."
+        )
     stats = _statistics(model, norms, batches)
     keep = torch.argsort(channel_scores(stats), descending=True)[:count].sort().values
     factors = {}

@@ -14,10 +14,30 @@ from typing import Callable
 import torch
 from torch import nn
 
-HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "num_heads",
-               "encoder_attention_heads", "decoder_attention_heads")
-WIDTH_WORDS = ("hidden_size", "intermediate_size", "n_embd", "n_inner", "d_model", "dim", "hidden_dim",
-               "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "embed_dim", "embedding_size", "d_ff")
+HEAD_FIELDS = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_head",
+    "n_heads",
+    "num_heads",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
+WIDTH_WORDS = (
+    "hidden_size",
+    "intermediate_size",
+    "n_embd",
+    "n_inner",
+    "d_model",
+    "dim",
+    "hidden_dim",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "embed_dim",
+    "embedding_size",
+    "d_ff",
+)
 UNSET_WIDTHS = ("n_inner", "intermediate_size", "ffn_dim")  # None means "derived"; set it when it changed
 
 
@@ -58,8 +78,9 @@ def _builds_same(model: nn.Module, config) -> bool:
     return mine == {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
 
 
-def update(model: nn.Module, before: dict[str, tuple], heads: dict[int, set[int]],
-           forward: Callable[[nn.Module], torch.Tensor]) -> str | None:
+def update(
+    model: nn.Module, before: dict[str, tuple], heads: dict[int, set[int]], forward: Callable[[nn.Module], torch.Tensor]
+) -> str | None:
     """Update `model.config` in place when the pruned widths are uniform and the class rebuilds to the
     same shapes from it (and the model's outputs do not change). Returns a note for the plan, or None
     when the model has no Hugging Face config."""
@@ -76,12 +97,16 @@ def update(model: nn.Module, before: dict[str, tuple], heads: dict[int, set[int]
     if not _builds_same(model, trial):
         trial, changes = _with_unset(model, trial, changes, uniform_sizes(before, after))
     if trial is None:
-        return ("config left as it was: the pruned widths differ between layers, so the Hugging Face class "
-                "cannot rebuild it; reload with torchslim.models.load_weights (shapes are stored with the weights)")
+        return (
+            "config left as it was: the pruned widths differ between layers, so the Hugging Face class "
+            "cannot rebuild it; reload with torchslim.models.load_weights (shapes are stored with the weights)"
+        )
     reference = forward(model)
     if not _rebuilt_agrees(model, trial, reference, forward):
-        return ("config left as it was: the class built from the updated config computes something else; "
-                "reload with torchslim.models.load_weights")
+        return (
+            "config left as it was: the class built from the updated config computes something else; "
+            "reload with torchslim.models.load_weights"
+        )
     old = {name: getattr(config, name, None) for name in changes}
     for name, value in changes.items():
         setattr(config, name, value)
@@ -89,8 +114,11 @@ def update(model: nn.Module, before: dict[str, tuple], heads: dict[int, set[int]
         for name, value in old.items():
             setattr(config, name, value)
         return "config left as it was: the model's code reads the changed fields at run time differently"
-    return "config updated (" + ", ".join(f"{n} {old[n]} -> {v}" for n, v in changes.items()) + \
-        "); save_pretrained / from_pretrained round-trip"
+    return (
+        "config updated ("
+        + ", ".join(f"{n} {old[n]} -> {v}" for n, v in changes.items())
+        + "); save_pretrained / from_pretrained round-trip"
+    )
 
 
 def _with_unset(model, trial, changes, sizes):

@@ -2,7 +2,7 @@
 residual stream on calibration text (ShortGPT's Block Influence: one minus the mean cosine
 similarity between a token's hidden state entering and leaving the block).
 
-Works on the repeated blocks of any model (`quantize.weights.repeated_blocks`: a decoder's layers);
+Works on the repeated blocks of any model (`models.transformer.repeated_blocks`: a decoder's layers);
 for a Hugging Face model the config's layer count (and per-layer lists such as Gemma 3's
 `layer_types`) and each attention's `layer_idx` (its slot in the key/value cache) follow, so the
 smaller model runs, exports with its cache, and round-trips through `save_pretrained`."""
@@ -17,32 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from torchslim.quantize.weights import _hidden, repeated_blocks, run_hooked
+from torchslim.models.transformer import hidden_states, model_configs, run_hooked, transformer_blocks
 
 PER_LAYER_CONFIG = ("layer_types",)
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = repeated_blocks(model)
-    if blocks is None:
-        raise TorchslimError("depth pruning needs a model with repeated blocks (a transformer's layers in an "
-                             "nn.ModuleList); this model has none.")
-    return blocks
 
 
 def block_influence(model: nn.Module, batches: Iterable[tuple]) -> list[float]:
     """Per block, 1 - mean cosine(hidden in, hidden out) over every calibration token (low: the
     block barely changes the residual stream, the first to go)."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     sums, counts = [0.0] * len(blocks), [0] * len(blocks)
 
     def hook(index):
         def record(module, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
-            cos = F.cosine_similarity(x.float(), _hidden(out).float(), dim=-1)
+            cos = F.cosine_similarity(x.float(), hidden_states(out).float(), dim=-1)
             sums[index] += float(cos.sum())
             counts[index] += cos.numel()
+
         return record
+
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     run_hooked(model, batches, handles)
     return [1 - s / max(c, 1) for s, c in zip(sums, counts)]
@@ -55,19 +49,9 @@ def least_influential(influence: list[float], count: int) -> list[int]:
     return sorted(sorted(range(len(influence)), key=lambda i: influence[i])[:count])
 
 
-def _configs(model: nn.Module) -> list:
-    seen, out = set(), []
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        if config is not None and id(config) not in seen and hasattr(config, "num_hidden_layers"):
-            seen.add(id(config))
-            out.append(config)
-    return out
-
-
 def keep_blocks(model: nn.Module, keep: list[int]) -> nn.Module:
     """Keep the blocks at `keep` (in that order), in place; the config and cache slots follow."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     if not keep or any(not 0 <= i < len(blocks) for i in keep):
         raise TorchslimError(f"cannot keep blocks {keep} of a model with {len(blocks)}.")
     path = next(n for n, m in model.named_modules() if m is blocks)
@@ -78,7 +62,7 @@ def keep_blocks(model: nn.Module, keep: list[int]) -> nn.Module:
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = index
-    for config in _configs(model):
+    for config in model_configs(model):
         before = config.num_hidden_layers
         config.num_hidden_layers = len(keep)
         for key in PER_LAYER_CONFIG:
@@ -94,13 +78,15 @@ SHORTLIST = 8  # blocks re-tried at each greedy step: the lowest loss when remov
 @contextmanager
 def without_blocks(model: nn.Module, remove: list[int]):
     """The model with the blocks at `remove` taken out (as `keep_blocks` does), put back on exit."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     path = next(n for n, m in model.named_modules() if m is blocks)
     owner, _, name = path.rpartition(".")
     parent = model.get_submodule(owner) if owner else model
     slots = [(m, m.layer_idx) for b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    configs = [(c, c.num_hidden_layers, {k: getattr(c, k) for k in PER_LAYER_CONFIG if hasattr(c, k)})
-               for c in _configs(model)]
+    configs = [
+        (c, c.num_hidden_layers, {k: getattr(c, k) for k in PER_LAYER_CONFIG if hasattr(c, k)})
+        for c in model_configs(model)
+    ]
     keep_blocks(model, [i for i in range(len(blocks)) if i not in set(remove)])
     try:
         yield model
@@ -125,7 +111,7 @@ def least_loss(model: nn.Module, batches: list[tuple], count: int, loss_fn: Call
     LLaMA perplexity criterion, made iterative): each step removes the block whose removal, with those
     already removed, raises the loss least, trying the SHORTLIST blocks that cost least alone.
     Returns (the blocks, in model order; a record of the losses)."""
-    total = len(_blocks(model))
+    total = len(transformer_blocks(model))
     if not 0 <= count < total:
         raise TorchslimError(f"cannot remove {count} of {total} blocks: keep at least one.")
     base = loss_without(model, batches, loss_fn, [])
@@ -143,7 +129,7 @@ def least_loss(model: nn.Module, batches: list[tuple], count: int, loss_fn: Call
 
 def remove_blocks(model: nn.Module, remove: list[int]) -> list[int]:
     """Remove the blocks at `remove`, in place; returns the kept indices (of the original model)."""
-    keep = [i for i in range(len(_blocks(model))) if i not in set(remove)]
+    keep = [i for i in range(len(transformer_blocks(model))) if i not in set(remove)]
     keep_blocks(model, keep)
     return keep
 
@@ -164,8 +150,10 @@ def _residual_output(block: nn.Module) -> nn.Linear:
     mlp = getattr(block, "mlp", None)
     down = getattr(mlp, "down_proj", None) or getattr(mlp, "fc2", None) or getattr(mlp, "c_proj", None)
     if not isinstance(down, nn.Linear):
-        raise TorchslimError(f"a linear bridge folds into the MLP's output projection (mlp.down_proj, fc2 or c_proj); "
-                             f"{type(block).__name__} has none. Remove the blocks without a bridge (bridge: none).")
+        raise TorchslimError(
+            f"a linear bridge folds into the MLP's output projection (mlp.down_proj, fc2 or c_proj); "
+            f"{type(block).__name__} has none. Remove the blocks without a bridge (bridge: none)."
+        )
     return down
 
 
@@ -178,15 +166,21 @@ def _adds_to_residual(model: nn.Module, block: nn.Module, down: nn.Linear, batch
         def hook(module, args, out):
             seen[f"down{factor}"] = out.detach()
             return out * factor
+
         return hook
 
     def grab(factor):
         def hook(module, args, kwargs, out):
-            seen[f"out{factor}"] = _hidden(out).detach()
+            seen[f"out{factor}"] = hidden_states(out).detach()
+
         return hook
+
     for factor in (1, 2):
-        run_hooked(model, [batch], [down.register_forward_hook(scaled(factor)),
-                                    block.register_forward_hook(grab(factor), with_kwargs=True)])
+        run_hooked(
+            model,
+            [batch],
+            [down.register_forward_hook(scaled(factor)), block.register_forward_hook(grab(factor), with_kwargs=True)],
+        )
     moved, expected = (seen["out2"] - seen["out1"]).double(), seen["down1"].double()
     return bool(torch.linalg.vector_norm(moved - expected) <= 1e-3 * torch.linalg.vector_norm(expected) + 1e-6)
 
@@ -201,7 +195,7 @@ def linear_bridges(model: nn.Module, batches: list[tuple], remove: list[int], da
     that starts at the first block has no block before it and is left unbridged. In place; returns
     a record per run: on the first calibration batch, the error of y + m·T against h and that of
     y + m (the plain removal), each relative to |h - y|."""
-    blocks = _blocks(model)
+    blocks = transformer_blocks(model)
     records, done = [], []
     for first, last in _runs(remove):
         if first == 0:
@@ -212,21 +206,27 @@ def linear_bridges(model: nn.Module, batches: list[tuple], remove: list[int], da
         down = _residual_output(before)
         with without_blocks(model, done):
             if not _adds_to_residual(model, before, down, batches[0]):
-                raise TorchslimError(f"block {first - 1} ({type(before).__name__}) does not add its MLP's output "
-                                     "to the residual stream as it is (a norm follows the MLP), so a linear bridge "
-                                     "cannot be folded into it. Remove the blocks without a bridge (bridge: none).")
+                raise TorchslimError(
+                    f"block {first - 1} ({type(before).__name__}) does not add its MLP's output "
+                    "to the residual stream as it is (a norm follows the MLP), so a linear bridge "
+                    "cannot be folded into it. Remove the blocks without a bridge (bridge: none)."
+                )
             width = down.out_features
             seen: dict = {}
 
             def grab(key):
                 def hook(module, args, *rest):
-                    seen[key] = _hidden(rest[-1]).detach().reshape(-1, width).double()
+                    seen[key] = hidden_states(rest[-1]).detach().reshape(-1, width).double()
+
                 return hook
 
             def hooks():  # the MLP's output, the output of the block before the run, the run's output
-                return [down.register_forward_hook(grab("m")),
-                        before.register_forward_hook(grab("out"), with_kwargs=True),
-                        after.register_forward_hook(grab("h"), with_kwargs=True)]
+                return [
+                    down.register_forward_hook(grab("m")),
+                    before.register_forward_hook(grab("out"), with_kwargs=True),
+                    after.register_forward_hook(grab("h"), with_kwargs=True),
+                ]
+
             gram = torch.zeros(width, width, dtype=torch.float64)
             cross = torch.zeros(width, width, dtype=torch.float64)
             for k, batch in enumerate(batches):
@@ -240,8 +240,10 @@ def linear_bridges(model: nn.Module, batches: list[tuple], remove: list[int], da
             T = torch.linalg.solve(gram + ridge * torch.eye(width, dtype=torch.float64), cross)
             m, rest, h = first_batch
             norm = max(float(torch.linalg.vector_norm(h - rest)), 1e-12)
-            err = {"bridged": float(torch.linalg.vector_norm(rest + m @ T - h)) / norm,
-                   "plain": float(torch.linalg.vector_norm(rest + m - h)) / norm}
+            err = {
+                "bridged": float(torch.linalg.vector_norm(rest + m @ T - h)) / norm,
+                "plain": float(torch.linalg.vector_norm(rest + m - h)) / norm,
+            }
             with torch.no_grad():
                 down.weight.copy_((T.T @ down.weight.double()).to(down.weight.dtype))
                 if down.bias is not None:

@@ -10,22 +10,33 @@ from typing import Callable
 import torch
 from torch import nn
 
-from torchslim.models.shapes import _attrs_for, register_shape_attrs
-from torchslim.prune.attention import Attention
+from torchslim.models.attention import Attention
+from torchslim.models.shapes import register_shape_attrs, shape_attrs_for
 
 RESIZERS: dict[type, Callable[[nn.Module, dict], None]] = {}
-HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "num_key_value_heads",
-               "num_kv_heads", "n_kv_heads", "num_attention_heads_per_partition")
+HEAD_COUNTS = (
+    "num_heads",
+    "num_attention_heads",
+    "n_heads",
+    "n_head",
+    "heads",
+    "num_key_value_heads",
+    "num_kv_heads",
+    "n_kv_heads",
+    "num_attention_heads_per_partition",
+)
 HEAD_WIDTHS = ("all_head_size", "inner_dim", "inner_size", "split_size")
 
 
 def resizer(*types: type):
     """Register `fn(module, before)` to update a layer's attributes after its tensors were cut;
     `before` holds its tensors' shapes before the cut."""
+
     def register(fn):
         for t in types:
             RESIZERS[t] = fn
         return fn
+
     return register
 
 
@@ -55,7 +66,7 @@ def cut_grouped_columns(model: nn.Module, key: str, gone: set[int], groups: int)
     blocks = []
     for gi in range(groups):
         local = torch.tensor([c for c in range(cin_g) if gi * cin_g + c not in gone], dtype=torch.long)
-        blocks.append(weight[gi * rows_g:(gi + 1) * rows_g][:, local])
+        blocks.append(weight[gi * rows_g : (gi + 1) * rows_g][:, local])
     _replace(owner, name, torch.cat(blocks).clone())
 
 
@@ -79,7 +90,7 @@ def resize_heads(module: nn.Module, old: int, new: int, unit: int, skip: set[str
         if attr not in skip and getattr(module, attr, None) == old * unit:
             setattr(module, attr, new * unit)
             changed.append(attr)
-    if changed and _attrs_for(module) is None:
+    if changed and shape_attrs_for(module) is None:
         register_shape_attrs(type(module), tuple(a for a in HEAD_COUNTS + HEAD_WIDTHS if hasattr(module, a)))
     return changed
 
@@ -130,7 +141,7 @@ def _attention(m, before):
 
 def _hf_conv1d(m, before):
     m.nf = m.weight.shape[1]
-    if _attrs_for(m) is None:
+    if shape_attrs_for(m) is None:
         register_shape_attrs(type(m), ("nf",))
 
 
