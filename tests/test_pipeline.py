@@ -144,6 +144,7 @@ def test_user_model_entrypoint_with_checkpoint(tmp_path, tiny_recipe):
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n"
     )
     sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("mymodel", None)  # another test's (or a docs snippet's) mymodel.py may be imported already
     try:
         import mymodel
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchslim.registry import register_stage
+from torchslim.results import StageResult
 from torchslim.tasks import LabelledTask
 
 
@@ -114,5 +115,4 @@ def clip_outliers(model, cfg: ClipConfig, ctx):
                 bound = cfg.sigmas * float(w.std())
                 clipped += int((w.abs() > bound).sum())
                 w.clamp_(-bound, bound)
-    ctx.stage_info["clipped_weights"] = clipped
-    return model
+    return StageResult(model, {"clipped_weights": clipped})  # merged into the stage's report entry
