@@ -93,20 +93,12 @@ def parser(doc: str | None, *, threads: int | None = 2, quick: str | None = None
 # ---------------------------------------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu() -> dict:
-    from torchslim.cpu import cpu_features
+    """The CPU as every torchslim report records it (model name, instruction-set features, cores)."""
+    from torchslim.report.json import environment
 
-    return {"model": cpu_model(), "features": cpu_features(), "cores": os.cpu_count()}
+    env = environment(threads=1)
+    return {"model": env["cpu"], "features": env["cpu_features"], "cores": env["cores"]}
 
 
 def loadavg() -> list[float] | None:
