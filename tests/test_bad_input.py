@@ -433,15 +433,15 @@ def test_a_teacher_logit_cache_cut_off_by_a_crash_is_recomputed(tmp_path):
 
 def test_a_missed_quantization_budget_is_said(tiny_recipe, tmp_path, capsys, monkeypatch):
     """When even every layer back in float cannot meet max_accuracy_drop, the run goes on but says so."""
-    from torchslim.quantize import stage
+    from torchslim.quantize import static
 
-    real = stage._val_score
+    real = static.val_score
 
     def pessimistic(ctx, path, samples):  # any graph with quantized nodes loses half its accuracy
         acc = real(ctx, path, samples)
         return acc if "float" in str(path) else acc - 0.5
 
-    monkeypatch.setattr(stage, "_val_score", pessimistic)
+    monkeypatch.setattr(static, "val_score", pessimistic)
     recipe = _recipe(tiny_recipe)
     recipe["stages"] = [
         {"train": {"epochs": 1}},

@@ -139,7 +139,7 @@ def test_a_tied_head_and_embedding_table_lower_to_the_same_integers(tmp_path, bi
 
 
 def test_a_tied_head_takes_the_largest_group_that_divides_its_width():
-    from torchslim.quantize.stage import head_group
+    from torchslim.quantize.weight_only import head_group
 
     head = lambda width: torch.nn.Linear(width, 10, bias=False)  # noqa: E731
     assert head_group(128, head(576), tied=True) == 64  # SmolLM2: 576 = 9 x 64, so one table serves both

@@ -40,10 +40,8 @@ from torchslim.paths import matches
 from torchslim.prune.graph.structured import apply as apply_plan
 from torchslim.prune.graph.structured import convert_attention
 from torchslim.prune.graph.structured import plan as prune_plan
-from torchslim.quantize import lower
-from torchslim.quantize.fallback import sensitivity as node_sensitivity
-from torchslim.quantize.scheme import choose_scheme
-from torchslim.quantize.stage import calibration_batches
+from torchslim.quantize import static
+from torchslim.quantize.scheme import scheme_for
 from torchslim.train import TrainConfig
 
 
@@ -168,52 +166,44 @@ def sensitivity(model, ctx, cfg: AutoConfig, clock: Clock, work: Path) -> dict:
             {"layer": layer.path, "energy": energy, "rank": list(found[0].ranks), "drop": base - _accuracy(trial, x, y)}
         )
     if "static" in cfg.quantize:
-        float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input, ctx.exporter)
-        pre = lower.preprocess(float_onnx, work / "sens.pre.onnx")
-        ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
-        threads = ctx.recipe.measure.threads
-        base_onnx = _accuracy(ort_session(float_onnx, threads), x, y)
-        if clock.allows("int8 scheme choice"):  # the quantize stage's own choice, made on this CPU
-            chosen, record = choose_scheme(
-                lambda sc, path: lower.static_int8(
-                    pre,
-                    path,
-                    ranges=ranges,
-                    preprocessed=True,
-                    activation_type=sc.activation_type,
-                    reduce_range=sc.reduce_range,
-                ),
-                lambda path: _accuracy(ort_session(path, threads), x, y),
-                float_onnx,
-                ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)),
-                threads,
-                0.002,
-            )
-            out["scheme"] = {
-                "activation_type": chosen.activation_type,
-                "reduce_range": chosen.reduce_range,
-                "choice": record,
-            }
-        scheme = {k: out["scheme"][k] for k in ("activation_type", "reduce_range")} if out["scheme"] else {}
-        nodes = lower.quantizable_nodes(pre)
-        modules = {name: (op, module) for name, op, module in nodes}
-
-        def alone(name: str) -> float:  # the quantize stage's own sensitivity loop (quantize.fallback)
-            lower.static_int8(
-                pre, work / "sens.q.onnx", nodes_to_quantize=[name], ranges=ranges, preprocessed=True, **scheme
-            )
-            return base_onnx - _accuracy(ort_session(work / "sens.q.onnx", threads), x, y)
-
-        costs = node_sensitivity(
-            [n for n, _, _ in nodes],
-            alone,
-            "auto: int8",
-            lambda name: clock.allows(f"int8 sensitivity {modules[name][1]}"),
-        )
-        out["int8"] = [{"layer": modules[n][1], "node": n, "op": modules[n][0], "drop": c} for n, c in costs.items()]
+        out["int8"], out["scheme"] = _int8_sensitivity(model, ctx, cfg, clock, work, (x, y))
     for key in ("prune", "lowrank", "int8"):
         out[key].sort(key=lambda r: -r["drop"])
     return out
+
+
+def _int8_sensitivity(
+    model, ctx, cfg: AutoConfig, clock: Clock, work: Path, val: tuple
+) -> tuple[list[dict], dict | None]:
+    """The quantize stage's own static int8 path (quantize/static.py) on the current model: the scheme
+    chosen on this CPU, then each node quantized alone in it. Returns the sensitivity rows and the scheme
+    record (None when the time budget skipped the choice)."""
+    x, y = val
+    float_onnx = export_onnx(copy.deepcopy(model).eval(), work / "sens.onnx", ctx.data.input, ctx.exporter)
+    cal = static.prepare(float_onnx, work / "sens.pre.onnx", static.calibration_batches(ctx, cfg.calibration_batches))
+    threads = ctx.recipe.measure.threads
+    base_onnx = _accuracy(ort_session(float_onnx, threads), x, y)
+    score = lambda path: _accuracy(ort_session(path, threads), x, y)  # noqa: E731
+    scheme, record = static.S8S8, None
+    if clock.allows("int8 scheme choice"):  # the quantize stage's own choice, made on this CPU
+        scheme, choice = static.choose_activation_scheme(
+            cal,
+            score,
+            ctx.task.feed(ctx.example(ctx.recipe.measure.batch_size)),
+            threads,
+            0.002,
+        )
+        record = {"activation_type": scheme.activation_type, "reduce_range": scheme.reduce_range, "choice": choice}
+    modules = {name: module for name, _, module in cal.nodes}
+    rows = static.layer_sensitivity(
+        cal,
+        score,
+        base_onnx,
+        scheme,
+        what="auto: int8",
+        allows=lambda name: clock.allows(f"int8 sensitivity {modules[name]}"),
+    )
+    return rows, record
 
 
 def _sensitive(rows: list[dict], threshold: float) -> list[str]:
@@ -279,12 +269,10 @@ def _build(model, cand: dict, avoid: dict, example, ctx, cfg) -> torch.nn.Module
 def _lower(trial, cand: dict, ctx, cfg: AutoConfig, avoid: dict, work: Path, scheme: dict | None = None) -> Path:
     path = export_onnx(trial, work / "cand.onnx", ctx.data.input, ctx.exporter)
     if cand["quantize"] == "static":
-        pre = lower.preprocess(path, work / "cand.pre.onnx")
-        ranges = lower.activation_ranges(pre, calibration_batches(ctx, cfg.calibration_batches))
-        nodes = lower.quantizable_nodes(pre)
-        exclude = [n for n, _, m in nodes if matches(m, avoid["int8"])]
-        path = lower.static_int8(
-            pre, work / "cand.q.onnx", nodes_to_exclude=exclude, ranges=ranges, preprocessed=True, **(scheme or {})
+        cal = static.prepare(path, work / "cand.pre.onnx", static.calibration_batches(ctx, cfg.calibration_batches))
+        exclude = [n for n, _, m in cal.nodes if matches(m, avoid["int8"])]
+        path = static.quantize(
+            cal, work / "cand.q.onnx", scheme_for(**scheme) if scheme else static.S8S8, exclude=exclude
         )
     return path
 

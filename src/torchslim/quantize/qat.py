@@ -4,7 +4,8 @@ Weights are fake-quantized per output channel (symmetric, `weight_bits`) through
 optionally their scales are learned (LSQ: Esser et al. 2020). Inputs of every Conv/Linear are
 fake-quantized per tensor (`activation_bits`, asymmetric) with moving-average min/max observers that
 can be frozen after a set epoch, as can batch-norm statistics. `QATHandle.finish` bakes the quantized
-weights into plain float tensors on the integer grid, ready for the same lowering as PTQ."""
+weights into plain float tensors on the integer grid, ready for the same lowering as PTQ
+(quantize/static.py). `train_qat` is the quantize stage's `method: qat`: the training run itself."""
 
 from __future__ import annotations
 
@@ -131,3 +132,31 @@ def prepare_qat(
         obs = observers[name.replace(".", "__")]
         handle.hooks.append(m.register_forward_pre_hook(lambda mod, args, obs=obs: (obs(args[0]), *args[1:])))
     return handle
+
+
+def train_qat(model: nn.Module, cfg, ctx) -> dict:
+    """The quantize stage's QAT (`cfg`: its QuantizeConfig): train with fake quantization through the one
+    training loop (`cfg.finetune`), then bake the quantized weights. Returns the trained layers, their
+    activation ranges and weight scales by layer path (for quantize/static.py), and the training's best
+    validation metric and history."""
+    handle = prepare_qat(
+        model, cfg.weight_bits, cfg.activation_bits, cfg.per_channel, cfg.learnable_scales, tuple(cfg.ignore)
+    )
+
+    def setup(m, epoch: int) -> None:  # epoch counts from 0; the options count finished epochs
+        if cfg.freeze_observers_epoch is not None and epoch >= cfg.freeze_observers_epoch:
+            handle.freeze_observers()
+        if cfg.freeze_bn_epoch is not None and epoch >= cfg.freeze_bn_epoch:
+            handle.freeze_batch_norm()
+
+    tune = cfg.finetune
+    result = ctx.fit(model, tune, checkpoint_dir=ctx.stage_dir / "checkpoint", description="qat", epoch_setup=setup)
+    model.cpu()
+    ranges = handle.finish()
+    return {
+        "layers": handle.layers,
+        "activation_ranges": ranges,
+        "weight_scales": handle.weight_scales,
+        "best_val_metric": result.best_metric,
+        "history": result.history,
+    }
