@@ -20,7 +20,7 @@ import time
 import torch
 
 import harness
-from torchslim.distill.lm_stage import BlockOutputs, LMDistillConfig, Slices, distillation_loss
+from torchslim.distill.lm import LMDistillConfig, LMDistiller, Slices
 from torchslim.measure.lm import score
 from torchslim.models.transformer import transformer_blocks
 from torchslim.prune.transformer.depth import keep_blocks
@@ -104,30 +104,18 @@ def main() -> None:
             ),
         )
         slices = Slices(windows, args.slices)
-        pairs, student, teacher = [], None, None
-        if cfg.hidden_weight:
-            pairs = list(enumerate(keep))
-            student, teacher = (
-                BlockOutputs(transformer_blocks(model), [s for s, _ in pairs]),
-                BlockOutputs(transformer_blocks(task.reference), keep),
-            )
         start = time.time()
-        try:
-            result = fit(
-                model,
-                slices,
-                cfg.train,
-                loss_fn=distillation_loss(task.reference, cfg, student, teacher, pairs),
-                batch_size=cfg.train.batch_size,
-                validate=task.validate,
-                seed=0,
-                epoch_setup=lambda m, epoch: setattr(slices, "epoch", epoch),
-                description=name,
-            )
-        finally:
-            for hooks in (student, teacher):
-                if hooks is not None:
-                    hooks.remove()
+        result = fit(
+            model,
+            slices,
+            cfg.train,
+            loss_fn=LMDistiller(task.reference, model, cfg, keep).loss,
+            batch_size=cfg.train.batch_size,
+            validate=task.validate,
+            seed=0,
+            epoch_setup=lambda m, epoch: setattr(slices, "epoch", epoch),
+            description=name,
+        )
         seconds = time.time() - start
         model.eval()
         curve = ", ".join(f"{-h['val_metric']:.2f}" for h in result.history if "val_metric" in h)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import assert_resume_matches, save_tiny_llama
 from torchslim import pipeline
-from torchslim.distill.lm_stage import block_map
+from torchslim.distill.lm import block_map
 from torchslim.errors import RecipeError
 from torchslim.recipe import parse_recipe
 

@@ -43,13 +43,16 @@ def register_stage(
     changes_model: bool = True,
     lowers: bool = False,
     needs: tuple[str, ...] = (),
+    summary: str | None = None,
 ):
     """Decorator placed next to a handler: `@register_stage("prune", PruneConfig, compresses=True)`.
 
     `tasks`: the tasks this handler is for (None: any task providing `needs`). `lowers=True`: the
     stage turns the model into a runtime artifact (ONNX Runtime int8, ...) that is served from then
     on. `changes_model=False`: the stage only reads the model (export, reporting), so it may follow a
-    lowering stage; every other stage changes weights or structure and may not."""
+    lowering stage; every other stage changes weights or structure and may not. `summary`: the one
+    line shown for it (default: the first line of the handler's docstring); one handler registered for
+    several settings classes (`distill`, once per task) gives each its own."""
 
     def wrap(fn: Callable) -> Callable:
         variants = _STAGES.setdefault(name, [])
@@ -61,7 +64,7 @@ def register_stage(
                 name,
                 config,
                 fn,
-                doc[0] if doc else "",
+                summary or (doc[0] if doc else ""),
                 compresses,
                 tuple(tasks) if tasks else None,
                 changes_model,

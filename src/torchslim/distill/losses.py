@@ -1,4 +1,8 @@
-"""Distillation losses. Each returns a scalar; the distiller sums named parts with explicit weights."""
+"""Distillation losses. Each returns a scalar; the distiller sums named parts with explicit weights.
+
+`FEATURE_LOSSES` names the comparisons of intermediate outputs a feature term may use (its `kind`),
+each called as `loss(student, teacher, inputs)` with the models' arguments (a text model's second is
+its attention mask)."""
 
 from __future__ import annotations
 
@@ -60,4 +64,22 @@ def attention_probs_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     )
 
 
-FEATURE_LOSSES = {"hint": hint_loss, "attention": attention_transfer, "attention_probs": attention_probs_loss}
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of [batch, sequence, width] hidden states over the real tokens (mask 1)."""
+    weights = mask.unsqueeze(-1).float()
+    diff = (student - teacher) ** 2
+    return (diff * weights).sum() / (weights.sum() * diff.shape[-1])
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error divided by the teacher's mean square, so every layer weighs alike."""
+    return F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+FEATURE_LOSSES = {
+    "hint": lambda student, teacher, inputs: hint_loss(student, teacher),
+    "attention": lambda student, teacher, inputs: attention_transfer(student, teacher),
+    "attention_probs": lambda student, teacher, inputs: attention_probs_loss(student, teacher),
+    "masked_mse": lambda student, teacher, inputs: masked_mse(student, teacher, inputs[1]),
+    "normalised_mse": lambda student, teacher, inputs: normalised_mse(student, teacher),
+}

@@ -1,155 +1,53 @@
-"""The `distill` recipe stage: the current model (or a given one) teaches a student, which becomes
-the current model. Runs on the one training loop with the distiller's loss."""
+"""The `distill` recipe stage, one for every task: the task's distillation setup (`Task.distillation`,
+a `torchslim.distill.setup.DistillSetup`) says the teacher, the student, the output term and the
+feature terms by module path; this stage builds the loss from them (`DistillationLoss`: the output
+term plus the weighted feature terms, read with forward hooks), trains the student on the one
+training loop and returns the setup's result. Each task's settings keep their own keys, so the
+stage is registered once per settings class."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
-
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from torchslim.distill.distiller import Distiller, FeatureTerm, Indexed, teacher_cache
-from torchslim.distill.students import derive_depth, derive_width
-from torchslim.log import console
-from torchslim.models.io import build_model
-from torchslim.models.spec import ModelSpec
-from torchslim.registry import register_stage
-from torchslim.results import Restructured
-from torchslim.train import TrainConfig, evaluate_accuracy
+from torchslim.distill.distiller import DistillationLoss
+from torchslim.distill.encoder import EncoderDistillation
+from torchslim.distill.lm import LMDistillation
+from torchslim.distill.logits import LogitDistillation
+from torchslim.registry import register_alias, register_stage
+from torchslim.results import StageResult
 
 
-class StudentSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    builtin: Optional[str] = Field(None, description="a model of the built-in zoo, e.g. cnn_student")
-    entrypoint: Optional[str] = Field(None, description="'module:function' returning the student")
-    kwargs: dict = Field(default_factory=dict, description="keyword arguments for the builder")
-    derive: Optional[Literal["width", "depth"]] = Field(None, description="derive the student from the teacher")
-    ratio: float = Field(0.5, gt=0, lt=1, description="derive width: share of channels removed")
-    importance: Literal["l1", "l2", "bn_scale", "random"] = Field(
-        "l1", description="derive width: how the teacher's channels are ranked"
-    )
-    blocks: Optional[str] = Field(None, description="derive depth: module path of the Sequential/ModuleList")
-    keep_every: int = Field(2, ge=2, description="derive depth: keep every k-th block (and the last)")
-
-    @model_validator(mode="after")
-    def _one(self):
-        given = [x for x in (self.builtin, self.entrypoint, self.derive) if x is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of 'builtin', 'entrypoint' or 'derive'")
-        if self.derive == "depth" and not self.blocks:
-            raise ValueError("derive 'depth' needs 'blocks' (the module path of the encoder's block list)")
-        if self.builtin is not None:
-            ModelSpec(builtin=self.builtin)  # same check and message as the recipe's model
-        return self
-
-
-class Feature(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    student: str = Field(..., description="module path in the student ('layers.0.attn[1]' for a tuple output)")
-    teacher: str = Field(..., description="module path in the teacher")
-    kind: Literal["hint", "attention", "attention_probs"] = Field(
-        "hint",
-        description="hint: FitNets (an adapter where widths differ); attention: attention transfer; "
-        "attention_probs: a transformer's attention maps",
-    )
-    weight: float = Field(1.0, ge=0, description="weight of this term in the loss")
-
-
-class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    student: StudentSpec = Field(..., description="built-in, an entry point, or derived from the teacher")
-    teacher: Optional[ModelSpec] = Field(None, description="default: the current model of the recipe")
-    temperature: float = Field(4.0, gt=0, le=100, description="softens both distributions of the KL term")
-    soft_weight: float = Field(0.7, ge=0, description="weight of the temperature-softened KL term")
-    hard_weight: float = Field(0.3, ge=0, description="weight of cross-entropy with the labels")
-    features: list[Feature] = Field(default_factory=list, description="feature terms by module path")
-    cache_teacher: bool = Field(True, description="keep the teacher's logits on disk (logit-only distillation)")
-    train: TrainConfig = Field(..., description="the training settings (the one loop)")
-
-    @model_validator(mode="after")
-    def _weights(self):
-        if self.soft_weight + self.hard_weight + sum(f.weight for f in self.features) <= 0:
-            raise ValueError("all loss weights are zero; give soft_weight, hard_weight or a feature weight > 0")
-        return self
-
-
-def _student(cfg: StudentSpec, teacher, ctx):
-    """(student, architecture record for rebuilding it on resume)."""
-    if cfg.derive == "width":
-        return derive_width(teacher, ctx.real_batch(2), cfg.ratio, cfg.importance), dict(ctx.architecture)
-    if cfg.derive == "depth":
-        student, kept = derive_depth(teacher, cfg.blocks, cfg.keep_every)
-        arch = dict(ctx.architecture)
-        arch["ops"] = [*arch.get("ops", []), {"keep_blocks": cfg.blocks, "indices": kept}]
-        return student, arch
-    spec = ModelSpec(builtin=cfg.builtin, entrypoint=cfg.entrypoint, kwargs=cfg.kwargs)
-    return build_model(spec, ctx.data.num_classes, ctx.search_dir), {"model": spec.model_dump(mode="json"), "ops": []}
-
-
-def _params(m) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-@register_stage("distill", DistillConfig, compresses=True, needs=("classifier",))
-def distill(model, cfg: DistillConfig, ctx):
-    """Train a student to match the teacher (logits, features, attention); the student is the result."""
-    teacher = build_model(cfg.teacher, ctx.data.num_classes, ctx.search_dir) if cfg.teacher else model
-    teacher = teacher.cpu().eval()
-    torch.manual_seed(ctx.recipe.seed)
-    student, arch = _student(cfg.student, teacher, ctx)
-    features = [FeatureTerm(**f.model_dump()) for f in cfg.features]
-    cached, train_set = None, ctx.data.train
-    if cfg.cache_teacher and not features:
-        cached = teacher_cache(
-            teacher, ctx.data.train, ctx.stage_dir / "teacher_logits.safetensors", ctx.recipe.data.eval_batch_size
+def distill(model, cfg, ctx) -> StageResult:
+    """Train a student to match the teacher (its outputs, hidden states, attention); the student is the
+    result."""
+    setup = ctx.task.distillation(model, cfg, ctx)
+    loss = DistillationLoss(setup.teacher, setup.output, setup.features, setup.student, setup.example)
+    trained = None
+    if not setup.resumed():
+        trained = ctx.fit(
+            setup.student,
+            cfg.train,
+            loss.loss,
+            train_set=setup.train_set(),
+            checkpoint_dir=ctx.stage_dir / setup.checkpoint,
+            description=setup.description,
+            epoch_setup=setup.epoch_setup,
+            stop=setup.stop,
         )
-        train_set = Indexed(ctx.data.train)
-    distiller = Distiller(
-        teacher.to(ctx.device),
-        student,
-        ctx.real_batch(2).to(ctx.device),
-        cfg.temperature,
-        cfg.soft_weight,
-        cfg.hard_weight,
-        features,
-        cached,
+    DistillationLoss.finish(setup.student)
+    return setup.result(trained)
+
+
+for _setup, _tasks, _needs in (
+    (LogitDistillation, None, ("classifier",)),
+    (EncoderDistillation, ("embedding",), ()),
+    (LMDistillation, ("causal_lm",), ()),
+):
+    register_stage("distill", _setup.config, compresses=True, tasks=_tasks, needs=_needs, summary=_setup.summary)(
+        distill
     )
-    result = ctx.fit(
-        student,
-        cfg.train,
-        distiller.loss,
-        train_set=train_set,
-        checkpoint_dir=ctx.stage_dir / "checkpoint",
-        description="distill",
-    )
-    Distiller.finish(student)
-    student.cpu()
-    t_acc = evaluate_accuracy(teacher.cpu(), ctx.data.test, ctx.recipe.data.eval_batch_size)
-    s_acc = evaluate_accuracy(student, ctx.data.test, ctx.recipe.data.eval_batch_size)
-    comparison = {
-        "teacher_params": _params(teacher),
-        "student_params": _params(student),
-        "compression": _params(teacher) / _params(student),
-        "teacher_accuracy": t_acc,
-        "student_accuracy": s_acc,
-        "retention": s_acc / t_acc if t_acc else None,
-    }
-    console.log(
-        "distill: teacher {teacher_params:,} params, acc {teacher_accuracy:.4f}; student {student_params:,} "
-        "params, acc {student_accuracy:.4f}; {compression:.1f}x fewer parameters, "
-        "{retention:.1%} of the teacher's accuracy".format(**comparison)
-    )
-    return Restructured(
-        student,
-        dict(
-            history=result.history,
-            comparison=comparison,
-            weights={
-                "soft": cfg.soft_weight,
-                "hard": cfg.hard_weight,
-                **{f"{f.kind}{i}": f.weight for i, f in enumerate(cfg.features)},
-            },
-            teacher_cached=cached is not None,
-        ),
-        architecture=arch,
-    )
+
+register_alias(
+    "encoder_distill",
+    "distill",
+    "'encoder_distill' is now 'distill' (on a task: embedding recipe it "
+    "does the same); the old name goes in the next release.",
+)

@@ -2,8 +2,6 @@
 the whole discovery mechanism (no scanning). A recipe's `plugins:` import more."""
 
 from torchslim.auto import stage as auto  # noqa: F401
-from torchslim.distill import encoder_stage as distill_embedding  # noqa: F401
-from torchslim.distill import lm_stage as distill_lm  # noqa: F401
 from torchslim.distill import stage as distill  # noqa: F401
 from torchslim.lowrank import stage as lowrank  # noqa: F401
 from torchslim.prune import stage as prune  # noqa: F401

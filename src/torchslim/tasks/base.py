@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from torchslim.distill.logits import LogitDistillation
 from torchslim.entrypoint import resolve
 from torchslim.errors import DataError, RecipeError, TorchslimError
 from torchslim.export.onnx import export_inputs
@@ -45,6 +46,9 @@ class Task:
     relative_tolerance: ClassVar[bool] = False
     # the task reads a Hugging Face model (`model: {hf: ...}`) and text (`data: {builtin: text}`)
     text_model: ClassVar[bool] = False
+    # what the `distill` stage does on this task (teacher, student, output term, feature terms, report):
+    # a torchslim.distill.setup.DistillSetup subclass; default: logit distillation of a classifier
+    distillation: ClassVar[type] = LogitDistillation
 
     def __init__(self, recipe, search_dir: Path | None = None):
         self.recipe, self.search_dir = recipe, search_dir

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.data import corpus
+from torchslim.distill.lm import LMDistillation
 from torchslim.errors import DataError, TorchslimError
 from torchslim.export.decoder import Generator, export_decoder, verify_decoder
 from torchslim.measure import lowered_agreement
@@ -45,6 +46,7 @@ class CausalLM(Task):
     example_length = 128
     relative_tolerance = True
     text_model = True
+    distillation = LMDistillation
 
     @classmethod
     def check_data(cls, data) -> str | None:

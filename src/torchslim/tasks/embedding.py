@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.data import text
-from torchslim.distill.encoder import drop_layers, sentence_dataset, trim
+from torchslim.distill.encoder import EncoderDistillation, drop_layers, sentence_dataset, trim
 from torchslim.measure.predict import Inputs, Predictor
 from torchslim.models.hf import cosine_fidelity, embed, load_sentence_encoder, resolve_model_dir, tokenize
 from torchslim.prune.transformer.encoder import resize_encoder
@@ -39,6 +39,7 @@ class Embedding(Task):
     provides = frozenset({"encoder"})
     default_train_sentences = 48000
     text_model = True
+    distillation = EncoderDistillation
 
     @classmethod
     def check_data(cls, data) -> str | None:
