@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,13 +13,14 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from torchslim import distributed, pipeline
+from torchslim import distributed, pipeline, words
 from torchslim.analyze import analyze_model
-from torchslim.entrypoint import PATTERN
-from torchslim.errors import TorchslimError
+from torchslim.entrypoint import PATTERN, check_exists, user_code_message, user_frames
+from torchslim.errors import TorchslimError, os_error_message
 from torchslim.generate import generate_text
-from torchslim.recipe import builtin_recipes, load_recipe, parse_recipe, presets
+from torchslim.recipe import builtin_recipes, check_sources, load_recipe, parse_recipe, presets, read_yaml
 from torchslim.registry import get_stage
 from torchslim.tasks import task_class
 from torchslim.version import __version__
@@ -27,8 +31,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compress trained PyTorch models and measure the result honestly.",
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+# markup off: messages carry user text (paths, shapes like [batch, 10]) that rich would read as tags;
+# styled words go in as rich Text
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, markup=False, soft_wrap=True)  # messages unwrapped: commands to copy stay whole
+
+
+_RESUME: list[str | None] = [None]  # the command that continues the run this process started, for error messages
+
+
+def _styled(label: str, style: str, text: str) -> Text:
+    return Text(label, style=style) + Text(text)
 
 
 @app.command()
@@ -42,7 +55,7 @@ def run(
 
     parsed, folder = load_recipe(recipe)
     run_dir = out_dir or parsed.output or Path("runs") / parsed.name
-    report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim run {recipe}")
+    report = _run_or_exit(parsed, run_dir, resume, overwrite, folder, f"torchslim run {shlex.quote(recipe)}")
     if report is not None:
         _print_summary(report, run_dir)
 
@@ -50,6 +63,7 @@ def run(
 def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, command: str) -> dict | None:
     """Run the pipeline; on Ctrl-C say what is kept and how to continue, and exit 130. Under torchrun
     (WORLD_SIZE > 1) this process joins the others; only rank 0 returns the report to print."""
+    _RESUME[0] = f"{command} --out {shlex.quote(str(run_dir))} --resume"
     try:
         distributed.init()
         report = pipeline.run(parsed, run_dir, resume=resume, overwrite=overwrite, search_dir=folder)
@@ -59,10 +73,17 @@ def _run_or_exit(parsed, run_dir: Path, resume: bool, overwrite: bool, folder, c
             exc.args = (f"rank {distributed.rank()}: {exc}",) + exc.args[1:]
         raise
     except KeyboardInterrupt:
-        err.print(
-            f"\nInterrupted. Finished stages and the last epoch checkpoint are kept in {run_dir}; "
-            f"continue with: {command} --out {run_dir} --resume"
-        )
+        if (run_dir / pipeline.STATE).exists():
+            err.print(
+                f"\nInterrupted. Finished stages and the last epoch checkpoint are kept in {run_dir}; "
+                f"continue with: {_RESUME[0]}",
+                soft_wrap=True,  # the command on one line, to copy
+            )
+        else:
+            again = f"{command} --out {shlex.quote(str(run_dir))}"
+            err.print(
+                f"\nInterrupted before the run started; nothing was kept. Start it again with: {again}", soft_wrap=True
+            )
         raise typer.Exit(130)
     finally:
         distributed.finish()
@@ -72,6 +93,7 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     table = Table(title=f"torchslim — {report['recipe']['name']}")
     metric = report.get("task_metric", "accuracy")
     label = metric.replace("_", " ")
+    higher = report.get("task_metric_higher_is_better", True)
     for col in ("#", "stage", label, "params", "size (bytes)", "latency p50 (ms)", "p95 (ms)"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for i, st in enumerate(report["stages"]):
@@ -99,20 +121,21 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         out.print(f"{s['final_stage']} vs {s['reference_stage']}:")
         out.print(
             f"  size        {ref['size_bytes'] / 1e6:.3f} MB -> {fin['size_bytes'] / 1e6:.3f} MB "
-            f"(-{1 - 1 / s['size_ratio']:.1%}, compression ratio {s['size_ratio']:.2f}x)"
+            f"({words.size(ref['size_bytes'], fin['size_bytes'])})"
         )
-        out.print(f"  parameters  {ref['params']:,} -> {fin['params']:,} (-{1 - 1 / s['param_ratio']:.1%})")
+        out.print(f"  parameters  {ref['params']:,} -> {fin['params']:,} ({words.size(ref['params'], fin['params'])})")
         out.print(
             f"  latency p50 {ref['latency_ms']['p50']:.3f} ms -> {fin['latency_ms']['p50']:.3f} ms "
-            f"({s['speedup_stage_measurements']:.2f}x in the stage measurements, {fin['latency_ms']['runtime']}, "
+            f"({words.speed(s['speedup_stage_measurements'])} in the stage measurements, "
+            f"{(str(fin['latency_ms']['runtime']))}, "
             f"batch {fin['latency_ms']['batch_size']})"
         )
         for shape_label, shape in (report.get("comparison") or {}).get("shapes", {}).items():
             sp = shape["speedup"]
             out.print(
                 f"  side by side {shape_label}: {shape['reference_ms']:.3f} -> {shape['final_ms']:.3f} ms, "
-                f"{sp['median']:.2f}x faster (quartiles {sp['q25']:.2f}-{sp['q75']:.2f}, {shape['rounds']} "
-                "interleaved rounds)",
+                f"{words.speed(sp['median'])} (speedup quartiles {sp['q25']:.2f}-{sp['q75']:.2f}, "
+                f"{shape['rounds']} interleaved rounds)",
                 soft_wrap=True,
             )
         if fin.get("kernels"):
@@ -124,11 +147,11 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         if s.get("accuracy_drop") is not None:
             out.print(
                 f"  accuracy    {ref['accuracy']:.4f} -> {fin['accuracy']:.4f} "
-                f"(drop {100 * s['accuracy_drop']:.2f} points)"
+                f"({words.points(fin['accuracy'] - ref['accuracy'])})"
             )
         elif s.get(f"{metric}_drop") is not None:
             low = f" (min {fin['min_cosine']:.4f})" if "min_cosine" in fin else ""
-            better = "higher" if report.get("task_metric_higher_is_better", True) else "lower"
+            better = "higher" if higher else "lower"
             out.print(f"  {label} {ref[metric]:.4f} -> {fin[metric]:.4f}{low} ({better} is better)")
     if s and s.get("epochs_after_reference"):
         out.print(
@@ -140,19 +163,23 @@ def _print_summary(report: dict, run_dir: Path) -> None:
         got, fin = control["metrics"][metric], stages[-1]["metrics"][metric]
         out.print(
             f"  control     '{control['reference_stage']}' trained {control['epochs']} more epoch(s) the same "
-            f"way: {label} {got:.4f}; final minus control {100 * (fin - got):+.2f} points"
+            f"way: {label} {got:.4f}; the final model is {words.points(fin - got, higher)} than the control"
         )
     elif control.get("skipped"):
         out.print(f"  control     not run: {control['skipped']}")
     for sd in (s or {}).get("slowdowns", []):
         out.print(
-            f"[bold red]SLOWDOWN:[/] stage '{sd['stage']}' made the model slower than '{sd['after']}' "
-            f"({sd['from_ms']:.2f} -> {sd['to_ms']:.2f} ms, {sd['ratio']:.2f}x, {sd['shape']})",
+            _styled(
+                "SLOWDOWN: ",
+                "bold red",
+                f"stage '{sd['stage']}' made the model slower than '{sd['after']}' ({sd['from_ms']:.2f} -> "
+                f"{sd['to_ms']:.2f} ms, {words.speed(1 / sd['ratio'])}, {sd['shape']})",
+            ),
             soft_wrap=True,
         )
     for note in (report.get("comparison") or {}).get("noise", []):
         out.print(
-            f"[bold yellow]noisy timing:[/] {note}; re-run on an idle machine before trusting the speedups",
+            _styled("noisy timing: ", "bold yellow", f"{note}; re-run on an idle machine before trusting the speedups"),
             soft_wrap=True,
         )
     out.print(f"report: {run_dir / 'report.json'} and {run_dir / 'report.html'}")
@@ -276,6 +303,7 @@ def validate(recipe: str = typer.Argument(..., help="a built-in recipe's name or
     the stage order), then print the stages a run would execute. Runs nothing; exit 2 on a bad recipe."""
 
     parsed, folder = load_recipe(recipe)
+    check_sources(parsed, folder)
     task = task_class(parsed.task, folder)
     model = parsed.model.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     data = {k: v for k, v in parsed.data.model_dump(mode="json", exclude_defaults=True).items() if v is not None}
@@ -351,7 +379,9 @@ def generate(
         on_text=lambda text: out.print(text, end="", highlight=False, markup=False),
     )
     out.print("")
-    err.print(f"[dim]{len(result['tokens'])} tokens from stage '{result['stage']}' ({result['artifact']})[/]")
+    err.print(
+        Text(f"{len(result['tokens'])} tokens from stage '{result['stage']}' ({result['artifact']})", style="dim")
+    )
 
 
 STARTER = """\
@@ -384,15 +414,23 @@ def init(
         )
     if path.exists():
         raise TorchslimError(f"{path} exists; choose another file with --out, or remove it first.")
+    folder = path.resolve().parent
+    check_exists(entrypoint, "entrypoint", Path.cwd())  # found, not imported: init runs none of your code
+    if data:
+        check_exists(data, "--data", Path.cwd())
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise TorchslimError(f"--checkpoint {checkpoint} does not exist (or is not a file).")
+        checkpoint = Path(os.path.relpath(checkpoint.resolve(), folder))  # the recipe finds it from its folder
     name = name or re.sub(r"[^\w.-]", "-", entrypoint.split(":")[0].split(".")[-1])
     text = STARTER.format(
         path=path,
         name=name,
         entrypoint=entrypoint,
-        checkpoint=f", checkpoint: {checkpoint}" if checkpoint else "",
+        checkpoint=f", checkpoint: {json.dumps(str(checkpoint))}" if checkpoint else "",
         data=f'{{entrypoint: "{data}"}}' if data else "{builtin: fashion_mnist}",
     )
-    parse_recipe(yaml.safe_load(text), path, path.resolve().parent)
+    parse_recipe(read_yaml(text, path), path, path.resolve().parent)
     path.write_text(text)
     out.print(f"wrote {path}; run it with: torchslim run {path}")
 
@@ -401,18 +439,26 @@ def main() -> None:
     try:
         app()
     except TorchslimError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(_styled("error: ", "bold red", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except OSError as exc:  # a full disk, a file that vanished, a permission taken away mid-run
-        where = f" ({exc.filename})" if exc.filename else ""
-        err.print(
-            f"[bold red]error:[/] {exc.strerror or exc}{where}. Files are written to a temporary name and "
-            "renamed, so nothing half-written is left as if complete; free space or fix the permission and "
-            "continue with --resume.",
-            highlight=False,
-            soft_wrap=True,
-        )
+    except OSError as exc:  # a full disk, a read-only folder, a file that vanished mid-run
+        if user_frames(exc):
+            _user_code_failed(exc)
+        err.print(_styled("error: ", "bold red", os_error_message(exc, _RESUME[0])), highlight=False, soft_wrap=True)
         sys.exit(1)
+    except Exception as exc:
+        if not user_frames(exc):
+            raise  # torchslim's own fault: the traceback is what a bug report needs
+        _user_code_failed(exc)
+
+
+def _user_code_failed(exc: Exception) -> None:
+    """Code of the user's (a task's method, a function a plugin calls) raised where torchslim had not
+    wrapped the call: name the outermost function of theirs and show their frames only; exit 2."""
+    first = user_frames(exc)[0]
+    what = f"your function {first.name} ({first.filename}, line {first.lineno})"
+    err.print(_styled("error: ", "bold red", user_code_message(what, exc)), highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

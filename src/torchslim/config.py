@@ -3,14 +3,15 @@
 `method`, or the data's `builtin`).
 
 A `ByVariant` field declares the variants it applies to with `Field(..., json_schema_extra=
-only("static", "qat"))`; a key given with a value other than its default for a variant it does not
-apply to is an error that names the variants that take it, instead of being silently ignored."""
+only("static", "qat"))`; a key given for a variant it does not apply to (even at its default value)
+is an error that names the variants that take it, instead of being silently ignored; dumped
+settings hold only the chosen variant's keys."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, model_serializer, model_validator
 
 
 class Strict(BaseModel):
@@ -37,6 +38,9 @@ class ByVariant(Strict):
         if not isinstance(data, dict):
             return data
         chosen = cls.chosen_variant(data)
+        known = {v for f in cls.model_fields.values() for v in _variants(f) or ()}
+        if chosen not in known:  # an unknown variant: its own field's check says so, with the choices
+            return data
         for key, value in data.items():
             name, field = next(
                 (
@@ -48,15 +52,28 @@ class ByVariant(Strict):
                 ),
                 (None, None),
             )
-            variants = (
-                (field.json_schema_extra or {}).get("variants")
-                if field is not None and isinstance(field.json_schema_extra, dict)
-                else None
-            )
-            if variants and chosen not in variants and value != field.get_default(call_default_factory=True):
+            variants = _variants(field) if field is not None else None
+            if variants and chosen not in variants:  # even at its default: a key that does nothing is a mistake
                 what = cls.variant_key
                 raise ValueError(
                     f"'{key}' applies to {what} {' or '.join(variants)}, not {what} {chosen!r}; remove "
                     f"it, or choose {what}: {variants[0]}"
                 )
         return data
+
+    @model_serializer(mode="wrap")
+    def _applicable_keys_only(self, handler):
+        """Dumped settings hold only the keys of the chosen variant, so they parse back as they are."""
+        data = handler(self)
+        chosen = type(self).chosen_variant({name: getattr(self, name) for name in type(self).model_fields})
+        for name, field in type(self).model_fields.items():
+            variants = _variants(field)
+            if variants and chosen not in variants and isinstance(data, dict):
+                data.pop(field.serialization_alias or name, None)
+        return data
+
+
+def _variants(field) -> list[str] | None:
+    """The variants a field applies to (None: every variant)."""
+    extra = field.json_schema_extra
+    return extra.get("variants") if isinstance(extra, dict) else None

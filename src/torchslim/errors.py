@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class TorchslimError(Exception):
     """A user-facing error. The CLI prints its message and exits non-zero, without a traceback."""
@@ -23,3 +25,36 @@ class ExportError(TorchslimError):
 
 class RunDirError(TorchslimError):
     """The output directory cannot be used as asked (finished run, nothing to resume, unwritable)."""
+
+
+class UserCodeError(TorchslimError):
+    """A function of the user's (model builder, data function, task, plugin stage or config) raised:
+    the message says which and why, then shows the user's own frames only."""
+
+
+def os_error_message(exc: OSError, resume: str | None = None) -> str:
+    """What a failed file operation means for the person, by its cause; `resume`: the command that
+    continues the run, when one had started (its finished work is kept: every file torchslim writes
+    goes to a temporary name first and is renamed only once complete)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    kept = (
+        f" Everything finished so far is kept and nothing half-written was left as if complete; after fixing "
+        f"it, continue with: {resume}"
+        if resume
+        else ""
+    )
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"The disk is full{where}: {what}. Free space on that disk, or choose --out on another one.{kept}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"Not allowed to write or read{where}: {what}. The folder is read-only or belongs to another user; "
+            f"fix its permissions or choose another --out.{kept}"
+        )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return (
+            f"A file or folder torchslim needed does not exist{where}: {what}. Check the path in the recipe, the "
+            f"data folder (TORCHSLIM_DATA) and the model files; if the run folder itself was removed, start "
+            f"the run again.{kept}"
+        )
+    return f"{what}{where}.{kept}"

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 class _LogConsole(Console):
@@ -21,14 +22,13 @@ class _LogConsole(Console):
         self.print(time.strftime("[%H:%M:%S]"), *objects, soft_wrap=True, highlight=False)
 
 
-console = _LogConsole(stderr=True, log_path=False)
+# markup off: log lines carry user text (paths, shapes like [batch, 10]) that rich would read as tags
+console = _LogConsole(stderr=True, log_path=False, markup=False)
 WARNINGS: list[str] = []  # what warn() said since the pipeline last collected it (for the report)
 
 
 def warn(message: str) -> None:
     """A problem the run can go on with: said on the console, and recorded in the stage's report entry."""
-    from rich.text import Text
-
     WARNINGS.append(message)
     console.log(Text("warning: ", style="bold yellow") + Text(message))
 

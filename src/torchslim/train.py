@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchslim import distributed
 from torchslim.errors import TorchslimError
+from torchslim.io import replacing
 from torchslim.log import WARNINGS, collect_warnings, console, progress_bar, warn  # noqa: F401  (re-exported)
 
 LossFn = Callable[[nn.Module, tuple], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -171,9 +171,8 @@ def activation_checkpointing(model: nn.Module, paths: bool | list[str]):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict:

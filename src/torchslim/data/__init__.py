@@ -8,9 +8,11 @@ import torch
 from torch.utils.data import Dataset, Subset, random_split
 
 from torchslim.data import fashion_mnist
+from torchslim.data.checks import check_bundle, check_split
 from torchslim.data.spec import DataBundle, InputSpec
 from torchslim.entrypoint import call_builder, resolve
 from torchslim.errors import DataError, RecipeError
+from torchslim.log import console
 
 __all__ = ["DataBundle", "InputSpec", "build_data", "fashion_mnist"]
 
@@ -44,6 +46,7 @@ def _from_user(result, spec) -> DataBundle:
     optionally 'val', 'input' (the InputSpec fields) and 'num_classes'."""
     if isinstance(result, DataBundle):
         bundle = result
+        check_bundle(bundle)
     elif isinstance(result, dict) and {"train", "test"} <= result.keys():
         unknown = set(result) - {"train", "val", "test", "input", "num_classes", "description"}
         if unknown:
@@ -51,7 +54,12 @@ def _from_user(result, spec) -> DataBundle:
                 f"data.entrypoint returned unknown keys {sorted(unknown)}; "
                 "allowed: train, val, test, input, num_classes, description."
             )
-        train, val = result["train"], result.get("val")
+        converted: list[str] = []
+        train = check_split(result["train"], "train", converted)
+        test = check_split(result["test"], "test", converted)
+        val = None if result.get("val") is None else check_split(result["val"], "val", converted)
+        if converted:
+            console.log(f"data: the {', '.join(converted)} split(s) give numpy arrays; converted to torch tensors")
         if val is None:
             if len(train) <= spec.val_size:
                 raise DataError(
@@ -63,7 +71,7 @@ def _from_user(result, spec) -> DataBundle:
                 [len(train) - spec.val_size, spec.val_size],
                 generator=torch.Generator().manual_seed(spec.split_seed),
             )
-        x0 = result["train"][0][0]
+        x0 = train[0][0]
         input_spec = (
             InputSpec(**result["input"])
             if "input" in result
@@ -72,7 +80,7 @@ def _from_user(result, spec) -> DataBundle:
         bundle = DataBundle(
             train,
             val,
-            result["test"],
+            test,
             input_spec,
             result.get("num_classes"),
             result.get("description", f"user data from {spec.entrypoint}"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from torchslim.entrypoint import call_builder, resolve
 from torchslim.errors import RecipeError, TorchslimError
+from torchslim.io import replacing
 from torchslim.log import warn
 from torchslim.models.shapes import SHAPES_KEY, apply_shapes, module_shapes
 from torchslim.models.sparse import TIED_KEY, read, untied_state
@@ -52,9 +52,8 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     shape attributes of every layer so a pruned model reloads without re-running the pruning."""
     state, tied = untied_state(model)
     metadata = {**(metadata or {}), SHAPES_KEY: json.dumps(module_shapes(model)), TIED_KEY: json.dumps(tied)}
-    tmp = Path(f"{path}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return path
 
 
@@ -66,6 +65,23 @@ def _tie(model: nn.Module, tied: dict[str, str]) -> None:
         setattr(model.get_submodule(owner), name, getattr(model.get_submodule(src_owner), src_name))
 
 
+def _check_shapes(model: nn.Module, state: dict, path: Path) -> None:
+    """A checkpoint without torchslim's shape records must fit the model as it is: list what differs."""
+    own = model.state_dict()
+    differ = [
+        f"{k} {list(v.shape)} (the model has {list(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    if differ:
+        raise TorchslimError(
+            f"Checkpoint {path} does not fit the model: {len(differ)} tensor(s) differ in shape: "
+            f"{'; '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}. It carries no torchslim layer-shape "
+            "records, so nothing is resized to fit: check model.builtin / model.entrypoint and model.kwargs "
+            "(a wider or narrower model?), or load a checkpoint torchslim wrote."
+        )
+
+
 def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None) -> nn.Module:
     """Load safetensors, or a state dict through `torch.load(weights_only=True)`; never unpickle code.
     A safetensors file written by torchslim reshapes `model` to the layer shapes recorded with it
@@ -73,6 +89,7 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
     path = Path(path)
     if not path.exists():
         raise TorchslimError(f"Checkpoint {path} does not exist.")
+    meta: dict = {}
     if path.suffix == ".safetensors":
         try:
             state, meta = read(path)
@@ -81,9 +98,10 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
             raise TorchslimError(f"Checkpoint {path} is not a valid safetensors file: {exc}") from None
         tied = json.loads(meta.get(TIED_KEY, "{}"))
         state.update({k: state[source] for k, source in tied.items() if source in state})
-        reshaped = apply_shapes(model, shapes, state)
-        if changes is not None:
-            changes.extend(reshaped)
+        if SHAPES_KEY in meta:  # torchslim recorded the layer shapes: the model takes them
+            reshaped = apply_shapes(model, shapes, state)
+            if changes is not None:
+                changes.extend(reshaped)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -99,6 +117,8 @@ def load_weights(model: nn.Module, path: Path, changes: list[str] | None = None)
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise TorchslimError(f"Checkpoint {path} holds a {type(state).__name__}, expected a state dict.")
+    if SHAPES_KEY not in meta:
+        _check_shapes(model, state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

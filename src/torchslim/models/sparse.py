@@ -6,7 +6,6 @@ dense bytes, and loads back to the identical dense tensor."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from torchslim.io import replacing
 from torchslim.models.shapes import SHAPES_KEY, module_shapes
 
 FORMAT_KEY = "torchslim.format"
@@ -83,9 +83,8 @@ def save_sparse(model: nn.Module, path: Path) -> Path:
         TIED_KEY: json.dumps(tied),
     }
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

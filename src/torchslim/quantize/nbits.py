@@ -11,7 +11,6 @@ and leave zero points out (the kernel's default); asymmetric grids store q and t
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.io import replacing
 from torchslim.log import warn
 from torchslim.quantize.lower import atomic_output, gemm_to_matmul
 
@@ -238,7 +238,6 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> Path:
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
-    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    onnx.save(graph_model, str(tmp))
-    os.replace(tmp, dst)
+    with replacing(dst) as tmp:
+        onnx.save(graph_model, str(tmp))
     return Path(dst)

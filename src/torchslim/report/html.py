@@ -7,6 +7,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from torchslim import words
 from torchslim.io import atomic_write_text
 from torchslim.report import plots
 
@@ -63,6 +64,7 @@ def render_html(report: dict) -> str:
                 (f"Sparsity over pruning steps — {label}", _b64(plots.sparsity_over_steps(label, stage["steps"])))
             )
     env = Environment(loader=PackageLoader("torchslim", "report/templates"), autoescape=select_autoescape())
+    env.filters.update(speed=lambda r: words.speed(r or 0.0))
     return env.get_template("report.html").render(report=report, figures=figures, overview=overview)
 
 

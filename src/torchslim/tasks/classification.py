@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.data.checks import check_labels
 from torchslim.errors import DataError
 from torchslim.measure.predict import Predictor
 from torchslim.tasks.base import register_task
@@ -38,6 +39,13 @@ class Classification(LabelledTask):
                 f"The model returns shape {list(out.shape)} but the data has {classes} classes; "
                 f"a classifier must return [batch, {classes}]."
             )
+        if out.dim() != 2:
+            raise DataError(
+                f"The model returns shape {list(out.shape)}; a classifier returns [batch, classes] (one score "
+                "per class)."
+            )
+        for split in ("train", "val", "test"):
+            check_labels(getattr(self.data, split), split, out.shape[1])
 
     def loss(self, label_smoothing: float = 0.0):
         return cross_entropy_loss(label_smoothing)
