@@ -571,3 +571,21 @@ def test_console_keeps_brackets_in_user_text(tiny_recipe, tmp_path, capsys, monk
         cli.main()
     text = capsys.readouterr().err
     assert info.value.code == 2 and "[batch, 10]" in text and "[bold]this[/bold]" in text and "[/]" in text, text
+
+
+@pytest.mark.parametrize(
+    "stage, words",
+    [
+        ({"prune": {"ratio": 0.3, "ignore": ["network.99"]}}, ["stages[0].prune.ignore", "'network.99'", "closest"]),
+        ({"lowrank": {"energy": 0.9, "ignore": ["head*"]}}, ["stages[0].lowrank.ignore", "'head*'", "module paths"]),
+    ],
+)
+def test_a_pattern_that_matches_no_layer_is_an_error(stage, words, tiny_recipe, tmp_path, capsys, monkeypatch):
+    recipe = {**tiny_recipe, "data": {**tiny_recipe["data"], **SMALL}, "stages": [stage]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, text = _cli(["run", path, "--out", tmp_path / "run"], capsys, monkeypatch)
+    assert code == 2, text
+    _clean(text)
+    missing = [w for w in words if w not in text]
+    assert not missing, f"{missing} not in: {text}"

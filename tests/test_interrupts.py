@@ -231,13 +231,20 @@ def test_a_disk_that_fills_mid_write_leaves_a_resumable_run(tiny_recipe, tmp_pat
     path, out = tmp_path / "r.yaml", tmp_path / "run"
     path.write_text(yaml.safe_dump(tiny_recipe))
     cmd = [sys.executable, str(TESTS / "fault_driver.py"), "run", str(path), "--out", str(out)]
-    # every file this process writes is cut at 64 kB: state.json fits, the first checkpoint does not
-    full = subprocess.run(cmd, env={**cli_env, "TORCHSLIM_TEST_FSIZE": "65536"}, capture_output=True, text=True)
+    # every file this process writes is cut at 2.5x the model's weights: the baseline's model files
+    # fit, the training checkpoint (weights, optimizer moments, best weights) does not
+    from torchslim.models import cnn_student
+
+    weights = sum(t.numel() * t.element_size() for t in cnn_student().state_dict().values())
+    limit = str(int(2.5 * weights))
+    full = subprocess.run(cmd, env={**cli_env, "TORCHSLIM_TEST_FSIZE": limit}, capture_output=True, text=True)
     assert full.returncode == 1, full.stderr[-2000:]
     assert "The disk is full" in full.stderr and "Traceback" not in full.stderr
     command = re.search(r"continue with: (.+)", full.stderr).group(1)
     assert command.endswith(f"--out {out} --resume"), command
     assert not list(out.rglob("*.tmp")), "a torn temporary file was left behind"
+    state = json.loads((out / "state.json").read_text())
+    assert [s["name"] for s in state["stages"]] == ["baseline"] and "stage 1: train" in full.stderr
     for written in out.rglob("*.json"):
         json.loads(written.read_text())
     assert not (out / LOCK).exists()  # released on the way out

@@ -13,12 +13,15 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yields a temporary name beside `path` to write to; when the block ends without an error the
     file becomes `path` (one rename), otherwise it is removed and `path` keeps what it held. A process
-    killed, or a disk that fills, mid-write never leaves a file at `path` that looks complete."""
+    killed, or a disk that fills, mid-write never leaves a file at `path` that looks complete.
+    `keep_suffix`: the temporary name ends like `path` (`.model.partial.onnx`), for writers that
+    decide the format by the suffix; otherwise it is `path` + `.tmp`, which no glob for the real
+    suffix picks up."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}" if keep_suffix else path.name + ".tmp")
     try:
         yield tmp
         os.replace(tmp, path)

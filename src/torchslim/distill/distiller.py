@@ -6,7 +6,6 @@ the teacher's logits for a fixed dataset. `Distiller` is the classifier's: the K
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchslim.distill.hooks import capture
 from torchslim.distill.losses import FEATURE_LOSSES, kd_loss
 from torchslim.distributed import unwrap
+from torchslim.io import replacing
 from torchslim.log import steps
 
 ADAPTERS = "torchslim_adapters"
@@ -100,9 +100,8 @@ def teacher_cache(teacher: nn.Module, dataset: Dataset, path: Path, batch_size: 
             progress.advance()
     logits = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write never leaves a cache that looks whole
-    save_file({key: logits.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # a crash mid-write never leaves a cache that looks whole
+        save_file({key: logits.contiguous()}, str(tmp))
     return logits
 
 

@@ -13,7 +13,6 @@ which is how the pipeline measures perplexity on the same artifact that generate
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 from torchslim.errors import ExportError
 from torchslim.export.attention import exporting_attention
 from torchslim.export.common import PAST_AXIS, complete_feed, no_fused_encoder, quiet
+from torchslim.io import replacing
 
 
 def past_name(layer: int, part: str) -> str:
@@ -103,36 +103,36 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = Fal
     total = torch.export.Dim("total_sequence", min=2, max=2 * big)
     shapes = ({0: batch, 1: sequence}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in range(2 * len(layout))))
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
-            program = torch.onnx.export(
-                CachedDecoder(lm),
-                _example(layout, 2, 5, 3),
-                None,
-                input_names=names,
-                output_names=outputs,
-                dynamo=True,
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                verbose=False,
-                optimize=True,
-            )
-        if plain:
-            program.save(str(tmp), external_data=False)
-        else:
-            import onnx
+    with replacing(path) as tmp:
+        try:
+            with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
+                program = torch.onnx.export(
+                    CachedDecoder(lm),
+                    _example(layout, 2, 5, 3),
+                    None,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    opset_version=opset,
+                    verbose=False,
+                    optimize=True,
+                )
+            if plain:
+                program.save(str(tmp), external_data=False)
+            else:
+                import onnx
 
-            graph_model = program.model_proto
-            divide_by_root(graph_model.graph)
-            onnx.save(graph_model, str(tmp))
-    except Exception as exc:  # the exporter raises many types; one message names the model and the cause
-        tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"Could not export {type(lm).__name__} with its key/value cache to ONNX: {type(exc).__name__}: {first}"
-        ) from None
-    os.replace(tmp, path)
+                graph_model = program.model_proto
+                divide_by_root(graph_model.graph)
+                onnx.save(graph_model, str(tmp))
+        except OSError:
+            raise  # a full disk is not an export failure
+        except Exception as exc:  # the exporter raises many types; one message names the model and the cause
+            first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+            raise ExportError(
+                f"Could not export {type(lm).__name__} with its key/value cache to ONNX: {type(exc).__name__}: {first}"
+            ) from None
     return path
 
 

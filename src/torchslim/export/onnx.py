@@ -3,7 +3,6 @@ on real inputs."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 from torchslim.data.spec import InputSpec
 from torchslim.errors import ExportError
 from torchslim.export.common import complete_feed, no_fused_encoder, quiet
+from torchslim.io import replacing
 from torchslim.log import warn
 
 OUTPUT_NAME = "output"
@@ -118,47 +118,48 @@ def export_inputs(
     from one on sizes, so the export check's several batch sizes are the safeguard there."""
     model = model.eval()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     name = type(model).__name__
-    errors = []
-    order = [exporter] + [other for other in EXPORTERS if other != exporter]
-    for which in order:
-        caught: list = []
-        try:
-            with quiet(), torch.no_grad(), no_fused_encoder(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                EXPORTERS[which](model, args, tmp, names, axes, opset)
-        except Exception as exc:  # each exporter raises its own error types; report them together
-            tmp.unlink(missing_ok=True)
-            where = _data_dependent(exc) if which == "dynamo" else None
-            if where is not None:
-                raise ExportError(
-                    f"{name}'s forward has control flow that depends on the input's values ({where}). An ONNX "
-                    "export would keep only the branch the example input took, for every input. Rewrite it with "
-                    "torch.where or torch.cond, or, if one branch is right for all inputs, export with the "
-                    "TorchScript tracer explicitly (export stage: {exporter: torchscript}), which freezes it."
-                ) from None
-            errors.append(f"{which} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
-            continue
-        frozen = _frozen_branches(caught) if which == "torchscript" else None
-        if frozen:  # the tracer cannot tell a branch on values from one on sizes: said, then checked
-            warn(
-                f"export: the TorchScript tracer turned a traced tensor of {name} into a Python value at {frozen} "
-                "(a branch or a number fixed to the example input's); the ONNX graph keeps the example's choice "
-                "for every input, and the export check compares it with PyTorch on batches of several sizes."
-            )
-        if which != exporter:
-            warn(
-                f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
-                "instead, and the artifact is checked against PyTorch as always."
-            )
-        os.replace(tmp, path)
-        return path
-    raise ExportError(
-        f"Could not export {name} to ONNX. "
-        + " | ".join(errors)
-        + " Replace or ignore the module named there, or use measure.runtime: pytorch."
-    )
+    with replacing(path) as tmp:
+        errors = []
+        order = [exporter] + [other for other in EXPORTERS if other != exporter]
+        for which in order:
+            caught: list = []
+            try:
+                with quiet(), torch.no_grad(), no_fused_encoder(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    EXPORTERS[which](model, args, tmp, names, axes, opset)
+            except OSError:
+                raise  # a full disk is not an export failure
+            except Exception as exc:  # each exporter raises its own error types; report them together
+                Path(tmp).unlink(missing_ok=True)
+                where = _data_dependent(exc) if which == "dynamo" else None
+                if where is not None:
+                    raise ExportError(
+                        f"{name}'s forward has control flow that depends on the input's values ({where}). An ONNX "
+                        "export would keep only the branch the example input took, for every input. Rewrite it with "
+                        "torch.where or torch.cond, or, if one branch is right for all inputs, export with the "
+                        "TorchScript tracer explicitly (export stage: {exporter: torchscript}), which freezes it."
+                    ) from None
+                errors.append(f"{which} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
+                continue
+            frozen = _frozen_branches(caught) if which == "torchscript" else None
+            if frozen:  # the tracer cannot tell a branch on values from one on sizes: said, then checked
+                warn(
+                    f"export: the TorchScript tracer turned a traced tensor of {name} into a Python value at {frozen} "
+                    "(a branch or a number fixed to the example input's); the ONNX graph keeps the example's choice "
+                    "for every input, and the export check compares it with PyTorch on batches of several sizes."
+                )
+            if which != exporter:
+                warn(
+                    f"export: torch.export could not export {name} ({errors[0]}); the TorchScript tracer was used "
+                    "instead, and the artifact is checked against PyTorch as always."
+                )
+            return path  # `replacing` renames the finished file to `path`
+        raise ExportError(
+            f"Could not export {name} to ONNX. "
+            + " | ".join(errors)
+            + " Replace or ignore the module named there, or use measure.runtime: pytorch."
+        )
 
 
 def onnx_outputs(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:

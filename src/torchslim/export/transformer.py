@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from torchslim.io import replacing
+
 MASK_FILTER_VALUE = -60.0
 NORMS = ("LayerNormalization", "SkipLayerNormalization")
 
@@ -166,7 +168,6 @@ def serving_rewrites(src: Path, dst: Path, pad_free: bool = True) -> Path:
     if pad_free:
         remove_padding(model)
     onnx.checker.check_model(model)
-    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(dst)
+    with replacing(dst) as tmp:
+        onnx.save(model, str(tmp))
     return Path(dst)

@@ -9,7 +9,6 @@ from typing import Annotated, Literal, Optional, Union
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from rich.markup import escape
 
 from torchslim.config import ByVariant, only
 from torchslim.cpu import vector_channels
@@ -324,7 +323,7 @@ def _step(model, cfg: PruneConfig, ctx, previous: float, target: float, original
         )
         apply_plan(model, p)
         model.zero_grad(set_to_none=True)
-        console.log(escape(p.summary()))
+        console.log(p.summary())
         return {
             "notes": p.notes,
             "kept": [{"layers": list(k.producers), "channels": k.channels, "reasons": k.reasons} for k in p.kept],

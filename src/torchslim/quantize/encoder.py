@@ -12,6 +12,7 @@ import torch
 
 from torchslim.export.onnx import export_inputs
 from torchslim.export.transformer import serving_rewrites
+from torchslim.io import replacing
 from torchslim.log import warn
 from torchslim.measure.latency import ort_session
 from torchslim.models.hf import cosine_fidelity, tokenize
@@ -79,9 +80,8 @@ def fuse_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> 
         model = optimizer.optimize_model(
             str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
         )
-    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    model.save_model_to_file(str(tmp))
-    tmp.replace(dst)
+    with replacing(dst, keep_suffix=True) as tmp:
+        model.save_model_to_file(str(tmp))
     return Path(dst)
 
 

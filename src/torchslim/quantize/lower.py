@@ -10,7 +10,6 @@ import contextlib
 import functools
 import io
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from torchslim.errors import TorchslimError
+from torchslim.io import replacing
 from torchslim.log import steps
 from torchslim.quantize.observers import OBSERVERS
 
@@ -32,14 +32,9 @@ def atomic_output(fn):
 
     @functools.wraps(fn)
     def wrapper(src, dst, *args, **kwargs):
-        dst = Path(dst)
-        tmp = dst.with_name(f".{dst.stem}.partial{dst.suffix}")
-        try:
+        with replacing(dst, keep_suffix=True) as tmp:  # ONNX Runtime's quantizers go by the suffix
             fn(src, tmp, *args, **kwargs)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return dst
+        return Path(dst)
 
     return wrapper
 

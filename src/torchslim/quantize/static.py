@@ -14,7 +14,6 @@ same code:
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 
+from torchslim.io import replacing
 from torchslim.log import console, warn
 from torchslim.measure.latency import ort_session
 from torchslim.paths import matches
@@ -266,9 +266,8 @@ def _ship_weight_scales(path: Path, float_graph: Path, scales: dict, info: dict,
         return
     model = onnx.load(str(path))
     changed = lower.set_weight_scales(model, scales, lower.float_weights(float_graph), 63 if reduce_range else 127)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        onnx.save(model, str(tmp))
     info["trained_weight_scales"] = changed
     kept = sorted(set(scales) - set(changed))
     if kept:

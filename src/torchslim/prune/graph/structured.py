@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
-from rich.markup import escape
 from torch import nn
 
 from torchslim.errors import TorchslimError
@@ -395,7 +394,7 @@ def structured(
         p.notes.append(p.config)
     object.__setattr__(model, "torchslim_prune_plan", p)
     if verbose:
-        console.log(escape(p.summary()))
+        console.log(p.summary())
     return model
 
 
