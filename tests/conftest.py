@@ -22,6 +22,18 @@ TINY = {
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread, so
+    the workers share the cores instead of oversubscribing them; subprocesses inherit the setting."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Tests never read or fill the user's cache of trained weights (`torchslim.cache`)."""
     os.environ["TORCHSLIM_CACHE"] = str(tmp_path_factory.mktemp("torchslim-cache"))
