@@ -153,6 +153,12 @@ def test_sigkill_at_twelve_points_resumes_to_the_same_result(recipe, uninterrupt
         assert done.returncode == -signal.SIGKILL, (module, name, done.stderr[-2000:])
         _nothing_torn(out)
         assert (out / LOCK).exists()  # left behind by the killed process: the next run takes it over
+        state = json.loads((out / "state.json").read_text())
+        assert state["status"] == "running" and not (out / "report.html").exists()
+        if i in (2, 3):  # killed after an epoch's checkpoint: the training stage is not finished
+            assert [s["name"] for s in state["stages"]] == ["baseline"]
+        if i == 3:  # the process killed after epoch 2 resumed training from epoch 1's checkpoint
+            assert "resumed after epoch 1" in done.stderr, done.stderr[-2000:]
     done = subprocess.run(base + ["--resume"], env=cli_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _same_result(uninterrupted, out)
@@ -239,7 +245,8 @@ def test_a_disk_that_fills_mid_write_leaves_a_resumable_run(tiny_recipe, tmp_pat
     limit = str(int(2.5 * weights))
     full = subprocess.run(cmd, env={**cli_env, "TORCHSLIM_TEST_FSIZE": limit}, capture_output=True, text=True)
     assert full.returncode == 1, full.stderr[-2000:]
-    assert "The disk is full" in full.stderr and "Traceback" not in full.stderr
+    assert "A file grew past the largest size allowed" in full.stderr and "ulimit -f" in full.stderr
+    assert "Traceback" not in full.stderr
     command = re.search(r"continue with: (.+)", full.stderr).group(1)
     assert command.endswith(f"--out {out} --resume"), command
     assert not list(out.rglob("*.tmp")), "a torn temporary file was left behind"
@@ -278,6 +285,7 @@ def test_a_read_only_folder_and_a_missing_data_folder_get_their_own_messages(
     [
         (errno.ENOSPC, ["disk is full", "Free space", "--resume"]),
         (errno.EDQUOT, ["disk is full"]),
+        (errno.EFBIG, ["largest size allowed", "ulimit -f", "--resume"]),
         (errno.EROFS, ["read-only", "another --out", "--resume"]),
         (errno.EACCES, ["read-only or belongs to another user"]),
         (errno.ENOENT, ["does not exist", "TORCHSLIM_DATA"]),

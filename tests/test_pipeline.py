@@ -192,7 +192,7 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path, tiny_recipe, cli_env):
     import signal
     import time
 
-    tiny_recipe.update(model={"builtin": "cnn_teacher"})
+    tiny_recipe.update(model={"builtin": "cnn_student"})
     tiny_recipe["data"].update(train_subset=512, eval_subset=128)
     tiny_recipe["stages"][0]["train"]["epochs"] = 4
     path, out = tmp_path / "r.yaml", tmp_path / "run"

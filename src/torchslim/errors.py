@@ -44,8 +44,13 @@ def os_error_message(exc: OSError, resume: str | None = None) -> str:
         if resume
         else ""
     )
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"The disk is full{where}: {what}. Free space on that disk, or choose --out on another one.{kept}"
+    if exc.errno == errno.EFBIG:
+        return (
+            f"A file grew past the largest size allowed{where}: {what}. The file system or this process's "
+            f"file-size limit (`ulimit -f`) refuses it; raise the limit, or choose --out on another disk.{kept}"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (
             f"Not allowed to write or read{where}: {what}. The folder is read-only or belongs to another user; "

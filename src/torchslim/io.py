@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import resource
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +43,10 @@ def _write_failure(exc: Exception, tmp: Path) -> int | None:
     found = re.search(r"os error (\d+)", text)
     if found:
         return int(found.group(1))
-    if re.search(r"write failed|I/O error|No space left", text, re.IGNORECASE):
+    if re.search(r"write failed|I/O error|No space left|unexpected pos", text, re.IGNORECASE):
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and tmp.exists() and tmp.stat().st_size >= limit - (1 << 16):
+            return errno.EFBIG  # the process's file-size limit (ulimit -f)
         free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
         return errno.ENOSPC if free < 16 << 20 else errno.EIO
     return None
