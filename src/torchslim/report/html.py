@@ -64,7 +64,7 @@ def render_html(report: dict) -> str:
                 (f"Sparsity over pruning steps — {label}", _b64(plots.sparsity_over_steps(label, stage["steps"])))
             )
     env = Environment(loader=PackageLoader("torchslim", "report/templates"), autoescape=select_autoescape())
-    env.filters.update(speed=lambda r: words.speed(r or 0.0))
+    env.filters.update(speed=lambda r: words.speed(r or 0.0), points=lambda change: words.points(change or 0.0))
     return env.get_template("report.html").render(report=report, figures=figures, overview=overview)
 
 

@@ -53,8 +53,12 @@ def tradeoff(stages: list[dict], x_key: str, x_label: str, metric: str = "accura
         # stages within 3% of the axis span of each other share one label
         key = next((k for k in labels if abs(k[0] - x) < 0.03 * span_x and abs(k[1] - y) < 0.03 * span_y), (x, y))
         labels.setdefault(key, []).append(f"{i}:{stage['name']}")
-    for (x, y), names in labels.items():
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    placed: list[tuple[float, float]] = []
+    for (x, y), names in sorted(labels.items()):
+        # a label near an earlier one (in reading order) goes a line higher, so the texts never overlap
+        near = sum(abs(px - x) < 0.3 * span_x and abs(py - y) < 0.1 * span_y for px, py in placed)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 5 + 11 * near), fontsize=8)
+        placed.append((x, y))
     ax.plot(xs, ys, linestyle=":", color="grey")
     ax.margins(0.25, 0.12)
     formatter = ScalarFormatter(useOffset=False)
