@@ -11,7 +11,10 @@ tokenizer, chat template) is the source GGUF's, so the model must come from a GG
 sizes (blocks, widths, heads) the model's own; tensors are named as llama.cpp names them, with the
 transforms llama.cpp's converter applies undone by
 transformers' loader applied again (query/key rows permuted for rotary embeddings in `llama`
-files, `1 +` norm weights in Gemma 2/3 files)."""
+files, `1 +` norm weights in Gemma 2/3 files).
+
+With `mixture="Q4_K_M"` (or "Q6_K") the float weight matrices are packed in llama.cpp's k-quant types
+instead, chosen per tensor as `llama-quantize` chooses them and rounded by `export/kquants.py`."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
+from torchslim.export import kquants
 
 BLOCK = 32
 
@@ -71,14 +75,58 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kind: str) -
     return np.concatenate([d, m, qs], axis=2).reshape(rows, -1)
 
 
+MIXTURES = ("Q4_K_M", "Q6_K")
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits in its _M mixtures: the first and last
+    eighth of the layers and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def kquant_type(tensor_name: str, layers: int, mixture: str, tied: bool) -> str:
+    """The k-quant type llama.cpp's `llama-quantize` gives a weight matrix in `mixture`: Q4_K_M puts
+    the output head (the embeddings, when tied to it) in Q6_K, and the value projections and FFN down
+    projections of the layers `_more_bits` picks; everything else in Q4_K. Q6_K: every matrix."""
+    if mixture == "Q6_K":
+        return "Q6_K"
+    if tensor_name == "output.weight" or (tied and tensor_name == "token_embd.weight"):
+        return "Q6_K"
+    parts = tensor_name.split(".")
+    if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), layers):
+        return "Q6_K"
+    return "Q4_K"
+
+
+def _q8_0(weight: torch.Tensor) -> np.ndarray:
+    """Symmetric int8 in blocks of 32 (llama.cpp's fallback for rows k-quants cannot pack)."""
+    rows, cols = weight.shape
+    x = weight.float().reshape(rows, cols // BLOCK, BLOCK)
+    scale = (x.abs().amax(-1) / 127).half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (x / safe[..., None]).round().clamp(-127, 127).reshape(rows, cols)
+    return _pack(q, scale, torch.zeros_like(scale), "Q8_0")
+
+
 def _rotary_rows(rows: int, heads: int) -> torch.Tensor:
     """Row order llama.cpp's converter gives query/key weights (the inverse of transformers' loader)."""
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
+def write_gguf(
+    model: nn.Module,
+    source: Path,
+    out: Path,
+    mixture: str | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Write `model` (a Hugging Face causal LM, or a wrapper holding one as `.lm`) with its weight grids
-    to `out`, metadata and tensor names from `source`. Returns {path, bytes, types: {type: tensors}}."""
+    to `out`, metadata and tensor names from `source`. Returns {path, bytes, types: {type: tensors}}.
+    `mixture` ("Q4_K_M", "Q6_K"): pack the float weight matrices in llama.cpp's k-quant types instead
+    (`kquant_type`), rounded by `torchslim.export.kquants`; `importance`: per Hugging Face parameter
+    name, the mean square of the activations each input column sees (an importance matrix)."""
+    if mixture is not None and mixture not in MIXTURES:
+        raise TorchslimError(f"GGUF mixture {mixture!r} is not one of {', '.join(MIXTURES)}.")
     import gguf
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
@@ -91,6 +139,8 @@ def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
         )
     names = get_gguf_hf_weights_map(lm, TensorProcessor())  # gguf name -> Hugging Face parameter name
     state = dict(lm.named_parameters(remove_duplicate=False))
+    head, embeddings = state.get(names.get("output.weight", "")), state.get(names.get("token_embd.weight", ""))
+    tied = head is None or head is embeddings  # the embeddings are the output head too
     grids = {
         id(m.weight): m.torchslim_weight_grid
         for m in lm.modules()
@@ -132,6 +182,21 @@ def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
         if arch == "llama" and (".attn_q." in tensor_name or ".attn_k." in tensor_name) and param.dim() == 2:
             heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
             order = _rotary_rows(param.shape[0], heads)
+        if mixture is not None and param.dim() == 2 and tensor_name.endswith(".weight") and "norm" not in tensor_name:
+            data = param if order is None else param[order]
+            kind = kquant_type(tensor_name, config.num_hidden_layers, mixture, tied)
+            if data.shape[1] % kquants.QK_K == 0:
+                blocks = kquants.pack(data, kind, (importance or {}).get(hf))
+            elif data.shape[1] % BLOCK == 0:
+                kind, blocks = "Q8_0", _q8_0(data)
+            else:
+                kind, blocks = "F32", data.numpy().astype(np.float32)
+            if kind == "F32":
+                writer.add_tensor(tensor_name, blocks)
+            else:
+                writer.add_tensor(tensor_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            types[kind] = types.get(kind, 0) + 1
+            continue
         grid = grids.get(id(state[hf]))
         kind = gguf_type(grid[0]) if grid is not None and param.shape[-1] % BLOCK == 0 else None
         if kind is None:
@@ -149,8 +214,10 @@ def write_gguf(model: nn.Module, source: Path, out: Path) -> dict:
                 tensor_name, _pack(q, scale, zero, kind), raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
             )
         types[kind] = types.get(kind, 0) + 1
-    main = max((k for k in types if k != "F32"), key=types.get, default="F32")
+    main = mixture or max((k for k in types if k != "F32"), key=types.get, default="F32")
     file_type = {
+        "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
