@@ -34,7 +34,7 @@ def _rtn(w, bits, block=32):
     return ((x / scale).round().clamp(-top - 1, top) * scale).reshape(w.shape)
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
 def test_packed_blocks_read_back_with_ggufs_reference_dequantizer(kind, tmp_path):
     w = _weights()
     blocks = pack(w, kind)
@@ -61,13 +61,16 @@ def test_packed_blocks_read_back_with_ggufs_reference_dequantizer(kind, tmp_path
 def test_bits_per_weight_and_error_against_round_to_nearest():
     w = _weights(rows=32, cols=2048, seed=1)
     q4 = unpack(pack(w, "Q4_K"), "Q4_K", tuple(w.shape))
+    q5 = unpack(pack(w, "Q5_K"), "Q5_K", tuple(w.shape))
     q6 = unpack(pack(w, "Q6_K"), "Q6_K", tuple(w.shape))
     assert pack(w, "Q4_K").nbytes * 8 / w.numel() == 4.5
+    assert pack(w, "Q5_K").nbytes * 8 / w.numel() == 5.5
     assert pack(w, "Q6_K").nbytes * 8 / w.numel() == 6.5625
-    e4, e6 = _rel_err(q4, w), _rel_err(q6, w)
+    e4, e5, e6 = _rel_err(q4, w), _rel_err(q5, w), _rel_err(q6, w)
     rtn4 = _rel_err(_rtn(w, 4), w)  # Q4_0's grid: 4.5 bits per weight too
-    # measured: Q4_K 0.0050, symmetric round-to-nearest int4 in blocks of 32 0.0091, Q6_K 0.00034
+    # measured: Q4_K 0.0050, symmetric round-to-nearest int4 in blocks of 32 0.0091, Q5_K 0.0013, Q6_K 0.00034
     assert e4 < 0.8 * rtn4, (e4, rtn4)
+    assert e6 < e5 < e4 / 3, (e4, e5, e6)
     assert e6 < e4 / 8, (e6, e4)
     assert e4 < 0.007
 
@@ -76,8 +79,9 @@ def test_importance_moves_the_error_to_columns_that_matter():
     w = _weights(rows=32, cols=1024, seed=2)
     g = torch.Generator().manual_seed(3)
     importance = torch.rand(1024, generator=g) ** 4 * 100  # a few columns carry most of the activations
-    # measured (importance-weighted error): Q4_K 0.00467 -> 0.00342, Q6_K 0.000316 -> 0.000260
-    for kind in ("Q4_K", "Q6_K"):
+    # measured (importance-weighted error): Q4_K 0.00467 -> 0.00342, Q5_K 0.00128 -> 0.00096,
+    # Q6_K 0.000316 -> 0.000260
+    for kind in ("Q4_K", "Q5_K", "Q6_K"):
         plain = unpack(pack(w, kind), kind, tuple(w.shape))
         weighted = unpack(pack(w, kind, importance=importance), kind, tuple(w.shape))
         assert _rel_err(weighted, w, importance) < 0.95 * _rel_err(plain, w, importance), kind

@@ -1,8 +1,9 @@
-"""llama.cpp's k-quant types, packed by torchslim: Q4_K and Q6_K super-blocks of 256 weights.
+"""llama.cpp's k-quant types, packed by torchslim: Q4_K, Q5_K and Q6_K super-blocks of 256 weights.
 
 Q4_K: 8 sub-blocks of 32 weights, each `w ≈ d·sc_j·q − dmin·m_j` with q in 0..15, the sub-block
 scales sc_j and minimums m_j as 6-bit integers of the super-block's float16 `d` and `dmin` (144 bytes
-per 256 weights: 4.5 bits per weight). Q6_K: 16 sub-blocks of 16, `w ≈ d·sc_j·(q − 32)` with q in
+per 256 weights: 4.5 bits per weight); Q5_K the same with q in 0..31 (the fifth bits in 32 more bytes:
+5.5 bits per weight). Q6_K: 16 sub-blocks of 16, `w ≈ d·sc_j·(q − 32)` with q in
 0..63 and int8 sub-block scales of a float16 `d` (210 bytes: 6.5625 bits per weight).
 
 The rounding is torchslim's: every sub-block's range (Q4_K: minimum and maximum; Q6_K: the absolute
@@ -24,7 +25,7 @@ import torch
 from torchslim.errors import TorchslimError
 
 QK_K = 256
-BYTES = {"Q4_K": 144, "Q6_K": 210}
+BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 # clipping factors tried for each sub-block's range: the range is shrunk towards zero by each
 SHRINK = torch.tensor([1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.78, 0.74, 0.70])
 
@@ -93,25 +94,46 @@ def _super_scale(values: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Te
     return d, (values / safe[:, None]).round().clamp(0, top)
 
 
-def _q4_k(weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:
+def _with_minimums(weight: torch.Tensor, importance: torch.Tensor | None, levels: int):
+    """Q4_K/Q5_K: per super-block (d, dmin, 8 six-bit scales, 8 six-bit minimums) and the codes
+    0..levels of its 8 sub-blocks of 32, rounded against the scales as stored."""
     rows, cols = weight.shape
     x = weight.float().reshape(-1, 32)
     w = _weights(importance, (rows, cols), 32)
-    scale, minimum = _asymmetric(x, w, 15)
+    scale, minimum = _asymmetric(x, w, levels)
     d, sc = _super_scale(scale.reshape(-1, 8), 63)
     dmin, mq = _super_scale(minimum.reshape(-1, 8), 63)
     step = (d[:, None] * sc).reshape(-1, 1)
     offset = (dmin[:, None] * mq).reshape(-1, 1)
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    q = ((x + offset) / safe).round().clamp(0, 15).to(torch.uint8).reshape(-1, 8, 32).numpy()
+    q = ((x + offset) / safe).round().clamp(0, levels).to(torch.uint8).reshape(-1, 8, 32).numpy()
     sc, mq = sc.to(torch.uint8).numpy(), mq.to(torch.uint8).numpy()
     packed = np.zeros((q.shape[0], 12), np.uint8)
     packed[:, 0:4] = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
     packed[:, 4:8] = (mq[:, :4] & 0x3F) | ((mq[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mq[:, 4:] & 0x0F) << 4)
-    qs = (q[:, 0::2, :] | (q[:, 1::2, :] << 4)).reshape(-1, 128)  # chunk c: sub-blocks 2c (low), 2c+1 (high)
     head = np.stack([d.half().numpy(), dmin.half().numpy()], 1).view(np.uint8)
-    return np.concatenate([head, packed, qs], 1)
+    return head, packed, q
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """The low 4 bits of (super-blocks, 8, 32) codes: chunk c holds sub-block 2c (low) and 2c+1 (high)."""
+    low = q & 0x0F
+    return (low[:, 0::2, :] | (low[:, 1::2, :] << 4)).reshape(-1, 128)
+
+
+def _q4_k(weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:
+    head, scales, q = _with_minimums(weight, importance, 15)
+    return np.concatenate([head, scales, _nibbles(q)], 1)
+
+
+def _q5_k(weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:
+    head, scales, q = _with_minimums(weight, importance, 31)
+    # the fifth bit of element i of sub-block j: bit j of byte i
+    qh = np.zeros((q.shape[0], 32), np.uint8)
+    for j in range(8):
+        qh |= ((q[:, j, :] >> 4) & 1) << j
+    return np.concatenate([head, scales, qh, _nibbles(q)], 1)
 
 
 def _q6_k(weight: torch.Tensor, importance: torch.Tensor | None) -> np.ndarray:
@@ -138,21 +160,25 @@ def pack(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None
     """(rows, cols/256·bytes) uint8 blocks of `weight` (rows × cols, cols a multiple of 256) in the
     k-quant `kind`; `importance` (cols,): how much each input column's error counts."""
     _check(weight, kind)
-    blocks = _q4_k(weight, importance) if kind == "Q4_K" else _q6_k(weight, importance)
+    blocks = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}[kind](weight, importance)
     return blocks.reshape(weight.shape[0], -1)
 
 
 def unpack(blocks: np.ndarray, kind: str, shape: tuple[int, int]) -> torch.Tensor:
     """The float weights llama.cpp computes with from packed blocks (the inverse of `pack`'s layout)."""
     b = np.ascontiguousarray(blocks).reshape(-1, BYTES[kind])
-    if kind == "Q4_K":
+    if kind in ("Q4_K", "Q5_K"):
         d = b[:, 0:2].view(np.float16).astype(np.float32)
         dmin = b[:, 2:4].view(np.float16).astype(np.float32)
         s = b[:, 4:16]
         sc = np.concatenate([s[:, 0:4] & 0x3F, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], 1)
         mq = np.concatenate([s[:, 4:8] & 0x3F, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], 1)
-        qs = b[:, 16:].reshape(-1, 4, 32)
-        q = np.stack([qs & 0x0F, qs >> 4], 2).reshape(-1, 8, 32).astype(np.float32)
+        qs = b[:, -128:].reshape(-1, 4, 32)
+        q = np.stack([qs & 0x0F, qs >> 4], 2).reshape(-1, 8, 32)
+        if kind == "Q5_K":
+            qh = b[:, 16:48]
+            q = q | np.stack([((qh >> j) & 1) << 4 for j in range(8)], 1)
+        q = q.astype(np.float32)
         out = d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mq[:, :, None]
     else:
         ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
