@@ -431,6 +431,7 @@ def init(
         data=f'{{entrypoint: "{data}"}}' if data else "{builtin: fashion_mnist}",
     )
     parse_recipe(read_yaml(text, path), path, path.resolve().parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     out.print(f"wrote {path}; run it with: torchslim run {path}")
 
