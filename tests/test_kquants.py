@@ -92,3 +92,47 @@ def test_shapes_llamacpp_cannot_pack_are_refused():
         pack(torch.zeros(4, 100), "Q4_K")
     with pytest.raises(TorchslimError, match="not one of"):
         pack(torch.zeros(4, 256), "Q3_K")
+
+
+def test_calibration_importance_lowers_each_layers_output_error():
+    """The importance matrix from calibration activations of a (random) Llama whose embeddings have
+    outlier channels, as trained models do: packed with it, each layer's output error on those
+    activations is lower than packed without (llama.cpp's imatrix idea, torchslim's rounding). Measured:
+    0.55-0.63x the error for q/k/v/gate/up (inputs with the outliers), 0.90-0.95x for o/down."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchslim.quantize.weights import collect_importance, linear_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # activations with outlier channels, as trained models have
+        model.model.embed_tokens.weight[:, :8] *= 20
+    layers = linear_layers(model)
+    batches = [(torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    importance = collect_importance(model, batches, layers)
+    assert set(importance) == {f"{n}.weight" for n in layers}
+    inputs: dict = {}
+
+    def keep(name):
+        def hook(module, args):  # returns None: the layer's input stays as it is
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        model(*batches[0])
+    for h in handles:
+        h.remove()
+    better = 0
+    for name, layer in layers.items():
+        w, x = layer.weight.detach(), inputs[name]
+        errors = []
+        for imp in (None, importance[f"{name}.weight"]):
+            approx = unpack(pack(w, "Q4_K", importance=imp), "Q4_K", tuple(w.shape))
+            errors.append(float(((x @ (approx - w).T) ** 2).mean()))
+        better += errors[1] < errors[0]
+    assert better == len(layers), (better, len(layers))

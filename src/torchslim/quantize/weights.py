@@ -211,6 +211,28 @@ def collect_hessians(
     return {n: 2 * sums[n] / max(counts[n], 1) for n in layers}
 
 
+def collect_importance(
+    model: nn.Module, batches: Iterable[tuple], layers: dict[str, nn.Linear]
+) -> dict[str, torch.Tensor]:
+    """Per layer, the mean square of each input column over every row it sees on the calibration
+    batches — the diagonal of `collect_hessians`' H / 2, what llama.cpp's importance matrix holds —
+    keyed by the layer's weight name (`{name}.weight`), as `export.gguf.write_gguf` takes it."""
+    sums = {n: torch.zeros(m.in_features) for n, m in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] += (x * x).sum(0)
+            counts[name] += x.shape[0]
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    run_hooked(model, batches, handles)
+    return {f"{n}.weight": sums[n] / max(counts[n], 1) for n in layers}
+
+
 def quantize_weights(
     model: nn.Module,
     grid: Grid,
