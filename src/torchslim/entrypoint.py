@@ -25,29 +25,40 @@ LIBRARIES = tuple(
 PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
+def import_user_module(name: str, what: str, missing: str, search_dir: Path | None = None):
+    """Import a module of the user's, `search_dir` (the recipe's folder) first. A module that is not
+    there is a RecipeError (`missing`, formatted with `exc`); one that raises while it is imported
+    (a syntax error, a dependency of its own missing, its own code) is a UserCodeError about `what`."""
+    added = search_dir is not None and str(search_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(search_dir))
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) not in (None, name, *name_parents(name)):
+            raise UserCodeError(user_code_message(what, exc)) from None
+        raise RecipeError(missing.format(exc=exc)) from None
+    except TorchslimError:
+        raise
+    except Exception as exc:  # the module itself raised while it was imported
+        raise UserCodeError(user_code_message(what, exc)) from None
+    finally:
+        if added:
+            sys.path.remove(str(search_dir))
+
+
 def resolve(spec: str, field: str, search_dir: Path | None = None) -> Callable[..., Any]:
     """Import `module:function`. `search_dir` (the recipe's folder) is tried for the module first."""
     if not re.match(PATTERN, spec):
         raise RecipeError(f"{field}: '{spec}' is not an entry point; write it as 'package.module:function'.")
     module_name, func_name = spec.split(":")
-    added = False
-    if search_dir is not None and str(search_dir) not in sys.path:
-        sys.path.insert(0, str(search_dir))
-        added = True
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if getattr(exc, "name", None) not in (None, module_name, *name_parents(module_name)):
-            raise UserCodeError(user_code_message(f"{field}: importing module '{module_name}'", exc)) from None
-        raise RecipeError(
-            f"{field}: cannot import module '{module_name}' ({exc}). Make sure it is installed "
-            "or sits next to the recipe file."
-        ) from None
-    except Exception as exc:  # the module itself raised while it was imported
-        raise UserCodeError(user_code_message(f"{field}: importing module '{module_name}'", exc)) from None
-    finally:
-        if added:
-            sys.path.remove(str(search_dir))
+    module = import_user_module(
+        module_name,
+        f"{field}: importing module '{module_name}'",
+        f"{field}: cannot import module '{module_name}' ({{exc}}). Make sure it is installed or sits next to "
+        "the recipe file.",
+        search_dir,
+    )
     func = getattr(module, func_name, None)
     if not callable(func):
         raise RecipeError(f"{field}: module '{module_name}' has no callable '{func_name}'.")

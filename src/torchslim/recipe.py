@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import sys
 import typing
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from torchslim.config import ByVariant, Strict, only
 from torchslim.entrypoint import PATTERN as ENTRYPOINT_PATTERN
-from torchslim.entrypoint import check_exists, name_parents, user_code_message
+from torchslim.entrypoint import check_exists, import_user_module, user_code_message
 from torchslim.errors import RecipeError, TorchslimError, UserCodeError
 from torchslim.log import warn
 from torchslim.models.spec import ModelSpec  # noqa: F401  (part of the recipe schema)
@@ -516,27 +515,14 @@ def load_plugins(modules: Any, search_dir: Path | None = None) -> None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise RecipeError(f"plugins: must be a list of Python module names, e.g. [mypkg.stages], got {modules!r}.")
-    added = search_dir is not None and str(search_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(search_dir))
-    try:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
-                if getattr(exc, "name", None) not in (None, name, *name_parents(name)):
-                    raise UserCodeError(user_code_message(f"plugins: importing '{name}'", exc)) from None
-                raise RecipeError(
-                    f"plugins: cannot import '{name}' ({exc}). Install it, or put "
-                    f"{name.replace('.', '/')}.py next to the recipe file."
-                ) from None
-            except TorchslimError:
-                raise
-            except Exception as exc:  # the plugin raised while it was imported (or registered a stage)
-                raise UserCodeError(user_code_message(f"plugins: importing '{name}'", exc)) from None
-    finally:
-        if added:
-            sys.path.remove(str(search_dir))
+    for name in modules:
+        import_user_module(
+            name,
+            f"plugins: importing '{name}'",
+            f"plugins: cannot import '{name}' ({{exc}}). Install it, or put {name.replace('.', '/')}.py next to "
+            "the recipe file.",
+            search_dir,
+        )
 
 
 def parse_recipe(data: dict, source: Path | str = "recipe", search_dir: Path | None = None) -> Recipe:

@@ -8,11 +8,10 @@ import torch
 from torch.utils.data import Dataset, Subset, random_split
 
 from torchslim.data import fashion_mnist
-from torchslim.data.checks import check_bundle, check_split
+from torchslim.data.checks import check_bundle, check_splits
 from torchslim.data.spec import DataBundle, InputSpec
 from torchslim.entrypoint import call_builder, resolve
 from torchslim.errors import DataError, RecipeError
-from torchslim.log import console
 
 __all__ = ["DataBundle", "InputSpec", "build_data", "fashion_mnist"]
 
@@ -54,12 +53,8 @@ def _from_user(result, spec) -> DataBundle:
                 f"data.entrypoint returned unknown keys {sorted(unknown)}; "
                 "allowed: train, val, test, input, num_classes, description."
             )
-        converted: list[str] = []
-        train = check_split(result["train"], "train", converted)
-        test = check_split(result["test"], "test", converted)
-        val = None if result.get("val") is None else check_split(result["val"], "val", converted)
-        if converted:
-            console.log(f"data: the {', '.join(converted)} split(s) give numpy arrays; converted to torch tensors")
+        checked = check_splits({"train": result["train"], "val": result.get("val"), "test": result["test"]})
+        train, val, test = checked["train"], checked["val"], checked["test"]
         if val is None:
             if len(train) <= spec.val_size:
                 raise DataError(

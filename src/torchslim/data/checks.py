@@ -112,13 +112,20 @@ def check_split(dataset: Dataset, split: str, converted: list[str]) -> Dataset:
     return dataset
 
 
-def check_bundle(bundle) -> None:
-    """Check (and where needed wrap) the train / val / test splits of a DataBundle in place."""
+def check_splits(splits: dict[str, Dataset | None]) -> dict[str, Dataset | None]:
+    """The splits ({"train": ..., "val": ..., "test": ...}; None: not given) checked, and wrapped where
+    they give numpy arrays (said once)."""
     converted: list[str] = []
-    for split in ("train", "val", "test"):
-        setattr(bundle, split, check_split(getattr(bundle, split), split, converted))
+    checked = {name: None if d is None else check_split(d, name, converted) for name, d in splits.items()}
     if converted:
         console.log(f"data: the {', '.join(converted)} split(s) give numpy arrays; converted to torch tensors")
+    return checked
+
+
+def check_bundle(bundle) -> None:
+    """Check (and where needed wrap) the train / val / test splits of a DataBundle in place."""
+    for split, dataset in check_splits({s: getattr(bundle, s) for s in ("train", "val", "test")}).items():
+        setattr(bundle, split, dataset)
 
 
 def check_labels(dataset: Dataset, split: str, classes: int) -> None:
