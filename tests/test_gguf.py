@@ -5,6 +5,7 @@ the same logits as the PyTorch model it came from."""
 import pytest
 import torch
 
+from torchslim.errors import TorchslimError
 from torchslim.export.gguf import gguf_type, why_not, write_gguf
 from torchslim.models.lm import locate
 from torchslim.quantize.weights import Grid, linear_layers, output_head, quantize_weights
@@ -85,12 +86,12 @@ def test_written_gguf_reads_back_as_the_same_model(tmp_path, grid, kind):
 def test_a_q4_k_m_mixture_is_written_as_llama_quantize_chooses_and_reads_back(tmp_path):
     """Float weights packed in k-quants: the tied embeddings/head and the value and FFN-down projections of
     llama.cpp's 'more bits' layers in Q6_K, the rest Q4_K; read back by transformers' GGUF loader, the
-    logits are those of the model with torchslim's dequantized weights (`kquants.unpack(pack(w))`)."""
+    logits are those of the model with torchslim's dequantized weights (`ggml.unpack(pack(w))`)."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
-    from torchslim.export.gguf import kquant_type
-    from torchslim.export.kquants import pack, unpack
+    from torchslim.export.ggml import pack, unpack
+    from torchslim.export.gguf import llama_type
 
     source, model = _source(), _tiny(hidden=256, ffn=512)
     info = write_gguf(model, source, tmp_path / "model.gguf", mixture="Q4_K_M")
@@ -104,7 +105,7 @@ def test_a_q4_k_m_mixture_is_written_as_llama_quantize_chooses_and_reads_back(tm
     assert written["blk.0.attn_q.weight"] == "Q4_K" and written["blk.1.ffn_gate.weight"] == "Q4_K"
     assert written["blk.0.attn_norm.weight"] == "F32" and info["types"]["Q4_K"] >= 10
     # the rule for a 32-layer model: the first and last eighth and every third layer between
-    assert [kquant_type(f"blk.{i}.ffn_down.weight", 32, "Q4_K_M", True) for i in range(8)] == [
+    assert [llama_type(f"blk.{i}.ffn_down.weight", 1024, 32, "Q4_K_M", True) for i in range(8)] == [
         "Q6_K",
         "Q6_K",
         "Q6_K",
@@ -114,8 +115,8 @@ def test_a_q4_k_m_mixture_is_written_as_llama_quantize_chooses_and_reads_back(tm
         "Q6_K",
         "Q4_K",
     ]
-    assert kquant_type("token_embd.weight", 32, "Q4_K_M", False) == "Q4_K"
-    assert kquant_type("output.weight", 32, "Q4_K_M", False) == "Q6_K"
+    assert llama_type("token_embd.weight", 1024, 32, "Q4_K_M", False) == "Q4_K"
+    assert llama_type("output.weight", 1024, 32, "Q4_K_M", False) == "Q6_K"
 
     expected = _tiny(hidden=256, ffn=512)
     params = dict(expected.named_parameters())
@@ -155,24 +156,29 @@ def test_llama_cpp_loads_the_written_file(tmp_path):
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # llama.cpp's own int8 dot products
 
 
-def test_a_weight_only_stage_on_a_gguf_model_also_writes_a_gguf(tmp_path):
+@pytest.mark.parametrize("mixture", [None, "Q4_K_M"])
+def test_a_weight_only_stage_on_a_gguf_model_also_writes_a_gguf(tmp_path, mixture):
     """A model loaded from a GGUF file, int4 in blocks of 32 through the pipeline: the stage writes
-    model.gguf with the same integers beside its ONNX artifact."""
+    model.gguf with the same integers beside its ONNX artifact — or, with `gguf: Q4_K_M` and GPTQ, in
+    llama.cpp's mixture with GPTQ's codes on each type's grid, read back by transformers' GGUF loader."""
     import gguf
 
     from torchslim import pipeline
     from torchslim.recipe import parse_recipe
 
     source = tmp_path / "tiny.gguf"
-    write_gguf(_tiny(), _source(), source)  # the float model as a GGUF file, the way users bring one
+    model = _tiny() if mixture is None else _tiny(hidden=256, ffn=512)
+    write_gguf(model, _source(), source)  # the float model as a GGUF file, the way users bring one
     stage = {
         "quantize": {
             "method": "weight_only",
-            "algorithm": "rtn",
+            "algorithm": "rtn" if mixture is None else "gptq",
             "bits": 4,
             "group_size": 32,
             "calibration_batches": 1,
             "calibration_batch_size": 2,
+            "gguf": mixture,
+            "compute": "float",
         }
     }
     recipe = {
@@ -201,8 +207,52 @@ def test_a_weight_only_stage_on_a_gguf_model_also_writes_a_gguf(tmp_path):
     }
     report = pipeline.run(parse_recipe(recipe), tmp_path / "run")
     info = report["stages"][1]["quantization"]["weight_only"]["gguf"]
-    assert info["types"] == {"Q8_0": 1, "F32": 5, "Q4_0": 14}  # tied table, norms, the seven layers of two blocks
     path = tmp_path / "run" / "stages" / "01-quantize" / info["path"]
+    if mixture is not None:
+        # tied table Q6_K; of two layers the last gets more bits (v, down); the rest Q4_K; norms F32
+        assert info["types"] == {"Q6_K": 3, "Q4_K": 12, "F32": 5} and info["mixture"] == "Q4_K_M"
+        assert 4.5 < info["bits_per_weight"] < 6.6 and info["bytes"] == path.stat().st_size
+        matrices = [r for r in info["tensors"] if r["type"] != "F32"]
+        assert len(matrices) == 15 and all("rtn_output_error" in r for r in matrices)
+        assert sum(r["output_error"] for r in matrices) < sum(r["rtn_output_error"] for r in matrices)
+        assert 0 < -info["validation"] < 2 * report["stages"][0]["metrics"]["perplexity"]  # minus its perplexity
+        ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(1))
+        got, want = _logits(_read_back(path), ids), _logits(model, ids)
+        # measured 0.172 (GPTQ fitted to 128 calibration tokens of a random model; round-to-nearest 0.127)
+        assert (got - want).norm() <= 0.22 * want.norm()
+        return
+    assert info["types"] == {"Q8_0": 1, "F32": 5, "Q4_0": 14}  # tied table, norms, the seven layers of two blocks
     assert path.stat().st_size == info["bytes"] < source.stat().st_size / 2.5  # mostly the int8 table
     reader = gguf.GGUFReader(str(path))
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.0.attn_")} == {"Q4_0", "F32"}
+
+
+def test_mixture_types_follow_llama_quantize_with_its_fallbacks():
+    """llama.cpp's choices for a SmolLM2-135M-shaped model (30 layers, width 576 — not whole super-blocks
+    of 256 —, FFN 1536), as `llama_tensor_get_type` and its fallback make them."""
+    from torchslim.export.gguf import llama_type
+
+    def t(name, mixture, columns=576, tied=True):
+        return llama_type(name, columns, 30, mixture, tied)
+
+    assert t("token_embd.weight", "Q4_K_M") == "Q8_0"  # tied head, rows not whole blocks of Q4_K
+    assert t("token_embd.weight", "Q4_K_M", tied=False) == "Q5_0"  # Q4_K's fallback
+    assert t("blk.5.attn_q.weight", "Q4_K_M") == "Q5_0" and t("blk.5.attn_q.weight", "Q5_K_M") == "Q5_1"
+    assert t("blk.0.attn_v.weight", "Q4_K_M") == "Q8_0"  # Q6_K's fallback
+    assert t("blk.4.attn_v.weight", "Q4_K_M") == "Q5_0" and t("blk.5.attn_v.weight", "Q4_K_M") == "Q8_0"
+    assert [t(f"blk.{i}.ffn_down.weight", "Q4_K_M", 1536) for i in (0, 2, 3, 4, 5, 26, 29)] == [
+        "Q6_K",
+        "Q6_K",
+        "Q4_K",
+        "Q4_K",
+        "Q6_K",
+        "Q6_K",
+        "Q6_K",
+    ]
+    assert [t(f"blk.{i}.ffn_down.weight", "Q4_K_S", 1536) for i in (2, 3)] == ["Q5_K", "Q4_K"]
+    assert [t(f"blk.{i}.attn_v.weight", "Q4_K_S") for i in (3, 4)] == ["Q5_1", "Q5_0"]
+    assert t("blk.9.ffn_down.weight", "Q5_K_S", 1536) == "Q5_K" and t("output.weight", "Q8_0", tied=False) == "Q8_0"
+    assert t("output.weight", "Q4_0", tied=False) == "Q8_0" and t("output.weight", "Q4_0", 1024, False) == "Q6_K"
+    assert t("blk.0.attn_q.weight", "Q4_0") == "Q4_0" and t("blk.0.attn_q.weight", "Q6_K", 100) == "F16"
+    with pytest.raises(TorchslimError, match="not one of"):
+        t("blk.0.attn_q.weight", "Q3_K_M")

@@ -13,8 +13,10 @@ transforms llama.cpp's converter applies undone by
 transformers' loader applied again (query/key rows permuted for rotary embeddings in `llama`
 files, `1 +` norm weights in Gemma 2/3 files).
 
-With `mixture="Q4_K_M"` (or "Q6_K") the float weight matrices are packed in llama.cpp's k-quant types
-instead, chosen per tensor as `llama-quantize` chooses them and rounded by `export/kquants.py`."""
+With `mixture="Q4_K_M"` (any of llama.cpp's Q4_0 … Q6_K, Q4_K_S/M, Q5_K_S/M) the float weight matrices
+are packed in llama.cpp's types instead, chosen per tensor as `llama-quantize` chooses them
+(`llama_type`) and rounded by `export/ggml.py` — or given already rounded (`packed`, e.g. by GPTQ on
+those grids: `quantize.weight_only`)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import TorchslimError
-from torchslim.export import kquants
+from torchslim.export import ggml
 
 BLOCK = 32
 
@@ -56,26 +58,9 @@ def why_not(grid, source: Path | None) -> str | None:
     return None
 
 
-def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kind: str) -> np.ndarray:
-    """(rows x bytes) of GGUF blocks from a layer's integers (rows x columns) and per-block scales."""
-    rows, cols = q.shape
-    blocks = cols // BLOCK
-    d = scale.reshape(rows, blocks, 1).numpy().astype(np.float16).view(np.uint8)
-    if kind == "Q8_0":
-        qs = q.reshape(rows, blocks, BLOCK).numpy().astype(np.int8).view(np.uint8)
-        return np.concatenate([d, qs], axis=2).reshape(rows, -1)
-    n = q.reshape(rows, blocks, BLOCK).to(torch.int16)
-    if kind == "Q4_0":
-        n = n + 8
-    n = n.numpy().astype(np.uint8)
-    qs = n[:, :, :16] | (n[:, :, 16:] << 4)
-    if kind == "Q4_0":
-        return np.concatenate([d, qs], axis=2).reshape(rows, -1)
-    m = (-zero * scale).reshape(rows, blocks, 1).numpy().astype(np.float16).view(np.uint8)
-    return np.concatenate([d, m, qs], axis=2).reshape(rows, -1)
-
-
-MIXTURES = ("Q4_K_M", "Q6_K")
+MIXTURES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+# a k-quant type -> the type llama.cpp keeps rows in whose width is not whole super-blocks of 256
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -84,33 +69,104 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def kquant_type(tensor_name: str, layers: int, mixture: str, tied: bool) -> str:
-    """The k-quant type llama.cpp's `llama-quantize` gives a weight matrix in `mixture`: Q4_K_M puts
-    the output head (the embeddings, when tied to it) in Q6_K, and the value projections and FFN down
-    projections of the layers `_more_bits` picks; everything else in Q4_K. Q6_K: every matrix."""
-    if mixture == "Q6_K":
-        return "Q6_K"
-    if tensor_name == "output.weight" or (tied and tensor_name == "token_embd.weight"):
-        return "Q6_K"
+def llama_type(tensor_name: str, columns: int, layers: int, mixture: str, tied: bool) -> str:
+    """The type llama.cpp's `llama-quantize` gives a weight matrix (GGUF name, row width) in `mixture`,
+    as its `llama_tensor_get_type` chooses: the output head (the embeddings, when tied to it) in Q6_K
+    (Q8_0 when its rows are not whole blocks of the mixture's type); in _M mixtures the value
+    projections (a fused query/key/value too) and FFN down projections of the layers `_more_bits` picks
+    in Q6_K; in Q4_K_S the first four value projections and the first eighth of the down projections in
+    Q5_K; everything else in the mixture's type. Then its fallback for rows a k-quant cannot pack: Q4_K
+    -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 for rows not whole blocks of 32."""
+    if mixture not in MIXTURES:
+        raise TorchslimError(f"GGUF mixture {mixture!r} is not one of {', '.join(MIXTURES)}.")
+    kind = mixture[:4] if mixture[3] == "K" else mixture
     parts = tensor_name.split(".")
-    if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(int(parts[1]), layers):
-        return "Q6_K"
-    return "Q4_K"
+    role = parts[2] if parts[0] == "blk" and len(parts) > 3 else parts[0]
+    index = int(parts[1]) if parts[0] == "blk" else -1
+    if tensor_name == "output.weight" or (tied and tensor_name == "token_embd.weight"):
+        if columns % ggml.LAYOUTS[kind].block:
+            kind = "Q8_0"
+        elif kind != "Q8_0":
+            kind = "Q6_K"
+    elif role in ("attn_v", "attn_qkv", "attn_kv_b"):
+        if mixture in ("Q4_K_M", "Q5_K_M") and _more_bits(index, layers):
+            kind = "Q6_K"
+        elif mixture == "Q4_K_S" and index < 4:
+            kind = "Q5_K"
+    elif role == "ffn_down":
+        if mixture in ("Q4_K_M", "Q5_K_M") and _more_bits(index, layers):
+            kind = "Q6_K"
+        elif mixture == "Q4_K_S" and index < layers // 8:
+            kind = "Q5_K"
+    if columns % ggml.LAYOUTS[kind].block:
+        kind = FALLBACK.get(kind, kind)
+        if columns % ggml.LAYOUTS[kind].block:
+            kind = "F16"
+    return kind
 
 
-def _q8_0(weight: torch.Tensor) -> np.ndarray:
-    """Symmetric int8 in blocks of 32 (llama.cpp's fallback for rows k-quants cannot pack)."""
-    rows, cols = weight.shape
-    x = weight.float().reshape(rows, cols // BLOCK, BLOCK)
-    scale = (x.abs().amax(-1) / 127).half().float()
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (x / safe[..., None]).round().clamp(-127, 127).reshape(rows, cols)
-    return _pack(q, scale, torch.zeros_like(scale), "Q8_0")
+def quantized(name: str) -> bool:
+    """Whether llama.cpp quantizes a tensor of this GGUF name (weight matrices; not norms)."""
+    return name.endswith(".weight") and "norm" not in name
+
+
+def from_grid(grid, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[str, np.ndarray]:
+    """(GGUF type, blocks) holding a layer's torchslim integers (rows x columns) and per-block scales
+    as they are: symmetric int4 -> Q4_0 ((n - 8)·d), with zero points -> Q4_1 (n·d + m, m = -zero·scale),
+    symmetric int8 -> Q8_0."""
+    kind = gguf_type(grid)
+    step = scale.float().half().float()
+    if kind == "Q4_1":
+        minimum = (-zero.float() * scale.float()).half().float()
+        typed = ggml.TypeGrid(kind, step, -minimum, {"d": step.reshape(-1), "m": minimum.reshape(-1)})
+        codes = q
+    else:
+        center = ggml.LAYOUTS[kind].center
+        typed = ggml.TypeGrid(kind, step, center * step, {"d": step.reshape(-1)})
+        codes = q + center
+    return kind, ggml.encode(typed, codes.to(torch.int16))
 
 
 def _rotary_rows(rows: int, heads: int) -> torch.Tensor:
     """Row order llama.cpp's converter gives query/key weights (the inverse of transformers' loader)."""
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
+
+
+def _source(lm: nn.Module, source: Path):
+    """(reader, architecture, {GGUF name: Hugging Face parameter name}, parameters, tied) of a model
+    written with the metadata of `source`."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    reader = gguf.GGUFReader(str(source))
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in ARCHITECTURES:
+        raise TorchslimError(
+            f"GGUF writer: architecture '{arch}' is not supported yet (llama, mistral, qwen2/3, phi3, gemma2/3 are)."
+        )
+    names = get_gguf_hf_weights_map(lm, TensorProcessor())  # gguf name -> Hugging Face parameter name
+    state = dict(lm.named_parameters(remove_duplicate=False))
+    head, embeddings = state.get(names.get("output.weight", "")), state.get(names.get("token_embd.weight", ""))
+    tied = head is None or head is embeddings  # the embeddings are the output head too
+    return reader, arch, names, state, tied
+
+
+def mixture_types(model: nn.Module, source: Path, mixture: str) -> dict[str, str]:
+    """Per Hugging Face parameter name, the GGUF type `mixture` gives each weight matrix (`llama_type`);
+    a tensor tied to another is listed once, under the name written."""
+    lm = getattr(model, "lm", model)
+    _, _, names, state, tied = _source(lm, source)
+    types, seen = {}, set()
+    for tensor_name, hf in names.items():
+        if hf not in state or id(state[hf]) in seen:
+            continue
+        seen.add(id(state[hf]))
+        if state[hf].dim() == 2 and quantized(tensor_name):
+            types[hf] = llama_type(tensor_name, state[hf].shape[1], lm.config.num_hidden_layers, mixture, tied)
+    return types
 
 
 def write_gguf(
@@ -119,28 +175,23 @@ def write_gguf(
     out: Path,
     mixture: str | None = None,
     importance: dict[str, torch.Tensor] | None = None,
+    packed: dict[str, tuple[str, np.ndarray]] | None = None,
 ) -> dict:
     """Write `model` (a Hugging Face causal LM, or a wrapper holding one as `.lm`) with its weight grids
-    to `out`, metadata and tensor names from `source`. Returns {path, bytes, types: {type: tensors}}.
-    `mixture` ("Q4_K_M", "Q6_K"): pack the float weight matrices in llama.cpp's k-quant types instead
-    (`kquant_type`), rounded by `torchslim.export.kquants`; `importance`: per Hugging Face parameter
-    name, the mean square of the activations each input column sees (an importance matrix)."""
+        to `out`, metadata and tensor names from `source`. Returns {path, bytes, tensor_bytes (the weights
+    alone, without the metadata), types: {type: tensors}}.
+        `mixture` (one of MIXTURES): the float weight matrices in the types llama.cpp's mixture gives them
+        (`llama_type`), rounded by `torchslim.export.ggml` — or as given in `packed` ({Hugging Face
+        parameter name: (type, blocks in the model's row order)}, e.g. GPTQ's); `importance`: per Hugging
+        Face parameter name, the mean square of the activations each input column sees (an importance
+        matrix)."""
     if mixture is not None and mixture not in MIXTURES:
         raise TorchslimError(f"GGUF mixture {mixture!r} is not one of {', '.join(MIXTURES)}.")
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
     lm = getattr(model, "lm", model)
-    reader = gguf.GGUFReader(str(source))
-    arch = reader.fields["general.architecture"].contents()
-    if arch not in ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "smollm3"):
-        raise TorchslimError(
-            f"GGUF writer: architecture '{arch}' is not supported yet (llama, mistral, qwen2/3, phi3, gemma2/3 are)."
-        )
-    names = get_gguf_hf_weights_map(lm, TensorProcessor())  # gguf name -> Hugging Face parameter name
-    state = dict(lm.named_parameters(remove_duplicate=False))
-    head, embeddings = state.get(names.get("output.weight", "")), state.get(names.get("token_embd.weight", ""))
-    tied = head is None or head is embeddings  # the embeddings are the output head too
+    reader, arch, names, state, tied = _source(lm, source)
+    packed = packed or {}
     grids = {
         id(m.weight): m.torchslim_weight_grid
         for m in lm.modules()
@@ -173,6 +224,7 @@ def write_gguf(
         )
     types: dict[str, int] = {}
     written: set[int] = set()
+    tensor_bytes = 0
     for tensor_name, hf in names.items():
         if hf not in state or id(state[hf]) in written:  # a head tied to the embeddings is stored once
             continue
@@ -182,50 +234,32 @@ def write_gguf(
         if arch == "llama" and (".attn_q." in tensor_name or ".attn_k." in tensor_name) and param.dim() == 2:
             heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
             order = _rotary_rows(param.shape[0], heads)
-        if mixture is not None and param.dim() == 2 and tensor_name.endswith(".weight") and "norm" not in tensor_name:
-            data = param if order is None else param[order]
-            kind = kquant_type(tensor_name, config.num_hidden_layers, mixture, tied)
-            if data.shape[1] % kquants.QK_K == 0:
-                blocks = kquants.pack(data, kind, (importance or {}).get(hf))
-            elif data.shape[1] % BLOCK == 0:
-                kind, blocks = "Q8_0", _q8_0(data)
-            else:
-                kind, blocks = "F32", data.numpy().astype(np.float32)
-            if kind == "F32":
-                writer.add_tensor(tensor_name, blocks)
-            else:
-                writer.add_tensor(tensor_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-            types[kind] = types.get(kind, 0) + 1
-            continue
         grid = grids.get(id(state[hf]))
-        kind = gguf_type(grid[0]) if grid is not None and param.shape[-1] % BLOCK == 0 else None
-        if kind is None:
-            data = param
-            if arch in ("gemma2", "gemma3") and "norm.weight" in tensor_name:
-                data = data + 1
-            writer.add_tensor(tensor_name, (data if order is None else data[order]).numpy().astype(np.float32))
-            kind = "F32"
+        if hf in packed:
+            kind, blocks = packed[hf]
+        elif mixture is not None and param.dim() == 2 and quantized(tensor_name):
+            kind = llama_type(tensor_name, param.shape[1], config.num_hidden_layers, mixture, tied)
+            blocks = param if kind == "F16" else ggml.pack(param, kind, (importance or {}).get(hf))
+        elif grid is not None and param.shape[-1] % BLOCK == 0 and gguf_type(grid[0]) is not None:
+            kind, blocks = from_grid(*grid)
         else:
-            _, q, scale, zero = grid
-            q, scale, zero = q.to(torch.int16), scale.float(), zero.float()
-            if order is not None:
-                q, scale, zero = q[order], scale[order], zero[order]
-            writer.add_tensor(
-                tensor_name, _pack(q, scale, zero, kind), raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
-            )
+            kind, blocks = "F32", param
+            if arch in ("gemma2", "gemma3") and "norm.weight" in tensor_name:
+                blocks = blocks + 1
+        if order is not None:
+            blocks = blocks[order.numpy()] if isinstance(blocks, np.ndarray) else blocks[order]
+        if kind in ("F32", "F16"):
+            blocks = blocks.numpy().astype(np.float32 if kind == "F32" else np.float16)
+            writer.add_tensor(tensor_name, blocks)
+        else:
+            writer.add_tensor(tensor_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        tensor_bytes += blocks.nbytes
         types[kind] = types.get(kind, 0) + 1
     main = mixture or max((k for k in types if k != "F32"), key=types.get, default="F32")
-    file_type = {
-        "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,
-        "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
-        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "F32": gguf.LlamaFileType.ALL_F32,
-    }[main]
-    writer.add_file_type(int(file_type))
+    file_type = "ALL_F32" if main == "F32" else "MOSTLY_F16" if main == "F16" else f"MOSTLY_{main}"
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, file_type)))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"path": out.name, "bytes": out.stat().st_size, "types": types}
+    return {"path": out.name, "bytes": out.stat().st_size, "tensor_bytes": tensor_bytes, "types": types}

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, model_validator
 from torchslim.config import ByVariant, only
 from torchslim.cpu import has_int8_dot_product
 from torchslim.errors import TorchslimError
+from torchslim.export.gguf import MIXTURES
 from torchslim.log import console, warn
 from torchslim.measure.kernels import describe, kernel_counts
 from torchslim.paths import matches
@@ -151,6 +152,16 @@ class QuantizeConfig(ByVariant):
     fallback_bits: Literal[4, 8] = Field(
         8,
         description="weight_only with max_relative_drop: bits of the layers that keep more",
+        json_schema_extra=WEIGHTS,
+    )
+    gguf: Optional[Literal[MIXTURES]] = Field(
+        None,
+        description="weight_only, a model that came from a GGUF file: also write model.gguf for llama.cpp in "
+        "this mixture of its types, each weight matrix in the type llama-quantize gives it (Q4_K_M: Q6_K for "
+        "the head and some value/down projections, Q4_K elsewhere, Q5_0/Q8_0 for rows not a multiple of 256), "
+        "rounded by this stage: the grid searched with columns weighted by the calibration inputs, the codes "
+        "by GPTQ (algorithm gptq) or to nearest, after AWQ's scaling (awq); its validation metric is measured "
+        "on those weights. null: a GGUF only where bits/group_size/symmetric map onto Q4_0, Q4_1 or Q8_0",
         json_schema_extra=WEIGHTS,
     )
     compute: Literal["auto", "float", "int8"] = Field(

@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from torchslim.errors import TorchslimError
+from torchslim.export import ggml
 from torchslim.export.decoder import complete_feed
-from torchslim.export.gguf import why_not, write_gguf
+from torchslim.export.gguf import mixture_types, why_not, write_gguf
 from torchslim.log import console
 from torchslim.measure.latency import interleaved, ort_session
 from torchslim.paths import matches
@@ -26,7 +28,9 @@ from torchslim.quantize.nbits import lower_quantized_weights, set_accuracy_level
 from torchslim.quantize.weights import (
     Grid,
     collect_hessians,
+    gptq,
     linear_layers,
+    output_error,
     output_head,
     quantize_layer,
     quantize_weights,
@@ -62,6 +66,7 @@ def lower_model(model, cfg, ctx, out: Path) -> dict:
             folds = awq_scale(quantized, batches, grid, layers, hessians, magnitudes)
     if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
+    mixture_model = copy.deepcopy(quantized) if cfg.gguf else None  # the float weights, AWQ's scaling folded
     floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}
     records = []
     if heads:  # first, so the layers' sensitivity is measured with the head as it will be served
@@ -79,7 +84,11 @@ def lower_model(model, cfg, ctx, out: Path) -> dict:
     grid_onnx = ctx.task.export(quantized, ctx.stage_dir / "grid.onnx", ctx.exporter)
     lower_quantized_weights(grid_onnx, out, quantized)
     grid_onnx.unlink(missing_ok=True)
-    gguf = _gguf(quantized, grid, ctx, out.with_suffix(".gguf"))
+    if cfg.gguf:
+        gguf = _gguf_mixture(mixture_model, cfg, ctx, hessians, out.with_suffix(".gguf"))
+        del mixture_model
+    else:
+        gguf = _gguf(quantized, grid, ctx, out.with_suffix(".gguf"))
     info = {
         "algorithm": cfg.algorithm,
         "bits": cfg.bits,
@@ -131,6 +140,64 @@ def _gguf(model, grid, ctx, out: Path) -> dict:
             )
             return info
     return {"skipped": reason}
+
+
+def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
+    """A GGUF in llama.cpp's mixture `cfg.gguf`: every weight matrix in the type `llama-quantize` gives
+    it (`export.gguf.llama_type`), its grid searched with each input column weighted by the calibration
+    inputs' mean square, the codes chosen by GPTQ on that grid (`algorithm: gptq`) or rounded to nearest;
+    layers in `ignore` stay float16. `model` (the float model, AWQ's scaling folded) ends with the
+    weights llama.cpp computes with, and its validation metric is measured on them."""
+    source = ctx.task.source_gguf()
+    if source is None:
+        return {"skipped": why_not(None, None)}
+    try:
+        types = mixture_types(model, source, cfg.gguf)
+    except TorchslimError as exc:
+        return {"skipped": str(exc)}
+    lm = getattr(model, "lm", model)
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    modules = {id(m.weight): n for n, m in linear_layers(model, skip=()).items()}
+    packed, records = {}, []
+    for hf, kind in types.items():
+        weight = params[hf]
+        name = modules.get(id(weight))
+        if kind == "F16" or (name is not None and matches(name, cfg.ignore)):
+            packed[hf] = ("F16", weight.detach().float())
+            records.append({"tensor": hf, "type": "F16"})
+            continue
+        hessian = None if hessians is None or name is None else hessians.get(name)
+        w = weight.detach().float()
+        g = ggml.grid(w, kind, None if hessian is None else torch.diag(hessian))
+        if cfg.algorithm == "gptq" and hessian is not None:
+            q = gptq(w, hessian, g, damp=cfg.damp, fixed=(g.step, g.offset))[0]
+        else:
+            q = ggml.codes(w, g)
+        packed[hf] = (kind, ggml.encode(g, q))
+        new = ggml.decode(g, q)
+        record = {"tensor": hf, "type": kind}
+        if hessian is not None:
+            record["output_error"] = output_error(w, new, hessian)
+            if cfg.algorithm == "gptq":  # what rounding to nearest on the same grid would have cost
+                record["rtn_output_error"] = output_error(w, ggml.decode(g, ggml.codes(w, g)), hessian)
+        records.append(record)
+        weight.data = new.to(weight.dtype)
+    info = write_gguf(model, source, out, mixture=cfg.gguf, packed=packed)
+    weights = sum(p.numel() for p in {id(p): p for p in params.values()}.values())
+    info.update(
+        mixture=cfg.gguf,
+        algorithm=cfg.algorithm,
+        bits_per_weight=info["tensor_bytes"] * 8 / weights,
+        validation=ctx.task.score(torch_predictor(model, ctx.recipe.measure.threads)),
+        tensors=records,
+    )
+    console.log(
+        f"quantize: wrote {out.name} for llama.cpp in {cfg.gguf} ({info['bytes']:,} bytes, "
+        f"{info['bits_per_weight']:.2f} bits per weight; "
+        + ", ".join(f"{k} {v}" for k, v in info["types"].items())
+        + f"; validation metric of its weights {info['validation']:.4f})"
+    )
+    return info
 
 
 def _allocate_bits(model, layers: dict, floats: dict, hessians, options: dict, records: list[dict], cfg, ctx) -> dict:

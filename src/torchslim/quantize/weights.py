@@ -122,10 +122,18 @@ def inverse_cholesky(H: torch.Tensor, damp: float, method: str) -> torch.Tensor:
 
 
 def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False, block: int = 128
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: Grid,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
-    inputs (columns x columns)."""
+    inputs (columns x columns). `fixed`: the (scale, zero) of every group (rows x groups of
+    `grid.width` columns) given, e.g. a GGUF type's stored grid (`export.ggml.TypeGrid`, whose
+    quantize/dequantize `grid` then is); only the integers are chosen."""
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
@@ -136,7 +144,9 @@ def gptq(
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     scale, zero = torch.empty(rows, -(-cols // g)), torch.empty(rows, -(-cols // g))
     diag = torch.diag(H).clone()
-    if act_order:  # group scales fixed from the original weights, so each group stays contiguous
+    if fixed is not None:
+        scale, zero = fixed
+    elif act_order:  # group scales fixed from the original weights, so each group stays contiguous
         _, scale, zero = rtn(W, grid, diag)
     W, H = W[:, order], H[order][:, order]
     Hinv = inverse_cholesky(H, damp, "GPTQ")
@@ -148,7 +158,7 @@ def gptq(
         for i in range(end - start):
             column = int(order[start + i])
             group = column // g
-            if not act_order and column % g == 0:  # scales from the weights as GPTQ has updated them
+            if fixed is None and not act_order and column % g == 0:  # scales from the weights as GPTQ has updated them
                 part = (
                     W1[:, i : i + g] if i + g <= end - start else torch.cat([W1[:, i:], W[:, end : start + i + g]], 1)
                 )

@@ -1,6 +1,7 @@
-"""torchslim's Q4_K / Q6_K packing: llama.cpp's byte layout (read back by gguf-py's reference
-dequantizers and through a GGUF file), the bits per weight, and the rounding's error against plain
-round-to-nearest and with an importance per input column."""
+"""torchslim's packing of llama.cpp's block types (k-quants and the blocks of 32): llama.cpp's byte
+layout (read back by gguf-py's reference dequantizers and through a GGUF file), the bits per weight,
+the rounding's error against plain round-to-nearest and with an importance per input column, and
+GPTQ on the stored grids."""
 
 import gguf
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from torchslim.errors import TorchslimError
-from torchslim.export.kquants import BYTES, QK_K, pack, unpack
+from torchslim.export.ggml import BYTES, LAYOUTS, QK_K, codes, decode, encode, grid, pack, unpack
 
 
 def _weights(rows=16, cols=1024, seed=0):
@@ -34,11 +35,13 @@ def _rtn(w, bits, block=32):
     return ((x / scale).round().clamp(-top - 1, top) * scale).reshape(w.shape)
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("kind", list(LAYOUTS))
 def test_packed_blocks_read_back_with_ggufs_reference_dequantizer(kind, tmp_path):
     w = _weights()
     blocks = pack(w, kind)
-    assert blocks.dtype == np.uint8 and blocks.shape == (16, 1024 // QK_K * BYTES[kind])
+    assert blocks.dtype == np.uint8 and blocks.shape == (16, 1024 // LAYOUTS[kind].block * BYTES[kind])
+    g = grid(w, kind)
+    assert torch.equal(decode(g, codes(w, g)), unpack(blocks, kind, tuple(w.shape)))
     ours = unpack(blocks, kind, tuple(w.shape))
     reference = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind))
     assert reference.shape == w.shape
@@ -75,6 +78,66 @@ def test_bits_per_weight_and_error_against_round_to_nearest():
     assert e4 < 0.007
 
 
+def _llama_reference(w, kind):
+    """llama.cpp's reference rounding of the blocks of 32 (`quantize_row_*_ref`): Q4_0/Q5_0 scale the
+    block's signed extreme to the most negative code, Q4_1/Q5_1 span min..max, Q8_0 absmax / 127."""
+    x = w.reshape(-1, 32)
+    if kind in ("Q4_0", "Q5_0"):
+        low = -8 if kind == "Q4_0" else -16
+        extreme = x.gather(1, x.abs().argmax(1, keepdim=True))
+        d = (extreme / low).half().float()
+        q = (x / torch.where(d == 0, torch.ones_like(d), d)).round().clamp(low, -low - 1)
+        return (q * d).reshape(w.shape)
+    if kind == "Q8_0":
+        d = (x.abs().amax(1, keepdim=True) / 127).half().float()
+        return ((x / d.clamp_min(1e-12)).round() * d).reshape(w.shape)
+    top = 15 if kind == "Q4_1" else 31
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    d, m = ((hi - lo) / top).half().float(), lo.half().float()
+    return (((x - m) / d.clamp_min(1e-12)).round().clamp(0, top) * d + m).reshape(w.shape)
+
+
+def test_blocks_of_32_bits_per_weight_and_error_against_llama_cpps_reference_rounding():
+    """Q4_0 … Q8_0 at llama.cpp's sizes, and torchslim's searched ranges beat llama.cpp's reference
+    rounding of the same type. Measured on these Gaussian rows (torchslim's relative squared error over
+    llama.cpp's): Q4_0 0.97, Q4_1 0.82, Q5_0 0.96, Q5_1 0.89, Q8_0 0.95 — the symmetric types gain little
+    without an importance (llama.cpp's own choice is one of the ranges searched)."""
+    w = _weights(rows=32, cols=2048, seed=1)
+    bits = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5}
+    errors = {}
+    for kind, size in bits.items():
+        blocks = pack(w, kind)
+        assert blocks.nbytes * 8 / w.numel() == size, kind
+        ours, theirs = _rel_err(unpack(blocks, kind, tuple(w.shape)), w), _rel_err(_llama_reference(w, kind), w)
+        errors[kind] = ours
+        assert ours < (0.92 if kind.endswith("_1") else 0.985) * theirs, (kind, ours, theirs)
+    assert errors["Q5_1"] < errors["Q5_0"] < errors["Q4_1"] < errors["Q4_0"]
+    assert errors["Q8_0"] < errors["Q5_1"] / 30
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0"])
+def test_gptq_on_a_types_stored_grid_lowers_the_output_error(kind):
+    """GPTQ choosing the codes on a GGML type's stored steps (`TypeGrid` as its fixed grid): the codes
+    stay on the grid (encode/unpack give exactly the GPTQ weights) and the layer's output error on
+    correlated inputs falls below round-to-nearest's on the same grid (measured 0.72-0.76x for Q4_K, Q5_K,
+    Q6_K, Q4_0, Q5_0; the importance-weighted grid itself 0.81-0.87x of the unweighted one's for all but Q6_K)."""
+    from torchslim.quantize.weights import gptq, output_error
+
+    g0 = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 512, generator=g0) * 0.05
+    x = torch.randn(2048, 512, generator=g0) @ (torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g0) / 512**0.5)
+    x[:, :16] *= 10  # a few channels with large activations
+    hessian = 2 * x.T @ x / len(x)
+    g = grid(w, kind, torch.diag(hessian))
+    q, _, _ = gptq(w, hessian, g, fixed=(g.step, g.offset))
+    assert q.min() >= LAYOUTS[kind].lo and q.max() <= LAYOUTS[kind].hi and torch.equal(q, q.round())
+    via_file = unpack(encode(g, q), kind, tuple(w.shape))
+    assert torch.allclose(via_file, decode(g, q), rtol=0, atol=1e-7)
+    rtn_error = output_error(w, decode(g, codes(w, g)), hessian)
+    gptq_error = output_error(w, via_file, hessian)
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+
+
 def test_importance_moves_the_error_to_columns_that_matter():
     w = _weights(rows=32, cols=1024, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -90,6 +153,8 @@ def test_importance_moves_the_error_to_columns_that_matter():
 def test_shapes_llamacpp_cannot_pack_are_refused():
     with pytest.raises(TorchslimError, match="multiple of 256"):
         pack(torch.zeros(4, 100), "Q4_K")
+    with pytest.raises(TorchslimError, match="multiple of 32"):
+        pack(torch.zeros(4, 100), "Q5_0")
     with pytest.raises(TorchslimError, match="not one of"):
         pack(torch.zeros(4, 256), "Q3_K")
 
