@@ -66,15 +66,24 @@ def test_encoder_distillation_loss_is_zero_for_a_copy_and_hooks_read_mapped_laye
     assert encoder_layers(student)[0].output.dense.weight.grad.abs().sum() > 0
 
 
-def test_fused_int8_keeps_fidelity_and_falls_back_to_float(minilm, tmp_path):
+@pytest.fixture(scope="module")
+def fused(minilm, tmp_path_factory):
+    """The fused float encoder (ONNX Runtime's transformer fusions), its calibration sentences and the
+    PyTorch reference embeddings, shared by the int8 tests."""
     model, tok = minilm
-    sentences = text.sentences("fortunes")[:16]
-    fused = export_encoder(model, tok, tmp_path / "fused.onnx", sentences, fuse=True)
+    calibration = {"fortunes": text.sentences("fortunes")[:16], "descriptions": text.sentences("descriptions")[:16]}
+    path = export_encoder(
+        model, tok, tmp_path_factory.mktemp("fused") / "fused.onnx", calibration["fortunes"], fuse=True
+    )
+    return path, calibration, {k: embed(model, tok, s) for k, s in calibration.items()}
+
+
+def test_fused_int8_keeps_fidelity_and_falls_back_to_float(minilm, fused, tmp_path):
+    _, tok = minilm
+    fused, calibration, reference = fused
     counts = fusion_counts(fused)
     assert counts["Attention"] == 6 and counts["LayerNormalization"] == 12
     assert len(quantizable_nodes(fused)) == 6 + 18  # 6 fused QKV attentions, 3 projections per layer
-    calibration = {"fortunes": sentences, "descriptions": text.sentences("descriptions")[:16]}
-    reference = {k: embed(model, tok, s) for k, s in calibration.items()}
     path, info = fidelity_int8(fused, tok, calibration, reference, tmp_path / "q.onnx", target=0.999, threads=1)
     assert info["excluded"] and info["int8_nodes"] < info["nodes"]  # 0.999 is not reached in all-int8
     assert info["cosine"] > info["all_int8_cosine"]
@@ -82,13 +91,11 @@ def test_fused_int8_keeps_fidelity_and_falls_back_to_float(minilm, tmp_path):
     assert path.stat().st_size < fused.stat().st_size
 
 
-def test_static_int8_calibrates_activations_and_falls_back_to_float(minilm, tmp_path):
+def test_static_int8_calibrates_activations_and_falls_back_to_float(minilm, fused, tmp_path):
     import onnx
 
-    model, tok = minilm
-    calibration = {"fortunes": text.sentences("fortunes")[:16], "descriptions": text.sentences("descriptions")[:16]}
-    fused = export_encoder(model, tok, tmp_path / "fused.onnx", calibration["fortunes"], fuse=True)
-    reference = {k: embed(model, tok, s) for k, s in calibration.items()}
+    _, tok = minilm
+    fused, calibration, reference = fused
     path, info = fidelity_int8(
         fused, tok, calibration, reference, tmp_path / "s.onnx", target=0.98, threads=1, method="static"
     )

@@ -143,51 +143,24 @@ def _gguf(model, grid, ctx, out: Path) -> dict:
 
 
 def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
-    """A GGUF in llama.cpp's mixture `cfg.gguf`: every weight matrix in the type `llama-quantize` gives
-    it (`export.gguf.llama_type`), its grid searched with each input column weighted by the calibration
-    inputs' mean square, the codes chosen by GPTQ on that grid (`algorithm: gptq`) or rounded to nearest;
-    layers in `ignore` stay float16. `model` (the float model, AWQ's scaling folded) ends with the
-    weights llama.cpp computes with, and its validation metric is measured on them."""
+    """A GGUF in llama.cpp's mixture `cfg.gguf`, rounded by `round_into_mixture`; `model` (the float
+    model, AWQ's scaling folded) ends with the weights llama.cpp computes with, and its validation
+    metric is measured on them."""
     source = ctx.task.source_gguf()
     if source is None:
         return {"skipped": why_not(None, None)}
     try:
-        types = mixture_types(model, source, cfg.gguf)
+        packed, records = round_into_mixture(
+            model, source, cfg.gguf, hessians, cfg.algorithm, damp=cfg.damp, ignore=cfg.ignore
+        )
     except TorchslimError as exc:
         return {"skipped": str(exc)}
-    lm = getattr(model, "lm", model)
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    modules = {id(m.weight): n for n, m in linear_layers(model, skip=()).items()}
-    packed, records = {}, []
-    for hf, kind in types.items():
-        weight = params[hf]
-        name = modules.get(id(weight))
-        if kind == "F16" or (name is not None and matches(name, cfg.ignore)):
-            packed[hf] = ("F16", weight.detach().float())
-            records.append({"tensor": hf, "type": "F16"})
-            continue
-        hessian = None if hessians is None or name is None else hessians.get(name)
-        w = weight.detach().float()
-        g = ggml.grid(w, kind, None if hessian is None else torch.diag(hessian))
-        if cfg.algorithm == "gptq" and hessian is not None:
-            q = gptq(w, hessian, g, damp=cfg.damp, fixed=(g.step, g.offset))[0]
-        else:
-            q = ggml.codes(w, g)
-        packed[hf] = (kind, ggml.encode(g, q))
-        new = ggml.decode(g, q)
-        record = {"tensor": hf, "type": kind}
-        if hessian is not None:
-            record["output_error"] = output_error(w, new, hessian)
-            if cfg.algorithm == "gptq":  # what rounding to nearest on the same grid would have cost
-                record["rtn_output_error"] = output_error(w, ggml.decode(g, ggml.codes(w, g)), hessian)
-        records.append(record)
-        weight.data = new.to(weight.dtype)
     info = write_gguf(model, source, out, mixture=cfg.gguf, packed=packed)
-    weights = sum(p.numel() for p in {id(p): p for p in params.values()}.values())
+    params = {id(p): p for p in getattr(model, "lm", model).parameters()}
     info.update(
         mixture=cfg.gguf,
         algorithm=cfg.algorithm,
-        bits_per_weight=info["tensor_bytes"] * 8 / weights,
+        bits_per_weight=info["tensor_bytes"] * 8 / sum(p.numel() for p in params.values()),
         validation=ctx.task.score(torch_predictor(model, ctx.recipe.measure.threads)),
         tensors=records,
     )
@@ -198,6 +171,55 @@ def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
         + f"; validation metric of its weights {info['validation']:.4f})"
     )
     return info
+
+
+def round_into_mixture(
+    model,
+    source: Path,
+    mixture: str,
+    hessians: dict | None = None,
+    algorithm: str = "rtn",
+    damp: float = 0.01,
+    ignore=(),
+) -> tuple[dict, list[dict]]:
+    """Every weight matrix of `model` (a causal LM or a wrapper holding one as `.lm`) in the GGUF type
+    `llama-quantize` gives it in `mixture` (`export.gguf.llama_type`): the type's grid searched with
+    each input column weighted by the diagonal of its layer's input Hessian (`hessians`, keyed by
+    `linear_layers(model, skip=())` names: the calibration inputs' mean square, llama.cpp's importance
+    matrix), the codes chosen by GPTQ on that grid (`algorithm="gptq"`, where a Hessian is given) or
+    rounded to nearest; tensors in `ignore` (module paths or globs) stay float16. The weights are
+    replaced, in place, by those llama.cpp computes with. Returns ({Hugging Face parameter name: (type,
+    blocks)} for `write_gguf(packed=...)`, one record per tensor: type and output error, with GPTQ also
+    round-to-nearest's on the same grid)."""
+    lm = getattr(model, "lm", model)
+    types = mixture_types(lm, source, mixture)
+    params = dict(lm.named_parameters(remove_duplicate=False))
+    modules = {id(m.weight): n for n, m in linear_layers(model, skip=()).items()}
+    packed, records = {}, []
+    for hf, kind in types.items():
+        weight = params[hf]
+        name = modules.get(id(weight))
+        if kind == "F16" or (name is not None and matches(name, ignore)):
+            packed[hf] = ("F16", weight.detach().float())
+            records.append({"tensor": hf, "type": "F16"})
+            continue
+        hessian = None if hessians is None or name is None else hessians.get(name)
+        w = weight.detach().float()
+        g = ggml.grid(w, kind, None if hessian is None else torch.diag(hessian))
+        if algorithm == "gptq" and hessian is not None:
+            q = gptq(w, hessian, g, damp=damp, fixed=(g.step, g.offset))[0]
+        else:
+            q = ggml.codes(w, g)
+        packed[hf] = (kind, ggml.encode(g, q))
+        new = ggml.decode(g, q)
+        record = {"tensor": hf, "type": kind}
+        if hessian is not None:
+            record["output_error"] = output_error(w, new, hessian)
+            if algorithm == "gptq":  # what rounding to nearest on the same grid would have cost
+                record["rtn_output_error"] = output_error(w, ggml.decode(g, ggml.codes(w, g)), hessian)
+        records.append(record)
+        weight.data = new.to(weight.dtype)
+    return packed, records
 
 
 def _allocate_bits(model, layers: dict, floats: dict, hessians, options: dict, records: list[dict], cfg, ctx) -> dict:
