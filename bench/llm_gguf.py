@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/torchslim-bench-gguf")
     args = parser.parse_args()
     name = args.model.split(":")[-1]
-    result = harness.start(args, title=f"GGUF for llama.cpp ({name}, {args.mixture}): torchslim vs llama-quantize")
+    result = harness.start(
+        args,
+        title=f"GGUF for llama.cpp ({name}, {args.mixture}): torchslim vs llama-quantize",
+        name=f"llm_gguf-{name}-{args.mixture}",
+    )
     torch.set_num_threads(args.threads)
     work = Path(args.work) / name
     work.mkdir(parents=True, exist_ok=True)
@@ -191,7 +195,7 @@ def main() -> None:
         best_peer = min(peers, key=rise.get)
         best_ours = min(ours, key=rise.get)
         result.headline(
-            f"{name} {args.mixture}: perplexity rise, {best_ours} / {best_peer}",
+            f"{name} {args.mixture}: perplexity (mean over sources), {best_ours} / {best_peer}",
             (1 + rise[best_ours]) / (1 + rise[best_peer]),
             "{:.4f}x",
         )

@@ -140,14 +140,21 @@ def test_schemes_without_a_gguf_type_say_why():
     assert why_not(Grid(4, 32, True), _source()) is None
 
 
-def test_llama_cpp_loads_the_written_file(tmp_path):
+@pytest.mark.parametrize("mixture", [None, "Q4_K_M", "Q5_K_S"])
+def test_llama_cpp_loads_the_written_file(tmp_path, mixture):
+    """llama.cpp serves the file with the logits of the weights in it: torchslim's int4 grid (Q4_0,
+    Q8_0 head), or a k-quant mixture (compared with transformers' reading of the same file)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (bench/llm.py)")
     import numpy as np
 
-    model = _tiny()
-    quantize_weights(model, Grid(4, 32, True), "rtn", layers=linear_layers(model))
-    quantize_weights(model, Grid(8, 32, True), "rtn", layers=dict([output_head(model)]))
-    write_gguf(model, _source(), tmp_path / "model.gguf")
+    if mixture is None:
+        model = _tiny()
+        quantize_weights(model, Grid(4, 32, True), "rtn", layers=linear_layers(model))
+        quantize_weights(model, Grid(8, 32, True), "rtn", layers=dict([output_head(model)]))
+        write_gguf(model, _source(), tmp_path / "model.gguf")
+    else:
+        write_gguf(_tiny(hidden=256, ffn=512), _source(), tmp_path / "model.gguf", mixture=mixture)
+        model = _read_back(tmp_path / "model.gguf")
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     ids = [1, 500, 2000, 77, 30000, 12]
     llm.eval(ids)
