@@ -117,9 +117,17 @@ def _error_weights(importance: torch.Tensor | None, shape: tuple[int, int], size
     return (imp + 1e-12).reshape(-1, size)
 
 
+CHUNK = 1 << 13  # sub-blocks searched at a time: the candidates' temporaries stay in the CPU's caches
+
+
 def _search(x: torch.Tensor, w: torch.Tensor, candidates) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of x (sub-blocks): the (step, offset) among `candidates` (an iterable of (step, offset, lo,
-    hi) tensors/ints) with the least weighted squared error of x ≈ step·q − offset, q in lo..hi."""
+    """Per row of x (sub-blocks): the (step, offset) among `candidates(x)` (an iterable of (step, offset,
+    lo, hi) tensors/ints) with the least weighted squared error of x ≈ step·q − offset, q in lo..hi;
+    `CHUNK` rows at a time."""
+    if len(x) > CHUNK:
+        parts = [_search(x[i : i + CHUNK], w[i : i + CHUNK], candidates) for i in range(0, len(x), CHUNK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    candidates = candidates(x)
     best_err = torch.full((x.shape[0],), float("inf"))
     best_step, best_offset = torch.zeros(x.shape[0]), torch.zeros(x.shape[0])
     for step, offset, lo, hi in candidates:
@@ -179,23 +187,23 @@ def grid(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None
     w = _error_weights(importance, (rows, cols), lay.sub)
     per_row = (rows, cols // lay.sub)
     if kind in ("Q4_K", "Q5_K"):
-        scale, minimum = _search(x, w, _ranges(x, lay.hi, clamp_zero=True))
+        scale, minimum = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=True))
         d, sc = _super_scale(scale.reshape(-1, 8), 63)
         dmin, mq = _super_scale(minimum.reshape(-1, 8), 63)
         step, offset = d[:, None] * sc, dmin[:, None] * mq
         stored = {"d": d, "dmin": dmin, "sc": sc, "m": mq}
     elif kind == "Q6_K":
-        scale, _ = _search(x, w, ((s, o, -32, 31) for s, o, _, _ in _signed(x, -32, 31)))
+        scale, _ = _search(x, w, lambda x: _signed(x, -32, 31))
         d, sc = _super_scale(scale.reshape(-1, 16), 127)
         step = d[:, None] * sc
         offset, stored = 32 * step, {"d": d, "sc": sc}
     elif lay.center or kind == "Q8_0":  # Q4_0, Q5_0, Q8_0: symmetric
         low, high = lay.lo - lay.center, lay.hi - lay.center
-        scale, _ = _search(x, w, _signed(x, low, high))
+        scale, _ = _search(x, w, lambda x: _signed(x, low, high))
         step = scale.half().float()
         offset, stored = lay.center * step, {"d": step}
     else:  # Q4_1, Q5_1: a float16 step and minimum
-        scale, offset = _search(x, w, _ranges(x, lay.hi, clamp_zero=False))
+        scale, offset = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=False))
         step, minimum = scale.half().float(), (-offset).half().float()
         offset, stored = -minimum, {"d": step, "m": minimum}
     return TypeGrid(kind, step.reshape(per_row), offset.reshape(per_row), stored)

@@ -29,6 +29,7 @@ from torchslim.models.transformer import Replay, block_inputs, hidden_states, re
 from torchslim.paths import matches
 
 CLIP_LOW = 0.5  # the smallest share of a group's range the clipping search tries
+ROWS = 8192  # GPTQ's rows at a time (they are independent): its updates stay in the CPU's caches
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,22 @@ def gptq(
     """GPTQ: (integers, scales, zero points) of a (rows x columns) weight given the Hessian of its
     inputs (columns x columns). `fixed`: the (scale, zero) of every group (rows x groups of
     `grid.width` columns) given, e.g. a GGUF type's stored grid (`export.ggml.TypeGrid`, whose
-    quantize/dequantize `grid` then is); only the integers are chosen."""
+    quantize/dequantize `grid` then is); only the integers are chosen. Rows are independent in GPTQ: a
+    tall matrix (an embedding table used as the head) is done `ROWS` rows at a time."""
+    if w.shape[0] > ROWS:
+        parts = [
+            gptq(
+                w[i : i + ROWS],
+                hessian,
+                grid,
+                damp,
+                act_order,
+                block,
+                None if fixed is None else (fixed[0][i : i + ROWS], fixed[1][i : i + ROWS]),
+            )
+            for i in range(0, w.shape[0], ROWS)
+        ]
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
