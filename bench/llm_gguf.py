@@ -19,6 +19,7 @@ Decode speed is not compared here: files of the same types run the same llama.cp
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ import harness
 from llm import LlamaCpp
 from torchslim.data import corpus
 from torchslim.export.gguf import write_gguf
-from torchslim.measure.lm import bos_token, score, scored_bytes
+from torchslim.measure.lm import bos_token, score, windows
 from torchslim.models.lm import load_causal_lm, locate
 from torchslim.quantize.weight_only import round_into_mixture
 from torchslim.quantize.weights import collect_hessians, linear_layers
@@ -139,34 +140,40 @@ def main() -> None:
         for s in args.sources
     }
     bos = bos_token(tok)
-    reference = LlamaCpp(float_gguf, args.threads, args.window)
-    cached: dict[str, dict[int, torch.Tensor]] = {}
-
-    def reference_logits(ids: torch.Tensor) -> torch.Tensor:
-        key = hash(ids.numpy().tobytes())
-        store = cached.setdefault("float", {})
-        if key not in store:
-            store[key] = reference.logits(ids)
-        return store[key]
-
+    # every file loaded at once and scored window by window: the float file's logits of a window are
+    # computed once and are the reference of every other file's KL (a whole source of them would not fit
+    # in memory for a 262k-token vocabulary)
+    engines = {label: LlamaCpp(path, args.threads, args.window) for label, path in files.items()}
     rows = {}
-    for label, path in files.items():
-        engine = reference if path == float_gguf else LlamaCpp(path, args.threads, args.window)
-        rows[label] = {
-            s: score(
-                engine.logits,
-                ids,
-                scored_bytes(tok, ids),
-                args.window,
-                args.window,
-                reference=None if path == float_gguf else reference_logits,
-                bos=bos,
-            )
-            for s, ids in held.items()
-        }
+    for s, ids in held.items():
+        sums = {label: [0.0, 0.0, 0] for label in files}  # nll, KL, tokens
+        for start, end, _ in windows(len(ids), args.window, args.window):
+            chunk, memo = ids[start:end], {}
+
+            def reference(window: torch.Tensor, memo: dict = memo) -> torch.Tensor:
+                if "logits" not in memo:
+                    memo["logits"] = engines["float (F32)"].logits(window)
+                return memo["logits"]
+
+            for label, engine in engines.items():
+                is_float = label == "float (F32)"
+                r = score(
+                    reference if is_float else engine.logits,
+                    chunk,
+                    None,
+                    args.window,
+                    args.window,
+                    reference=None if is_float else reference,
+                    bos=bos,
+                )
+                sums[label][0] += r["nll"] * r["tokens"]
+                sums[label][1] += r.get("kl", 0.0) * r["tokens"]
+                sums[label][2] += r["tokens"]
+        for label, (nll, kl, count) in sums.items():
+            rows.setdefault(label, {})[s] = {"perplexity": math.exp(nll / count), "kl": kl / count, "tokens": count}
+    for label in files:
         print(label, {s: round(r["perplexity"], 3) for s, r in rows[label].items()})
-        if engine is not reference:
-            del engine
+    engines.clear()  # free the models before the table
     base = {s: rows["float (F32)"][s]["perplexity"] for s in args.sources}
     table = result.table(
         f"{name}: GGUF files served by llama.cpp, {args.tokens} held-out tokens per source, windows of {args.window}",
