@@ -13,10 +13,10 @@ run: $(STAMP) data
 	$(VENV)/bin/torchslim run $(RECIPE) --out $(OUT) $(ARGS)
 
 # the whole suite, one worker per core (pytest-xdist; a test file stays on one worker, so its shared
-# fixtures are built once); JOBS=0 runs it in this process
+# fixtures are built once; the slowest files go out first: tests/conftest.py); JOBS=0 runs it in this process
 JOBS ?= auto
 test: $(STAMP) data
-	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 install: $(STAMP)
 
