@@ -120,20 +120,47 @@ def _error_weights(importance: torch.Tensor | None, shape: tuple[int, int], size
 CHUNK = 1 << 13  # sub-blocks searched at a time: the candidates' temporaries stay in the CPU's caches
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+def _error(x, w, step, offset, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, weighted squared error per row) of x on (step, offset)."""
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = ((x + offset[:, None]) / safe[:, None]).round().clamp(lo, hi)
+    return q, (w * (q * step[:, None] - offset[:, None] - x) ** 2).sum(1)
+
+
+def _search(x: torch.Tensor, w: torch.Tensor, candidates, offsets: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of x (sub-blocks): the (step, offset) among `candidates(x)` (an iterable of (step, offset,
-    lo, hi) tensors/ints) with the least weighted squared error of x ≈ step·q − offset, q in lo..hi;
-    `CHUNK` rows at a time."""
+    lo, hi) tensors/ints) with the least weighted squared error of x ≈ step·q − offset, q in lo..hi,
+    then refitted by weighted least squares on its codes (twice; kept where the error falls): the step
+    alone with `offsets="zero"`, both with "any", both with the offset kept ≥ 0 with "positive".
+    Weights already on such a grid come back to it exactly. `CHUNK` rows at a time."""
     if len(x) > CHUNK:
-        parts = [_search(x[i : i + CHUNK], w[i : i + CHUNK], candidates) for i in range(0, len(x), CHUNK)]
+        parts = [_search(x[i : i + CHUNK], w[i : i + CHUNK], candidates, offsets) for i in range(0, len(x), CHUNK)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    candidates = candidates(x)
     best_err = torch.full((x.shape[0],), float("inf"))
     best_step, best_offset = torch.zeros(x.shape[0]), torch.zeros(x.shape[0])
-    for step, offset, lo, hi in candidates:
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        q = ((x + offset[:, None]) / safe[:, None]).round().clamp(lo, hi)
-        err = (w * (q * step[:, None] - offset[:, None] - x) ** 2).sum(1)
+    for step, offset, lo, hi in candidates(x):
+        _, err = _error(x, w, step, offset, lo, hi)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_step = torch.where(better, step, best_step)
+        best_offset = torch.where(better, offset, best_offset)
+    for _ in range(2):
+        q, _ = _error(x, w, best_step, best_offset, lo, hi)
+        wq = w * q
+        a, d = (wq * q).sum(1), (wq * x).sum(1)
+        if offsets == "zero":
+            step = d / torch.where(a > 0, a, torch.ones_like(a))
+            offset = torch.zeros_like(step)
+        else:
+            b, c, e = wq.sum(1), w.sum(1), (w * x).sum(1)
+            det = a * c - b * b
+            step = (d * c - e * b) / torch.where(det.abs() > 0, det, torch.ones_like(det))
+            offset = (step * b - e) / c
+            if offsets == "positive":
+                offset = offset.clamp_min(0)
+        valid = (step > 0) & torch.isfinite(step) & torch.isfinite(offset)
+        step, offset = torch.where(valid, step, best_step), torch.where(valid, offset, best_offset)
+        _, err = _error(x, w, step, offset, lo, hi)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_step = torch.where(better, step, best_step)
@@ -187,23 +214,23 @@ def grid(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None
     w = _error_weights(importance, (rows, cols), lay.sub)
     per_row = (rows, cols // lay.sub)
     if kind in ("Q4_K", "Q5_K"):
-        scale, minimum = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=True))
+        scale, minimum = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=True), "positive")
         d, sc = _super_scale(scale.reshape(-1, 8), 63)
         dmin, mq = _super_scale(minimum.reshape(-1, 8), 63)
         step, offset = d[:, None] * sc, dmin[:, None] * mq
         stored = {"d": d, "dmin": dmin, "sc": sc, "m": mq}
     elif kind == "Q6_K":
-        scale, _ = _search(x, w, lambda x: _signed(x, -32, 31))
+        scale, _ = _search(x, w, lambda x: _signed(x, -32, 31), "zero")
         d, sc = _super_scale(scale.reshape(-1, 16), 127)
         step = d[:, None] * sc
         offset, stored = 32 * step, {"d": d, "sc": sc}
     elif lay.center or kind == "Q8_0":  # Q4_0, Q5_0, Q8_0: symmetric
         low, high = lay.lo - lay.center, lay.hi - lay.center
-        scale, _ = _search(x, w, lambda x: _signed(x, low, high))
+        scale, _ = _search(x, w, lambda x: _signed(x, low, high), "zero")
         step = scale.half().float()
         offset, stored = lay.center * step, {"d": step}
     else:  # Q4_1, Q5_1: a float16 step and minimum
-        scale, offset = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=False))
+        scale, offset = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=False), "any")
         step, minimum = scale.half().float(), (-offset).half().float()
         offset, stored = -minimum, {"d": step, "m": minimum}
     return TypeGrid(kind, step.reshape(per_row), offset.reshape(per_row), stored)
