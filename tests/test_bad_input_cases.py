@@ -591,3 +591,17 @@ def test_a_pattern_that_matches_no_layer_is_an_error(stage, words, tiny_recipe, 
     _clean(text)
     missing = [w for w in words if w not in text]
     assert not missing, f"{missing} not in: {text}"
+
+
+def test_a_module_of_the_same_name_in_another_recipe_folder_is_not_reused(tmp_path):
+    """Two recipes in one process, each with its own mymodel.py: each gets its own builder (the module
+    imported for the first is not reused for the second)."""
+    from torchslim.entrypoint import resolve
+
+    builders = []
+    for width in (3, 5):
+        folder = tmp_path / f"recipe{width}"
+        folder.mkdir()
+        (folder / "samename_model.py").write_text(f"def build():\n    return {width}\n")
+        builders.append(resolve("samename_model:build", "model.entrypoint", folder))
+    assert [b() for b in builders] == [3, 5]

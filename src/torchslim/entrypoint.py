@@ -32,6 +32,7 @@ def import_user_module(name: str, what: str, missing: str, search_dir: Path | No
     added = search_dir is not None and str(search_dir) not in sys.path
     if added:
         sys.path.insert(0, str(search_dir))
+    _forget_other_copy(name, search_dir)
     try:
         return importlib.import_module(name)
     except ImportError as exc:
@@ -45,6 +46,22 @@ def import_user_module(name: str, what: str, missing: str, search_dir: Path | No
     finally:
         if added:
             sys.path.remove(str(search_dir))
+
+
+def _forget_other_copy(name: str, search_dir: Path | None) -> None:
+    """A module of this name already imported from elsewhere (another recipe's folder in the same
+    process) is dropped, with its submodules, when the recipe's folder has its own: the recipe's file wins."""
+    top = name.split(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is None or search_dir is None:
+        return
+    local = next((p for p in (search_dir / f"{top}.py", search_dir / top / "__init__.py") if p.exists()), None)
+    where = getattr(loaded, "__file__", None)
+    if local is None or (where is not None and Path(where).resolve() == local.resolve()):
+        return
+    for key in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+        del sys.modules[key]
+    importlib.invalidate_caches()
 
 
 def resolve(spec: str, field: str, search_dir: Path | None = None) -> Callable[..., Any]:
