@@ -66,7 +66,8 @@ def lower_model(model, cfg, ctx, out: Path) -> dict:
             folds = awq_scale(quantized, batches, grid, layers, hessians, magnitudes)
     if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
-    mixture_model = copy.deepcopy(quantized) if cfg.gguf else None  # the float weights, AWQ's scaling folded
+    # the float weights (AWQ's scaling folded) for a GGUF in llama.cpp's mixture, where one can be written
+    mixture_model = copy.deepcopy(quantized) if cfg.gguf and ctx.task.source_gguf() is not None else None
     floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}
     records = []
     if heads:  # first, so the layers' sensitivity is measured with the head as it will be served
@@ -86,7 +87,7 @@ def lower_model(model, cfg, ctx, out: Path) -> dict:
     grid_onnx.unlink(missing_ok=True)
     if cfg.gguf:
         gguf = _gguf_mixture(mixture_model, cfg, ctx, hessians, out.with_suffix(".gguf"))
-        del mixture_model
+        mixture_model = None
     else:
         gguf = _gguf(quantized, grid, ctx, out.with_suffix(".gguf"))
     info = {
@@ -147,7 +148,7 @@ def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
     model, AWQ's scaling folded) ends with the weights llama.cpp computes with, and its validation
     metric is measured on them."""
     source = ctx.task.source_gguf()
-    if source is None:
+    if model is None or source is None:
         return {"skipped": why_not(None, None)}
     try:
         packed, records = round_into_mixture(
@@ -156,11 +157,10 @@ def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
     except TorchslimError as exc:
         return {"skipped": str(exc)}
     info = write_gguf(model, source, out, mixture=cfg.gguf, packed=packed)
-    params = {id(p): p for p in getattr(model, "lm", model).parameters()}
     info.update(
         mixture=cfg.gguf,
         algorithm=cfg.algorithm,
-        bits_per_weight=info["tensor_bytes"] * 8 / sum(p.numel() for p in params.values()),
+        bits_per_weight=info["tensor_bytes"] * 8 / sum(p.numel() for p in getattr(model, "lm", model).parameters()),
         validation=ctx.task.score(torch_predictor(model, ctx.recipe.measure.threads)),
         tensors=records,
     )
