@@ -56,8 +56,10 @@ def register_stage(
 
     def wrap(fn: Callable) -> Callable:
         variants = _STAGES.setdefault(name, [])
-        if any(v.tasks == (tuple(tasks) if tasks else None) for v in variants):
-            raise ValueError(f"stage '{name}' is registered twice for {'every task' if tasks is None else tasks}")
+        for v in [v for v in variants if v.tasks == (tuple(tasks) if tasks else None)]:
+            if not same_definition(v.apply, fn):
+                raise ValueError(f"stage '{name}' is registered twice for {'every task' if tasks is None else tasks}")
+            variants.remove(v)  # the same module imported again (a recipe's own copy of it): the new one wins
         doc = (fn.__doc__ or "").strip().splitlines()
         variants.append(
             StageHandler(
@@ -75,6 +77,12 @@ def register_stage(
         return fn
 
     return wrap
+
+
+def same_definition(old: object, new: object) -> bool:
+    """`new` is `old` defined again: the same module and name, as when a user's module is imported anew
+    from another recipe's folder in one process."""
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def register_alias(old: str, name: str, message: str) -> None:

@@ -32,6 +32,7 @@ from torchslim.errors import DataError, RecipeError, TorchslimError
 from torchslim.export.onnx import export_inputs
 from torchslim.measure import lowered_agreement
 from torchslim.measure.predict import Inputs, Predictor, torch_predictor
+from torchslim.registry import same_definition
 
 
 class Task:
@@ -191,7 +192,7 @@ def register_task(name: str):
     """Class decorator: `@register_task("regression")` makes `task: regression` usable in recipes."""
 
     def wrap(cls: type[Task]) -> type[Task]:
-        if name in _TASKS and _TASKS[name] is not cls:
+        if name in _TASKS and not same_definition(_TASKS[name], cls):
             raise ValueError(f"task '{name}' is registered twice")
         cls.name = name
         _TASKS[name] = cls
