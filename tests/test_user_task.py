@@ -3,6 +3,7 @@ recipe's `plugins:` — the example in examples/box_regression, run from the CLI
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import yaml
 from torchslim.cli import app
 from torchslim.errors import RecipeError
 from torchslim.recipe import parse_recipe
+from torchslim.registry import get_stage
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "box_regression"
 
@@ -90,3 +92,22 @@ def test_plugin_and_task_errors_say_what_to_do(example):
         parse_recipe({**recipe, "task": "regresion"}, "recipe", example)
     parsed = parse_recipe(recipe, "recipe", example)
     assert parsed.stages[1].name == "clip_outliers" and parsed.stages[1].config.sigmas == 4
+
+
+def test_the_same_plugin_from_two_recipe_folders_in_one_process(tmp_path):
+    """Two recipes, each with its own boxes.py: the second recipe's file is the one imported, and its
+    stages and task replace the first's instead of failing as registered twice."""
+    recipes = []
+    for name, sigmas in (("a", 4), ("b", 7)):
+        folder = tmp_path / name
+        shutil.copytree(EXAMPLE, folder)
+        source = (folder / "boxes.py").read_text()
+        (folder / "boxes.py").write_text(source + f"\nFOLDER = {name!r}\n")
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        recipe["stages"][1]["clip_outliers"] = {"sigmas": sigmas}
+        recipes.append((folder, recipe))
+    for folder, recipe in recipes:
+        parsed = parse_recipe(recipe, "recipe", folder)
+        assert sys.modules["boxes"].FOLDER == folder.name
+        assert parsed.stages[1].config.sigmas == recipe["stages"][1]["clip_outliers"]["sigmas"]
+        assert get_stage("clip_outliers").apply.__globals__["FOLDER"] == folder.name
