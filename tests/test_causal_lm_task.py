@@ -119,8 +119,10 @@ def test_awq_and_gptq_int4_through_the_quantize_stage_serve_matmul_nbits(tiny_lm
         "up_proj",
     ] * 2
     assert all(0 <= f["alpha"] < 1 and f["error_vs_unscaled"] <= 1 for f in info["awq"])
-    assert "did not come from a GGUF" in info["gguf"]["skipped"]  # a Hugging Face directory: no metadata source
     chosen = info["allocation"]  # each layer's sensitivity measured, the bits recorded as chosen
+    # a Hugging Face directory: the GGUF's metadata is built from its config and tokenizer.json
+    high = len(set(chosen["high_layers"]))
+    assert info["gguf"]["types"] == {"Q4_0": 14 - high, "Q8_0": 1 + high, "F32": 5}
     assert len(chosen["sensitivity"]) == 14 and chosen["validation_drop"] <= 1e-6
     assert {r["layer"] for r in info["layers"] if r["bits"] == 8} == set(chosen["high_layers"]) | {"lm.lm_head"}
     # the stage's group of 32 divides the head's width (32), so the head keeps it and shares the table's integers

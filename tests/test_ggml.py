@@ -100,8 +100,9 @@ def _llama_reference(w, kind):
 def test_blocks_of_32_bits_per_weight_and_error_against_llama_cpps_reference_rounding():
     """Q4_0 … Q8_0 at llama.cpp's sizes, and torchslim's searched ranges beat llama.cpp's reference
     rounding of the same type. Measured on these Gaussian rows (torchslim's relative squared error over
-    llama.cpp's): Q4_0 0.97, Q4_1 0.79, Q5_0 0.96, Q5_1 0.82, Q8_0 0.91 — the symmetric types gain little
-    without an importance (llama.cpp's own choice is one of the ranges searched)."""
+    llama.cpp's): Q4_0 0.87, Q4_1 0.79, Q5_0 0.89, Q5_1 0.82, Q8_0 0.87 (llama.cpp's own choice, the signed
+    extreme on the wider negative side, is one of the ranges searched). Weights llama.cpp rounded (a
+    dequantized GGUF) are packed onto its grid again, to float precision."""
     w = _weights(rows=32, cols=2048, seed=1)
     bits = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5}
     errors = {}
@@ -110,7 +111,9 @@ def test_blocks_of_32_bits_per_weight_and_error_against_llama_cpps_reference_rou
         assert blocks.nbytes * 8 / w.numel() == size, kind
         ours, theirs = _rel_err(unpack(blocks, kind, tuple(w.shape)), w), _rel_err(_llama_reference(w, kind), w)
         errors[kind] = ours
-        assert ours < (0.92 if kind.endswith("_1") else 0.985) * theirs, (kind, ours, theirs)
+        assert ours < (0.92 if kind.endswith("_1") else 0.95) * theirs, (kind, ours, theirs)
+        theirs_grid = _llama_reference(w, kind)
+        assert _rel_err(unpack(pack(theirs_grid, kind), kind, tuple(w.shape)), theirs_grid) < 1e-8, kind
     assert errors["Q5_1"] < errors["Q5_0"] < errors["Q4_1"] < errors["Q4_0"]
     assert errors["Q8_0"] < errors["Q5_1"] / 30
 
@@ -119,12 +122,12 @@ def test_blocks_of_32_bits_per_weight_and_error_against_llama_cpps_reference_rou
 def test_weights_already_on_a_types_grid_come_back_to_it(kind):
     """A model whose weights came from a file of this type (dequantized) is packed onto the same grid
     again: the least-squares refit of each sub-block's step and offset finds it — exactly for the blocks
-    of 32, to 3e-7 of the first packing's error for Q4_K; Q6_K and Q5_K keep 0.16% and 1.4% of it (their
+    of 32, to 3e-7 and 5e-5 of the first packing's error for Q4_K and Q5_K; Q6_K keeps 0.3% of it (its
     super-block scales are found again from the refitted steps, not always to the same code)."""
     w = _weights(rows=32, cols=2048, seed=5)
     on_grid = unpack(pack(w, kind), kind, tuple(w.shape))
     again = unpack(pack(on_grid, kind), kind, tuple(w.shape))
-    share = {"Q5_K": 0.03, "Q6_K": 0.005}.get(kind, 1e-4)
+    share = {"Q5_K": 1e-3, "Q6_K": 0.005}.get(kind, 1e-4)
     assert _rel_err(again, on_grid) < share * _rel_err(on_grid, w), kind
 
 

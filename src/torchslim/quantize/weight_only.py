@@ -67,7 +67,7 @@ def lower_model(model, cfg, ctx, out: Path) -> dict:
     if cfg.algorithm == "gptq":
         options = {"damp": cfg.damp, "act_order": cfg.act_order}
     # the float weights (AWQ's scaling folded) for a GGUF in llama.cpp's mixture, where one can be written
-    mixture_model = copy.deepcopy(quantized) if cfg.gguf and ctx.task.source_gguf() is not None else None
+    mixture_model = copy.deepcopy(quantized) if cfg.gguf and ctx.task.gguf_source() is not None else None
     floats = {n: m.weight.data.clone() for n, m in layers.items()} if cfg.max_relative_drop else {}
     records = []
     if heads:  # first, so the layers' sensitivity is measured with the head as it will be served
@@ -125,8 +125,8 @@ def head_group(group: int, head, tied: bool) -> int:
 
 def _gguf(model, grid, ctx, out: Path) -> dict:
     """Also a GGUF for llama.cpp with the same integers, where the scheme maps onto a GGUF type and the
-    model came from a GGUF file; else why not."""
-    source = ctx.task.source_gguf()
+    writer has the metadata (the model's GGUF file or Hugging Face folder); else why not."""
+    source = ctx.task.gguf_source()
     reason = why_not(grid, source)
     if reason is None:
         try:
@@ -147,7 +147,7 @@ def _gguf_mixture(model, cfg, ctx, hessians: dict | None, out: Path) -> dict:
     """A GGUF in llama.cpp's mixture `cfg.gguf`, rounded by `round_into_mixture`; `model` (the float
     model, AWQ's scaling folded) ends with the weights llama.cpp computes with, and its validation
     metric is measured on them."""
-    source = ctx.task.source_gguf()
+    source = ctx.task.gguf_source()
     if model is None or source is None:
         return {"skipped": why_not(None, None)}
     try:

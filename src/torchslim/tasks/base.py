@@ -139,9 +139,10 @@ class Task:
         model: prompt prefill and token-by-token decoding with its cache). Default: none."""
         return {}
 
-    def source_gguf(self) -> Path | None:
-        """The GGUF file the model was loaded from, if any (a weight-only stage then also writes a
-        GGUF with its own grids where they map onto GGUF types). Default: none."""
+    def gguf_source(self) -> Path | None:
+        """Where a GGUF of the model takes its metadata from: the GGUF file the model was loaded from,
+        or its Hugging Face folder (a weight-only stage then also writes a GGUF with its own grids
+        where they map onto GGUF types). Default: none."""
         return None
 
     def feed(self, inputs: Inputs) -> dict:

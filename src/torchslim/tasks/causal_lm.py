@@ -257,9 +257,9 @@ class CausalLM(Task):
             },
         }
 
-    def source_gguf(self) -> Path | None:
+    def gguf_source(self) -> Path | None:
         folder, gguf = locate(self.recipe.model.hf)
-        return folder / gguf if gguf else None
+        return folder / gguf if gguf else folder
 
     def input_spec(self) -> dict:
         folder, gguf = locate(self.recipe.model.hf)
