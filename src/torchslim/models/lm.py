@@ -78,7 +78,26 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
         raise TorchslimError(
             f"Could not load a causal language model from {folder / (gguf or '')}: {str(exc).strip().splitlines()[0]}"
         ) from None
-    return model.eval(), tokenizer
+    return as_linear(model).eval(), tokenizer
+
+
+def as_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every Hugging Face Conv1D (GPT-2's projections: a weight stored (in, out)) replaced
+    by the nn.Linear that computes the same, so that quantization, pruning and export see one kind of
+    projection (a GPT-2 is otherwise left with its projections in float). In place; returns `model`."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ != "Conv1D" or not hasattr(child, "nf"):
+                continue
+            weight = child.weight.detach()
+            linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=child.bias is not None)
+            linear.to(device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.T)
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias)
+            setattr(parent, name, linear)
+    return model
 
 
 class Logits(torch.nn.Module):
