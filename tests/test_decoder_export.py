@@ -242,3 +242,32 @@ def test_gemma3_with_sliding_windows_exports_with_a_cache_that_matches_pytorch(t
     session = ort.InferenceSession(str(export_decoder(lm, tmp_path / "gemma.onnx")), providers=["CPUExecutionProvider"])
     check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)  # 16 tokens > window 4
     assert check["max_abs_diff"] < TOLERANCE and check["same_tokens"]
+
+
+def test_a_model_of_the_same_structure_reuses_the_traced_graph_with_its_own_weights(tmp_path, monkeypatch):
+    """Healing changes the weights, not the structure: the second export writes the new weights into the
+    graph traced for the first (one trace, not two) and serves the new model's logits; a pruned model
+    (other shapes) is traced again. Tied embeddings and all-equal norm weights stay distinct tensors."""
+    from torchslim.export import decoder
+
+    traces = []
+    trace = decoder._trace
+    monkeypatch.setattr(decoder, "_trace", lambda *a: traces.append(1) or trace(*a))
+    monkeypatch.setattr(decoder, "_LAST", {})
+    model = _llama()
+    export_decoder(model, tmp_path / "a.onnx")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if "norm" in name else 0.05))  # norms no longer all equal
+    export_decoder(model, tmp_path / "b.onnx")
+    assert len(traces) == 1
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    check = verify_decoder(model, session, torch.randint(0, 300, (1, 7)), steps=5)
+    assert check["same_tokens"] and check["max_abs_diff"] < 1e-4
+    first = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    ids = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64)}
+    feed = complete_feed(first, ids)
+    assert not np.allclose(first.run(["logits"], feed)[0], session.run(["logits"], feed)[0])
+    smaller = _llama(intermediate_size=48)
+    export_decoder(smaller, tmp_path / "c.onnx")
+    assert len(traces) == 2

@@ -89,10 +89,57 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = Fal
     attention traced as `export.attention.grouped_attention` (the cache read in place) and every
     `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
     SimplifiedLayerNormalization kernel per RMS norm. `plain` traces the model's own attention and
-    keeps the graph as exported (a fallback, and the comparison in `bench/llm_export.py`)."""
-    from contextlib import nullcontext
+    keeps the graph as exported (a fallback, and the comparison in `bench/llm_export.py`).
+
+    A model of the same structure as the last one exported (class, config, modules, parameter shapes:
+    a healed or smoothed model after the pruned one it came from) reuses that graph with its own
+    weights written in, checked against PyTorch on a short input; tracing a decoder takes tens of
+    seconds to minutes, the check a fraction of one."""
+    import onnx
 
     lm = lm.eval()
+    key = _structure(lm, plain, opset)
+    if _LAST.get("key") != key:
+        _LAST.clear()
+        _LAST.update(key=key, template=_template(lm, plain, opset))
+    proto = None
+    if _LAST["template"] is not None:
+        proto = _filled(_LAST["template"], lm)
+        if not _agrees(proto, lm):
+            _LAST["template"], proto = None, None  # this structure's graph depends on its values: trace each
+    path = Path(path)
+    with replacing(path) as tmp:
+        onnx.save(proto if proto is not None else _trace(lm, plain, opset), str(tmp))
+    return path
+
+
+_LAST: dict = {}  # the structure last exported and its graph (weights left out), or None: trace every time
+
+
+def _structure(lm: nn.Module, plain: bool, opset: int) -> tuple:
+    """What the traced graph depends on besides the weights' values. A model with hooks or a forward
+    of its own on some module computes what its code says: never reused (a unique key)."""
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in lm.modules()):
+        return (object(),)
+    config = getattr(lm, "config", None)
+    ties: dict[int, list[str]] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(param), []).append(name)
+    return (
+        type(lm).__qualname__,
+        plain,
+        opset,
+        config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config),
+        tuple((n, type(m).__qualname__) for n, m in lm.named_modules()),
+        tuple((n, tuple(t.shape), str(t.dtype)) for n, t in lm.state_dict(keep_vars=True).items()),
+        tuple(tuple(names) for names in ties.values()),
+    )
+
+
+def _trace(lm: nn.Module, plain: bool, opset: int):
+    """The ONNX graph of `lm` with its cache (an onnx.ModelProto)."""
+    from contextlib import nullcontext
+
     layout = cache_layout(lm)
     names = ["input_ids", "attention_mask"] + [past_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
     outputs = ["logits"] + [present_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
@@ -102,38 +149,114 @@ def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = Fal
     past = torch.export.Dim(PAST_AXIS, min=1, max=big)
     total = torch.export.Dim("total_sequence", min=2, max=2 * big)
     shapes = ({0: batch, 1: sequence}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in range(2 * len(layout))))
-    path = Path(path)
-    with replacing(path) as tmp:
-        try:
-            with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
-                program = torch.onnx.export(
-                    CachedDecoder(lm),
-                    _example(layout, 2, 5, 3),
-                    None,
-                    input_names=names,
-                    output_names=outputs,
-                    dynamo=True,
-                    dynamic_shapes=shapes,
-                    opset_version=opset,
-                    verbose=False,
-                    optimize=True,
-                )
-            if plain:
-                program.save(str(tmp), external_data=False)
-            else:
-                import onnx
+    try:
+        with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
+            program = torch.onnx.export(
+                CachedDecoder(lm),
+                _example(layout, 2, 5, 3),
+                None,
+                input_names=names,
+                output_names=outputs,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                verbose=False,
+                optimize=True,
+            )
+        graph_model = program.model_proto
+        if not plain:
+            divide_by_root(graph_model.graph)
+        return graph_model
+    except OSError:
+        raise  # a full disk is not an export failure
+    except Exception as exc:  # the exporter raises many types; one message names the model and the cause
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"Could not export {type(lm).__name__} with its key/value cache to ONNX: {type(exc).__name__}: {first}"
+        ) from None
 
-                graph_model = program.model_proto
-                divide_by_root(graph_model.graph)
-                onnx.save(graph_model, str(tmp))
-        except OSError:
-            raise  # a full disk is not an export failure
-        except Exception as exc:  # the exporter raises many types; one message names the model and the cause
-            first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-            raise ExportError(
-                f"Could not export {type(lm).__name__} with its key/value cache to ONNX: {type(exc).__name__}: {first}"
-            ) from None
-    return path
+
+def _floats(lm: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every floating-point parameter and buffer of `lm`, once each."""
+    seen, out = set(), []
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        if t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+def _template(lm: nn.Module, plain: bool, opset: int):
+    """(graph, {initializer: (tensor name, transposed)}) traced with every float parameter and buffer
+    set to distinct random values — so no initializer was merged or folded because of the values — then
+    each initializer found again by value; None when one is derived from several (folded) and so could
+    not be written from the model's own tensors."""
+    from onnx import numpy_helper
+
+    tensors = _floats(lm)
+    saved = [t.data for _, t in tensors]
+    gen = torch.Generator().manual_seed(1234)
+    try:
+        with torch.no_grad():
+            for _, t in tensors:
+                t.data = (torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5).to(t.dtype)
+            found = {}
+            for name, t in tensors:
+                value = t.detach().cpu().numpy()
+                found[value.tobytes()] = (name, False)
+                if value.ndim == 2:
+                    found.setdefault(np.ascontiguousarray(value.T).tobytes(), (name, True))
+            graph_model = _trace(lm, plain, opset)
+    finally:
+        for (_, t), data in zip(tensors, saved):
+            t.data = data
+    mapping = {}
+    for init in graph_model.graph.initializer:
+        value = numpy_helper.to_array(init)
+        hit = found.get(np.ascontiguousarray(value).tobytes()) if value.dtype.kind == "f" else None
+        if hit is not None:
+            mapping[init.name] = hit
+            init.ClearField("raw_data")
+        elif value.dtype.kind == "f" and value.size > 1:
+            return None  # computed from the weights when traced: it would not follow new weights
+    return graph_model, mapping
+
+
+def _filled(template, lm: nn.Module):
+    """The template's graph with `lm`'s own tensors written into its initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model, mapping = template
+    tensors = dict(_floats(lm))
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph_model)
+    for init in proto.graph.initializer:
+        if init.name in mapping:
+            name, transposed = mapping[init.name]
+            value = tensors[name].detach().cpu().numpy()
+            value = np.ascontiguousarray(value.T if transposed else value).reshape(tuple(init.dims))
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return proto
+
+
+def _agrees(proto, lm: nn.Module) -> bool:
+    """The graph's logits and cache match PyTorch's on a short input with a cache (1e-3 of their scale)."""
+    import onnxruntime as ort
+
+    layout = cache_layout(lm)
+    torch.manual_seed(0)
+    ids, mask, cache = _example(layout, 1, 3, 2)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for i in range(len(layout)):
+        feed[past_name(i, "key")], feed[past_name(i, "value")] = cache[2 * i].numpy(), cache[2 * i + 1].numpy()
+    got = session.run(None, feed)
+    with torch.no_grad():
+        want = [t.float().numpy() for t in CachedDecoder(lm)(ids, mask, cache)]
+    return all(
+        g.shape == w.shape and np.abs(g - w).max() <= 1e-3 * max(1.0, np.abs(w).max()) for g, w in zip(got, want)
+    )
 
 
 def divide_by_root(graph) -> int:
