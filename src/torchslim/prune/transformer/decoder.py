@@ -95,6 +95,10 @@ def _keep_block(block: nn.Module, kv_heads: torch.Tensor, neurons: torch.Tensor)
     kv_rows = (kv_heads[:, None] * size + torch.arange(size)).reshape(-1)
     q_heads = (kv_heads[:, None] * group + torch.arange(group)).reshape(-1)
     q_rows = (q_heads[:, None] * size + torch.arange(size)).reshape(-1)
+    for norm, rows, width in (("q_norm", q_rows, heads * size), ("k_norm", kv_rows, kv * size)):
+        weight = getattr(getattr(attn, norm, None), "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.shape == (width,):  # OLMo 2: one norm over all heads
+            getattr(attn, norm).weight = nn.Parameter(weight.data[rows].clone())
     keep_rows(attn.q_proj, q_rows)
     keep_rows(attn.k_proj, kv_rows)
     keep_rows(attn.v_proj, kv_rows)
