@@ -49,12 +49,18 @@ FAMILIES = {
     "gemma3": (
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
-        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+        {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 64},  # transformers reads 256 only
         True,
         True,
     ),
-    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}, True, False),  # q/k norms over all heads
-    "granite": ("GraniteForCausalLM", "GraniteConfig", {}, True, False),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}, True, True),  # q/k norms over all heads
+    "granite": (
+        "GraniteForCausalLM",
+        "GraniteConfig",
+        {"embedding_multiplier": 12.0, "logits_scaling": 8.0},
+        True,
+        True,
+    ),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"pad_token_id": 0}, False, False),  # fused qkv, gate_up
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {"rotary_pct": 0.25}, False, False),  # partial rotary
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}, False, False),  # Conv1D, learned positions
@@ -127,6 +133,32 @@ def test_every_decoder_family_quantizes_prunes_or_says_why_exports_with_a_cache_
             write_gguf(lm, folder, tmp_path / "model.gguf")
         return
     write_gguf(lm, folder, tmp_path / "model.gguf")
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32)
+    import gguf as gguf_py
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    fields = {k: f.contents() for k, f in gguf_py.GGUFReader(str(tmp_path / "model.gguf")).fields.items()}
+    arch = fields["general.architecture"]
+    if family == "granite":
+        assert fields["granite.embedding_scale"] == 12.0 and fields["granite.logit_scale"] == 8.0
+    if arch in GGUF_CONFIG_MAPPING:  # transformers reads this architecture's GGUF files
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="model.gguf", dtype=torch.float32
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(
+                back.eval()(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+            )
+    try:
+        import llama_cpp
+    except ImportError:
+        return  # llama-cpp-python is optional (bench/llm.py); where installed, llama.cpp generates as PyTorch
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    prompt = ids[0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(back.eval()(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        want = lm.generate(ids, max_new_tokens=4, do_sample=False)[0, len(prompt) :].tolist()
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1):
+        got.append(token)
+        if len(got) == len(want):
+            break
+    assert got == want

@@ -30,7 +30,7 @@ from torch import nn
 
 from torchslim.errors import TorchslimError
 from torchslim.export import ggml
-from torchslim.export.gguf_meta import architecture, metadata
+from torchslim.export.gguf_meta import ROTARY_PERMUTED, architecture, metadata
 
 BLOCK = 32
 
@@ -206,7 +206,7 @@ def write_gguf(
         written.add(id(state[hf]))
         param = state[hf].detach().float()
         order = None
-        if arch == "llama" and (".attn_q." in tensor_name or ".attn_k." in tensor_name) and param.dim() == 2:
+        if arch in ROTARY_PERMUTED and (".attn_q." in tensor_name or ".attn_k." in tensor_name) and param.dim() == 2:
             heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
             order = _rotary_rows(param.shape[0], heads)
         grid = grids.get(id(state[hf]))

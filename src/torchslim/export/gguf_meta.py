@@ -32,7 +32,10 @@ HF_ARCHITECTURES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "granite": "granite",
+    "olmo2": "olmo2",
 }
+ROTARY_PERMUTED = ("llama", "granite")  # llama.cpp's converter reorders their query/key rows
 # architectures whose GGUF files a model loaded from a GGUF file can be written back in
 GGUF_ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
 
@@ -165,11 +168,20 @@ def _from_folder(config, folder: Path):
         (f"{arch}.attention.head_count_kv", int(sizes["attention.head_count_kv"]), V.UINT32, None),
         (f"{arch}.attention.layer_norm_rms_epsilon", float(config.rms_norm_eps), V.FLOAT32, None),
     ]
-    if sizes["attention.key_length"] != config.hidden_size // heads:
+    if getattr(config, "head_dim", None):  # as llama.cpp's converter: whenever the config names a head size
         for key in ("attention.key_length", "attention.value_length"):
             fields.append((f"{arch}.{key}", int(sizes[key]), V.UINT32, None))
-    if arch == "llama":
+    if arch in ROTARY_PERMUTED:
         fields.append((f"{arch}.rope.dimension_count", int(sizes["rope.dimension_count"]), V.UINT32, None))
+    if arch == "granite":  # Granite's multipliers: attention scale, embeddings, residual branches, logits
+        for key, name in (
+            ("attention.scale", "attention_multiplier"),
+            ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"),
+            ("logit_scale", "logits_scaling"),
+        ):
+            if getattr(config, name, None) is not None:
+                fields.append((f"{arch}.{key}", float(getattr(config, name)), V.FLOAT32, None))
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if arch == "gemma3" and scalar is not None and scalar != sizes["attention.key_length"]:
         raise TorchslimError(
