@@ -10,7 +10,9 @@ step and offset as the file stores them.
   weights: 4.5 bits per weight); Q5_K the same with q in 0..31 (5.5 bits). Q6_K: 16 sub-blocks of
   16, step `d·sc_j` with int8 scales of a float16 `d`, q in 0..63 around 32 (6.5625 bits).
 - Q4_0 / Q5_0: a float16 step `d`, q in 0..15 / 0..31 around 8 / 16 (4.5 / 5.5 bits); Q4_1 / Q5_1
-  add a float16 minimum `m` (5 / 6 bits); Q8_0: a float16 `d` and int8 q (8.5 bits).
+  add a float16 minimum `m` (5 / 6 bits); Q8_0: a float16 `d` and int8 q (8.5 bits). The symmetric
+  types' steps (and Q6_K's sub-block scales) may be negative, as llama.cpp stores them: the block's
+  extreme then takes the wider negative side of the codes whichever its sign.
 
 The rounding is torchslim's: every sub-block's range is chosen by a search over clipped ranges for
 the least squared error, optionally weighted per input column by an importance (the mean square of
