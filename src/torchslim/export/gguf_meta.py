@@ -15,6 +15,7 @@ says so rather than a file that tokenizes differently.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -60,17 +61,28 @@ def metadata(lm, source: Path) -> tuple[str, list[tuple], dict[str, torch.Tensor
 def architecture(config, source: Path) -> str:
     """The llama.cpp architecture `config` is written as, or a clear error."""
     if source.suffix == ".gguf":
-        arch = gguf.GGUFReader(str(source)).fields["general.architecture"].contents()
-        supported = GGUF_ARCHITECTURES
+        arch = _reader(source).fields["general.architecture"].contents()
+        arch = arch if arch in GGUF_ARCHITECTURES else None
     else:
-        arch, supported = HF_ARCHITECTURES.get(config.model_type), sorted(set(HF_ARCHITECTURES))
-    if arch is None or arch not in supported:
+        arch = HF_ARCHITECTURES.get(config.model_type)
+    if arch is None:
         raise TorchslimError(
             f"GGUF writer: the {getattr(config, 'model_type', '?')!r} family is not supported yet "
             f"(from a GGUF file: {', '.join(GGUF_ARCHITECTURES)}; from a Hugging Face folder: "
-            f"{', '.join(supported if source.suffix != '.gguf' else sorted(HF_ARCHITECTURES))})."
+            f"{', '.join(sorted(HF_ARCHITECTURES))})."
         )
     return arch
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: str, mtime_ns: int):
+    return gguf.GGUFReader(path)
+
+
+def _reader(source: Path):
+    """The GGUF file's reader, parsed once per file version (the writer asks for its architecture, its
+    tensor names and its fields)."""
+    return _read(str(source), source.stat().st_mtime_ns)
 
 
 def _sizes(config) -> dict[str, object]:
@@ -92,7 +104,7 @@ def _sizes(config) -> dict[str, object]:
 
 def _from_gguf(config, source: Path):
     arch = architecture(config, source)
-    reader = gguf.GGUFReader(str(source))
+    reader = _reader(source)
     sizes = _sizes(config)
     fields = []
     for name, field in reader.fields.items():
@@ -209,8 +221,7 @@ def _pre(tok: dict) -> str:
         splits = [_GPT2]  # ByteLevel's own expression is GPT-2's
     if len(splits) == 1:
         expr = splits[0].replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)|", "")
-        for spelled in ("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|",):
-            expr = expr.replace(spelled, "")
+        expr = expr.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|", "")
         name = SPLITS.get(expr)
         if name == "gpt-2" and single_digits:
             return "smollm"  # digits one by one, then GPT-2's expression (StarCoder's and SmolLM's)
