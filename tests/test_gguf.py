@@ -10,6 +10,7 @@ import torch
 
 from torchslim.errors import TorchslimError
 from torchslim.export.gguf import gguf_type, why_not, write_gguf
+from torchslim.models.gguf_file import gguf_reader, parsed_once
 from torchslim.models.lm import locate
 from torchslim.quantize.weights import Grid, linear_layers, output_head, quantize_weights
 
@@ -49,9 +50,11 @@ def _tiny(hidden=64, ffn=128):
 
 
 def _read_back(path):
+    """transformers' own GGUF loader (the file parsed once for its config and weights)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with parsed_once(path):
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def _logits(model, ids):
@@ -275,7 +278,8 @@ def _hf_folder(tmp_path, model, gguf_path):
 
     folder = tmp_path / "hf-model"
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(folder)
+    with parsed_once(gguf_path):
+        AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(folder)
     if "smollm" in gguf_path.name.lower():  # the pre-tokenizer SmolLM2's own tokenizer.json has (digits one
         tok = json.loads((folder / "tokenizer.json").read_text())  # by one), which the GGUF reading loses
         tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [_DIGITS, tok["pre_tokenizer"]]}
@@ -325,9 +329,7 @@ def test_the_pre_tokenizer_is_named_from_tokenizer_json(pre, name):
 
 
 def _fields(path):
-    import gguf
-
-    return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
+    return {k: f.contents() for k, f in gguf_reader(path).fields.items() if not k.startswith("GGUF.")}
 
 
 def test_a_hugging_face_folder_is_written_with_llama_cpps_metadata(tmp_path):

@@ -15,7 +15,6 @@ says so rather than a file that tokenizes differently.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from gguf import GGUFValueType as V
 
 from torchslim.errors import TorchslimError
+from torchslim.models.gguf_file import gguf_reader
 
 # Hugging Face model_type -> llama.cpp architecture, for models written from their own folder
 HF_ARCHITECTURES = {
@@ -61,7 +61,7 @@ def metadata(lm, source: Path) -> tuple[str, list[tuple], dict[str, torch.Tensor
 def architecture(config, source: Path) -> str:
     """The llama.cpp architecture `config` is written as, or a clear error."""
     if source.suffix == ".gguf":
-        arch = _reader(source).fields["general.architecture"].contents()
+        arch = gguf_reader(source).fields["general.architecture"].contents()
         arch = arch if arch in GGUF_ARCHITECTURES else None
     else:
         arch = HF_ARCHITECTURES.get(config.model_type)
@@ -72,17 +72,6 @@ def architecture(config, source: Path) -> str:
             f"{', '.join(sorted(HF_ARCHITECTURES))})."
         )
     return arch
-
-
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int):
-    return gguf.GGUFReader(path)
-
-
-def _reader(source: Path):
-    """The GGUF file's reader, parsed once per file version (the writer asks for its architecture, its
-    tensor names and its fields)."""
-    return _read(str(source), source.stat().st_mtime_ns)
 
 
 def _sizes(config) -> dict[str, object]:
@@ -104,7 +93,7 @@ def _sizes(config) -> dict[str, object]:
 
 def _from_gguf(config, source: Path):
     arch = architecture(config, source)
-    reader = _reader(source)
+    reader = gguf_reader(source)
     sizes = _sizes(config)
     fields = []
     for name, field in reader.fields.items():

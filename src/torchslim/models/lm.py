@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from torchslim.errors import TorchslimError
+from torchslim.models.gguf_file import parsed_once
 
 
 def locate(source: str | Path) -> tuple[Path, str | None]:
@@ -72,8 +73,9 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32):
                 )
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+        with parsed_once(folder / gguf if gguf else None):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise TorchslimError(
             f"Could not load a causal language model from {folder / (gguf or '')}: {str(exc).strip().splitlines()[0]}"
