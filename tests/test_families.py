@@ -89,10 +89,11 @@ def test_every_decoder_family_quantizes_prunes_or_says_why_exports_with_a_cache_
     transformers as the same model, or refused naming the family."""
     import copy
 
+    import onnx
     import onnxruntime as ort
 
     from torchslim.errors import TorchslimError
-    from torchslim.export.decoder import export_decoder, verify_decoder
+    from torchslim.export.decoder import attention_form, export_decoder, verify_decoder
     from torchslim.export.gguf import write_gguf
     from torchslim.models.lm import load_causal_lm
     from torchslim.prune.transformer.decoder import prune_decoder
@@ -127,6 +128,9 @@ def test_every_decoder_family_quantizes_prunes_or_says_why_exports_with_a_cache_
     path = export_decoder(lm, tmp_path / "model.onnx")
     check = verify_decoder(lm, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids, steps=4)
     assert check["same_tokens"] and check["max_abs_diff"] < 1e-4
+    graph = onnx.load(str(path))  # every family attends in ONNX Runtime's fused kernel, one per layer
+    assert attention_form(graph) == "fused"
+    assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == lm.config.num_hidden_layers
 
     if not gguf:
         with pytest.raises(TorchslimError, match=f"'{lm.config.model_type}' family is not supported yet"):

@@ -13,7 +13,9 @@ which is how the pipeline measures perplexity on the same artifact that generate
 
 from __future__ import annotations
 
+import functools
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,12 @@ import torch
 from torch import nn
 
 from torchslim.errors import ExportError
-from torchslim.export.attention import exporting_attention
+from torchslim.export.attention import SplitCache, exporting_attention, onnx_translations, split_cache
 from torchslim.export.common import PAST_AXIS, complete_feed, no_fused_encoder, quiet
 from torchslim.io import replacing
+from torchslim.log import warn
+
+ATTENTION_KEY = "torchslim.attention"  # the graph's metadata: which attention form it was exported with
 
 
 def past_name(layer: int, part: str) -> str:
@@ -40,28 +45,45 @@ def _cache_layers(cache) -> list:
 
 class CachedDecoder(nn.Module):
     """`(input_ids, attention_mask, past) -> (logits, *present)` for a Hugging Face causal LM; `past`
-    is the flat tuple (key 0, value 0, key 1, value 1, ...)."""
+    is the flat tuple (key 0, value 0, key 1, value 1, ...). `fused`: the cache split into past and new
+    for `export.attention.fused_attention`, whose kernel returns the present cache."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, fused: bool = False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.fused = lm, fused
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        cache = (_split_cache_class() if self.fused else DynamicCache)(ddp_cache_data=pairs)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        present = []
-        for layer in _cache_layers(out.past_key_values):
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
+        with split_cache(cache) if self.fused else nullcontext():
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        if self.fused:
+            if sorted(cache.presents) != list(range(len(pairs))):
+                raise ExportError(
+                    f"{type(self.lm).__name__}: the fused attention saw layers {sorted(cache.presents)} of "
+                    f"{len(pairs)} cached ones."
+                )
+            layers = [cache.presents[i] for i in range(len(pairs))]
+        else:
+            layers = [(layer.keys, layer.values) for layer in _cache_layers(out.past_key_values)]
+        return (out.logits, *[t for pair in layers for t in pair])
+
+
+@functools.cache
+def _split_cache_class():
+    """transformers' DynamicCache with SplitCache's update (transformers is imported only when used)."""
+    from transformers import DynamicCache
+
+    return type("SplitDynamicCache", (SplitCache, DynamicCache), {})
 
 
 def cache_layout(lm: nn.Module) -> list[tuple[int, int]]:
@@ -84,39 +106,98 @@ def _example(layout, batch: int, sequence: int, past: int):
     return ids, mask, cache
 
 
-def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = False) -> Path:
-    """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter,
-    attention traced as `export.attention.grouped_attention` (the cache read in place) and every
-    `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
-    SimplifiedLayerNormalization kernel per RMS norm. `plain` traces the model's own attention and
-    keeps the graph as exported (a fallback, and the comparison in `bench/llm_export.py`).
+def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = False, fused: bool = True) -> Path:
+    """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter, and
+    every `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
+    SimplifiedLayerNormalization kernel per RMS norm. Attention, in the first form that exports and
+    matches PyTorch:
 
-    A model of the same structure as the last one exported (class, config, modules, parameter shapes:
-    a healed or smoothed model after the pruned one it came from) reuses that graph with its own
-    weights written in, checked against PyTorch on a short input; tracing a decoder takes tens of
-    seconds to minutes, the check a fraction of one."""
+    - `fused` (the default): one ONNX Runtime GroupQueryAttention kernel per layer
+      (`export.attention.fused_attention`: the cache appended and attended in one kernel), checked
+      against PyTorch; it serves every shape but several multi-token sequences onto a non-empty cache;
+    - grouped: `export.attention.grouped_attention` (the cache read in place, every shape);
+    - `plain`: the model's own attention, graph as exported (the comparison in `bench/llm_export.py`).
+
+    The form is in the graph's metadata (`ATTENTION_KEY`). A model of the same structure as the last
+    one exported (class, config, modules, parameter shapes: a healed or smoothed model after the pruned
+    one it came from) reuses that graph with its own weights written in, checked against PyTorch on a
+    short input; tracing a decoder takes tens of seconds to minutes, the check a fraction of one."""
     import onnx
 
     lm = lm.eval()
-    key = _structure(lm, plain, opset)
-    if _LAST.get("key") != key:
-        _LAST.clear()
-        _LAST.update(key=key, template=_template(lm, plain, opset))
-    proto = None
-    if _LAST["template"] is not None:
-        proto = _filled(_LAST["template"], lm)
-        if not _agrees(proto, lm):
-            _LAST["template"], proto = None, None  # this structure's graph depends on its values: trace each
+    forms = ["plain"] if plain else ["fused", "grouped"] if fused else ["grouped"]
+    for form in forms:
+        why = _not_fused(lm) if form == "fused" else None
+        if why is None:
+            try:
+                proto = _graph(lm, form, opset)
+            except ExportError as exc:
+                if form == forms[-1]:
+                    raise
+                why = str(exc)
+            else:
+                if form != "fused" or _agrees(proto, lm):
+                    break
+                why = f"{type(lm).__name__}'s graph with ONNX Runtime's fused attention kernel does not match PyTorch"
+        warn(f"export: {why}; the decoder is exported with the grouped attention form instead.")
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, ATTENTION_KEY: form})
     path = Path(path)
     with replacing(path) as tmp:
-        onnx.save(proto if proto is not None else _trace(lm, plain, opset), str(tmp))
+        onnx.save(proto, str(tmp))
     return path
+
+
+def _not_fused(lm: nn.Module) -> str | None:
+    """Why `lm` cannot take the fused attention kernel (found by one short eager run with the kernel's
+    PyTorch twin, compared with the model's own attention), or None: no trace is spent on a model
+    that cannot take it."""
+    layout = cache_layout(lm)
+    torch.manual_seed(0)
+    ids, mask, cache = _example(layout, 1, 3, 2)
+    with torch.no_grad():
+        with exporting_attention(lm, fused=True) as switched:
+            if not switched:
+                return f"{type(lm).__name__}'s attention does not go through Hugging Face's attention interface"
+            try:
+                got = CachedDecoder(lm, fused=True)(ids, mask, cache)
+            except ExportError as exc:
+                return str(exc)
+        want = CachedDecoder(lm)(ids, mask, cache)
+    if not _close([g.float().numpy() for g in got], [w.float().numpy() for w in want]):
+        return f"{type(lm).__name__}'s attention computes something the fused kernel does not (outputs differ)"
+    return None
+
+
+def _close(got: list, want: list) -> bool:
+    """Every output of the same shape and within 1e-3 of the reference's scale."""
+    return len(got) == len(want) and all(
+        g.shape == w.shape and np.abs(g - w).max() <= 1e-3 * max(1.0, np.abs(w).max()) for g, w in zip(got, want)
+    )
+
+
+def attention_form(graph_model) -> str | None:
+    """The attention form a decoder graph (an onnx.ModelProto) was exported with, if it says."""
+    return next((p.value for p in graph_model.metadata_props if p.key == ATTENTION_KEY), None)
+
+
+def _graph(lm: nn.Module, form: str, opset: int):
+    """The ONNX graph of `lm` in attention `form`, from the last structure's template where it applies."""
+    key = _structure(lm, form, opset)
+    if _LAST.get("key") != key:
+        _LAST.clear()
+        _LAST.update(key=key, template=_template(lm, form, opset))
+    if _LAST["template"] is not None:
+        proto = _filled(_LAST["template"], lm)
+        if _agrees(proto, lm):
+            return proto
+        _LAST["template"] = None  # this structure's graph depends on its values: trace each
+    return _trace(lm, form, opset)
 
 
 _LAST: dict = {}  # the structure last exported and its graph (weights left out), or None: trace every time
 
 
-def _structure(lm: nn.Module, plain: bool, opset: int) -> tuple:
+def _structure(lm: nn.Module, form: str, opset: int) -> tuple:
     """What the traced graph depends on besides the weights' values. A model with hooks or a forward
     of its own on some module computes what its code says: never reused (a unique key)."""
     if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in lm.modules()):
@@ -127,7 +208,7 @@ def _structure(lm: nn.Module, plain: bool, opset: int) -> tuple:
         ties.setdefault(id(param), []).append(name)
     return (
         type(lm).__qualname__,
-        plain,
+        form,
         opset,
         config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config),
         tuple((n, type(m).__qualname__) for n, m in lm.named_modules()),
@@ -136,9 +217,9 @@ def _structure(lm: nn.Module, plain: bool, opset: int) -> tuple:
     )
 
 
-def _trace(lm: nn.Module, plain: bool, opset: int):
-    """The ONNX graph of `lm` with its cache (an onnx.ModelProto)."""
-    from contextlib import nullcontext
+def _trace(lm: nn.Module, form: str, opset: int):
+    """The ONNX graph of `lm` with its cache (an onnx.ModelProto), attention in `form`."""
+    plain, fused = form == "plain", form == "fused"
 
     layout = cache_layout(lm)
     names = ["input_ids", "attention_mask"] + [past_name(i, p) for i in range(len(layout)) for p in ("key", "value")]
@@ -150,9 +231,16 @@ def _trace(lm: nn.Module, plain: bool, opset: int):
     total = torch.export.Dim("total_sequence", min=2, max=2 * big)
     shapes = ({0: batch, 1: sequence}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in range(2 * len(layout))))
     try:
-        with quiet(), torch.no_grad(), no_fused_encoder(), nullcontext() if plain else exporting_attention(lm):
+        with (
+            quiet(),
+            torch.no_grad(),
+            no_fused_encoder(),
+            nullcontext(False) if plain else exporting_attention(lm, fused) as switched,
+        ):
+            if fused and not switched:
+                raise ExportError(f"{type(lm).__name__}'s attention does not go through Hugging Face's interface.")
             program = torch.onnx.export(
-                CachedDecoder(lm),
+                CachedDecoder(lm, fused),
                 _example(layout, 2, 5, 3),
                 None,
                 input_names=names,
@@ -162,13 +250,14 @@ def _trace(lm: nn.Module, plain: bool, opset: int):
                 opset_version=opset,
                 verbose=False,
                 optimize=True,
+                custom_translation_table=onnx_translations() if fused else None,
             )
         graph_model = program.model_proto
         if not plain:
             divide_by_root(graph_model.graph)
         return graph_model
-    except OSError:
-        raise  # a full disk is not an export failure
+    except (OSError, ExportError):
+        raise  # a full disk is not an export failure; an ExportError says its own cause
     except Exception as exc:  # the exporter raises many types; one message names the model and the cause
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise ExportError(
@@ -186,7 +275,7 @@ def _floats(lm: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _template(lm: nn.Module, plain: bool, opset: int):
+def _template(lm: nn.Module, form: str, opset: int):
     """(graph, {initializer: (tensor name, transposed)}) traced with every float parameter and buffer
     set to distinct random values — so no initializer was merged or folded because of the values — then
     each initializer found again by value; None when one is derived from several (folded) and so could
@@ -206,7 +295,7 @@ def _template(lm: nn.Module, plain: bool, opset: int):
                 found[value.tobytes()] = (name, False)
                 if value.ndim == 2:
                     found.setdefault(np.ascontiguousarray(value.T).tobytes(), (name, True))
-            graph_model = _trace(lm, plain, opset)
+            graph_model = _trace(lm, form, opset)
     finally:
         for (_, t), data in zip(tensors, saved):
             t.data = data
@@ -247,16 +336,17 @@ def _agrees(proto, lm: nn.Module) -> bool:
     layout = cache_layout(lm)
     torch.manual_seed(0)
     ids, mask, cache = _example(layout, 1, 3, 2)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     for i in range(len(layout)):
         feed[past_name(i, "key")], feed[past_name(i, "value")] = cache[2 * i].numpy(), cache[2 * i + 1].numpy()
-    got = session.run(None, feed)
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, feed)
+    except Exception:  # onnxruntime's errors have no common base: a graph it refuses does not agree
+        return False
     with torch.no_grad():
         want = [t.float().numpy() for t in CachedDecoder(lm)(ids, mask, cache)]
-    return all(
-        g.shape == w.shape and np.abs(g - w).max() <= 1e-3 * max(1.0, np.abs(w).max()) for g, w in zip(got, want)
-    )
+    return _close(got, want)
 
 
 def divide_by_root(graph) -> int:

@@ -45,6 +45,7 @@ FLOAT = frozenset(
         "NhwcFusedConv",
         "Attention",
         "MultiHeadAttention",
+        "GroupQueryAttention",
         "LSTM",
         "GRU",
         "RNN",
