@@ -5,8 +5,8 @@ round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute; the head and th
 int4 g128 too, one copy, as ONNX Runtime GenAI's builder writes them: the same bytes), each exported
 
 - plain (`export_decoder(plain=True)`: Hugging Face's own attention, graph as traced),
-- grouped (`fused=False`: attention reading the cache in place, RMS norms in ONNX Runtime's fused form),
-- fused (the default: ONNX Runtime's GroupQueryAttention kernel, one per layer);
+- grouped (the default: attention reading the cache in place, RMS norms in ONNX Runtime's fused form),
+- fused (`fused=True`: ONNX Runtime's GroupQueryAttention kernel, one per layer);
 
 and, with `--genai` (`pip install --no-deps onnxruntime-genai`, a peer, never a dependency), the int4
 graph ONNX Runtime GenAI's model builder makes from the same float weights (blocks of 128, int8

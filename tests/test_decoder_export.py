@@ -274,7 +274,7 @@ def test_a_model_of_the_same_structure_reuses_the_traced_graph_with_its_own_weig
 
 
 def test_the_fused_attention_kernel_serves_padded_batches_and_decoding_as_pytorch(exported, tmp_path):
-    """The default export attends in ONNX Runtime's GroupQueryAttention, one node per layer and no
+    """`fused=True` attends in ONNX Runtime's GroupQueryAttention, one node per layer and no
     Concat of the cache; a left-padded batch (prefill from an empty cache, then one decoding step onto
     it) gives PyTorch's logits at every real position. A model whose head size the kernel does not take
     (12, not a multiple of 8) is exported in the grouped form instead, with a warning that says why."""
@@ -284,7 +284,7 @@ def test_the_fused_attention_kernel_serves_padded_batches_and_decoding_as_pytorc
     from torchslim.log import collect_warnings
 
     lm, _ = exported
-    path = export_decoder(lm, tmp_path / "fused.onnx")
+    path = export_decoder(lm, tmp_path / "fused.onnx", fused=True)
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
     assert {p.key: p.value for p in model.metadata_props}[ATTENTION_KEY] == "fused"
@@ -317,7 +317,7 @@ def test_the_fused_attention_kernel_serves_padded_batches_and_decoding_as_pytorc
 
     collect_warnings()
     odd = _llama(hidden_size=48)  # 4 heads of 12
-    path = export_decoder(odd, tmp_path / "grouped.onnx")
+    path = export_decoder(odd, tmp_path / "grouped.onnx", fused=True)
     model = onnx.load(str(path))
     assert {p.key: p.value for p in model.metadata_props}[ATTENTION_KEY] == "grouped"
     assert "GroupQueryAttention" not in [n.op_type for n in model.graph.node]

@@ -8,8 +8,8 @@ group × sequence, head size), so the cache is read in place, and takes the floa
 Hugging Face builds once per forward (`eager_mask`). What it saves per decoding step is measured
 side by side against the plain export by `bench/llm_export.py` (numbers in the README).
 
-`fused_attention` goes one step further, to ONNX Runtime's own decoder kernel: the layer's new keys
-and values, the cache and the additive mask go to one `com.microsoft.GroupQueryAttention` node per
+`fused_attention` (`export_decoder(fused=True)`) goes one step further, to ONNX Runtime's own kernel:
+the layer's new keys and values, the cache and the additive mask go to one `com.microsoft.GroupQueryAttention` node per
 layer (traced as the `torchslim::group_query_attention` operator, written to ONNX by
 `onnx_translations`), which appends to the cache and attends in one kernel — no Concat of the cache, no
 Transpose/MatMul/Softmax chain. It needs the cache split into past and new (`SplitCache`, which the

@@ -106,16 +106,17 @@ def _example(layout, batch: int, sequence: int, past: int):
     return ids, mask, cache
 
 
-def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = False, fused: bool = True) -> Path:
+def export_decoder(lm: nn.Module, path: Path, opset: int = 18, plain: bool = False, fused: bool = False) -> Path:
     """Write `lm` with its key/value cache to `path` (atomically) with torch.export's ONNX exporter, and
     every `x · (1 / sqrt(v))` written `x / sqrt(v)`, the form ONNX Runtime fuses into one
-    SimplifiedLayerNormalization kernel per RMS norm. Attention, in the first form that exports and
-    matches PyTorch:
+    SimplifiedLayerNormalization kernel per RMS norm. Attention:
 
-    - `fused` (the default): one ONNX Runtime GroupQueryAttention kernel per layer
-      (`export.attention.fused_attention`: the cache appended and attended in one kernel), checked
-      against PyTorch; it serves every shape but several multi-token sequences onto a non-empty cache;
-    - grouped: `export.attention.grouped_attention` (the cache read in place, every shape);
+    - grouped (the default): `export.attention.grouped_attention` (the cache read in place, every shape);
+    - `fused`: one ONNX Runtime GroupQueryAttention kernel per layer (`export.attention.fused_attention`:
+      the cache appended and attended in one node), checked against PyTorch, falling back to grouped
+      with a warning where the model cannot take it; it serves every shape but several multi-token
+      sequences onto a non-empty cache. Measured on SmolLM2-135M int4 (`bench/llm_export.py`, AMD EPYC
+      2 threads) it was no faster than grouped (decode after 1,024 tokens slower), hence not the default;
     - `plain`: the model's own attention, graph as exported (the comparison in `bench/llm_export.py`).
 
     The form is in the graph's metadata (`ATTENTION_KEY`). A model of the same structure as the last
