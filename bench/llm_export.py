@@ -1,8 +1,9 @@
 """The decoder export's attention forms side by side, and ONNX Runtime GenAI's graph where installed: one
 decoding step after 256 cached tokens of SmolLM2-135M in ONNX Runtime (2 threads, spin-free,
 interleaved rounds, every graph driven by the same plain InferenceSession call), float and
-round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute; the head and the tied embedding table
-int4 g128 too, one copy, as ONNX Runtime GenAI's builder writes them: the same bytes), each exported
+round-to-nearest symmetric int4 g128 (MatMulNBits, int8 compute, q/k/v and gate/up merged; the head and
+the tied embedding table int4 g128 too, one copy, as ONNX Runtime GenAI's builder writes them), each
+exported
 
 - plain (`export_decoder(plain=True)`: Hugging Face's own attention, graph as traced),
 - grouped (the default: attention reading the cache in place, RMS norms in ONNX Runtime's fused form),
@@ -104,12 +105,12 @@ table = result.table(
 for name, path in files.items():
     table.add(name, t[name]["p50"], t[name]["p95"], size(path))
 for kind in ("float", "int4"):
-    for other in ("plain", "grouped"):
-        ratio = t[f"{kind} {other}"]["p50"] / t[f"{kind} fused"]["p50"]
-        print(f"{kind}: {other} / fused = {ratio:.2f}x")
-        result.headline(f"{kind}: {other} / fused (step time)", ratio, "{:.2f}x")
+    for other in ("plain", "fused"):
+        ratio = t[f"{kind} {other}"]["p50"] / t[f"{kind} grouped"]["p50"]
+        print(f"{kind}: {other} / grouped (the default) = {ratio:.2f}x")
+        result.headline(f"{kind}: {other} / grouped (step time)", ratio, "{:.2f}x")
 if "int4 ORT GenAI" in t:
-    ratio = t["int4 ORT GenAI"]["p50"] / t["int4 fused"]["p50"]
-    print(f"int4: ORT GenAI / fused = {ratio:.2f}x")
-    result.headline("int4: ORT GenAI / torchslim fused (step time)", ratio, "{:.2f}x")
+    ratio = t["int4 ORT GenAI"]["p50"] / t["int4 grouped"]["p50"]
+    print(f"int4: ORT GenAI / torchslim = {ratio:.2f}x (above 1: torchslim's step is faster)")
+    result.headline("int4: ORT GenAI / torchslim grouped (step time)", ratio, "{:.2f}x")
 result.save(echo=False)

@@ -90,12 +90,24 @@ def test_int4_weights_lowered_to_matmul_nbits_match_the_dequantized_model_with_a
     lm = _llama()
     quantize_weights(lm, Grid(4, 32, True), "rtn")
     graph = export_decoder(lm, tmp_path / "grid.onnx")
-    path = lower_quantized_weights(graph, tmp_path / "int4.onnx", lm)
+    path = lower_quantized_weights(graph, tmp_path / "int4.onnx", lm, fuse=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in __import__("onnx").load(str(path)).graph.node]
     assert ops.count("MatMulNBits") == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays float
     check = verify_decoder(lm, session, torch.tensor([[4, 8, 15, 16, 23, 42]]), steps=10)
     assert check["max_abs_diff"] < 1e-3 and check["same_tokens"]
+    # fused (the default): q/k/v and gate/up of each block in one MatMulNBits each, the same numbers
+    fused = lower_quantized_weights(graph, tmp_path / "fused.onnx", lm)
+    nodes = __import__("onnx").load(str(fused)).graph.node
+    assert [n.op_type for n in nodes].count("MatMulNBits") == 2 * 4
+    widths = sorted(next(a.i for a in n.attribute if a.name == "N") for n in nodes if n.op_type == "MatMulNBits")
+    assert widths == sorted([64 + 2 * 32, 64, 2 * 128, 64] * 2)  # q+k+v, o, gate+up, down
+    feed = complete_feed(
+        session, {"input_ids": np.array([[4, 8, 15, 16]]), "attention_mask": np.ones((1, 4), np.int64)}
+    )
+    merged = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    for a, b in zip(session.run(None, feed), merged.run(None, feed)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sampling_keeps_to_top_k_and_top_p():

@@ -114,11 +114,13 @@ def _live(nodes: list, outputs: set[str]) -> list:
 
 
 @atomic_output
-def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
+def lower_quantized_weights(src: Path, dst: Path, model: nn.Module, fuse: bool = True) -> Path:
     """Every MatMul of `src` whose weight (an initializer, or the Transpose of one: a head tied to the
     embeddings) is a layer of `model` quantized by `quantize.weights` becomes MatMulNBits with that
     layer's integers and scales; a Gather from that same table (the tied input embeddings) becomes
-    GatherBlockQuantized with them. Returns `dst`."""
+    GatherBlockQuantized with them. `fuse`: then the MatMulNBits reading the same input on the same
+    grid are merged (`fuse_parallel`: a block's q/k/v, its gate/up; the same outputs, bit for bit).
+    Returns `dst`."""
     layers = {}
     for name, layer in model.named_modules():
         record = getattr(layer, "torchslim_weight_grid", None)
@@ -218,6 +220,8 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module) -> Path:
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    if fuse:
+        fuse_parallel(graph_model)
     if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(graph_model, str(dst))
@@ -241,3 +245,71 @@ def set_accuracy_level(src: Path, dst: Path, level: int) -> Path:
     with replacing(dst) as tmp:
         onnx.save(graph_model, str(tmp))
     return Path(dst)
+
+
+def fuse_parallel(graph_model: onnx.ModelProto) -> int:
+    """MatMulNBits nodes that read the same input with the same K, bits, block size, accuracy level and
+    zero-point layout (a block's query, key and value projections; its gate and up projections) become
+    one node over their output columns side by side, then a Split back into the original outputs: one
+    pass over the activations and one kernel launch instead of several, the same arithmetic per column.
+    In place; returns how many nodes were merged away."""
+    graph = graph_model.graph
+    inits = {i.name: i for i in graph.initializer}
+
+    def signature(node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "MatMulNBits" or len(node.input) > 4 or any(i not in inits for i in node.input[1:]):
+            return None  # g_idx or bias inputs, or weights computed in the graph: left alone
+        return (
+            node.input[0],
+            attrs["K"],
+            attrs["bits"],
+            attrs["block_size"],
+            attrs.get("accuracy_level", 0),
+            len(node.input),
+        )
+
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        key = signature(node)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return 0
+    first = {id(group[0]): group for group in groups.values()}
+    merged = {id(n) for group in groups.values() for n in group[1:]}
+    nodes = []
+    for node in graph.node:
+        if id(node) in merged:
+            continue
+        group = first.get(id(node))
+        if group is None:
+            nodes.append(node)
+            continue
+        widths = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "N")) for n in group]
+        name = f"{group[0].name}_fused{len(group)}"
+        inputs = [group[0].input[0]]
+        for slot in range(1, len(group[0].input)):
+            array = np.concatenate([numpy_helper.to_array(inits[n.input[slot]]) for n in group], axis=0)
+            graph.initializer.append(numpy_helper.from_array(array, f"{name}_{slot}"))
+            inputs.append(f"{name}_{slot}")
+        attrs = {a.name: helper.get_attribute_value(a) for a in group[0].attribute}
+        attrs["N"] = sum(widths)
+        nodes.append(
+            helper.make_node("MatMulNBits", inputs, [f"{name}_out"], name=name, domain="com.microsoft", **attrs)
+        )
+        split = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_split")
+        graph.initializer.append(split)
+        nodes.append(
+            helper.make_node(
+                "Split", [f"{name}_out", split.name], [n.output[0] for n in group], name=f"{name}_split", axis=-1
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for node in graph.node for i in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(merged)
