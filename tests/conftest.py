@@ -29,6 +29,7 @@ SLOWEST_FIRST = (
     "test_lm_healing.py",  # ~420 s
     "test_encoder_pipeline.py",  # ~250 s
     "test_gguf.py",
+    "test_families.py",  # ten decoder families, ~190 s
     "test_causal_lm_task.py",
     "test_interrupts.py",
     "test_docs.py",
