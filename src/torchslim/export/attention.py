@@ -38,6 +38,14 @@ NAME = "torchslim_grouped"
 FUSED = "torchslim_fused"
 
 
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as the scores' addend: a boolean one (True: attend) becomes 0 / the dtype's
+    lowest value; an additive one is returned as it is."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
 def grouped_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -66,8 +74,7 @@ def grouped_attention(
     if softcap is not None:
         weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        attention_mask = additive(attention_mask, query.dtype)
         weights = (weights.reshape(batch, kv_heads, group, length, total) + attention_mask[:, :, None]).reshape(
             batch, kv_heads, group * length, total
         )
@@ -242,8 +249,8 @@ def fused_attention(
     cache.pending = None
     batch, heads, length, _ = query.shape
     kv_heads = key.shape[1]
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    if attention_mask is not None:
+        attention_mask = additive(attention_mask, query.dtype)
     out, present_key, present_value = group_query_attention(
         query.transpose(1, 2).reshape(batch, length, heads * size),
         key.transpose(1, 2).reshape(batch, length, kv_heads * size),

@@ -152,9 +152,7 @@ def _not_fused(lm: nn.Module) -> str | None:
     """Why `lm` cannot take the fused attention kernel (found by one short eager run with the kernel's
     PyTorch twin, compared with the model's own attention), or None: no trace is spent on a model
     that cannot take it."""
-    layout = cache_layout(lm)
-    torch.manual_seed(0)
-    ids, mask, cache = _example(layout, 1, 3, 2)
+    ids, mask, cache = _probe(lm)
     with torch.no_grad():
         with exporting_attention(lm, fused=True) as switched:
             if not switched:
@@ -167,6 +165,12 @@ def _not_fused(lm: nn.Module) -> str | None:
     if not _close([g.float().numpy() for g in got], [w.float().numpy() for w in want]):
         return f"{type(lm).__name__}'s attention computes something the fused kernel does not (outputs differ)"
     return None
+
+
+def _probe(lm: nn.Module):
+    """The short check input: 3 new tokens onto a 2-token cache, batch 1, the same every time."""
+    torch.manual_seed(0)
+    return _example(cache_layout(lm), 1, 3, 2)
 
 
 def _close(got: list, want: list) -> bool:
@@ -334,11 +338,9 @@ def _agrees(proto, lm: nn.Module) -> bool:
     """The graph's logits and cache match PyTorch's on a short input with a cache (1e-3 of their scale)."""
     import onnxruntime as ort
 
-    layout = cache_layout(lm)
-    torch.manual_seed(0)
-    ids, mask, cache = _example(layout, 1, 3, 2)
+    ids, mask, cache = _probe(lm)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    for i in range(len(layout)):
+    for i in range(len(cache) // 2):
         feed[past_name(i, "key")], feed[past_name(i, "value")] = cache[2 * i].numpy(), cache[2 * i + 1].numpy()
     try:
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -216,12 +216,9 @@ def lower_quantized_weights(src: Path, dst: Path, model: nn.Module, fuse: bool =
         )
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
-    used = {i for node in graph.node for i in node.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     if fuse:
         fuse_parallel(graph_model)
+    _drop_unused(graph)
     if not any(o.domain == "com.microsoft" for o in graph_model.opset_import):
         graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(graph_model, str(dst))
@@ -308,8 +305,13 @@ def fuse_parallel(graph_model: onnx.ModelProto) -> int:
         )
     del graph.node[:]
     graph.node.extend(nodes)
+    _drop_unused(graph)
+    return len(merged)
+
+
+def _drop_unused(graph) -> None:
+    """Remove the initializers no node reads any more, in place."""
     used = {i for node in graph.node for i in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return len(merged)
